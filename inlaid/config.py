@@ -37,8 +37,8 @@ class ModelConfig:
     """"dummy" builds random weights of the config's shapes (benchmarks without a checkpoint)."""
     max_model_len: int | None = None
     """Context limit in tokens; default: the model's max_position_embeddings."""
-    seed: int = 0
-    """Seed for dummy weights."""
+    dummy_seed: int = 0
+    """Seed of the random weights when load_format is "dummy"."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -1,0 +1,94 @@
+"""ModelRunner: executes one SchedulerOutput on the device and returns sampled tokens.
+
+Owns the device state: the model, the paged KV caches, the LoRA slot buffers and
+per-request sampling generators. It never decides *what* runs (the scheduler
+does); it only turns the step's plain lists into tensors, runs the forward and
+samples.
+
+Invariants:
+- Adapter copies listed in ``SchedulerOutput.adapter_loads`` happen before the
+  forward, so a step never sees a half-loaded slot.
+- Per-request generators exist only for seeded requests and are dropped when
+  the scheduler reports the request finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.kernels.paged_attention import allocate_kv_caches
+from inlaid.lora.adapter import LoRAAdapter
+from inlaid.lora.pool import LoRAPool
+from inlaid.model.arch import ModelArch
+from inlaid.worker.forward_batch import build_forward_batch
+from inlaid.worker.sampler import sample
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across all layers."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+class ModelRunner:
+    """Runs the model forward + sampling for scheduled steps."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: ModelArch,
+        lora_pool: LoRAPool,
+        get_adapter: Callable[[str], LoRAAdapter],
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.arch = arch
+        self.lora_pool = lora_pool
+        self.get_adapter = get_adapter
+        self.block_size = block_size
+        self.device = device
+        self.kv_caches = allocate_kv_caches(
+            arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, dtype, device
+        )
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._generators[request_id] = gen
+        return gen
+
+    def load_adapters(self, loads: dict[int, str]) -> None:
+        for slot, name in loads.items():
+            self.lora_pool.load(slot, self.get_adapter(name))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step; returns a token for every sequence with ``sample=True``."""
+        for rid in out.finished_ids:
+            self._generators.pop(rid, None)
+        self.load_adapters(out.adapter_loads)
+        if out.is_empty:
+            return RunnerOutput()
+        batch = build_forward_batch(out, self.block_size, self.device)
+        hidden = self.model(batch, self.kv_caches)
+        sampling = [s for s in out.scheduled if s.sample]
+        if not sampling:
+            return RunnerOutput()
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        gens = [self._generator(s.request_id, s.sampling_params.seed) for s in sampling]
+        tokens = sample(logits, [s.sampling_params for s in sampling], gens).tolist()
+        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})
