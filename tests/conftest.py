@@ -31,3 +31,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory):
     from tiny import make_tiny_llama_dir
 
     return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory):
+    """Three random PEFT adapters of the tiny model: ranks 4/8/2, different targets, one rslora."""
+    from tiny import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    all7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return {
+        "a": make_peft_adapter(tiny_llama_dir, root / "a", 4, ["q_proj", "v_proj"], seed=1),
+        "b": make_peft_adapter(tiny_llama_dir, root / "b", 8, all7, seed=2),
+        "c": make_peft_adapter(tiny_llama_dir, root / "c", 2, ["down_proj", "o_proj"], seed=3, use_rslora=True),
+    }

@@ -103,3 +103,23 @@ def make_tiny_llama_dir(path: Path, seed: int = 0, **overrides: Any) -> Path:
     make_tokenizer(path, vocab_size=cfg_dict["vocab_size"])
     (path / "inlaid_test_fixture.json").write_text(json.dumps({"seed": seed}))
     return path
+
+
+def make_peft_adapter(base_dir: Path, out_dir: Path, rank: int, targets: list[str], seed: int,
+                      alpha: int = 16, use_rslora: bool = False) -> Path:
+    """Save a random (non-zero B) PEFT LoRA adapter for the checkpoint in ``base_dir``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
+                     use_rslora=use_rslora, lora_dropout=0.0)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():  # peft's non-default init is small; make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(str(out_dir))
+    return out_dir
