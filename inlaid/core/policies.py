@@ -1,0 +1,80 @@
+"""Scheduling policies: the order of admission and the choice of preemption victims.
+
+Owns: the ``Policy`` interface the scheduler calls, ``FifoPolicy`` (S-LoRA's
+first come first served) and ``make_policy``. The multi-task policies live in
+``mlfq.py`` (FastServe skip-join MLFQ) and ``inlaid_policy.py`` (SRTF + aging +
+task grouping).
+
+Invariants:
+- Policies only order and filter; the scheduler alone enforces the token budget,
+  ``max_num_seqs``, KV blocks and adapter slots, and mutates requests.
+- ``order_waiting`` returns every waiting request exactly once (a permutation).
+- ``pick_victim`` returns one of the given candidates.
+- Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from inlaid.config import SchedulerConfig
+from inlaid.request import Request
+
+if TYPE_CHECKING:
+    from inlaid.core.adapter_slots import AdapterSlots
+    from inlaid.core.predictor import LengthPredictor
+
+
+class Policy:
+    """Base policy: FIFO order, latest arrival is preempted first, no grouping."""
+
+    name = "base"
+
+    def on_add(self, req: Request, now: float) -> None:
+        """A request entered the waiting queue for the first time."""
+
+    def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        """Waiting requests in admission order (most urgent first)."""
+        return sorted(waiting, key=lambda r: r.arrival_time)
+
+    def can_admit(self, req: Request, running_adapters: Mapping[str, int], slots: AdapterSlots) -> bool:
+        """Policy-level admission filter (task grouping); resources are checked by the scheduler.
+
+        ``running_adapters`` counts running requests per adapter name (base model excluded).
+        """
+        return True
+
+    def pick_victim(self, candidates: Sequence[Request]) -> Request:
+        """The running request to preempt when KV blocks run out (default: latest arrival)."""
+        return max(candidates, key=lambda r: r.arrival_time)
+
+    def on_step(self, scheduled: Sequence[Request], now: float) -> None:
+        """Called after ``Scheduler.update`` with the requests that ran this step."""
+
+    def on_preempt(self, req: Request, now: float) -> None:
+        """``req`` was preempted back to the waiting queue."""
+
+    def on_finish(self, req: Request) -> None:
+        """``req`` left the scheduler (finished or aborted)."""
+
+
+class FifoPolicy(Policy):
+    """First come first served (S-LoRA): arrival order; preempt the latest arrival."""
+
+    name = "fifo"
+
+
+def make_policy(cfg: SchedulerConfig, predictor: LengthPredictor | None = None) -> Policy:
+    """The policy named by ``cfg.policy`` ("fifo" | "mlfq" | "inlaid")."""
+    if cfg.policy == "fifo":
+        return FifoPolicy()
+    if cfg.policy == "mlfq":
+        from inlaid.core.mlfq import MlfqPolicy
+
+        return MlfqPolicy()
+    if cfg.policy == "inlaid":
+        from inlaid.core.inlaid_policy import InlaidPolicy
+
+        return InlaidPolicy(max_adapters_per_step=cfg.max_adapters_per_step, aging_s=cfg.aging_s)
+    raise ValueError(f"unknown policy {cfg.policy!r}: use fifo, mlfq or inlaid")
