@@ -1,1 +1,22 @@
-"""inlaid.lora"""
+"""inlaid.lora: PEFT adapter loading/validation (host), the device slot pool and its batch metadata."""
+
+from inlaid.lora.adapter import LoRAAdapter, LoRAWeights, load_adapter, validate_adapter
+from inlaid.lora.errors import (
+    AdapterError,
+    DuplicateAdapterError,
+    IncompatibleAdapterError,
+    UnknownAdapterError,
+)
+from inlaid.lora.registry import AdapterRegistry
+
+__all__ = [
+    "AdapterError",
+    "AdapterRegistry",
+    "DuplicateAdapterError",
+    "IncompatibleAdapterError",
+    "LoRAAdapter",
+    "LoRAWeights",
+    "UnknownAdapterError",
+    "load_adapter",
+    "validate_adapter",
+]

@@ -1,0 +1,124 @@
+"""LoRAPool: the device-resident adapter slots and the model's LoRA hook.
+
+Owns, per projection module, stacked device buffers
+``a[module]``: [num_layers, num_slots, max_rank, in] and
+``b[module]``: [num_layers, num_slots, out, max_rank], plus
+``scalings[module]``: [num_layers, num_slots] (float32).
+
+Invariants:
+- a slot holds at most one adapter; ranks below ``max_rank`` are zero-padded
+  (rows of A / columns of B past the adapter's rank are 0), so any rank
+  1..max_rank shares one buffer and the padding contributes exactly nothing;
+- modules (or layers) an adapter does not target are all-zero for its slot;
+- an empty slot is all-zero and has scaling 0.
+Which adapter goes in which slot is decided elsewhere (``core.adapter_slots``);
+this class only copies weights in and out and computes the batched deltas.
+
+Per forward, ``prepare(batch)`` groups the tokens by slot once
+(``batch.lora_meta``); each ``apply`` then runs the SGMV op of
+``inlaid.kernels.lora_sgmv`` — a loop over the distinct slots present, never
+over sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
+from inlaid.lora.adapter import LoRAAdapter, validate_adapter
+from inlaid.model.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAPool:
+    """Fixed number of device adapter slots; implements ``inlaid.model.lora_hook.LoRAHook``."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        num_layers: int,
+        module_shapes: Mapping[str, tuple[int, int]],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_slots < 1 or max_rank < 1 or num_layers < 1:
+            raise ValueError(
+                f"num_slots, max_rank and num_layers must be >= 1; got {num_slots}, {max_rank}, {num_layers}"
+            )
+        if not module_shapes:
+            raise ValueError("module_shapes must name at least one projection, e.g. {'q_proj': (in, out)}")
+        self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, num_layers
+        self.module_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
+        self.device, self.dtype = torch.device(device), dtype
+        kw = dict(device=self.device, dtype=dtype)
+        self.a = {m: torch.zeros(num_layers, num_slots, max_rank, i, **kw) for m, (i, o) in self.module_shapes.items()}
+        self.b = {m: torch.zeros(num_layers, num_slots, o, max_rank, **kw) for m, (i, o) in self.module_shapes.items()}
+        self.scalings = {
+            m: torch.zeros(num_layers, num_slots, device=self.device, dtype=torch.float32) for m in self.module_shapes
+        }
+        self.slot_names: list[str | None] = [None] * num_slots
+        self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the weight buffers."""
+        return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range: the pool has slots 0..{self.num_slots - 1}")
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot (weights and scalings) and mark it empty."""
+        self._check_slot(slot)
+        for m in self.module_shapes:
+            self.a[m][:, slot].zero_()
+            self.b[m][:, slot].zero_()
+            self.scalings[m][:, slot] = 0.0
+        self.slot_names[slot] = None
+        self._slot_modules[slot] = frozenset()
+
+    @torch.no_grad()
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy ``adapter`` into ``slot`` (replacing what was there); untargeted modules are zeroed."""
+        self._check_slot(slot)
+        validate_adapter(adapter, self.module_shapes, self.num_layers, self.max_rank)
+        self.clear(slot)
+        for (layer, module), w in adapter.weights.items():
+            r = w.rank
+            self.a[module][layer, slot, :r].copy_(w.a, non_blocking=True)
+            self.b[module][layer, slot, :, :r].copy_(w.b, non_blocking=True)
+            self.scalings[module][layer, slot] = w.scaling
+        self.slot_names[slot] = adapter.name
+        self._slot_modules[slot] = frozenset(adapter.target_modules)
+        logger.debug("loaded adapter %r into slot %d", adapter.name, slot)
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Group tokens by adapter slot once per batch into ``batch.lora_meta``."""
+        segments = build_segments(batch.lora_slots)
+        for slot in segments.slots:
+            if slot >= self.num_slots:
+                raise ValueError(f"lora_slots holds slot {slot} but the pool has slots 0..{self.num_slots - 1}")
+            if self.slot_names[slot] is None:
+                raise ValueError(f"lora_slots refers to slot {slot}, which has no adapter loaded")
+        batch.lora_meta = segments
+
+    def apply(
+        self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Add each token's adapter delta for (layer, module) to ``out`` in place and return it."""
+        if module not in self.a:
+            raise ValueError(f"LoRA pool has no module {module!r}; it was built for {', '.join(self.a)}")
+        if batch.lora_meta is None:
+            self.prepare(batch)
+        segments: LoRASegments = batch.lora_meta
+        if not any(module in self._slot_modules[s] for s in segments.slots):
+            return out
+        return lora_apply(
+            x, out, self.a[module][layer_idx], self.b[module][layer_idx], self.scalings[module][layer_idx], segments
+        )
