@@ -31,6 +31,19 @@ class Policy:
 
     name = "base"
 
+    def attach(self, slots: AdapterSlots, running_adapters: Mapping[str, int]) -> None:
+        """Called once by the scheduler: live views of the adapter slots and running adapter counts."""
+        self.slots = slots
+        self.running_adapters = running_adapters
+
+    def holds_line(self, req: Request, now: float) -> bool:
+        """True when admission must stop (not skip) at ``req`` if its adapter cannot get a slot.
+
+        Policies return True for starving requests so that running requests drain and
+        free a slot for them, instead of later requests overtaking forever.
+        """
+        return False
+
     def on_add(self, req: Request, now: float) -> None:
         """A request entered the waiting queue for the first time."""
 
@@ -38,10 +51,10 @@ class Policy:
         """Waiting requests in admission order (most urgent first)."""
         return sorted(waiting, key=lambda r: r.arrival_time)
 
-    def can_admit(self, req: Request, running_adapters: Mapping[str, int], slots: AdapterSlots) -> bool:
+    def can_admit(self, req: Request, now: float) -> bool:
         """Policy-level admission filter (task grouping); resources are checked by the scheduler.
 
-        ``running_adapters`` counts running requests per adapter name (base model excluded).
+        ``self.running_adapters`` counts running requests per adapter name (base model excluded).
         """
         return True
 
@@ -72,7 +85,7 @@ def make_policy(cfg: SchedulerConfig, predictor: LengthPredictor | None = None) 
     if cfg.policy == "mlfq":
         from inlaid.core.mlfq import MlfqPolicy
 
-        return MlfqPolicy()
+        return MlfqPolicy(starvation_s=cfg.aging_s)
     if cfg.policy == "inlaid":
         from inlaid.core.inlaid_policy import InlaidPolicy
 

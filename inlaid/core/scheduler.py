@@ -91,6 +91,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
         self._running_adapters: Counter = Counter()
+        self.policy.attach(self.slots, self._running_adapters)
 
     # ----------------------------------------------------------------- queries
     @property
@@ -263,9 +264,11 @@ class Scheduler:
         for req in self.policy.order_waiting(self.waiting, now):
             if budget <= 0 or len(out.scheduled) >= self.cfg.max_num_seqs:
                 break
-            if not self.policy.can_admit(req, self._running_adapters, self.slots):
+            if not self.policy.can_admit(req, now):
                 continue
             if not self.slots.can_acquire(req.adapter):
+                if self.policy.holds_line(req, now):
+                    break  # a starving request waits for a slot; nobody overtakes it
                 continue  # its adapter cannot get a slot this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(req, n):
