@@ -167,11 +167,12 @@ def save_quantized_checkpoint(
     for name, layer in tensors_by_layer_name.items():
         validate_layer(layer, qc["bits"], qc["group_size"], name)
         for key, t in layer.items():
-            flat[f"{name}.{key}"] = t.detach().cpu().contiguous()
+            flat[f"{name}.{key}"] = t
     for key, t in other_tensors.items():
         if key in flat:
             raise ValueError(f"tensor name {key!r} is both a quantized-layer tensor and an other tensor")
-        flat[key] = t.detach().cpu().contiguous()
+        flat[key] = t
+    flat = _unshared_cpu(flat)
     cfg = dict(config)
     cfg["quantization_config"] = dict(qc)
     target = Path(directory)
@@ -186,6 +187,18 @@ def save_quantized_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote GPTQ checkpoint %s (%d quantized layers)", target, len(tensors_by_layer_name))
     return target
+
+
+def _unshared_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two tensors sharing storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def _move_into(tmp: Path, target: Path) -> None:
