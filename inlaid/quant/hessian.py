@@ -83,12 +83,12 @@ def _reduce(items: Iterable[tuple[torch.Tensor, int]], method: str) -> tuple[tor
             raise ValueError(f"Hessian shapes differ: {tuple(acc.shape)} vs {tuple(h.shape)}")
         if method == "max":
             acc = h.clone() if acc is None else torch.maximum(acc, h)
-        else:
-            acc = h * n if acc is None else acc.add_(h, alpha=n)
+        else:  # fp64 sum: exact weights, and a one-task mean returns that task's H exactly
+            acc = h.double() * n if acc is None else acc.add_(h.double(), alpha=n)
         total += n
     if acc is None:
         raise ValueError("no Hessians to aggregate")
-    return (acc if method == "max" else acc / total), total
+    return (acc if method == "max" else (acc / total).to(torch.float32)), total
 
 
 def aggregate(
