@@ -8,10 +8,13 @@ Invariants:
   (``Request.predicted_remaining``), shortest first, where requests whose adapter
   is neither running nor resident pay ``swap_penalty`` (a multiplier), so ties
   and near-ties go to adapters already on the device.
-- Task grouping: a request whose adapter is not already running is admitted only
-  while fewer than ``max_adapters_per_step`` (β) distinct adapters run, so no step
-  holds more than β distinct adapters. Starving requests are exempt (aging beats
-  grouping: nothing starves), and they hold the line for an adapter slot.
+- Task grouping: under load (more than ``group_min_queue`` requests waiting), a
+  request whose adapter is not already running is admitted only while fewer than
+  ``max_adapters_per_step`` (β) distinct adapters run, so no step holds more than
+  β distinct adapters. With a short queue grouping is off (work conserving: it
+  would only delay requests the engine has room for). Starving requests are
+  exempt (aging beats grouping: nothing starves), and they hold the line for an
+  adapter slot.
 - Preemption victim: the running request with the longest predicted remaining.
 - The ablation switches (``use_prediction``, ``use_grouping``, ``use_aging``)
   turn each ingredient off; without prediction the order uses ``max_tokens``.
@@ -31,7 +34,8 @@ class InlaidPolicy(Policy):
     name = "inlaid"
 
     def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, swap_penalty: float = 1.5,
-                 use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True) -> None:
+                 use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
+                 group_min_queue: int = 8) -> None:
         if max_adapters_per_step < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1, got {max_adapters_per_step}")
         if aging_s <= 0:
@@ -44,6 +48,8 @@ class InlaidPolicy(Policy):
         self.use_prediction = use_prediction
         self.use_grouping = use_grouping
         self.use_aging = use_aging
+        self.group_min_queue = group_min_queue
+        self._queue_len = 0
 
     def remaining(self, req: Request) -> float:
         """Predicted output tokens still to come (``max_tokens`` bound without prediction)."""
@@ -66,11 +72,14 @@ class InlaidPolicy(Policy):
             cost = self.remaining(r) * (1.0 if self._on_device(r.adapter) else self.swap_penalty)
             return (1, cost, r.arrival_time)
 
+        self._queue_len = len(waiting)
         return sorted(waiting, key=key)
 
     def can_admit(self, req: Request, now: float) -> bool:
         running = self.running_adapters
         if not self.use_grouping or req.adapter is None or req.adapter in running:
+            return True
+        if self._queue_len <= self.group_min_queue:
             return True
         return len(running) < self.beta or self.starving(req, now)
 
