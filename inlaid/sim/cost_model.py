@@ -71,9 +71,10 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     """Solve the square system a x = b by Gaussian elimination with partial pivoting."""
     n = len(b)
     m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    scale = max(abs(a[i][i]) for i in range(n)) or 1.0
     for col in range(n):
         piv = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[piv][col]) < 1e-18:
+        if abs(m[piv][col]) < 1e-12 * scale:
             raise ValueError(f"cost-model fit is singular: feature {col} never varies in the samples")
         m[col], m[piv] = m[piv], m[col]
         for r in range(n):
@@ -83,7 +84,7 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return [m[i][n] / m[i][i] for i in range(n)]
 
 
-def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: float = 1e-12) -> StepCostModel:
+def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: float = 0.0) -> StepCostModel:
     """Least-squares fit of the coefficients from (features, measured seconds) samples.
 
     ``features`` are ``StepCostModel.features`` vectors (5 values, the first 1.0).
@@ -95,6 +96,11 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: floa
     for x, _ in samples:
         if len(x) != k:
             raise ValueError(f"each sample needs {k} features, got {len(x)}")
+    names = [f.name for f in fields(StepCostModel)]
+    for i in range(1, k):
+        if all(x[i] == 0 for x, _ in samples):
+            raise ValueError(f"cost-model fit is singular: feature {names[i]!r} is 0 in every sample; "
+                             "measure steps that exercise it")
     ata = [[sum(x[i] * x[j] for x, _ in samples) + (ridge if i == j else 0.0) for j in range(k)] for i in range(k)]
     atb = [sum(x[i] * y for x, y in samples) for i in range(k)]
     coef = _solve(ata, atb)
