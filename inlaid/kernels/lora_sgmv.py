@@ -31,9 +31,12 @@ a later Triton decode kernel takes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,15 +167,20 @@ def _benchmark() -> None:  # pragma: no cover - manual measurement helper
         x, out = torch.randn(t, d), torch.zeros(t, d)
         slots = torch.randint(-1, s, (t,))
         seg = build_segments(slots)
-        for name, fn in (("sgmv", lambda: lora_apply(x, out, a, b, sc, seg)), ("bgmv", lambda: lora_apply_bgmv(x, out, a, b, sc, slots))):
+        fns = {
+            "sgmv": lambda: lora_apply(x, out, a, b, sc, seg),
+            "bgmv": lambda: lora_apply_bgmv(x, out, a, b, sc, slots),
+        }
+        for name, fn in fns.items():
             fn()
             n = max(3, 2000 // t)
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             us = (time.perf_counter() - t0) / n * 1e6
-            print(f"T={t:5d} {name}: {us:9.1f} us")
+            logger.info("T=%5d %s: %9.1f us", t, name, us)
 
 
 if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     _benchmark()

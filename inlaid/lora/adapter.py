@@ -132,7 +132,7 @@ def _unsupported_options(cfg: Mapping[str, Any]) -> list[str]:
     """Options whose effect this engine does not implement; each entry explains one."""
     bad = []
     if cfg.get("use_dora"):
-        bad.append("DoRA (use_dora=true) is not supported; merge the magnitude or retrain with use_dora=false")
+        bad.append("DoRA (use_dora=true) is not supported; use a plain LoRA adapter (use_dora=false)")
     if cfg.get("modules_to_save"):
         bad.append(f"modules_to_save={cfg['modules_to_save']!r} is not supported (fully trained modules)")
     if cfg.get("bias", "none") != "none":

@@ -66,8 +66,8 @@ def peft_delta(peft_model: Any, layer: int, module: str, x: torch.Tensor) -> tor
 def module_shapes_of(hf_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{module: (in_features, out_features)}`` read from layer 0 of a HF Llama."""
     layer0 = hf_model.model.layers[0]
-    return {m: (getattr(getattr(layer0, _PARENT[m]), m).in_features, getattr(getattr(layer0, _PARENT[m]), m).out_features)
-            for m in ALL7}
+    linears = {m: getattr(getattr(layer0, _PARENT[m]), m) for m in ALL7}
+    return {m: (lin.in_features, lin.out_features) for m, lin in linears.items()}
 
 
 def make_batch(slots: list[int]) -> Any:
