@@ -125,8 +125,9 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     max_positions = max(arch.max_position_embeddings, model_config.max_model_len or 0)
     model = build_model(arch, device, dtype, lora_hook, max_positions=max_positions)
     if model_config.load_format == "dummy":
-        logger.info("dummy weights for %s (%s shapes, seed %d)", arch.name, arch.architecture, model_config.seed)
-        init_dummy_weights(model, model_config.seed)
+        logger.info("dummy weights for %s (%s shapes, seed %d)", arch.name, arch.architecture,
+                    model_config.dummy_seed)
+        init_dummy_weights(model, model_config.dummy_seed)
     else:
         model.load_weights(_progress(load_weights(path), path))
     return model, arch, path
