@@ -11,8 +11,10 @@ Invariants:
 - Task grouping: under load (more than ``group_min_queue`` requests waiting), a
   request whose adapter is not already running is admitted only while fewer than
   ``max_adapters_per_step`` (β) distinct adapters run, so no step holds more than
-  β distinct adapters. With a short queue grouping is off (work conserving: it
-  would only delay requests the engine has room for). Starving requests are
+  β distinct adapters -- unless the waiting requests of running adapters cannot
+  fill the free sequence seats, in which case just enough other requests are
+  admitted to fill them (work conserving: grouping never leaves seats empty
+  while requests wait). With a short queue grouping is off. Starving requests are
   exempt (aging beats grouping: nothing starves), and they hold the line for an
   adapter slot.
 - Preemption victim: the running request with the longest predicted remaining.
@@ -22,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from inlaid.core.policies import Policy
@@ -50,6 +53,7 @@ class InlaidPolicy(Policy):
         self.use_aging = use_aging
         self.group_min_queue = group_min_queue
         self._queue_len = 0
+        self._waiting_by_adapter: Counter = Counter()
 
     def remaining(self, req: Request) -> float:
         """Predicted output tokens still to come (``max_tokens`` bound without prediction)."""
@@ -73,15 +77,28 @@ class InlaidPolicy(Policy):
             return (1, cost, r.arrival_time)
 
         self._queue_len = len(waiting)
+        self._waiting_by_adapter = Counter(r.adapter for r in waiting)
         return sorted(waiting, key=key)
 
+    def _grouped_supply(self) -> int:
+        """Waiting requests that can join without a new adapter (base model or a running adapter)."""
+        counts = self._waiting_by_adapter
+        return counts.get(None, 0) + sum(counts.get(a, 0) for a in self.running_adapters)
+
     def can_admit(self, req: Request, now: float) -> bool:
+        ok = self._can_admit(req, now)
+        if ok and self._waiting_by_adapter.get(req.adapter, 0) > 0:
+            self._waiting_by_adapter[req.adapter] -= 1
+        return ok
+
+    def _can_admit(self, req: Request, now: float) -> bool:
         running = self.running_adapters
         if not self.use_grouping or req.adapter is None or req.adapter in running:
             return True
-        if self._queue_len <= self.group_min_queue:
+        if self._queue_len <= self.group_min_queue or len(running) < self.beta or self.starving(req, now):
             return True
-        return len(running) < self.beta or self.starving(req, now)
+        # work conserving: exceed β only for seats that grouped requests cannot fill
+        return self._grouped_supply() < self.max_num_seqs - len(self.running)
 
     def holds_line(self, req: Request, now: float) -> bool:
         return self.starving(req, now)

@@ -31,10 +31,14 @@ class Policy:
 
     name = "base"
 
-    def attach(self, slots: AdapterSlots, running_adapters: Mapping[str, int]) -> None:
-        """Called once by the scheduler: live views of the adapter slots and running adapter counts."""
+    def attach(self, slots: AdapterSlots, running_adapters: Mapping[str, int], running: Sequence[Request] = (),
+               max_num_seqs: int = 1 << 30) -> None:
+        """Called once by the scheduler: live views of the adapter slots, running adapter counts
+        and running requests, and the step's sequence cap."""
         self.slots = slots
         self.running_adapters = running_adapters
+        self.running = running
+        self.max_num_seqs = max_num_seqs
 
     def holds_line(self, req: Request, now: float) -> bool:
         """True when admission must stop (not skip) at ``req`` if its adapter cannot get a slot.

@@ -91,7 +91,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
         self._running_adapters: Counter = Counter()
-        self.policy.attach(self.slots, self._running_adapters)
+        self.policy.attach(self.slots, self._running_adapters, self.running, sched_cfg.max_num_seqs)
 
     # ----------------------------------------------------------------- queries
     @property

@@ -58,19 +58,40 @@ def test_inlaid_aging_bounds_the_wait_of_a_long_request():
 
 
 def test_inlaid_beta_caps_distinct_adapters_per_step():
-    sched = make_sched(policy="inlaid", max_adapters_per_step=2, aging_s=1e9, slots=8, max_num_seqs=16)
+    sched = make_sched(policy="inlaid", max_adapters_per_step=2, aging_s=1e9, slots=8, max_num_seqs=4)
     rng = random.Random(1)
-    for i in range(40):
+    for i in range(60):
         sched.add_request(make_req(f"r{i}", max_tokens=rng.randint(1, 6), adapter=f"t{i % 6}"))
-    outs = run_to_completion(sched)
-    per_step = [len({s.adapter_slot for s in o.scheduled}) for o in outs]
-    assert max(per_step) == 2
-    assert sched.stats.finished == 40
+    loaded_steps = 0
+    while sched.num_waiting >= 30:  # plenty of requests of the running adapters to fill every seat
+        out = sched.schedule()
+        check_output(sched, out)
+        assert len({s.adapter_slot for s in out.scheduled}) <= 2
+        assert len(out.scheduled) == 4  # grouping never leaves seats empty here
+        loaded_steps += 1
+        sched.update(out, fake_result(out))
+    assert loaded_steps >= 5
+    run_to_completion(sched)
+    assert sched.stats.finished == 60
     # the same workload under fifo mixes more adapters per step (the cap is what limits it)
-    fifo = make_sched(policy="fifo", slots=8, max_num_seqs=16)
-    for i in range(40):
+    fifo = make_sched(policy="fifo", slots=8, max_num_seqs=4)
+    for i in range(60):
         fifo.add_request(make_req(f"r{i}", max_tokens=3, adapter=f"t{i % 6}"))
     assert max(len({s.adapter_slot for s in o.scheduled}) for o in run_to_completion(fifo)) > 2
+
+
+def test_inlaid_grouping_is_work_conserving():
+    """When the running adapters have too few waiting requests, others fill the free seats."""
+    sched = make_sched(policy="inlaid", max_adapters_per_step=1, aging_s=1e9, slots=8, max_num_seqs=8)
+    for i in range(12):
+        sched.add_request(_pred(f"r{i}", 5 + i, max_tokens=32, adapter="a" if i < 2 else f"t{i}"))
+    out = sched.schedule()
+    assert len(out.scheduled) == 8 and len({s.adapter_slot for s in out.scheduled}) > 1
+    no_wc = make_sched(policy="inlaid", max_adapters_per_step=1, aging_s=1e9, slots=8, max_num_seqs=2)
+    for i in range(12):
+        no_wc.add_request(_pred(f"r{i}", 5 + i, max_tokens=32, adapter="a" if i < 4 else f"t{i}"))
+    out = no_wc.schedule()  # "a" alone has enough waiting requests for both seats
+    assert len(out.scheduled) == 2
 
 
 def test_inlaid_prefers_adapters_on_device_on_near_ties():
