@@ -56,7 +56,7 @@ class LLMEngine:
     # ---- adapters -------------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> None:
         """Load and validate a PEFT adapter into host memory; servable at once."""
-        self.registry.add(name, str(path))
+        self.registry.add_path(name, path)
 
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter; the caller makes sure none of its requests is in flight."""
@@ -66,7 +66,8 @@ class LLMEngine:
         self.scheduler.remove_adapter(name)
 
     def list_adapters(self) -> dict[str, str]:
-        return self.registry.paths()
+        """name -> path of every registered adapter."""
+        return {name: str(self.registry.get(name).path) for name in self.registry.names()}
 
     # ---- requests -------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -205,7 +206,8 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Queue, KV and adapter residency figures (for /metrics and benchmarks)."""
-        used, total = self.scheduler.kv_blocks_used(), self.parts.num_blocks
+        total = self.parts.num_blocks
+        used = total - self.scheduler.block_manager.num_free_blocks
         return {
             "num_waiting": self.scheduler.num_waiting,
             "num_running": self.scheduler.num_running,
@@ -213,5 +215,5 @@ class LLMEngine:
             "kv_blocks_used": used,
             "kv_blocks_total": total,
             "adapters_resident": sorted(self.scheduler.resident_adapters()),
-            "adapters_host": sorted(self.registry.paths()),
+            "adapters_host": sorted(self.registry.names()),
         }
