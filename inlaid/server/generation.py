@@ -116,7 +116,7 @@ class GenerationHandler:
         adapter = None if req.model == self.llm.model_name else req.model
         ids = await self._prompt_ids(kind, req)
         limit = self.llm.max_model_len
-        max_tokens = req.max_tokens
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's completions default
         if kind == "chat":
             max_tokens = req.max_completion_tokens or req.max_tokens or max(limit - len(ids), 1)
         params = protocol.to_sampling_params(req, max_tokens)
