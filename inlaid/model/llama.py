@@ -27,7 +27,7 @@ from torch import nn
 from inlaid.kernels.paged_attention import paged_attention, write_kv
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
-from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, rotate_half
+from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, apply_rotary
 from inlaid.model.lora_hook import LoRAHook
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class Attention(nn.Module):
         q = _project(self, "q_proj", self.layer_idx, x, batch, hook).view(t, self.num_heads, self.head_dim)
         k = _project(self, "k_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
         v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(k, v, kv_cache, batch.slot_mapping)
         attn = paged_attention(
             q, kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
@@ -109,9 +108,7 @@ class LlamaModel(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"need one KV cache per layer ({len(self.layers)}), got {len(kv_caches)}")
         x = self.embed_tokens(batch.input_ids)
-        rope = self.rotary_emb
-        cos = rope.cos_cache[batch.positions].to(x.dtype).unsqueeze(1)
-        sin = rope.sin_cache[batch.positions].to(x.dtype).unsqueeze(1)
+        cos, sin = self.rotary_emb.cos_sin(batch.positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, batch, hook)
         return self.norm(x)
