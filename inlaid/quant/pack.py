@@ -126,9 +126,15 @@ def validate_layer(tensors: Mapping[str, torch.Tensor], bits: int, group_size: i
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
                         damp_percent: float = 0.01) -> dict[str, Any]:  # fmt: skip
-    """The ``quantize_config.json`` / transformers ``quantization_config`` dict."""
+    """The ``quantize_config.json`` / transformers ``quantization_config`` dict for what we write."""
     if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"unsupported bits={bits} / group_size={group_size}")
+        raise ValueError(f"unsupported bits={bits} / group_size={group_size}; "
+                         f"use bits in {SUPPORTED_BITS}, group_size in {SUPPORTED_GROUP_SIZES}")  # fmt: skip
+    return _config_dict(bits, group_size, sym, desc_act, static_groups, damp_percent)
+
+
+def _config_dict(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
+                 damp_percent: float) -> dict[str, Any]:  # fmt: skip
     return {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group_size,
         "desc_act": desc_act, "sym": sym, "static_groups": static_groups, "damp_percent": damp_percent,
@@ -225,11 +231,9 @@ def _normalize_quant_config(qc: dict[str, Any], source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source}: bits={bits} unsupported; use one of {SUPPORTED_BITS}")
     if gs != -1 and gs <= 0:
         raise CheckpointError(f"{source}: group_size={gs} must be -1 or positive")
-    out = quantization_config(bits, gs if gs in SUPPORTED_GROUP_SIZES else 128, bool(qc.get("sym", True)),
-                              bool(qc.get("desc_act", False)), bool(qc.get("static_groups", False)),
-                              float(qc.get("damp_percent", 0.01)))  # fmt: skip
-    out["group_size"] = gs  # readers accept any group size others wrote
-    return out
+    # any positive group size others wrote is readable; we only write SUPPORTED_GROUP_SIZES
+    return _config_dict(bits, gs, bool(qc.get("sym", True)), bool(qc.get("desc_act", False)),
+                        bool(qc.get("static_groups", False)), float(qc.get("damp_percent", 0.01)))  # fmt: skip
 
 
 def load_quantized_checkpoint(directory: str | os.PathLike) -> QuantizedCheckpoint:
