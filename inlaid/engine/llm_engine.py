@@ -70,11 +70,16 @@ class LLMEngine:
         return {name: str(self.registry.get(name).path) for name in self.registry.names()}
 
     # ---- requests -------------------------------------------------------------
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.model_name!r} has no tokenizer; pass prompts as token ids")
+        return self.tokenizer
+
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+        return self._require_tokenizer().encode(prompt)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+        return encode_chat(self._require_tokenizer(), messages)
 
     def add_request(
         self,
@@ -108,7 +113,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character")
-            return self.tokenizer.encode(prompt)
+            return self.encode(prompt)
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty: give at least one token")

@@ -31,7 +31,7 @@ class EngineParts:
     dtype: torch.dtype
     arch: ModelArch
     model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     registry: AdapterRegistry
     pool: LoRAPool
     runner: ModelRunner
@@ -74,8 +74,8 @@ def _num_blocks(config: EngineConfig, arch: ModelArch, device: torch.device, dty
     return blocks
 
 
-def _eos_ids(tokenizer: PreTrainedTokenizerBase, arch: ModelArch) -> tuple[int | None, tuple[int, ...]]:
-    primary = tokenizer.eos_token_id
+def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, arch: ModelArch) -> tuple[int | None, tuple[int, ...]]:
+    primary = tokenizer.eos_token_id if tokenizer is not None else None
     ids = [t for t in arch.eos_token_ids if t is not None]
     if primary is None and ids:
         primary = ids[0]

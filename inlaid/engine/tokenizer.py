@@ -15,8 +15,14 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved beside the model (HF layout)."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """Load the tokenizer saved beside the model (HF layout); None if the dir has none
+    (``dummy`` shape configs), in which case prompts must be token ids."""
+    if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
@@ -41,7 +47,7 @@ _WINDOW = 8
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, honouring stop strings."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.text = ""
@@ -57,6 +63,8 @@ class IncrementalDetokenizer:
         return len(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # token-id-only model: no text
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, new_ids: list[int]) -> str:
