@@ -76,7 +76,7 @@ def _tr(code: str, lang: str, rank: int, targets: tuple[str, ...]) -> Task:
         licence="BSD-3-Clause",
         template=f"Translate to {lang}:\n{{input}}",
         metric="bleu",
-        max_new_tokens=64,
+        max_new_tokens=128,  # longest SmolLM2-tokenized test answer: 119 (cs)
         lora_rank=rank,
         lora_target_modules=targets,
     )
@@ -153,7 +153,7 @@ _TASK_LIST: tuple[Task, ...] = (
         licence="BSD-3-Clause",
         template="Answer briefly: {input}",
         metric="rougeL",
-        max_new_tokens=48,
+        max_new_tokens=96,  # longest test answer: 84 SmolLM2 tokens
         lora_rank=16,
         lora_target_modules=ATTN,
     ),
@@ -164,7 +164,7 @@ _TASK_LIST: tuple[Task, ...] = (
         licence="MIT",
         template="Reply to the last message of this chat.\n{input}",
         metric="rougeL",
-        max_new_tokens=40,
+        max_new_tokens=48,
         lora_rank=8,
         lora_target_modules=ATTN,
     ),

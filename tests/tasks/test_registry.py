@@ -59,3 +59,15 @@ def test_adapter_shapes_vary_and_fit_budget() -> None:
     assert lora_param_count(one, **SMOL) == 8 * 1152 * 30
     total_bytes = sum(2 * lora_param_count(t, **SMOL) for t in TASKS.values())  # bf16
     assert total_bytes < 40e6, total_bytes
+
+
+def test_prompting_needs_chat_template_and_eos() -> None:
+    from types import SimpleNamespace
+
+    from inlaid.tasks.prompting import answer_text, chat_prompt
+
+    with pytest.raises(ValueError, match="chat template"):
+        chat_prompt(SimpleNamespace(chat_template=None), get_task("math_gsm"), "1 + 1?")
+    with pytest.raises(ValueError, match="eos_token"):
+        answer_text(SimpleNamespace(eos_token=None), "2")
+    assert answer_text(SimpleNamespace(eos_token="<|im_end|>"), "2") == "2<|im_end|>"
