@@ -7,7 +7,9 @@ directory to a ready ``LlamaForCausalLM``:
   converted once into the cache (see ``inlaid.model.gguf``).
 - a ``.gguf`` file: converted once into ``<cache_dir>/gguf/...`` (fp32).
 - an HF directory (config.json + *.safetensors, sharded or not, or
-  pytorch_model*.bin): used as is.
+  pytorch_model*.bin): used as is. A GPTQ directory (``quantize_config.json`` or a
+  ``quantization_config`` in config.json) is built with GPTQ linears by
+  ``inlaid.quant.linear.load_gptq_model``.
 - a bundled shape name (``BUNDLED_CONFIGS``: "llama2-7b-shapes",
   "llama2-13b-shapes"): a config.json only, for ``load_format="dummy"``
   benchmarks of large shapes. These dirs hold no tokenizer.
@@ -123,6 +125,11 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
     path = resolve_model_path(model_config.model, cache_dir)
     arch = ModelArch.from_dir(path, name=_display_name(model_config.model))
     max_positions = max(arch.max_position_embeddings, model_config.max_model_len or 0)
+    if model_config.load_format != "dummy":
+        from inlaid.quant.linear import is_gptq_dir, load_gptq_model  # lazy: quant builds on model
+
+        if is_gptq_dir(path):
+            return load_gptq_model(path, arch, device, dtype, lora_hook, max_positions), arch, path
     model = build_model(arch, device, dtype, lora_hook, max_positions=max_positions)
     if model_config.load_format == "dummy":
         logger.info("dummy weights for %s (%s shapes, seed %d)", arch.name, arch.architecture,

@@ -1,0 +1,210 @@
+"""Serving a GPTQ base: the GPTQ linear method, its atomic hot-swap, and building a model from a checkpoint.
+
+Owns ``GPTQLinearMethod`` (plugs into ``inlaid.model.layers.ParallelLinear``),
+``swap`` (replace one linear's quantized tensors while serving) and
+``load_gptq_model`` (what ``inlaid.model.loader.load_model`` calls for a
+directory with ``quantize_config.json`` or a ``quantization_config`` in
+``config.json``).
+
+Invariants:
+- A GPTQ linear holds the standard layout as buffers: ``qweight`` int32
+  ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``, ``scales`` fp16
+  ``[G, N]`` (kept fp16 whatever the model dtype: bf16 cannot hold every fp16
+  scale), ``g_idx`` int32 ``[K]``; plus ``dq_weight``, a non-persistent buffer
+  that is None unless ``cache_dequantized`` is on.
+- ``apply`` computes ``x @ W + b`` with ``W`` dequantized exactly in fp32 and
+  cast once to ``x.dtype`` (``inlaid.kernels.gptq_dequant.gptq_linear``), so it
+  equals a dense forward whose weight is ``inlaid.quant.pack.dequantize`` of the
+  same tensors, bit for bit.
+- ``cache_dequantized=True`` keeps ``W`` dequantized in the activation dtype:
+  CPU steps skip the unpacking, at the memory cost of a dense copy of every
+  linear (the packed tensors stay too: ~1.1-1.25x the dense model instead of
+  ~0.15-0.3x). Off by default.
+- Hot-swap: ``swap`` builds every new tensor first (on the layer's device,
+  dequantized cache included), then installs them with one ``dict.update`` of
+  the layer's buffer dict, and ``apply`` reads one ``dict(...)`` snapshot of it.
+  Both are single C-level operations under the GIL, so a forward sees either
+  all old or all new tensors of a linear, never a mix. Consistency *across*
+  linears of a layer is the caller's job: swap at the engine's step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from inlaid.kernels.gptq_dequant import dequantize_gptq, gptq_linear, pack_geometry
+from inlaid.model.arch import ModelArch
+from inlaid.model.layers import ParallelLinear, RotaryEmbedding
+from inlaid.model.llama import LlamaForCausalLM
+from inlaid.model.lora_hook import LoRAHook
+from inlaid.quant.gptq import SUPPORTED_BITS
+from inlaid.quant.pack import LAYER_KEYS, CheckpointError, load_quantized_checkpoint, validate_layer
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+"""Quantized linears of a decoder layer, relative to ``model.layers.N``."""
+
+
+class GPTQLinearMethod:
+    """Packed low-bit weight (GPTQ v1 layout); ``apply`` dequantizes with the torch reference."""
+
+    def __init__(self, bits: int, group_size: int, cache_dequantized: bool = False) -> None:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"GPTQ bits must be one of {SUPPORTED_BITS}, got {bits}")
+        if group_size != -1 and group_size < 1:
+            raise ValueError(f"GPTQ group_size must be -1 or positive, got {group_size}")
+        self.bits, self.group_size, self.cache_dequantized = bits, group_size, cache_dequantized
+
+    def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Buffer shapes for a ``[out, in]`` linear; ValueError if the layout cannot pack it."""
+        vals, words = pack_geometry(self.bits)
+        if in_features % vals or out_features % vals:
+            raise ValueError(f"{self.bits}-bit GPTQ packs {vals} values per run: in_features {in_features} and "
+                             f"out_features {out_features} must be multiples of {vals}")  # fmt: skip
+        groups = 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+        return {"qweight": (in_features // vals * words, out_features), "qzeros": (groups, out_features // vals * words),
+                "scales": (groups, out_features), "g_idx": (in_features,)}  # fmt: skip
+
+    def create_weights(self, layer: ParallelLinear, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        shp = self.shapes(layer.in_features, layer.out_features)
+        gs = layer.in_features if self.group_size == -1 else self.group_size
+        layer.register_buffer("qweight", torch.zeros(shp["qweight"], dtype=torch.int32, device=device))
+        layer.register_buffer("qzeros", torch.zeros(shp["qzeros"], dtype=torch.int32, device=device))
+        layer.register_buffer("scales", torch.zeros(shp["scales"], dtype=torch.float16, device=device))
+        g_idx = torch.arange(layer.in_features, device=device) // gs
+        layer.register_buffer("g_idx", g_idx.to(torch.int32))
+        layer.register_buffer("dq_weight", None, persistent=False)
+
+    def dequantized(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``W [in, out]``: exact in fp32, cast once to ``dtype``."""
+        w = dequantize_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"].float(), tensors["g_idx"], self.bits)
+        return w.to(dtype)
+
+    def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
+        snap = dict(layer._buffers)  # one atomic read; see the module docstring
+        w = snap.get("dq_weight")
+        if w is not None and w.dtype == x.dtype:
+            y = x @ w
+            return y if layer.bias is None else y + layer.bias.to(y.dtype)
+        return gptq_linear(x, snap["qweight"], snap["qzeros"], snap["scales"].float(), snap["g_idx"], self.bits,
+                           layer.bias)  # fmt: skip
+
+    def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
+        """After loading: build the dequantized cache if enabled (idempotent)."""
+        if self.cache_dequantized:
+            layer._buffers.update({"dq_weight": self.dequantized(layer._buffers, dtype)})
+
+
+def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Atomically replace ``layer``'s qweight/qzeros/scales/g_idx (and cache) with ``packed``'s.
+
+    ``dtype`` is the activation dtype of the dequantized cache (default: the current cache's, else fp32).
+    Raises ``CheckpointError`` if the tensors do not fit the layer; the layer is then unchanged.
+    """
+    method = layer.quant_method
+    if not isinstance(method, GPTQLinearMethod):
+        raise ValueError(f"swap needs a GPTQ linear, got {type(method).__name__}")
+    validate_layer(packed, method.bits, method.group_size, name="swap")
+    new: dict[str, Any] = {}
+    for key in LAYER_KEYS:
+        cur = layer._buffers[key]
+        if tuple(packed[key].shape) != tuple(cur.shape):
+            raise CheckpointError(f"swap: {key} shape {tuple(packed[key].shape)} != layer's {tuple(cur.shape)}")
+        new[key] = packed[key].detach().to(device=cur.device, dtype=cur.dtype).clone()
+    if method.cache_dequantized:
+        old = layer._buffers.get("dq_weight")
+        new["dq_weight"] = method.dequantized(new, dtype or (old.dtype if old is not None else torch.float32))
+    layer._buffers.update(new)
+
+
+def replace_linears(model: LlamaForCausalLM, method: GPTQLinearMethod, device: torch.device | None,
+                    dtype: torch.dtype | None) -> None:  # fmt: skip
+    """Swap every decoder projection of ``model`` for a GPTQ ``ParallelLinear`` (lm_head stays dense)."""
+    for layer in model.model.layers:
+        for rel in PROJECTIONS:
+            parent_name, name = rel.split(".")
+            parent = getattr(layer, parent_name)
+            old: ParallelLinear = getattr(parent, name)
+            new = ParallelLinear(old.in_features, old.out_features, old.bias is not None, old.parallel, device, dtype,
+                                 quant_method=GPTQLinearMethod(method.bits, method.group_size, method.cache_dequantized))
+            setattr(parent, name, new)
+
+
+def is_gptq_dir(path: str | Path) -> bool:
+    """True if ``path`` holds a quantized checkpoint (``quantize_config.json`` or config ``quantization_config``)."""
+    import json
+
+    path = Path(path)
+    if (path / "quantize_config.json").is_file():
+        return True
+    cfg = path / "config.json"
+    try:
+        return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable JSON ({e})") from e
+
+
+def load_gptq_model(path: str | Path, arch: ModelArch, device: torch.device, dtype: torch.dtype,
+                    lora_hook: LoRAHook | None = None, max_positions: int | None = None,
+                    cache_dequantized: bool = False) -> LlamaForCausalLM:  # fmt: skip
+    """Build ``arch``'s model with GPTQ projections and fill it from the checkpoint at ``path``."""
+    ckpt = load_quantized_checkpoint(path)
+    method = GPTQLinearMethod(ckpt.bits, ckpt.group_size, cache_dequantized)
+    meta = torch.device("meta")
+    model = LlamaForCausalLM(arch, device=meta, dtype=dtype, lora_hook=lora_hook, max_positions=max_positions)
+    replace_linears(model, method, meta, dtype)
+    model.to_empty(device=device)
+    model.model.rotary_emb = RotaryEmbedding(arch.head_dim, model.model.rotary_emb.max_positions, arch.rope_theta,
+                                             arch.rope_scaling, device)  # fmt: skip
+    tensors = {f"{n}.{k}": t for n, layer in ckpt.layers.items() for k, t in layer.items()}
+    tensors.update(ckpt.other_tensors)
+    _fill(model, tensors, Path(path))
+    for module in model.modules():
+        if isinstance(module, ParallelLinear) and isinstance(module.quant_method, GPTQLinearMethod):
+            module.quant_method.finalize(module, dtype)
+    logger.info("loaded GPTQ %d-bit g%d checkpoint %s", ckpt.bits, ckpt.group_size, path)
+    return model.eval()
+
+
+_SKIP = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+@torch.no_grad()
+def _fill(model: LlamaForCausalLM, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
+    targets.update((n, b) for n, b in model.named_buffers() if "rotary_emb" not in n and not n.endswith("dq_weight"))
+    loaded, unexpected = set(), []
+    for name, t in tensors.items():
+        if name.endswith(_SKIP) or (model.lm_head is None and name == "lm_head.weight"):
+            continue
+        dst = targets.get(name)
+        if dst is None:
+            unexpected.append(name)
+            continue
+        if tuple(dst.shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(dst.shape)} "
+                                  "(does config.json match the checkpoint?)")  # fmt: skip
+        dst.copy_(t)
+        loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: GPTQ checkpoint does not match {model.arch.architecture}: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]} (only the 7 decoder projections may "
+                              "be quantized; everything else must be dense)")  # fmt: skip
+
+
+def dense_reference(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{param name: W [out, in]}`` dequantized from every GPTQ linear of ``model`` (fp32, for tests/evals)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParallelLinear) and isinstance(module.quant_method, GPTQLinearMethod):
+            out[f"{name}.weight"] = module.quant_method.dequantized(module._buffers, torch.float32).t()
+    return out
