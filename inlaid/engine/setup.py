@@ -92,7 +92,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     pool = LoRAPool(
         config.lora.max_loras, config.lora.max_lora_rank, arch.num_layers, arch.lora_module_shapes(), device, dtype
     )
-    model.lora_hook = pool
+    model.set_lora_hook(pool)
     registry = AdapterRegistry(arch.lora_module_shapes(), arch.num_layers, config.lora.max_lora_rank)
     num_blocks = _num_blocks(config, arch, device, dtype)
     runner = ModelRunner(model, arch, pool, registry.get, num_blocks, config.cache.block_size, device, dtype)
