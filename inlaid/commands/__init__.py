@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_COMMANDS = ("serve", "generate")
+_COMMANDS = ("serve", "generate", "quantize")
 
 
 def register_all(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
