@@ -33,8 +33,6 @@ arbitrary user environments; this kernel needs only ``triton``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -50,11 +48,14 @@ except ImportError:  # pragma: no cover - machines without triton use the refere
 _NO_WINDOW = 1 << 30
 
 
+def kernels_interpreted() -> bool:
+    """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return HAS_TRITON and type(globals().get("_decode_kernel")).__name__ == "InterpretedFunction"
+
+
 def triton_usable(t: torch.Tensor) -> bool:
-    """True when Triton kernels can run on ``t``'s device (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if not HAS_TRITON:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's Triton kernels can run on ``t``'s device (CUDA, or CPU when interpreted)."""
+    return HAS_TRITON and (t.is_cuda or kernels_interpreted())
 
 
 if HAS_TRITON:

@@ -37,7 +37,6 @@ docs/kernels.md). 3- and 8-bit weights: use the reference
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +57,14 @@ DEFAULT_FUSED_MAX_M = 64
 """Largest M for which ``w4a16_linear`` uses the fused kernel (benchmark-derived default)."""
 
 
+def kernels_interpreted() -> bool:
+    """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return HAS_TRITON and type(globals().get("_w4a16_kernel")).__name__ == "InterpretedFunction"
+
+
 def triton_usable(t: torch.Tensor) -> bool:
-    """True when Triton kernels can run on ``t``'s device (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if not HAS_TRITON:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's Triton kernels can run on ``t``'s device (CUDA, or CPU when interpreted)."""
+    return HAS_TRITON and (t.is_cuda or kernels_interpreted())
 
 
 def _dot_f32(x: torch.Tensor) -> bool:

@@ -10,30 +10,41 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
+if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
+                allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"w4a16_gemm": "_w4a16_kernel", "lora_sgmv_triton": "_shrink_kernel", "paged_attention_triton": "_decode_kernel"}
+
+
+def _kernel_module(name: str):
+    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
+    mod = importlib.import_module(f"inlaid.kernels.{name}")
+    if not HAS_CUDA and not mod.kernels_interpreted():
+        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
+    return mod
 
 
 @pytest.fixture()
 def kb(monkeypatch: pytest.MonkeyPatch):
-    for name, kernel in KERNELS.items():
-        mod = importlib.import_module(f"inlaid.kernels.{name}")
-        if not torch.cuda.is_available() and type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
-            importlib.reload(mod)  # imported earlier without the interpreter flag
     spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels_bench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    if not torch.cuda.is_available():
+    if not HAS_CUDA:
+        for attr, name in (("wk", "w4a16_gemm"), ("lk", "lora_sgmv_triton"), ("pk", "paged_attention_triton")):
+            monkeypatch.setattr(mod, attr, _kernel_module(name))
+
         def one_shot(fn) -> float:
             t0 = time.perf_counter()
             fn()

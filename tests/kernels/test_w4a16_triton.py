@@ -9,22 +9,33 @@ pack helpers) and the reference reads the original, un-permuted g_idx.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
+if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
+                allow_module_level=True)
 
 from inlaid.kernels import gptq_dequant  # noqa: E402
-from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 
-if not HAS_CUDA and not type(wk._w4a16_kernel).__name__ == "InterpretedFunction":
-    wk = importlib.reload(wk)  # imported earlier without the interpreter flag
 
+def _kernel_module(name: str):
+    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
+    mod = importlib.import_module(f"inlaid.kernels.{name}")
+    if not HAS_CUDA and not mod.kernels_interpreted():
+        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
+    return mod
+
+
+wk = _kernel_module("w4a16_gemm")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
