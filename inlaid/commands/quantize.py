@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-_METHODS = ("mlgptq", "gptq-mixed", "gptq-single", "rtn")
+_METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "gptq-mixed", "gptq-single", "rtn")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -8,7 +8,15 @@ checkpoint (plus tokenizer files) and ``quantize_report.json``.
 
 Methods: ``mlgptq`` (element-wise max of the task Hessians), ``gptq-mixed``
 (sample-weighted mean), ``gptq-single`` (one task's Hessian, ``task=``) and
-``rtn`` (round to nearest, no Hessian).
+``rtn`` (round to nearest, no Hessian). Two repairs of the max, because the
+element-wise max of PSD matrices is in general *indefinite* (on the tiny test
+model its smallest eigenvalue reaches -0.4x the mean diagonal, so GPTQ's
+damping retries end at percdamp 10 and the Hessian is mostly identity):
+``mlgptq-psd`` projects the max onto the PSD cone (eigenvalues clipped at 0)
+and ``mlgptq-diag`` is the mean plus the diagonal excess of the max
+(``mean + diag(max_t diag H_t - diag mean)``, PSD by construction). Both are
+deterministic functions of the stored per-task Hessians, so they keep the
+bit-identical incremental property.
 
 Invariants:
 - ``requantize_layer`` is a pure, deterministic function of (fp weights, the
@@ -43,7 +51,7 @@ from inlaid.quant.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("mlgptq", "gptq-mixed", "gptq-single", "rtn")
+METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "gptq-mixed", "gptq-single", "rtn")
 AGGREGATORS = {"mlgptq": "max", "gptq-mixed": "mean", "gptq-single": "single"}
 GROUP_OF = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
             "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up", "mlp.down_proj": "down"}
@@ -89,6 +97,22 @@ def _quantize_one(w: torch.Tensor, h: torch.Tensor | None, cfg: QuantConfig) -> 
     return pack(res)
 
 
+def aggregate_group(store: HessianStore, layer: int, group: str, method: str, tasks: list[str],
+                    task: str | None = None) -> torch.Tensor:  # fmt: skip
+    """The Hessian ``method`` uses for (layer, group), from the store's per-task Hessians of ``tasks``."""
+    if method in AGGREGATORS:
+        return store.aggregate(layer, group, AGGREGATORS[method], tasks, task=task)
+    if method == "mlgptq-psd":
+        h = store.aggregate(layer, group, "max", tasks).double()
+        vals, vecs = torch.linalg.eigh((h + h.t()) / 2)
+        return ((vecs * vals.clamp(min=0)) @ vecs.t()).to(torch.float32)
+    if method == "mlgptq-diag":
+        mean = store.aggregate(layer, group, "mean", tasks)
+        excess = (torch.diagonal(store.aggregate(layer, group, "max", tasks)) - torch.diagonal(mean)).clamp(min=0)
+        return mean + torch.diag(excess)
+    raise ValueError(f"no Hessian aggregation for method {method!r}")
+
+
 def requantize_layer(
     layer_idx: int,
     fp_weights: Mapping[str, torch.Tensor],
@@ -114,7 +138,7 @@ def requantize_layer(
         h = None
         if qcfg.method != "rtn":
             assert store is not None
-            h = store.aggregate(layer_idx, group, AGGREGATORS[qcfg.method], names, task=qcfg.task)
+            h = aggregate_group(store, layer_idx, group, qcfg.method, names, qcfg.task)
         for rel in (p for p in PROJECTIONS if GROUP_OF[p] == group):
             w = fp_weights[rel]
             out[rel] = _quantize_one(w, None if h is None else h.to(w.device), qcfg)
