@@ -217,3 +217,21 @@ def test_corrupted_checkpoint_is_a_clear_error(qdirs, tmp_path, how, match):
     bad = _corrupt(qdirs[4], tmp_path / how, how)
     with pytest.raises(CheckpointError, match=match):
         load_model(ModelConfig(model=str(bad)), CPU, F32)
+
+
+def test_max_aggregate_is_indefinite_and_the_repairs_are_psd(tmp_path):
+    from inlaid.quant.quantize_model import aggregate_group
+
+    g = torch.Generator().manual_seed(0)
+    store = HessianStore(tmp_path / "h")
+    for t in ("a", "b"):
+        x = torch.randn(200, 16, generator=g) @ torch.randn(16, 16, generator=g)
+        store.write_layer(t, 0, {"qkv": 2 * x.t() @ x / 200}, 200)
+    eig = {m: float(torch.linalg.eigvalsh(aggregate_group(store, 0, "qkv", m, ["a", "b"]).double())[0])
+           for m in ("mlgptq", "mlgptq-psd", "mlgptq-diag", "gptq-mixed")}  # fmt: skip
+    scale = float(torch.diagonal(aggregate_group(store, 0, "qkv", "mlgptq", ["a", "b"])).mean())
+    assert eig["mlgptq"] < -1e-3 * scale  # why the repairs exist
+    assert all(eig[m] > -1e-5 * scale for m in ("mlgptq-psd", "mlgptq-diag", "gptq-mixed")), eig
+    h_a = store.load("a", 0, "qkv")[0]
+    assert torch.equal(aggregate_group(store, 0, "qkv", "mlgptq", ["a"]), h_a)
+    assert torch.equal(aggregate_group(store, 0, "qkv", "gptq-single", ["a", "b"], task="a"), h_a)
