@@ -8,10 +8,12 @@ Model:
 - Each arrival is a *job*: a burst of ``job_size`` requests of one task arriving
   together (job_size = 1 gives independent requests). JCT is measured per job.
 - Task popularity: "uniform", "powerlaw" (p_i ~ i^-alpha) or "zipf" (p_i ~ 1/i).
-- Per-task lengths: from the task suite (``inlaid/tasks/data/*.jsonl`` with
-  ``prompt``/``target`` texts, ~1.3 tokens per word) when present, else a
-  synthetic lognormal per task whose medians are spread log-uniformly, so tasks
-  differ in their typical output length (which the predictor can learn).
+- Per-task lengths (``lengths``): "suite" samples (prompt, output) token
+  lengths of the task suite (``inlaid/tasks/data/<task>/*.jsonl``, counted by
+  ``inlaid.bench.task_lengths``; task i uses suite task i mod #tasks);
+  "synthetic" draws a lognormal per task whose medians are spread
+  log-uniformly, so tasks differ in their typical output length (which the
+  predictor can learn); "auto" is "suite" when the data is present.
 
 Invariants: deterministic for a given ``seed``; lengths are clipped to
 ``[1, max_tokens]`` (outputs) and ``[1, max_prompt]`` (prompts). Pure Python.
@@ -19,15 +21,13 @@ Invariants: deterministic for a given ``seed``; lengths are clipped to
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 
+from inlaid.bench.task_lengths import load_task_lengths
 from inlaid.sim.simulator import RequestSpec
-
-TASK_DATA_DIR = Path(__file__).resolve().parents[1] / "tasks" / "data"
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class WorkloadConfig:
     """Synthetic per-task output medians are log-uniform in this range."""
     prompt_range: tuple[float, float] = (16.0, 512.0)
     seed: int = 0
+    lengths: str = "auto"
+    """"auto" | "suite" | "synthetic" (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.num_requests < 1 or self.num_tasks < 1 or self.job_size < 1:
@@ -79,6 +81,8 @@ class WorkloadConfig:
             raise ValueError(f"rate and cv must be > 0, got rate={self.rate}, cv={self.cv}")
         if self.popularity not in ("uniform", "powerlaw", "zipf"):
             raise ValueError(f"popularity must be uniform|powerlaw|zipf, got {self.popularity!r}")
+        if self.lengths not in ("auto", "suite", "synthetic"):
+            raise ValueError(f"lengths must be auto|suite|synthetic, got {self.lengths!r}")
 
 
 def popularity_weights(cfg: WorkloadConfig) -> list[float]:
@@ -92,30 +96,23 @@ def popularity_weights(cfg: WorkloadConfig) -> list[float]:
     return [x / s for x in w]
 
 
-def load_task_suite(data_dir: Path = TASK_DATA_DIR) -> dict[str, list[tuple[int, int]]]:
-    """(prompt_len, output_len) samples per task from ``*.jsonl`` files with prompt/target texts."""
-    suite: dict[str, list[tuple[int, int]]] = {}
-    for path in sorted(data_dir.glob("*.jsonl")) if data_dir.is_dir() else []:
-        pairs = []
-        for line in path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            prompt, target = row.get("prompt"), row.get("target", row.get("output"))
-            if isinstance(prompt, str) and isinstance(target, str):
-                pairs.append((max(int(1.3 * len(prompt.split())), 1), max(int(1.3 * len(target.split())), 1)))
-        if pairs:
-            suite[path.stem] = pairs
-    return suite
+@lru_cache(maxsize=1)
+def task_suite() -> tuple[tuple[str, tuple[tuple[int, int], ...]], ...]:
+    """The task suite's (task, length samples) pairs, loaded once per process."""
+    suite, _ = load_task_lengths()
+    return tuple((t, tuple(v)) for t, v in sorted(suite.items()))
 
 
 def task_profiles(cfg: WorkloadConfig, rng: random.Random) -> list[TaskProfile]:
-    """One profile per task: task-suite tasks first (cycled), else synthetic lognormal."""
-    suite = load_task_suite()
-    names = sorted(suite)
+    """One profile per task: task-suite tasks (cycled) or synthetic lognormal, per ``cfg.lengths``."""
+    suite = task_suite() if cfg.lengths != "synthetic" else ()
+    if cfg.lengths == "suite" and not suite:
+        raise ValueError("lengths='suite' but the task suite (inlaid/tasks/data/<task>/*.jsonl) is missing")
     profiles = []
     for i in range(cfg.num_tasks):
-        if names:
-            src = names[i % len(names)]
-            profiles.append(TaskProfile(f"t{i}", 0.0, 0.0, empirical=tuple(suite[src])))
+        if suite:
+            src, samples = suite[i % len(suite)]
+            profiles.append(TaskProfile(f"t{i}", 0.0, 0.0, empirical=samples))
             continue
         lo, hi = cfg.output_range
         plo, phi = cfg.prompt_range

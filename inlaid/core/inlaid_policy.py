@@ -17,6 +17,12 @@ Invariants:
   while requests wait). With a short queue grouping is off. Starving requests are
   exempt (aging beats grouping: nothing starves), and they hold the line for an
   adapter slot.
+- Predictions are kept fresh: with a ``predictor``, every ordering re-estimates
+  the waiting requests that have not produced a token yet and whose prediction
+  is the predictor's own first-stage estimate (checked when they are added;
+  predictions set by anyone else are left alone) from the predictor's current
+  statistics (one lookup per task and prompt bucket), so requests that arrived
+  before their task was learned are not stuck behind a cold-start prior.
 - Preemption victim: the running request with the longest predicted remaining.
 - The ablation switches (``use_prediction``, ``use_grouping``, ``use_aging``)
   turn each ingredient off; without prediction the order uses ``max_tokens``.
@@ -26,9 +32,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from inlaid.core.policies import Policy
 from inlaid.request import Request
+
+if TYPE_CHECKING:
+    from inlaid.core.predictor import LengthPredictor
 
 
 class InlaidPolicy(Policy):
@@ -38,7 +48,7 @@ class InlaidPolicy(Policy):
 
     def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, swap_penalty: float = 1.5,
                  use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
-                 group_min_queue: int = 8) -> None:
+                 group_min_queue: int = 8, predictor: LengthPredictor | None = None) -> None:
         if max_adapters_per_step < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1, got {max_adapters_per_step}")
         if aging_s <= 0:
@@ -52,6 +62,8 @@ class InlaidPolicy(Policy):
         self.use_grouping = use_grouping
         self.use_aging = use_aging
         self.group_min_queue = group_min_queue
+        self.predictor = predictor
+        self._refreshable: set[str] = set()
         self._queue_len = 0
         self._waiting_by_adapter: Counter = Counter()
 
@@ -69,7 +81,34 @@ class InlaidPolicy(Policy):
             return True
         return adapter in self.running_adapters or self.slots.is_resident(adapter)
 
+    def _first_stage(self, r: Request) -> float:
+        assert self.predictor is not None
+        return min(max(self.predictor.estimate(r.adapter, r.num_prompt_tokens), 1.0),
+                   float(r.sampling_params.max_tokens))
+
+    def on_add(self, req: Request, now: float) -> None:
+        if self.predictor is not None and req.predicted_output_len == self._first_stage(req):
+            self._refreshable.add(req.request_id)
+
+    def on_finish(self, req: Request) -> None:
+        self._refreshable.discard(req.request_id)
+
+    def refresh_predictions(self, waiting: Sequence[Request]) -> None:
+        """Re-estimate the first-stage prediction of waiting requests that have produced nothing yet."""
+        if self.predictor is None or not self.use_prediction:
+            return
+        memo: dict[tuple[str | None, int, int], float] = {}
+        for r in waiting:
+            if r.num_output_tokens or r.request_id not in self._refreshable:
+                continue
+            k = (r.adapter, self.predictor.bucket_of(r.num_prompt_tokens), r.sampling_params.max_tokens)
+            if k not in memo:
+                memo[k] = self._first_stage(r)
+            r.predicted_output_len = memo[k]
+
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        self.refresh_predictions(waiting)
+
         def key(r: Request) -> tuple[int, float, float]:
             if self.starving(r, now):
                 return (0, r.arrival_time, 0.0)

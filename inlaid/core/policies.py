@@ -93,5 +93,5 @@ def make_policy(cfg: SchedulerConfig, predictor: LengthPredictor | None = None) 
     if cfg.policy == "inlaid":
         from inlaid.core.inlaid_policy import InlaidPolicy
 
-        return InlaidPolicy(max_adapters_per_step=cfg.max_adapters_per_step, aging_s=cfg.aging_s)
+        return InlaidPolicy(max_adapters_per_step=cfg.max_adapters_per_step, aging_s=cfg.aging_s, predictor=predictor)
     raise ValueError(f"unknown policy {cfg.policy!r}: use fifo, mlfq or inlaid")

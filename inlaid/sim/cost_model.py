@@ -8,14 +8,22 @@ where P = prefill tokens in the step, D = decode sequences, A = distinct
 step. Coefficients are fitted from engine measurements (``fit_cost_model``); the
 defaults are a placeholder of 7B-on-one-GPU magnitude until a fit replaces them.
 
+Also: ``r_squared`` (fit quality), JSON save/load of a fitted model with its
+metadata (device, R², sample count), and ``gpu_like_cost_model`` (an *assumed*
+GPU model whose adapter-load term is host->device copy time = adapter bytes /
+link bandwidth), used until a GPU fit replaces it.
+
 Invariants: pure Python (no torch, no numpy); times are seconds; every
 coefficient is >= 0 after a fit (negative fitted values are clipped to 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 from inlaid.core.outputs import SchedulerOutput
 
@@ -84,10 +92,19 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return [m[i][n] / m[i][i] for i in range(n)]
 
 
+def _lstsq(samples: Sequence[tuple[Sequence[float], float]], active: list[int], ridge: float) -> list[float]:
+    """Least squares over the ``active`` feature indices (others fixed at 0)."""
+    ata = [[sum(x[i] * x[j] for x, _ in samples) + (ridge if i == j else 0.0) for j in active] for i in active]
+    atb = [sum(x[i] * y for x, y in samples) for i in active]
+    return _solve(ata, atb)
+
+
 def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: float = 0.0) -> StepCostModel:
-    """Least-squares fit of the coefficients from (features, measured seconds) samples.
+    """Non-negative least-squares fit of the coefficients from (features, measured seconds) samples.
 
     ``features`` are ``StepCostModel.features`` vectors (5 values, the first 1.0).
+    A coefficient that comes out negative is fixed at 0 and the rest refitted
+    (active-set NNLS), so the others are not biased by a clipped one.
     Features that never vary make the fit singular: a ``ValueError`` says which.
     """
     k = len(fields(StepCostModel))
@@ -101,7 +118,62 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: floa
         if all(x[i] == 0 for x, _ in samples):
             raise ValueError(f"cost-model fit is singular: feature {names[i]!r} is 0 in every sample; "
                              "measure steps that exercise it")
-    ata = [[sum(x[i] * x[j] for x, _ in samples) + (ridge if i == j else 0.0) for j in range(k)] for i in range(k)]
-    atb = [sum(x[i] * y for x, y in samples) for i in range(k)]
-    coef = _solve(ata, atb)
-    return StepCostModel(*[max(c, 0.0) for c in coef])
+    active = list(range(k))
+    while True:
+        coef = _lstsq(samples, active, ridge)
+        worst = min(range(len(active)), key=lambda j: coef[j])
+        if coef[worst] >= 0 or len(active) == 1:
+            break
+        del active[worst]
+    full = [0.0] * k
+    for j, i in enumerate(active):
+        full[i] = max(coef[j], 0.0)
+    return StepCostModel(*full)
+
+
+def r_squared(model: StepCostModel, samples: Sequence[tuple[Sequence[float], float]]) -> float:
+    """Coefficient of determination of ``model`` on (features, seconds) samples."""
+    ys = [y for _, y in samples]
+    if not ys:
+        raise ValueError("r_squared needs at least one sample")
+    mean = sum(ys) / len(ys)
+    ss_tot = sum((y - mean) ** 2 for y in ys)
+    ss_res = sum((y - model.cost(x)) ** 2 for x, y in samples)
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def cost_model_to_json(model: StepCostModel, meta: Mapping[str, Any] | None = None) -> str:
+    """``{"coefficients": {...}, **meta}`` as indented JSON."""
+    return json.dumps({"coefficients": asdict(model), **(meta or {})}, indent=2, sort_keys=True) + "\n"
+
+
+def load_cost_model(path: str | Path) -> tuple[StepCostModel, dict[str, Any]]:
+    """A fitted model and its metadata from a file written by ``cost_model_to_json``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"cost-model file {path} not found; run benchmarks/fit_cost_model.py first") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cost-model file {path} is not valid JSON: {exc}") from exc
+    coef = data.get("coefficients") if isinstance(data, dict) else None
+    names = {f.name for f in fields(StepCostModel)}
+    if not isinstance(coef, dict) or set(coef) != names:
+        raise ValueError(f"cost-model file {path} needs a 'coefficients' object with exactly the keys {sorted(names)}")
+    meta = {k: v for k, v in data.items() if k != "coefficients"}
+    return StepCostModel(**{k: float(v) for k, v in coef.items()}), meta
+
+
+def gpu_like_cost_model(adapter_bytes: float, link_gb_s: float = 12.0, base: float = 0.020,
+                        prefill_token: float = 6.0e-5, decode_seq: float = 1.2e-4,
+                        distinct_adapter: float = 4.0e-4) -> StepCostModel:
+    """An ASSUMED 7B-on-one-GPU step model: batching nearly free, adapter load = bytes / link bandwidth.
+
+    Defaults: 20 ms per step (weights read once), 60 us per prefill token, 120 us
+    per decode sequence, 0.4 ms per distinct adapter (one LoRA kernel segment),
+    ``link_gb_s`` GB/s effective host->device copy (pageable PCIe 4.0 x16).
+    """
+    if adapter_bytes <= 0 or link_gb_s <= 0:
+        raise ValueError(f"adapter_bytes and link_gb_s must be > 0, got {adapter_bytes}, {link_gb_s}")
+    return StepCostModel(base=base, prefill_token=prefill_token, decode_seq=decode_seq,
+                         distinct_adapter=distinct_adapter, adapter_load=adapter_bytes / (link_gb_s * 1e9))

@@ -1,18 +1,48 @@
-"""Glue between the simulator and the metrics: run one configuration, return its metrics.
+"""Glue between the simulator and the metrics: run configurations, return metrics rows and tables.
 
-Owns: ``run_policy`` (workload + policy + engine shape -> metrics dict), used by
-``benchmarks/scheduling_study.py`` and the tests. Pure Python.
+Owns: ``StudySetup`` (engine shape, cost model, scheduler limits shared by every
+policy of a study), ``run_policy`` (workload + policy -> metrics dict),
+``sweep`` (policies x rates x task counts), ``saturation_rate`` (the rate FIFO
+saturates at, so rates scale with the cost model), ``ratios`` and
+``markdown_table``. Used by ``benchmarks/scheduling_study.py``, ``inlaid bench
+sim`` and the tests. Pure Python.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from inlaid.bench.metrics import RequestRecord, summarize
+from inlaid.bench.workload import WorkloadConfig, generate_workload
 from inlaid.config import SchedulerConfig
 from inlaid.core.policies import Policy
 from inlaid.sim.cost_model import StepCostModel
 from inlaid.sim.simulator import EngineShape, RequestSpec, SimResult, simulate
+
+KEYS = ("throughput_rps", "latency_mean", "latency_p99", "ttft_mean", "jct_mean", "slo_attainment",
+        "preemptions", "distinct_adapters_per_step", "adapter_loads_per_s", "mean_batch")
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """Everything a study holds fixed across policies."""
+
+    shape: EngineShape = field(default_factory=EngineShape)
+    cost: StepCostModel = field(default_factory=StepCostModel)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    beta: int = 10
+    aging_s: float | None = None
+    """Starvation bound for mlfq and inlaid; None = each policy's default (SchedulerConfig's)."""
+    lengths: str = "auto"
+    slo_scale: float = 5.0
+
+    def sched_cfg(self, policy: str) -> SchedulerConfig:
+        extra = {"aging_s": self.aging_s} if self.aging_s is not None else {}
+        return SchedulerConfig(policy=policy, max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_adapters_per_step=self.beta, max_queue_len=1_000_000, **extra)
 
 
 def records_of(res: SimResult, cost: StepCostModel, chunk: int) -> list[RequestRecord]:
@@ -41,3 +71,55 @@ def run_policy(specs: Sequence[RequestSpec], sched_cfg: SchedulerConfig, shape: 
     m["adapter_loads_per_s"] = st.adapter_loads / max(res.makespan, 1e-9)
     m["mean_batch"] = st.scheduled_seqs / max(st.steps, 1)
     return m
+
+
+def workload(n: int, rate: float, tasks: int, setup: StudySetup, seed: int = 1, **kw: object) -> list[RequestSpec]:
+    return generate_workload(WorkloadConfig(num_requests=n, rate=rate, num_tasks=tasks, seed=seed,
+                                            lengths=setup.lengths, **kw))  # type: ignore[arg-type]
+
+
+def sweep(setup: StudySetup, n: int, rates: Sequence[float], tasks: Sequence[int],
+          policies: Sequence[str] = ("fifo", "mlfq", "inlaid"), seed: int = 1) -> list[dict]:
+    """One metrics row per (tasks, rate, policy); every policy sees the same trace."""
+    rows = []
+    for t in tasks:
+        for r in rates:
+            specs = workload(n, r, t, setup, seed)
+            for p in policies:
+                m = run_policy(specs, setup.sched_cfg(p), setup.shape, setup.cost, slo_scale=setup.slo_scale)
+                rows.append({"tasks": t, "rate": r, "policy": p, **m})
+    return rows
+
+
+def saturation_rate(setup: StudySetup, tasks: int, n: int = 400) -> float:
+    """FIFO's throughput (req/s) when every request arrives at once: the rate the system saturates at."""
+    specs = workload(n, 1e6, tasks, setup, seed=99)
+    return run_policy(specs, setup.sched_cfg("fifo"), setup.shape, setup.cost)["throughput_rps"]
+
+
+def ratios(rows: Sequence[dict], rate: float) -> list[dict]:
+    """inlaid vs fifo and mlfq at one rate, per task count."""
+    out = []
+    for t in sorted({r["tasks"] for r in rows}):
+        by = {r["policy"]: r for r in rows if r["tasks"] == t and r["rate"] == rate}
+        for base in ("fifo", "mlfq"):
+            if base not in by or "inlaid" not in by:
+                continue
+            b, i = by[base], by["inlaid"]
+            out.append({"tasks": t, "vs": base,
+                        "throughput_x": i["throughput_rps"] / b["throughput_rps"],
+                        "latency_reduction": 1 - i["latency_mean"] / b["latency_mean"],
+                        "jct_reduction": 1 - i["jct_mean"] / b["jct_mean"],
+                        "slo_x": i["slo_attainment"] / max(b["slo_attainment"], 1e-9)})
+    return out
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(rows: Sequence[dict], lead: Sequence[str], keys: Sequence[str] = KEYS) -> str:
+    """A Markdown table: ``lead`` columns then ``keys`` (missing keys print as '-')."""
+    cols = list(lead) + list(keys)
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(k, "-")) for k in cols) + " |\n" for r in rows)

@@ -92,7 +92,8 @@ def test_metrics_definitions():
 def test_inlaid_beats_fifo_on_latency_under_load():
     """Length-guided SRTF must cut mean latency when the queue builds (a small saturated run)."""
     specs = generate_workload(WorkloadConfig(num_requests=300, rate=40.0, num_tasks=10, seed=0,
-                                             output_range=(4.0, 128.0), prompt_range=(8.0, 64.0)))
+                                             output_range=(4.0, 128.0), prompt_range=(8.0, 64.0),
+                                             lengths="synthetic"))
     fifo = run_policy(specs, _cfg("fifo", aging_s=1e6), SHAPE)
     inl = run_policy(specs, _cfg("inlaid", aging_s=1e6), SHAPE)
     assert inl["finished"] == fifo["finished"] == 300

@@ -1,0 +1,193 @@
+"""Drive the real ``LLMEngine`` with a workload trace, for benchmarks and engine-vs-simulator checks.
+
+Owns: building a benchmark engine (dummy weights of a model's shapes, random
+adapters), ``replay`` (one trace through the engine on a virtual clock) and
+``offline_throughput`` (a batch of prompts through the Python API).
+
+Replay semantics (virtual clock, ``VirtualClock``):
+- The clock is the sum of the measured wall times of the engine's steps; when
+  the engine is idle it jumps to the next arrival. A request is injected before
+  the first step that starts at or after its trace ``arrival`` (exactly as the
+  simulator does, whose clock instead advances by the step-cost model).
+- The clock advances by the runner's execute time before the scheduler's update
+  (token and finish times are step ends, as in the simulator), then by the rest
+  of the step.
+- Oracle EOS: the forward and the sampler run for real, then the sampled token
+  of a request that reaches its trace ``output_len`` is replaced by the EOS
+  token (and an early EOS by another token), so the engine finishes it through
+  its normal path (FINISHED_STOPPED, the length predictor learns) without the
+  scheduler ever seeing the true length.
+- The engine's scheduler is replaced by a fresh one per replay (same capacity,
+  the given policy), so several policies can share one loaded model.
+Imports torch and the engine; the pure-Python ``core`` never imports this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from inlaid.bench.metrics import RequestRecord
+from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.core.scheduler import Scheduler, SchedulerStats
+from inlaid.sampling import SamplingParams
+from inlaid.sim.simulator import RequestSpec
+
+logger = logging.getLogger(__name__)
+
+
+def build_bench_engine(model: str, device: str = "cpu", slots: int = 4, num_adapters: int = 8, rank: int = 16,
+                       num_blocks: int = 256, sched: SchedulerConfig | None = None,
+                       dummy: bool = True) -> "LLMEngine":  # noqa: F821
+    """An engine over ``model`` (dummy weights unless ``dummy=False``) with adapters ``t0..t{n-1}``."""
+    from inlaid.engine.llm_engine import LLMEngine
+    from inlaid.lora.synthetic import random_adapter
+
+    cfg = EngineConfig(
+        model=ModelConfig(model=model, load_format="dummy" if dummy else "auto",
+                          dtype="float32" if device == "cpu" else "bfloat16"),
+        cache=CacheConfig(num_blocks=num_blocks, block_size=16),
+        scheduler=sched or SchedulerConfig(max_queue_len=100_000),
+        lora=LoRAConfig(max_loras=slots, max_lora_rank=rank),
+        device=device,
+    )
+    eng = LLMEngine(cfg)
+    arch = eng.parts.arch
+    for i in range(num_adapters):
+        eng.registry.add(random_adapter(f"t{i}", arch.lora_module_shapes(), arch.num_layers, rank, seed=i))
+    return eng
+
+
+class VirtualClock:
+    """A settable clock (seconds) for the scheduler."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class ReplayResult:
+    records: dict[str, RequestRecord]
+    """request id -> its timeline (engine virtual-clock seconds)."""
+    stats: SchedulerStats
+    makespan: float
+    step_times: list[float]
+    wall_s: float
+
+
+class _Runner:
+    """Wraps ``runner.execute``: oracle EOS, and the clock advances by the execute time *before*
+    the scheduler's update (so token times are step ends, as in the simulator)."""
+
+    def __init__(self, execute: Callable[[SchedulerOutput], RunnerOutput], truth: dict[str, int], eos: int,
+                 other: int, clock: VirtualClock, timer: Callable[[], float], sync: Callable[[], None]) -> None:
+        self.execute, self.truth, self.eos, self.other = execute, truth, eos, other
+        self.clock, self.timer, self.sync = clock, timer, sync
+        self.advanced = 0.0
+
+    def __call__(self, out: SchedulerOutput) -> RunnerOutput:
+        t0 = self.timer()
+        res = self.execute(out)
+        self.sync()
+        dt = self.timer() - t0
+        self.clock.t += dt
+        self.advanced += dt
+        for s in out.scheduled:
+            if s.request_id in res.sampled:
+                tok = res.sampled[s.request_id]
+                done = s.num_output_tokens + 1 >= self.truth[s.request_id]
+                res.sampled[s.request_id] = self.eos if done else (self.other if tok == self.eos else tok)
+        return res
+
+
+def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable[[], float]) -> Scheduler:  # noqa: F821
+    """A new scheduler with the engine's capacity and ``sched``'s policy/limits, installed in the engine."""
+    p = engine.parts
+    engine.scheduler = Scheduler(sched, p.num_blocks, engine.config.cache.block_size, engine.config.lora.max_loras,
+                                 max_model_len=engine.max_model_len, clock=clock)
+    return engine.scheduler
+
+
+def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerConfig, vocab: int = 1000,  # noqa: F821
+           sync: Callable[[], None] = lambda: None, desc: str = "replay",
+           timer: Callable[[], float] = time.perf_counter) -> ReplayResult:
+    """Serve ``specs`` through ``engine`` under ``sched`` on a virtual clock (see the module docstring).
+
+    ``timer`` measures a step (``time.process_time`` on a shared CPU, wall time on CUDA).
+    """
+    clock = VirtualClock()
+    sch = fresh_scheduler(engine, sched, clock)
+    eos = engine.parts.eos_token_id if engine.parts.eos_token_id is not None else 0
+    runner_execute = engine.runner.execute
+    wrapped = _Runner(runner_execute, {s.request_id: s.output_len for s in specs}, eos, (eos + 1) % vocab, clock,
+                      timer, sync)
+    engine.runner.execute = wrapped  # type: ignore[method-assign]
+    pending = sorted(specs, key=lambda s: s.arrival)
+    by_id = {s.request_id: s for s in specs}
+    done: dict[str, RequestRecord] = {}
+    step_times: list[float] = []
+    i, t_wall = 0, time.perf_counter()
+    try:
+        with tqdm(total=len(specs), desc=desc, leave=False) as bar:
+            while len(done) < len(specs):
+                while i < len(pending) and pending[i].arrival <= clock.t:
+                    _inject(engine, pending[i], vocab)
+                    i += 1
+                if not engine.has_unfinished_requests():
+                    clock.t = pending[i].arrival
+                    continue
+                sync()
+                t0, before = timer(), wrapped.advanced
+                outs = engine.step()
+                sync()
+                dt = timer() - t0
+                clock.t += dt - (wrapped.advanced - before)  # the rest of the step (schedule, update)
+                step_times.append(dt)
+                for o in outs:
+                    if o.finished and o.request_id not in done:
+                        done[o.request_id] = _record(o, by_id[o.request_id])
+                        bar.update(1)
+    finally:
+        engine.runner.execute = runner_execute  # type: ignore[method-assign]
+    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall)
+
+
+def _inject(engine: "LLMEngine", spec: RequestSpec, vocab: int) -> None:  # noqa: F821
+    prompt = [3 + (31 * j + 7 * len(spec.request_id)) % (vocab - 3) for j in range(spec.prompt_len)]
+    engine.add_request(spec.request_id, prompt, SamplingParams(max_tokens=spec.max_tokens), spec.adapter)
+    engine.scheduler.requests[spec.request_id].arrival_time = spec.arrival
+
+
+def _record(o: "RequestOutput", spec: RequestSpec) -> RequestRecord:  # noqa: F821
+    if o.error:
+        raise RuntimeError(f"request {o.request_id} failed in the engine: {o.error}")
+    return RequestRecord(spec.arrival, o.first_token_time or o.finished_time or 0.0, o.finished_time or 0.0,
+                         len(o.token_ids), spec.job_id)
+
+
+def offline_throughput(engine: "LLMEngine", prompts: Sequence[list[int] | str], params: SamplingParams,  # noqa: F821
+                       adapters: Sequence[str | None] | None = None) -> dict[str, float]:
+    """Submit every prompt at once, run to completion; requests/s and output tokens/s of wall time."""
+    adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapters; give one adapter per prompt")
+    t0 = time.perf_counter()
+    ids = [engine.add_request(None, p, params, a) for p, a in zip(prompts, adapters)]
+    tokens = 0
+    left = set(ids)
+    while left:
+        for o in engine.step():
+            if o.finished and o.request_id in left:
+                left.discard(o.request_id)
+                tokens += len(o.token_ids)
+    wall = time.perf_counter() - t0
+    return {"requests": float(len(ids)), "output_tokens": float(tokens), "seconds": wall,
+            "requests_per_s": len(ids) / wall, "output_tokens_per_s": tokens / wall}
