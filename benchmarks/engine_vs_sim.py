@@ -120,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--rate", type=float, default=2.5, help="req/s of virtual time")
+    ap.add_argument("--rate", type=float, default=1.5, help="req/s of virtual time")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--num-blocks", type=int, default=40)
     ap.add_argument("--max-num-seqs", type=int, default=8)

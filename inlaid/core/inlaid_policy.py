@@ -4,10 +4,14 @@ Owns: the admission order and grouping rule of the ``inlaid`` policy.
 
 Invariants:
 - Order: starving requests (waiting longer than ``aging_s`` since arrival) come
-  first, oldest first; then the rest by predicted remaining output tokens
-  (``Request.predicted_remaining``), shortest first, where requests whose adapter
-  is neither running nor resident pay ``swap_penalty`` (a multiplier), so ties
-  and near-ties go to adapters already on the device.
+  first, oldest first; then requests whose adapter is on the device (running or
+  resident, or the base model) by predicted remaining output tokens
+  (``Request.predicted_remaining``), shortest first (SRTF); then requests of
+  off-device adapters, grouped by adapter: groups in decreasing *group value*
+  (sum of 1 / predicted remaining over the group's waiting requests: one slot
+  and one load serve the most short work), SRTF within a group. Device adapter
+  slots are the scarce resource when tasks outnumber slots, so a slot goes to
+  the adapter that turns it into the most finished requests soonest.
 - Task grouping: under load (more than ``group_min_queue`` requests waiting), a
   request whose adapter is not already running is admitted only while fewer than
   ``max_adapters_per_step`` (β) distinct adapters run, so no step holds more than
@@ -46,18 +50,14 @@ class InlaidPolicy(Policy):
 
     name = "inlaid"
 
-    def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, swap_penalty: float = 1.5,
-                 use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
+    def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
                  group_min_queue: int = 8, predictor: LengthPredictor | None = None) -> None:
         if max_adapters_per_step < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1, got {max_adapters_per_step}")
         if aging_s <= 0:
             raise ValueError(f"aging_s must be > 0, got {aging_s}")
-        if swap_penalty < 1.0:
-            raise ValueError(f"swap_penalty must be >= 1, got {swap_penalty}")
         self.beta = max_adapters_per_step
         self.aging_s = aging_s
-        self.swap_penalty = swap_penalty
         self.use_prediction = use_prediction
         self.use_grouping = use_grouping
         self.use_aging = use_aging
@@ -109,11 +109,17 @@ class InlaidPolicy(Policy):
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         self.refresh_predictions(waiting)
 
+        value: dict[str | None, float] = {}
+        for r in waiting:
+            if not self._on_device(r.adapter):
+                value[r.adapter] = value.get(r.adapter, 0.0) + 1.0 / self.remaining(r)
+
         def key(r: Request) -> tuple[int, float, float]:
             if self.starving(r, now):
                 return (0, r.arrival_time, 0.0)
-            cost = self.remaining(r) * (1.0 if self._on_device(r.adapter) else self.swap_penalty)
-            return (1, cost, r.arrival_time)
+            if r.adapter not in value:
+                return (1, self.remaining(r), r.arrival_time)
+            return (2, -value[r.adapter], self.remaining(r))
 
         self._queue_len = len(waiting)
         self._waiting_by_adapter = Counter(r.adapter for r in waiting)

@@ -50,3 +50,23 @@ def test_no_refresh_without_prediction():
     pol.on_add(r, 0.0)
     pol.order_waiting([r], 1.0)
     assert r.predicted_output_len == 9.0
+
+
+def test_off_device_adapters_are_brought_in_by_group_value():
+    """On-device requests first (SRTF); then the off-device adapter whose waiting group holds the most short work."""
+    from inlaid.core.adapter_slots import AdapterSlots
+
+    slots = AdapterSlots(4)
+    slots.acquire("hot")
+    slots.release("hot")  # resident, unpinned
+    pol = InlaidPolicy(aging_s=1e9)
+    pol.attach(slots, {}, [], 8)
+    reqs = [_req("hot-long", "hot", 0.0), _req("lone-short", "lone", 0.1), _req("g1", "grp", 0.2),
+            _req("g2", "grp", 0.3), _req("g3", "grp", 0.4)]
+    for r, pred in zip(reqs, [30.0, 4.0, 6.0, 6.0, 9.0]):
+        r.predicted_output_len = pred
+    # group value: lone = 1/4 = 0.25; grp = 1/6 + 1/6 + 1/9 = 0.44
+    order = [r.request_id for r in pol.order_waiting(reqs, 1.0)]
+    assert order == ["hot-long", "g1", "g2", "g3", "lone-short"]
+    pol.use_grouping = False  # ablation: plain SRTF
+    assert [r.request_id for r in pol.order_waiting(reqs, 1.0)][:2] == ["lone-short", "g1"]
