@@ -26,7 +26,21 @@ buffer (cast to x.dtype afterwards): more programs in flight for a
 bandwidth-bound GEMV-like problem. ``BLOCK_K`` must divide ``group_size`` so a
 K tile never straddles two groups (one scale/zero row per tile).
 
-``w4a16_linear`` dispatches: fused kernel for ``M <= fused_max_m``, else a
+Skinny path (``w4a16_skinny``, M <= ``SKINNY_MAX_M``): a bandwidth-bound GEMV /
+skinny GEMM. Each program streams [BLOCK_K/8, BLOCK_N] tiles of packed int32
+words (contiguous along N: wide vector loads, every word loaded once),
+unpacks the 8 nibbles of a word with static shifts in registers, and either
+FMAs them against x in fp32 (``use_dot=False``, M = 1..4: a [BLOCK_M,
+BLOCK_K/8, BLOCK_N] fp32 accumulator, reduced once at the end) or runs 8
+``tl.dot`` of K = BLOCK_K/8 with M padded to 16 (``use_dot=True``). Split-K
+partials go to an fp32 workspace [split_k, M, N]; ``mode`` picks how they are
+summed: "reduce" (a tiny second kernel sums and casts: 2 launches, no
+memset) or "fixup" (one launch: each program bumps a per-tile semaphore after
+storing its partial; the last one sums, casts, stores and resets the
+semaphore to 0, so the zeroed lock buffer of ``PackedW4`` stays reusable and
+the launch is CUDA-graph safe). ``skinny_config`` is the per-(M, N, K) table.
+
+``w4a16_linear`` dispatches: skinny kernel for ``M <= SKINNY_MAX_M``, fused kernel for ``M <= fused_max_m``, else a
 Triton dequantize to a dense [K, N] weight + ``torch.matmul`` (cuBLAS). The
 default threshold comes from ``benchmarks/kernels_bench.py`` (see
 docs/kernels.md). 3- and 8-bit weights: use the reference
@@ -55,6 +69,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FUSED_MAX_M = 64
 """Largest M for which ``w4a16_linear`` uses the fused kernel (benchmark-derived default)."""
+SKINNY_MAX_M = 16
+"""Largest M for which ``w4a16_linear`` uses the skinny (GEMV) kernel."""
+NUM_SMS = 132
+"""SM count the config tables target (H100 SXM)."""
 
 
 def kernels_interpreted() -> bool:
@@ -108,6 +126,42 @@ def fit_config(cfg: W4Config, k: int, group_size: int) -> W4Config:
     k_tiles = -(-k // bk)
     split = max(1, min(cfg.split_k, k_tiles))
     return W4Config(cfg.block_m, cfg.block_n, bk, split, cfg.group_m, cfg.num_warps, cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tile configuration of the skinny kernel: ``block_k`` a multiple of 8 (x16 with ``use_dot``), powers of two."""
+
+    block_m: int = 1
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 8
+    num_warps: int = 4
+    use_dot: bool = False
+    mode: str = "reduce"
+    """How split-K partials are summed: "reduce" (second kernel) or "fixup" (one launch, semaphores)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("reduce", "fixup"):
+            raise ValueError(f"SkinnyConfig.mode must be 'reduce' or 'fixup', got {self.mode!r}")
+        if self.block_k % 8 or (self.use_dot and (self.block_k < 128 or self.block_m < 16)):
+            raise ValueError(f"block_k must be a multiple of 8 (>= 128 and block_m >= 16 with use_dot): {self}")
+
+
+def skinny_config(m: int, n: int, k: int, num_sms: int = NUM_SMS) -> SkinnyConfig:
+    """Table for H100-class GPUs: ~4 programs per SM, each streaming >= 2 K tiles of its column block.
+
+    Prediction (bandwidth-bound): bytes = K*N/2 (+ scales/zeros ~1/16 more) at ~3 TB/s, e.g. 4096x4096
+    ~3 us, 4096x11008 / 11008x4096 ~8 us, plus ~2 us of launch and split-K reduction.
+    """
+    if m <= 4:
+        bm, bn, bk, dot = max(1, 1 << (m - 1).bit_length()), 128, 128, False
+    else:
+        bm, bn, bk, dot = 16, 64, 128, True
+    num_n = -(-n // bn)
+    k_tiles = -(-k // bk)
+    split = max(1, min(-(-4 * num_sms // num_n), k_tiles // 2, 32))
+    return SkinnyConfig(bm, bn, bk, split, 4, dot, "reduce")
 
 
 if HAS_TRITON:
@@ -166,6 +220,88 @@ if HAS_TRITON:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.atomic_add(out_ptrs, acc, mask=mask)
+
+    @triton.jit
+    def _w4_skinny_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        # MODE 0: store out directly (SPLIT_K == 1); 1: partials to ws (reduce kernel follows); 2: fixup.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_w = tl.arange(0, BKW)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        zshift = (offs_n % 8) * 4
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc3 = tl.zeros((BLOCK_M, BKW, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rows = k0 // 8 + offs_w
+            mask_w = rows * 8 < k_hi
+            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_w[:, None] & mask_n[None, :], other=0)
+            if GROUP_SIZE % BLOCK_K == 0:  # one group per tile: one scale/zero row
+                g = k0 // GROUP_SIZE
+                s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+                zs = (((z >> zshift) & 0xF) + 1).to(tl.float32)[None, :] * s
+            else:  # several groups per tile (group 32/64 with a long tile): per word-row scales
+                g = (rows * 8) // GROUP_SIZE
+                gm = mask_w[:, None] & mask_n[None, :]
+                s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+                z = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // 8)[None, :], mask=gm, other=0)
+                zs = (((z >> zshift[None, :]) & 0xF) + 1).to(tl.float32) * s
+            for j in tl.static_range(8):
+                w = ((q >> (4 * j)) & 0xF).to(tl.float32) * s - zs  # [BKW, BN], rows k0 + 8*w + j
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_w * 8 + j)[None, :],
+                             mask=mask_m[:, None] & mask_w[None, :], other=0.0)
+                if USE_DOT:
+                    if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong (triton 3.9)
+                        acc += tl.dot(xj.to(tl.float32), w)
+                    else:
+                        acc += tl.dot(xj, w.to(xj.dtype))
+                else:
+                    acc3 += xj.to(tl.float32)[:, :, None] * w[None, :, :]
+        if not USE_DOT:
+            acc = tl.sum(acc3, axis=1)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if MODE == 0:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        if MODE == 2:
+            tl.debug_barrier()  # every thread's partial is issued before the release below
+            lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # last program of this output tile: sum, cast, store, reset
+                offs_p = tl.arange(0, SPLIT_P)
+                p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
+                p_mask = (offs_p < SPLIT_K)[:, None, None] & mask[None, :, :]
+                tot = tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.atomic_xchg(lock, 0)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + p * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dequant4_kernel(
@@ -248,6 +384,60 @@ def w4a16_gemm(
     return out if acc is out else out.copy_(acc)
 
 
+def w4a16_skinny(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    group_size: int,
+    config: SkinnyConfig | None = None,
+    out: torch.Tensor | None = None,
+    locks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Skinny ``x [M, K] @ W [K, N]`` (GEMV-style, for small M) on monotone 4-bit tensors; [M, N] in x.dtype.
+
+    Same contract as ``w4a16_gemm``. ``locks`` (int32, all zero, >= tiles entries) serves the "fixup"
+    mode; the kernel leaves it zeroed again. Without it a zeroed buffer is allocated per call.
+    """
+    _check_w4(x, qweight, qzeros, scales, group_size)
+    if not triton_usable(x):
+        raise ValueError("w4a16_skinny needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
+    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
+    x = (x.index_select(1, perm) if perm is not None else x).contiguous()
+    m, k = x.shape
+    n = qweight.shape[1]
+    cfg = config or skinny_config(m, n, k)
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if m == 0:
+        return out
+    k_tiles = -(-k // cfg.block_k)
+    per = -(-k_tiles // max(1, min(cfg.split_k, k_tiles)))
+    split = -(-k_tiles // per)  # no empty split
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    mode = 0 if split == 1 else (1 if cfg.mode == "reduce" else 2)
+    ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if mode else out
+    if mode == 2 and (locks is None or locks.numel() < grid[0] * grid[2]):
+        locks = torch.zeros(grid[0] * grid[2], device=x.device, dtype=torch.int32)
+    _w4_skinny_kernel[grid](
+        x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
+        m, n, k, per * cfg.block_k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=split, SPLIT_P=max(2, triton.next_power_of_2(split)), MODE=mode, USE_DOT=cfg.use_dot,
+        DOT_F32=_dot_f32(x) or (x.dtype == torch.float32), num_warps=cfg.num_warps,
+    )
+    if mode == 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, out, m * n, n, out.stride(0), SPLIT_K=split,
+                                                             BLOCK=block)
+    return out
+
+
 def dequantize_w4(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -320,6 +510,8 @@ class PackedW4:
     scales: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
+    locks: torch.Tensor | None = None
+    """Zeroed int32 semaphores for the skinny kernel's "fixup" mode (the kernel re-zeroes them)."""
 
     @property
     def in_features(self) -> int:
@@ -340,7 +532,9 @@ def prepare_w4(
         g_idx = torch.arange(k, device=qweight.device) // gs
     qw, perm = prepare_act_order(qweight, g_idx, gs)
     _check_w4(torch.empty(0, k), qw, qzeros, scales, gs)
-    return PackedW4(qw, qzeros, scales, perm, gs)
+    n = qw.shape[1]
+    locks = torch.zeros(max(1, -(-n // 16)), device=qw.device, dtype=torch.int32)
+    return PackedW4(qw.contiguous(), qzeros.contiguous(), scales.contiguous(), perm, gs, locks)
 
 
 def w4a16_linear(
@@ -349,12 +543,17 @@ def w4a16_linear(
     bias: torch.Tensor | None = None,
     fused_max_m: int = DEFAULT_FUSED_MAX_M,
     config: W4Config | None = None,
+    skinny_max_m: int = SKINNY_MAX_M,
 ) -> torch.Tensor:
-    """``x [..., K] @ W (+ bias)``: fused kernel for M <= ``fused_max_m``, else dequantize + matmul."""
+    """``x [..., K] @ W (+ bias)``: skinny kernel for M <= ``skinny_max_m``, fused for M <= ``fused_max_m``, else
+    dequantize + matmul (cuBLAS)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if triton_usable(x2) and m <= fused_max_m:
+    if triton_usable(x2) and m <= min(skinny_max_m, fused_max_m) and config is None:
+        y = w4a16_skinny(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
+                         locks=packed.locks)
+    elif triton_usable(x2) and m <= fused_max_m:
         y = w4a16_gemm(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, config)
     else:
         w = dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, x2.dtype)

@@ -8,6 +8,7 @@ pack helpers) and the reference reads the original, un-permuted g_idx.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -92,6 +93,42 @@ def test_fused_gemm_matches_reference(dtype: torch.dtype, gs: int, act_order: bo
     _assert_close(y, _reference(x, qweight, qzeros, scales, g_idx), rel=1e-2)
 
 
+@pytest.mark.parametrize(
+    "dtype,gs,act_order,m,cfg",
+    [
+        (torch.float16, 128, False, 1, wk.SkinnyConfig(1, 32, 64, 3, 4, False, "reduce")),
+        (torch.bfloat16, 64, True, 3, wk.SkinnyConfig(4, 32, 128, 2, 4, False, "fixup")),
+        (torch.float16, 32, False, 2, wk.SkinnyConfig(2, 16, 64, 1, 4, False, "reduce")),
+        (torch.float16, 128, True, 5, wk.SkinnyConfig(16, 32, 128, 2, 4, True, "reduce")),
+        (torch.bfloat16, 32, False, 16, wk.SkinnyConfig(16, 16, 128, 2, 4, True, "fixup")),
+        (torch.float16, 64, False, 4, None),
+    ],
+)
+def test_skinny_gemm_matches_reference(dtype: torch.dtype, gs: int, act_order: bool, m: int, cfg) -> None:
+    k, n = 256, 48  # n=48 leaves a partial N tile for block_n=32; k=256 gives 2-4 K tiles to split
+    qweight, qzeros, scales, g_idx = _case(k, n, gs, act_order, seed=gs + m)
+    packed = wk.prepare_w4(qweight, qzeros, scales, g_idx, gs)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    y = wk.w4a16_skinny(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, cfg, out=out,
+                        locks=packed.locks)
+    assert y.data_ptr() == out.data_ptr()
+    _assert_close(y, _reference(x, qweight, qzeros, scales, g_idx), rel=1e-2)
+    assert int(packed.locks.abs().sum()) == 0, "fixup mode must leave its semaphores zeroed for the next call"
+
+
+def test_skinny_config_table_is_valid_for_llama_shapes() -> None:
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 192)):
+        for m in range(1, wk.SKINNY_MAX_M + 1):
+            cfg = wk.skinny_config(m, n, k)
+            assert cfg.block_m >= m or cfg.use_dot or cfg.block_m == 4
+            assert 1 <= cfg.split_k <= max(1, -(-k // cfg.block_k))
+    with pytest.raises(ValueError, match="mode"):
+        wk.SkinnyConfig(mode="atomic")
+    with pytest.raises(ValueError, match="block_k"):
+        wk.SkinnyConfig(block_m=16, block_k=64, use_dot=True)
+
+
 def test_linear_dispatch_both_paths_with_bias_and_3d_input() -> None:
     k, n, gs = 128, 32, 64
     qweight, qzeros, scales, g_idx = _case(k, n, gs, act_order=True, seed=7)
@@ -99,8 +136,8 @@ def test_linear_dispatch_both_paths_with_bias_and_3d_input() -> None:
     x = torch.randn(2, 3, k, device=DEVICE).half()
     bias = torch.randn(n, device=DEVICE).half()
     ref = _reference(x.reshape(-1, k), qweight, qzeros, scales, g_idx) + bias.double()
-    for threshold in (16, 0):  # fused (M=6 <= 16) and dequantize + matmul (M > 0)
-        y = wk.w4a16_linear(x, packed, bias=bias, fused_max_m=threshold)
+    for threshold, skinny in ((16, 16), (16, 0), (0, 16)):  # skinny (M=6), fused, dequantize + matmul
+        y = wk.w4a16_linear(x, packed, bias=bias, fused_max_m=threshold, skinny_max_m=skinny)
         assert y.shape == (2, 3, n) and y.dtype == torch.float16
         _assert_close(y.reshape(-1, n), ref, rel=1e-2)
 
@@ -144,10 +181,17 @@ def test_gpu_llama_shapes(k: int, n: int, dtype: torch.dtype) -> None:
     scales = (torch.rand(k // 128, n, device="cuda", generator=g) * 0.02 + 1e-3).half()
     g_idx = (torch.randperm(k, device="cuda", generator=g) // 128).to(torch.int32)
     packed = wk.prepare_w4(qweight, qzeros, scales, g_idx, 128)
-    for m in (1, 7, 16, 64, 200):
+    for m in (1, 3, 7, 16, 64, 200):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = gptq_dequant.gptq_linear(x.float(), qweight, qzeros, scales.float(), g_idx, 4).double()
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         y = wk.w4a16_gemm(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, 128, out=out)
         _assert_close(y, ref, rel=1e-2)
+        if m <= wk.SKINNY_MAX_M:
+            for mode in ("reduce", "fixup"):
+                cfg = dataclasses.replace(wk.skinny_config(m, n, k), mode=mode)
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                _assert_close(wk.w4a16_skinny(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, 128,
+                                              cfg, out=out, locks=packed.locks), ref, rel=1e-2)
+            assert int(packed.locks.abs().sum()) == 0
         _assert_close(wk.w4a16_linear(x, packed, fused_max_m=0), ref, rel=1e-2)
