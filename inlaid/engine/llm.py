@@ -54,8 +54,29 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def add_adapter(self, name: str, path: str) -> None:
-        self.engine.add_adapter(name, path)
+    def add_adapter(self, name: str, path: str, calibration: str | Sequence[Any] | None = None,
+                    wait: bool = False) -> None:  # fmt: skip
+        """Register an adapter (servable at once). With ``calibration`` (JSONL path or inline rows) the quantized
+        base is re-quantized for it in the background; ``wait=True`` (or ``wait_requant()``) blocks until done."""
+        self.engine.add_adapter(name, path, calibration=calibration)
+        if wait and calibration is not None:
+            self.wait_requant(name)
+
+    def wait_requant(self, name: str | None = None, timeout: float | None = None) -> dict[str, Any] | None:
+        """Block until re-quantization ``name`` (default: all) ends, applying its layer swaps here.
+
+        Returns the status of ``name`` (None without a name or without any re-quantization).
+        """
+        rq = self.engine.requantizer
+        if rq is None:
+            return None
+        if not rq.wait(name, timeout, drain=True):
+            raise TimeoutError(f"re-quantization {name or '(all)'} did not finish within {timeout} s")
+        return rq.status(name) if name is not None else None
+
+    def adapter_status(self, name: str) -> dict[str, Any]:
+        """Registration and re-quantization status of ``name``."""
+        return self.engine.adapter_status(name)
 
     def remove_adapter(self, name: str) -> None:
         self.engine.remove_adapter(name)

@@ -11,6 +11,9 @@ Invariants:
 - A failure inside a step (e.g. device out of memory) fails the requests of that
   step with status FINISHED_ERROR and leaves the engine serving.
 - Not thread-safe: ``AsyncLLM`` calls it from one thread.
+- ``between_steps`` callbacks run at the start of every ``step()`` (and on
+  ``run_between_steps()``), before anything is scheduled: the one place where
+  background work (layer swaps of a re-quantization) may change the model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -50,13 +53,41 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self._ids = itertools.count()
+        self.between_steps: list[Callable[[], object]] = []
+        self.waker: Callable[[], None] | None = None
+        """Set by a driver that sleeps while idle (AsyncLLM): wakes it to run ``run_between_steps``."""
+        self.requantizer: Any = None
+        """The ``inlaid.quant.requant.Requantizer`` of the served base, created by the first calibrated add."""
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
 
     # ---- adapters -------------------------------------------------------------
-    def add_adapter(self, name: str, path: str) -> None:
-        """Load and validate a PEFT adapter into host memory; servable at once."""
-        self.registry.add_path(name, path)
+    def add_adapter(self, name: str, path: str, calibration: str | Sequence[Any] | None = None) -> None:
+        """Load and validate a PEFT adapter into host memory; servable at once.
+
+        With ``calibration`` (a JSONL path or inline rows) the quantized base is then re-quantized for the new
+        task in the background (``inlaid.engine.requant_hook``); ``adapter_status(name)`` reports progress.
+        """
+        if calibration is None:
+            self.registry.add_path(name, path)
+            return
+        from inlaid.engine.requant_hook import add_adapter_with_calibration
+
+        add_adapter_with_calibration(self, name, path, calibration)
+
+    def adapter_status(self, name: str) -> dict[str, Any]:
+        """Registration and re-quantization status of adapter ``name`` (UnknownAdapterError if neither)."""
+        from inlaid.engine.requant_hook import adapter_status
+
+        return adapter_status(self, name)
+
+    def run_between_steps(self) -> None:
+        """Run the between-steps callbacks (each one's error is logged, never raised into serving)."""
+        for fn in list(self.between_steps):
+            try:
+                fn()
+            except Exception:
+                logger.exception("between-steps callback %r failed", fn)
 
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter; the caller makes sure none of its requests is in flight."""
@@ -151,6 +182,7 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns outputs of requests that progressed or finished."""
+        self.run_between_steps()
         outputs, self._pending = self._pending, []
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and not sched_out.adapter_loads:
