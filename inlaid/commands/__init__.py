@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_COMMANDS = ("serve", "generate", "quantize", "bench")
+_COMMANDS = ("serve", "generate", "quantize", "bench", "eval")
 
 
 def register_all(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
