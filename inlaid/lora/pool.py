@@ -18,6 +18,17 @@ Per forward, ``prepare(batch)`` groups the tokens by slot once
 (``batch.lora_meta``); each ``apply`` then runs the SGMV op of
 ``inlaid.kernels.lora_sgmv`` — a loop over the distinct slots present, never
 over sequences.
+
+GPU decode fast path (``triton_decode``, on by default where the Triton kernels
+run): for decode-only batches ``prepare`` does no host sync and ``apply`` runs
+the BGMV kernels of ``inlaid.kernels.lora_sgmv_triton`` reading the slots on
+the device, so the forward is CUDA-graph capturable. The A stacks of q/k/v
+(and of gate/up), which read the same x, are views into one buffer
+``[L, S, n*R, in]``: one shrink launch serves the whole group (x read once;
+partials cached in ``batch.lora_meta`` for the sibling projections, keyed by
+layer and the identity of x), then one expand per projection. Slot ids are
+not validated on this path (the scheduler assigns them; invalid ids are
+undefined behaviour on the device, like an out-of-range embedding id).
 """
 
 from __future__ import annotations
@@ -27,11 +38,24 @@ from collections.abc import Mapping
 
 import torch
 
+from inlaid.kernels import lora_sgmv_triton as lt
 from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
 from inlaid.lora.adapter import LoRAAdapter, validate_adapter
 from inlaid.model.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Projections that read the same x: their A stacks share one buffer and one shrink launch."""
+
+
+class DecodeMeta:
+    """``batch.lora_meta`` of the device fast path: device slot ids plus this forward's shrink cache."""
+
+    def __init__(self, token_slots: torch.Tensor, active: bool) -> None:
+        self.token_slots = token_slots
+        self.active = active
+        self.shrunk: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class LoRAPool:
@@ -45,6 +69,7 @@ class LoRAPool:
         module_shapes: Mapping[str, tuple[int, int]],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        triton_decode: bool | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1 or num_layers < 1:
             raise ValueError(
@@ -56,11 +81,26 @@ class LoRAPool:
         self.module_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
         self.device, self.dtype = torch.device(device), dtype
         kw = dict(device=self.device, dtype=dtype)
-        self.a = {m: torch.zeros(num_layers, num_slots, max_rank, i, **kw) for m, (i, o) in self.module_shapes.items()}
+        self.a: dict[str, torch.Tensor] = {}
+        self.group_of: dict[str, tuple[torch.Tensor, int]] = {}  # module -> (group A buffer, index in group)
+        for group in FUSED_GROUPS:
+            members = [m for m in group if m in self.module_shapes]
+            if len(members) > 1 and len({self.module_shapes[m][0] for m in members}) == 1:
+                buf = torch.zeros(num_layers, num_slots, len(members) * max_rank, self.module_shapes[members[0]][0], **kw)
+                for j, m in enumerate(members):
+                    self.a[m] = buf[:, :, j * max_rank : (j + 1) * max_rank]
+                    self.group_of[m] = (buf, j)
+        for m, (i, o) in self.module_shapes.items():
+            if m not in self.a:
+                self.a[m] = torch.zeros(num_layers, num_slots, max_rank, i, **kw)
         self.b = {m: torch.zeros(num_layers, num_slots, o, max_rank, **kw) for m, (i, o) in self.module_shapes.items()}
         self.scalings = {
             m: torch.zeros(num_layers, num_slots, device=self.device, dtype=torch.float32) for m in self.module_shapes
         }
+        # None: the device path on CUDA only; True: also under TRITON_INTERPRET=1 on CPU (tests)
+        auto = self.device.type == "cuda" and lt.HAS_TRITON
+        self.triton_decode = auto if triton_decode is None else (triton_decode and lt.triton_usable(
+            torch.empty(0, device=self.device)))
         self.slot_names: list[str | None] = [None] * num_slots
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
 
@@ -98,8 +138,15 @@ class LoRAPool:
         self._slot_modules[slot] = frozenset(adapter.target_modules)
         logger.debug("loaded adapter %r into slot %d", adapter.name, slot)
 
+    def uses_device_path(self, batch: ForwardBatch) -> bool:
+        """True when ``batch`` runs on the sync-free Triton path (decode-only, kernels usable)."""
+        return self.triton_decode and batch.is_decode_only
+
     def prepare(self, batch: ForwardBatch) -> None:
-        """Group tokens by adapter slot once per batch into ``batch.lora_meta``."""
+        """Group tokens by adapter slot once per batch into ``batch.lora_meta`` (device path: no host sync)."""
+        if self.uses_device_path(batch):
+            batch.lora_meta = DecodeMeta(batch.lora_slots, any(n is not None for n in self.slot_names))
+            return
         segments = build_segments(batch.lora_slots)
         for slot in segments.slots:
             if slot >= self.num_slots:
@@ -116,9 +163,30 @@ class LoRAPool:
             raise ValueError(f"LoRA pool has no module {module!r}; it was built for {', '.join(self.a)}")
         if batch.lora_meta is None:
             self.prepare(batch)
+        if isinstance(batch.lora_meta, DecodeMeta):
+            return self._apply_device(layer_idx, module, x, out, batch.lora_meta)
         segments: LoRASegments = batch.lora_meta
         if not any(module in self._slot_modules[s] for s in segments.slots):
             return out
         return lora_apply(
             x, out, self.a[module][layer_idx], self.b[module][layer_idx], self.scalings[module][layer_idx], segments
         )
+
+    def _apply_device(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor,
+                      meta: DecodeMeta) -> torch.Tensor:
+        """BGMV on the device; a fused group's shrink runs once (first member) and is reused by the others."""
+        if not meta.active:
+            return out
+        r = self.max_rank
+        if module in self.group_of:
+            buf, j = self.group_of[module]
+            key = (layer_idx, buf.data_ptr())
+            hit = meta.shrunk.get(key)
+            if hit is None or hit[0] is not x:
+                hit = (x, lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots))
+                meta.shrunk[key] = hit
+            partials = hit[1][:, :, j * r : (j + 1) * r]
+        else:
+            partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
+        return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
+                              meta.token_slots, out)

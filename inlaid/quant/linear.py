@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from inlaid.kernels import w4a16_gemm as w4k
 from inlaid.kernels.gptq_dequant import dequantize_gptq, gptq_linear, pack_geometry
 from inlaid.model.arch import ModelArch
 from inlaid.model.layers import ParallelLinear, RotaryEmbedding
@@ -62,6 +63,8 @@ class GPTQLinearMethod:
         if group_size != -1 and group_size < 1:
             raise ValueError(f"GPTQ group_size must be -1 or positive, got {group_size}")
         self.bits, self.group_size, self.cache_dequantized = bits, group_size, cache_dequantized
+        self.version = 0
+        """Bumped by ``swap``: CUDA graphs captured over this layer's old tensors must be re-captured."""
 
     def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """Buffer shapes for a ``[out, in]`` linear; ValueError if the layout cannot pack it."""
@@ -88,8 +91,26 @@ class GPTQLinearMethod:
         w = dequantize_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"].float(), tensors["g_idx"], self.bits)
         return w.to(dtype)
 
+    def kernel_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """4-bit on CUDA: the W4A16 kernels' one-time preparation (act-order sorted rows) as ``w4_*`` buffers."""
+        if self.bits != 4 or not tensors["qweight"].is_cuda or not w4k.HAS_TRITON:
+            return {}
+        gs = tensors["qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
+        p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs)
+        return {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
+                "w4_locks": p.locks}  # fmt: skip
+
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
+        if x.is_cuda and self.bits == 4 and w4k.HAS_TRITON:  # fused W4A16 kernels (skinny / fused / dequant+mm)
+            if snap.get("w4_qweight") is None:
+                prep = self.kernel_tensors(snap)
+                _install(layer, prep)
+                snap.update(prep)
+            gs = snap["w4_qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
+            packed = w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
+                                  snap["w4_locks"])  # fmt: skip
+            return w4k.w4a16_linear(x, packed, layer.bias)
         w = snap.get("dq_weight")
         if w is not None and w.dtype == x.dtype:
             y = x @ w
@@ -101,6 +122,13 @@ class GPTQLinearMethod:
         """After loading: build the dequantized cache if enabled (idempotent)."""
         if self.cache_dequantized:
             layer._buffers.update({"dq_weight": self.dequantized(layer._buffers, dtype)})
+        _install(layer, self.kernel_tensors(layer._buffers))
+
+
+def _install(layer: ParallelLinear, tensors: Mapping[str, Any]) -> None:
+    """One atomic ``_buffers`` update; the derived ``w4_*`` kernel tensors are non-persistent (not in state_dict)."""
+    layer._non_persistent_buffers_set.update(k for k in tensors if k.startswith("w4_"))
+    layer._buffers.update(tensors)
 
 
 def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
@@ -122,7 +150,9 @@ def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch
     if method.cache_dequantized:
         old = layer._buffers.get("dq_weight")
         new["dq_weight"] = method.dequantized(new, dtype or (old.dtype if old is not None else torch.float32))
-    layer._buffers.update(new)
+    new.update(method.kernel_tensors(new))  # re-prepare the W4A16 kernel tensors (CUDA, 4-bit), same atomic update
+    _install(layer, new)
+    method.version += 1
 
 
 def replace_linears(model: LlamaForCausalLM, method: GPTQLinearMethod, device: torch.device | None,
