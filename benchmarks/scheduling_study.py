@@ -41,9 +41,12 @@ POLICIES = ("fifo", "mlfq", "inlaid")
 LOADS = (0.5, 0.8, 1.0, 1.3, 1.8)
 """Request rates as multiples of FIFO's saturation throughput."""
 SHAPE = EngineShape(num_blocks=512, block_size=16, num_adapter_slots=16, max_model_len=4096)
-AGING_S = 30.0
-"""Starvation bound of mlfq and inlaid. It must exceed the queueing delay of an overloaded run: at the
-config default (10 s) starving requests hold the line for a slot so often that the batch empties."""
+AGING_REQUESTS = 2000
+"""Starvation bound of mlfq and inlaid, in requests: aging_s = AGING_REQUESTS / (FIFO saturation rate at
+100 tasks), i.e. the time to serve that many requests at capacity, so the bound scales with the cost
+model (seconds on a GPU, tens of minutes on this CPU). A bound below the queueing delay of an overloaded
+run (e.g. the config default of 10 s) makes most requests "starving": the order falls back to FIFO and
+starving requests hold the line for an adapter slot, which empties the batch."""
 ADAPTER_BYTES_7B_R16 = 2 * 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
 """bf16 rank-16 LoRA on all 7 projections of 32 Llama-2-7B layers (~80 MB)."""
 KEYS = ("throughput_rps", "latency_mean", "latency_p99", "ttft_mean", "jct_mean", "slo_attainment",
@@ -172,6 +175,23 @@ def study_one(setup: StudySetup, n: int, tasks: list[int], loads: tuple[float, .
     return rows, sat100
 
 
+def targets(ratio_rows: list[dict]) -> list[dict]:
+    """Issue-5 targets per task count at the highest load: met (yes/no) with the value."""
+    out = []
+    for t in sorted({r["tasks"] for r in ratio_rows}):
+        f = next(r for r in ratio_rows if r["tasks"] == t and r["vs"] == "fifo")
+        m = next(r for r in ratio_rows if r["tasks"] == t and r["vs"] == "mlfq")
+        better = m["throughput_x"] >= 1 and m["latency_reduction"] > 0 and m["slo_x"] >= 1
+        out.append({"tasks": t,
+                    "throughput ≥1.26x": f"{'yes' if f['throughput_x'] >= 1.26 else 'no'} ({f['throughput_x']:.2f}x)",
+                    "latency ≥30% lower": f"{'yes' if f['latency_reduction'] >= 0.30 else 'no'} "
+                                          f"({100 * f['latency_reduction']:.0f}%)",
+                    "JCT ≥24% lower": f"{'yes' if f['jct_reduction'] >= 0.24 else 'no'} ({100 * f['jct_reduction']:.0f}%)",
+                    "SLO ≥3x": f"{'yes' if f['slo_x'] >= 3 else 'no'} ({f['slo_x']:.2f}x)",
+                    "better than mlfq": "yes" if better else "no"})
+    return out
+
+
 def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict], abl: list[dict],
             jobs: list[dict], sat: float, loads: tuple[float, ...]) -> list[str]:
     hi = [r for r in rows if r["load"] == loads[-1]]
@@ -187,9 +207,13 @@ def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict]
     return [
         f"## Cost model: {label}\n",
         f"- Coefficients (s): {dataclasses.asdict(setup.cost)}; {prov}.",
+        f"- aging_s = {setup.aging_s} s.",
         f"- FIFO saturation throughput at 100 tasks: {sat:.3g} req/s. Loads swept: {loads} x that (per task count).\n",
         f"### inlaid vs baselines at the highest load ({loads[-1]}x)\n",
         markdown_table(ratio_rows, ["tasks", "vs"], ("throughput_x", "latency_reduction", "jct_reduction", "slo_x")),
+        "\nTargets at this load (vs FIFO; 'better than mlfq' = throughput, latency and SLO all at least MLFQ's):\n",
+        markdown_table(targets(ratio_rows), ["tasks"], ("throughput ≥1.26x", "latency ≥30% lower", "JCT ≥24% lower",
+                                                        "SLO ≥3x", "better than mlfq")),
         "\n### inlaid vs baselines at load 1.0x\n",
         markdown_table(sat_ratios, ["tasks", "vs"], ("throughput_x", "latency_reduction", "jct_reduction", "slo_x")),
         "\n### Full sweep\n", markdown_table(rows, ["tasks", "load", "rate", "policy"], KEYS), "\n" + figs,
@@ -201,7 +225,7 @@ def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--quick", action="store_true", help="fewer loads, tasks and requests (smoke run)")
     ap.add_argument("--cost-model", type=Path, default=OUT / "cost_model.json")
     ap.add_argument("--gpu-cost-model", type=Path, default=OUT / "cost_model_cuda.json")
@@ -215,7 +239,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     md = header(n, tasks)
     for key, label, cost, prov in cost_models(args):
-        setup = StudySetup(shape=SHAPE, cost=cost, aging_s=AGING_S)
+        probe = StudySetup(shape=SHAPE, cost=cost)
+        setup = StudySetup(shape=SHAPE, cost=cost, aging_s=round(AGING_REQUESTS / saturation_rate(probe, 100), 1))
         rows, sat = study_one(setup, n, tasks, loads)
         abl = ablation(setup, n, sat * loads[-2], 100)
         jobs = jobs_study(setup, n, sat * loads[-2], 100)
@@ -231,30 +256,65 @@ def main() -> None:
     log.info("wrote %s in %.0f s", args.out / "scheduling.md", time.time() - t0)
 
 
+NOTES = """## Notes (read before the tables)
+
+- **Status against the targets**: see the per-cost-model "Targets" tables. With task-suite lengths the
+  inlaid policy cuts mean latency and raises SLO attainment clearly at 10 and 100 tasks under overload,
+  much less at 1000 tasks, and does **not** raise saturation throughput (about 0.9-1.03x FIFO). The
+  paper's 1.26x is not reproduced here.
+- **Why throughput does not move**: all three policies pay the same per-step costs; the only levers are
+  adapter loads, distinct adapters per step and batch size. With 16 slots and 10-1000 tasks the batch is
+  capped by the slots pinned by running requests, and the task-suite outputs are short (medians 2-47
+  tokens), so slots turn over quickly whatever the order. At 1000 tasks SRTF's preference for short
+  requests raises slot turnover (more loads) and shrinks the batch, so inlaid loses 5-9% throughput.
+  Slot eviction is plain LRU in `core/adapter_slots.py` (not policy-aware); a policy-aware victim
+  (evict the adapter with no waiting requests) is the next thing to try.
+- **Where the latency gain comes from** (ablation): ordering off-device adapters by group value (one slot
+  and one load for the most short work) is most of it; "no prediction" (order by max_tokens, so grouping
+  and arrival order only) is close to the full policy, and plain SRTF without grouping is no better than
+  FIFO at 100 tasks. "Oracle lengths" bounds what a better predictor could add (~15% more latency cut).
+- **MLFQ equals FIFO** in these runs: our scheduler preempts by recompute only when KV runs out, never
+  for priority, so waiting requests are all at skip-join level 0 (prompts < 512 tokens) and MLFQ's
+  order is arrival order. A fair FastServe baseline needs priority preemption with KV swap-out.
+- **Aging**: a fixed 10 s bound (the config default) is below the queueing delay of an overloaded run, so
+  most requests become "starving", the order falls back to FIFO and starving requests hold the line
+  for an adapter slot, which empties the batch (measured: -23% throughput at 1000 tasks). The study
+  scales the bound with the cost model (time to serve 2000 requests at capacity).
+- **CPU cost model**: fitted on a 2-core machine shared with other jobs (process CPU time, one torch
+  thread), R² about 0.6, and the intercept came out negative (clipped to 0 by the NNLS fit), so on CPU a
+  step costs about the same per sequence whatever the batch: there is little batching economy and the
+  overloaded points are degenerate (every policy misses every SLO). The GPU section is the one that
+  resembles a serving GPU, and it uses an **assumed** model until `fit_cost_model.py --device cuda` runs.
+- Prompt lengths are the raw task prompts (no chat template); outputs are completion tokens + EOS.
+"""
+
+
 def header(n: int, tasks: list[int]) -> list[str]:
     suite, counter = load_task_lengths()
-    setup = StudySetup(shape=SHAPE, aging_s=AGING_S)
-    cfg = setup.sched_cfg("inlaid")
+    cfg = StudySetup(shape=SHAPE).sched_cfg("inlaid")
     return [
         "# Scheduling study (simulated)\n",
         "Generated by `PYTHONPATH=. python benchmarks/scheduling_study.py` ({secs} s on this machine). "
         "Real `inlaid.core` Scheduler, fake runner (true lengths hidden from the scheduler), step-cost model.\n",
         f"- Engine shape: {SHAPE}; max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens "
-        f"{cfg.max_num_batched_tokens}, β = {cfg.max_adapters_per_step}, aging_s = {cfg.aging_s} (config default 10 s; "
-        "see the notes).",
+        f"{cfg.max_num_batched_tokens}, β = {cfg.max_adapters_per_step}; aging_s (mlfq starvation and inlaid aging) = "
+        f"the time to serve {AGING_REQUESTS} requests at FIFO's saturation rate (per cost model, below).",
         f"- Workload: {n} requests per point, Gamma arrivals (CV 1), power-law (α=1) popularity over {tasks} tasks; "
         f"lengths sampled from the task suite ({len(suite)} tasks, tokens counted with {counter}; task i uses suite "
         "task i mod 12; output = completion + EOS), max_tokens 512.",
         "- SLO: latency ≤ 5 × the request's isolated run time (same cost model).",
         "- Targets (issue 5, vs FIFO): throughput ≥ 1.26× at saturation, mean latency ≥ 30% lower, JCT ≥ 24% lower, "
         "several-fold SLO attainment at high load; and better than MLFQ.\n",
+        NOTES,
     ]
 
 
 def engine_section(out: Path) -> str:
-    """The engine-vs-simulator section written by ``engine_vs_sim.py``, kept across regenerations."""
-    f = out / "engine_vs_sim.md"
-    return f.read_text() if f.is_file() else "## Engine vs simulator\n\nNot run yet: `benchmarks/engine_vs_sim.py`.\n"
+    """The engine-vs-simulator sections written by ``engine_vs_sim.py`` (model and measured clocks), kept
+    across regenerations."""
+    parts = [(out / f"engine_vs_sim_{c}.md") for c in ("model", "measured")]
+    found = [p.read_text() for p in parts if p.is_file()]
+    return "\n".join(found) if found else "## Engine vs simulator\n\nNot run yet: `benchmarks/engine_vs_sim.py`.\n"
 
 
 if __name__ == "__main__":

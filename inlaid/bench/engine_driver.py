@@ -36,6 +36,7 @@ from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, Sc
 from inlaid.core.outputs import RunnerOutput, SchedulerOutput
 from inlaid.core.scheduler import Scheduler, SchedulerStats
 from inlaid.sampling import SamplingParams
+from inlaid.sim.cost_model import StepCostModel
 from inlaid.sim.simulator import RequestSpec
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class ReplayResult:
     makespan: float
     step_times: list[float]
     wall_s: float
+    samples: list[tuple[list[float], float]]
+    """(``StepCostModel.features`` of the step, its measured seconds) per executed step."""
 
 
 class _Runner:
@@ -88,23 +91,27 @@ class _Runner:
     the scheduler's update (so token times are step ends, as in the simulator)."""
 
     def __init__(self, execute: Callable[[SchedulerOutput], RunnerOutput], truth: dict[str, int], eos: int,
-                 other: int, clock: VirtualClock, timer: Callable[[], float], sync: Callable[[], None]) -> None:
+                 other: int, clock: VirtualClock, timer: Callable[[], float], sync: Callable[[], None],
+                 step_cost: Callable[[list[float]], float] | None = None) -> None:
         self.execute, self.truth, self.eos, self.other = execute, truth, eos, other
-        self.clock, self.timer, self.sync = clock, timer, sync
+        self.clock, self.timer, self.sync, self.step_cost = clock, timer, sync, step_cost
+        self.stops = {eos}
         self.advanced = 0.0
+        self.last_features: list[float] | None = None
 
     def __call__(self, out: SchedulerOutput) -> RunnerOutput:
+        self.last_features = StepCostModel.features(out)
         t0 = self.timer()
         res = self.execute(out)
         self.sync()
-        dt = self.timer() - t0
+        dt = self.timer() - t0 if self.step_cost is None else self.step_cost(self.last_features)
         self.clock.t += dt
         self.advanced += dt
         for s in out.scheduled:
             if s.request_id in res.sampled:
                 tok = res.sampled[s.request_id]
                 done = s.num_output_tokens + 1 >= self.truth[s.request_id]
-                res.sampled[s.request_id] = self.eos if done else (self.other if tok == self.eos else tok)
+                res.sampled[s.request_id] = self.eos if done else (self.other if tok in self.stops else tok)
         return res
 
 
@@ -118,22 +125,29 @@ def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable
 
 def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerConfig, vocab: int = 1000,  # noqa: F821
            sync: Callable[[], None] = lambda: None, desc: str = "replay",
-           timer: Callable[[], float] = time.perf_counter) -> ReplayResult:
+           timer: Callable[[], float] = time.perf_counter,
+           step_cost: Callable[[list[float]], float] | None = None) -> ReplayResult:
     """Serve ``specs`` through ``engine`` under ``sched`` on a virtual clock (see the module docstring).
 
-    ``timer`` measures a step (``time.process_time`` on a shared CPU, wall time on CUDA).
+    ``timer`` measures a step (``time.process_time`` on a shared CPU, wall time on CUDA). With
+    ``step_cost`` (e.g. ``StepCostModel.cost``) the clock instead advances by that function of the
+    step's features: a deterministic *model clock*, so the engine and the simulator differ only in
+    how they drive the scheduler, not in timing noise.
     """
     clock = VirtualClock()
     sch = fresh_scheduler(engine, sched, clock)
     eos = engine.parts.eos_token_id if engine.parts.eos_token_id is not None else 0
     runner_execute = engine.runner.execute
     wrapped = _Runner(runner_execute, {s.request_id: s.output_len for s in specs}, eos, (eos + 1) % vocab, clock,
-                      timer, sync)
+                      timer, sync, step_cost)
+    wrapped.stops |= set(engine.parts.extra_eos_ids)
+    wrapped.other = next(t for t in range(3, vocab) if t not in wrapped.stops)
     engine.runner.execute = wrapped  # type: ignore[method-assign]
     pending = sorted(specs, key=lambda s: s.arrival)
     by_id = {s.request_id: s for s in specs}
     done: dict[str, RequestRecord] = {}
     step_times: list[float] = []
+    samples: list[tuple[list[float], float]] = []
     i, t_wall = 0, time.perf_counter()
     try:
         with tqdm(total=len(specs), desc=desc, leave=False) as bar:
@@ -146,18 +160,22 @@ def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerCo
                     continue
                 sync()
                 t0, before = timer(), wrapped.advanced
+                wrapped.last_features = None
                 outs = engine.step()
                 sync()
                 dt = timer() - t0
-                clock.t += dt - (wrapped.advanced - before)  # the rest of the step (schedule, update)
+                if step_cost is None:
+                    clock.t += dt - (wrapped.advanced - before)  # the rest of the step (schedule, update)
                 step_times.append(dt)
+                if wrapped.last_features is not None and wrapped.last_features[1:] != [0.0] * 4:
+                    samples.append((wrapped.last_features, dt))
                 for o in outs:
                     if o.finished and o.request_id not in done:
                         done[o.request_id] = _record(o, by_id[o.request_id])
                         bar.update(1)
     finally:
         engine.runner.execute = runner_execute  # type: ignore[method-assign]
-    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall)
+    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples)
 
 
 def _inject(engine: "LLMEngine", spec: RequestSpec, vocab: int) -> None:  # noqa: F821

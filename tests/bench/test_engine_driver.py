@@ -1,5 +1,7 @@
 """The real engine replays a trace on a virtual clock with the trace's output lengths (tiny model, CPU)."""
 
+import pytest
+
 from inlaid.bench.engine_driver import build_bench_engine, offline_throughput, replay
 from inlaid.config import SchedulerConfig
 from inlaid.sampling import SamplingParams
@@ -36,3 +38,22 @@ def test_offline_throughput_counts_tokens(tiny_llama_dir):
         assert "one adapter per prompt" in str(exc)
     else:
         raise AssertionError("mismatched adapters must raise ValueError")
+
+
+def test_model_clock_replay_matches_the_simulator_exactly(tiny_llama_dir):
+    """With the clock driven by the cost model, the engine and the simulator make the same decisions."""
+    from inlaid.sim.cost_model import StepCostModel
+    from inlaid.sim.simulator import EngineShape, simulate
+
+    eng = build_bench_engine(str(tiny_llama_dir), "cpu", slots=2, num_adapters=3, rank=4, num_blocks=24)
+    cost = StepCostModel(base=0.05, prefill_token=0.001, decode_seq=0.01, distinct_adapter=0.02, adapter_load=0.03)
+    specs = [RequestSpec(f"r{i}", 0.04 * i, f"t{i % 3}", 2 + i % 5, 1 + (i * 5) % 9, 12) for i in range(14)]
+    sched = SchedulerConfig(policy="inlaid", max_num_seqs=4, max_num_batched_tokens=16, max_adapters_per_step=2,
+                            max_queue_len=100)
+    res = replay(eng, specs, sched, vocab=eng.parts.arch.vocab_size, step_cost=cost.cost)
+    sim = simulate(specs, sched, EngineShape(num_blocks=24, block_size=16, num_adapter_slots=2, max_model_len=256),
+                   cost)
+    assert res.stats.steps == sim.stats.steps and res.stats.adapter_loads == sim.stats.adapter_loads
+    for r in sim.requests:
+        e = res.records[r.request_id]
+        assert (e.first_token, e.finish) == pytest.approx((r.first_token_time, r.finished_time), abs=1e-9)
