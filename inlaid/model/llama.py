@@ -14,6 +14,10 @@ Invariants:
   ``hook.apply(layer_idx, module, x, out, batch)`` after every one of the seven
   projections (q/k/v/o/gate/up/down are separate modules for that reason).
 - Tied embeddings: no ``lm_head`` module; logits use ``embed_tokens.weight``.
+- Decode-only batches on CUDA attend with the Triton paged decode kernel
+  (``inlaid.kernels.paged_attention_triton``); the decode forward then has no
+  host sync and no data-dependent shape (CUDA-graph capturable, see
+  ``inlaid.worker.cuda_graphs``). Prefill and mixed batches use the reference.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from inlaid.kernels import paged_attention_triton as pat
 from inlaid.kernels.paged_attention import paged_attention, write_kv
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
@@ -66,10 +71,14 @@ class Attention(nn.Module):
         v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(k, v, kv_cache, batch.slot_mapping)
-        attn = paged_attention(
-            q, kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
-            batch.max_query_len, batch.max_seq_len, self.scale, sliding_window=self.sliding_window,
-        )
+        if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON:  # Triton paged decode: no host sync, graph-safe
+            attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
+                                              self.scale, sliding_window=self.sliding_window)
+        else:
+            attn = paged_attention(
+                q, kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                batch.max_query_len, batch.max_seq_len, self.scale, sliding_window=self.sliding_window,
+            )
         return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook)
 
 

@@ -10,6 +10,10 @@ Invariants:
   forward, so a step never sees a half-loaded slot.
 - Per-request generators exist only for seeded requests and are dropped when
   the scheduler reports the request finished.
+- With CUDA graphs (default on CUDA) one extra KV block past ``num_blocks`` is
+  the scratch block that padding rows of a graph batch write to; decode-only
+  steps replay a captured graph (``inlaid.worker.cuda_graphs``), every other
+  step runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from inlaid.kernels.paged_attention import allocate_kv_caches
 from inlaid.lora.adapter import LoRAAdapter
 from inlaid.lora.pool import LoRAPool
 from inlaid.model.arch import ModelArch
+from inlaid.worker.cuda_graphs import CAPTURE_SIZES, CudaGraphRunner
 from inlaid.worker.forward_batch import build_forward_batch
 from inlaid.worker.sampler import sample
 
@@ -49,6 +54,8 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        cuda_graphs: bool | None = None,
+        max_seq_len: int | None = None,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -56,10 +63,20 @@ class ModelRunner:
         self.get_adapter = get_adapter
         self.block_size = block_size
         self.device = device
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.kv_caches = allocate_kv_caches(
-            arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, dtype, device
+            arch.num_layers, num_blocks + int(use_graphs), block_size, arch.num_kv_heads, arch.head_dim, dtype, device
         )
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: CudaGraphRunner | None = None
+        if use_graphs:
+            bound = max_seq_len or arch.max_position_embeddings
+            versioned = [m.quant_method for m in model.modules() if hasattr(getattr(m, "quant_method", None), "version")]
+            self.graphs = CudaGraphRunner(
+                model, self.kv_caches, -(-bound // block_size), block_size, num_blocks, device, CAPTURE_SIZES,
+                lora_active=lambda: any(n is not None for n in lora_pool.slot_names),
+                weights_version=lambda: sum(q.version for q in versioned),
+            )
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -84,7 +101,10 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput()
         batch = build_forward_batch(out, self.block_size, self.device)
-        hidden = self.model(batch, self.kv_caches)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch, self.kv_caches)
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
             return RunnerOutput()
