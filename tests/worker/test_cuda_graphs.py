@@ -54,9 +54,10 @@ def test_fill_copies_real_rows_and_pads_the_rest() -> None:
     w = batch.block_tables.shape[1]
     assert torch.equal(static.block_tables[:3, :w], batch.block_tables)
     assert static.block_tables[3].tolist() == [50] * 6
-    # rows 4..7 were real in the earlier, larger step; they must be padding now (seen by the size-8 graph)
-    assert bufs.seq_lens[3:5].tolist() == [0, 0] and bufs.lora_slots[4].item() == -1
-    assert bufs.slot_mapping[4].item() == 50 * BLOCK
+    # rows 2..4 were real in earlier steps; replaying the size-8 graph for 2 seqs must see them as padding
+    small = bufs.fill(build_forward_batch(_decode_step([3, 3], [0, 0]), BLOCK, torch.device("cpu")), 8)
+    assert small.seq_lens.tolist() == [3, 3, 0, 0, 0, 0, 0, 0] and small.lora_slots[2:].eq(-1).all()
+    assert small.slot_mapping[2:].eq(50 * BLOCK).all() and small.block_tables[2:].eq(50).all()
 
 
 def test_fill_rejects_batches_a_graph_cannot_replay() -> None:
