@@ -138,6 +138,8 @@ class AsyncLLM:
         self.loop_iterations = 0
         """Engine-thread loop passes (tests check it stays flat while idle)."""
         self._queue_full = queue_full_error_types()
+        if hasattr(engine, "waker"):  # background work (re-quantization swaps) wakes the idle engine thread
+            engine.waker = lambda: self._submit_nowait(lambda eng: eng.run_between_steps())
         self._thread = threading.Thread(target=self._run, name="inlaid-engine", daemon=True)
         self._thread.start()
 
@@ -308,15 +310,37 @@ class AsyncLLM:
         adapters = await self._call(lambda eng: dict(eng.list_adapters()))
         return {k: v for k, v in adapters.items() if k not in self._draining_adapters}
 
-    async def add_adapter(self, name: str, path: str) -> None:
-        """Validate and register an adapter; servable as soon as this returns."""
+    async def add_adapter(self, name: str, path: str, calibration: Any = None) -> None:
+        """Validate and register an adapter; servable as soon as this returns.
+
+        With ``calibration`` (JSONL path or inline rows) the base is re-quantized for it in the background.
+        """
         if not self._accepting:
             raise EngineShutdownError("the server is shutting down")
         if name == self.model_name:
             raise ValueError(f"adapter name {name!r} is the base model's name; choose another")
         if name in self._draining_adapters:
             raise ValueError(f"adapter {name!r} is being unloaded; retry when that finishes")
-        await self._call(lambda eng: eng.add_adapter(name, path))
+        if calibration is None:
+            await self._call(lambda eng: eng.add_adapter(name, path))
+        else:
+            await self._call(lambda eng: eng.add_adapter(name, path, calibration=calibration))
+
+    async def adapter_status(self, name: str) -> dict[str, Any]:
+        """Registration and re-quantization status of adapter ``name`` (ModelNotFoundError if unknown)."""
+        try:
+            return await self._call(lambda eng: eng.adapter_status(name))
+        except ValueError as exc:
+            from inlaid.lora.errors import UnknownAdapterError  # lazy: the lora package imports torch
+
+            if isinstance(exc, UnknownAdapterError):
+                raise ModelNotFoundError(str(exc)) from exc
+            raise
+
+    def requant_statuses(self) -> list[dict[str, Any]]:
+        """Every re-quantization job's status (thread-safe; empty when none was ever asked for)."""
+        rq = getattr(self.engine, "requantizer", None)
+        return rq.statuses() if rq is not None else []
 
     async def remove_adapter(self, name: str, timeout: float = 30.0) -> int:
         """Unload an adapter: reject new requests, wait for in-flight ones, abort leftovers.

@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter`` (vLLM's names
-and bodies), ``GET /health``, ``GET /metrics``.
+and bodies; load also takes inlaid's optional ``calibration_path`` or
+``calibration_samples``, which start a background re-quantization of the base),
+``GET /v1/adapters/{name}`` (its status), ``GET /health``, ``GET /metrics``.
 
 Invariants:
 - Each app has its own Prometheus registry and handler state (no globals), so
@@ -34,6 +36,7 @@ from inlaid.server.errors import APIError, error_response, from_exception
 from inlaid.server.generation import GenerationHandler, parse_body
 from inlaid.server.metrics import ServerMetrics
 from inlaid.server.middleware import GuardMiddleware
+from inlaid.server.requant_routes import RequantCollector, add_requant_routes
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ def build_app(
     _add_generation_routes(app, handler)
     _add_model_routes(app, async_llm, unload_timeout)
     _add_ops_routes(app, async_llm, metrics)
+    add_requant_routes(app, async_llm)
+    metrics.registry.register(RequantCollector(async_llm))
     app.add_middleware(GuardMiddleware, api_key=api_key or None, max_body_bytes=max_body_bytes)
     return app
 
@@ -107,11 +112,16 @@ def _add_model_routes(app: FastAPI, llm: AsyncLLM, unload_timeout: float) -> Non
     async def load_lora_adapter(request: Request) -> Response:
         body = await parse_body(request, protocol.LoadLoRARequest)
         try:
-            await llm.add_adapter(body.lora_name, body.lora_path)
+            calibration = body.calibration()
+            if calibration is None:
+                await llm.add_adapter(body.lora_name, body.lora_path)
+            else:
+                await llm.add_adapter(body.lora_name, body.lora_path, calibration=calibration)
         except Exception as exc:
             raise from_exception(exc) from exc
         logger.info("loaded adapter %s from %s", body.lora_name, body.lora_path)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+        extra = "" if calibration is None else f" Re-quantization queued: GET /v1/adapters/{body.lora_name}."
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.{extra}")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> Response:

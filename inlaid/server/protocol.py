@@ -144,6 +144,18 @@ class LoadLoRARequest(_Base):
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    calibration_path: str | None = None
+    """inlaid extension: a calibration JSONL (on the server) for the new task; starts a background re-quantization."""
+    calibration_samples: list[dict[str, Any] | list[int]] | None = None
+    """inlaid extension: inline calibration rows (prompt/completion, text or input_ids objects, or token-id lists)."""
+
+    def calibration(self) -> str | list[Any] | None:
+        """The calibration to use (None: serve on the current base); both fields at once is a 400."""
+        if self.calibration_path is not None and self.calibration_samples is not None:
+            raise ValueError("give calibration_path or calibration_samples, not both")
+        if self.calibration_samples is not None:
+            return list(self.calibration_samples)
+        return self.calibration_path
 
 
 class UnloadLoRARequest(_Base):
