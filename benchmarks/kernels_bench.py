@@ -56,7 +56,7 @@ def bench(fn) -> float:
     """Median milliseconds of ``fn`` (triton do_bench, L2 flushed)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,6 +148,20 @@ def sweep_configs(m: int) -> list[wk.W4Config]:
             ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 256, 8))]
 
 
+def skinny_sweep(m: int, n: int, k: int) -> list:
+    """Candidate skinny configs around the table's choice (FMA for M <= 4, 8 x K16 tl.dot above)."""
+    base = wk.skinny_config(m, n, k)
+    rep = __import__("dataclasses").replace
+    out = [rep(base, mode="fixup"), rep(base, split_k=max(1, base.split_k // 2)), rep(base, split_k=base.split_k * 2),
+           rep(base, num_warps=8), rep(base, block_n=base.block_n * 2, split_k=base.split_k * 2),
+           rep(base, block_n=max(16, base.block_n // 2)), rep(base, block_k=256, split_k=max(1, base.split_k // 2))]
+    if m <= 4:
+        out += [rep(base, block_n=256, num_warps=8), rep(base, split_k=1), rep(base, mode="fixup", block_n=64)]
+    else:
+        out += [rep(base, block_n=128, num_warps=8), rep(base, block_m=8 if m <= 8 else 16, use_dot=m > 8)]
+    return out
+
+
 def time_w4_point(k: int, n: int, m: int, w: dict, packed: wk.PackedW4, dense: torch.Tensor, sweep: bool) -> dict:
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     args = (packed.qweight, packed.qzeros, packed.scales, packed.perm, GS)
@@ -165,6 +179,25 @@ def time_w4_point(k: int, n: int, m: int, w: dict, packed: wk.PackedW4, dense: t
             continue
         if t < best:
             best, best_cfg = t, str(cfg)
+    if m <= wk.SKINNY_MAX_M:
+        row["skinny_default_ms"] = bench(lambda: wk.w4a16_skinny(x, *args, locks=packed.locks))
+        row["skinny_config"] = str(wk.skinny_config(m, n, k))
+        sbest, scfg = row["skinny_default_ms"], "default"
+        for cfg in skinny_sweep(m, n, k) if sweep else []:
+            try:
+                t = bench(lambda: wk.w4a16_skinny(x, *args, config=cfg, locks=packed.locks))
+            except Exception as e:  # noqa: BLE001 - one config failing to compile must not stop the sweep
+                print(f"  skinny {cfg} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                continue
+            if t < sbest:
+                sbest, scfg = t, str(cfg)
+        row["skinny_best_ms"], row["skinny_best_config"] = sbest, scfg
+        row["speedup_skinny_default_vs_cublas"] = row["cublas_fp16_ms"] / row["skinny_default_ms"]
+        row["skinny_default_TBps"] = w4_bytes(k, n, m) / (row["skinny_default_ms"] * 1e-3) / 1e12
+        if sbest < best:
+            best, best_cfg = sbest, scfg
+    row["linear_default_ms"] = bench(lambda: wk.w4a16_linear(x, packed))
+    row["speedup_linear_default_vs_cublas"] = row["cublas_fp16_ms"] / row["linear_default_ms"]
     row["fused_best_ms"], row["best_config"] = best, best_cfg
     nbytes = w4_bytes(k, n, m)
     row["fused_best_TBps"] = nbytes / (best * 1e-3) / 1e12
@@ -231,8 +264,40 @@ def time_lora_rank(rank: int, batch: int = 32) -> dict:
         for x, out, a, b, scal, _, _ in mods.values():
             lora_sgmv.lora_apply(x, out, a, b, scal, seg)
 
+    groups = [g for g in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+              if all(m in mods for m in g)] + [(m,) for m in mods if m not in ("q_proj", "k_proj", "v_proj",
+                                                                                  "gate_proj", "up_proj", "o_proj", "down_proj")]
+    groups = [g for g in groups if g] or [(m,) for m in mods]
+    if sum(len(g) for g in groups) != len(mods):
+        groups = [(m,) for m in mods]
+    cats = [torch.cat([mods[m][2] for m in g], dim=1) for g in groups]  # the pool's shared A buffers
+
+    def lora_fused():  # what LoRAPool's device path launches: 4 shrinks + 7 expands per layer
+        for group, a_cat in zip(groups, cats):
+            part = lk.lora_shrink_partials(mods[group[0]][0], a_cat, slots)
+            for j, mod in enumerate(group):
+                x, out, a, b, scal, _, _ = mods[mod]
+                lk.lora_expand(part[:, :, j * rank : (j + 1) * rank], b, scal, slots, out)
+
     row = {"rank": rank, "batch": batch, "adapters": batch}
     row["lora_triton_ms"] = bench(lora_all)
+    graphed = DEVICE == "cuda"
+    if graphed:  # launch-free GPU time: what a CUDA-graph decode step pays
+        import triton.testing
+
+        def gbench(fn) -> float:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+        row["lora_fused_graph_ms"] = gbench(lora_fused)
+        row["base_fp16_graph_ms"] = gbench(lambda: [m[0] @ m[6] for m in mods.values()])
+        row["base_w4_graph_ms"] = gbench(lambda: [wk.w4a16_linear(m[0], m[5]) for m in mods.values()])
+        row["overhead_graph_vs_fp16_base"] = row["lora_fused_graph_ms"] / row["base_fp16_graph_ms"]
+        row["overhead_graph_vs_w4_base"] = row["lora_fused_graph_ms"] / row["base_w4_graph_ms"]
+        lora_bytes = sum(batch * rank * (i + o) * 2 for i, o in LAYER.values())
+        row["lora_bytes_MB"] = lora_bytes / 1e6
+        row["lora_fused_graph_TBps"] = lora_bytes / (row["lora_fused_graph_ms"] * 1e-3) / 1e12
+    else:
+        row["lora_fused_ms"] = bench(lora_fused)
     row["lora_torch_sgmv_ms"] = bench(sgmv_all)
     row["base_fp16_ms"] = bench(lambda: [m[0] @ m[6] for m in mods.values()])
     row["base_w4_ms"] = bench(lambda: [wk.w4a16_linear(m[0], m[5]) for m in mods.values()])
@@ -280,14 +345,21 @@ def to_markdown(res: dict) -> str:
         "\n" + md_table(res["check_lora"], ["module", "rank", "rel_err"]),
         "\n" + md_table(res["check_attention"], ["kv_heads", "batch", "max_ctx", "rel_err"]),
         "\n## W4A16 GEMM, group 128, fp16 (do_bench median, us)\n",
-        md_table(us, ["shape", "M", "cublas_fp16_us", "fused_default_us", "fused_best_us", "dequant_mm_us",
-                      "speedup_default_vs_cublas", "speedup_best_vs_cublas", "speedup_dispatch_vs_cublas",
-                      "fused_best_TBps", "fused_best_frac_peak_bw"]),
+        md_table(us, ["shape", "M", "cublas_fp16_us", "linear_default_us", "skinny_default_us", "fused_default_us",
+                      "fused_best_us", "dequant_mm_us", "speedup_linear_default_vs_cublas", "speedup_best_vs_cublas",
+                      "skinny_default_TBps", "fused_best_TBps", "fused_best_frac_peak_bw"]),
         f"\nFused-vs-dequant+matmul crossover (largest M where fused wins): {res['w4a16_crossover']}",
         "\nBest configs: " + "; ".join(f"{r['shape']} M={r['M']}: {r['best_config']}" for r in res["w4a16"]),
+        "\nBest skinny configs (vs table default): " + "; ".join(
+            f"{r['shape']} M={r['M']}: {r['skinny_best_config']} {r['skinny_best_ms'] * 1e3:.1f}us (default "
+            f"{r['skinny_default_ms'] * 1e3:.1f}us)" for r in res["w4a16"] if "skinny_best_config" in r),
         "\n## Multi-LoRA, 7 projections of a Llama-2-7B layer, batch 32, 32 distinct adapters (ms)\n",
         md_table(res["lora"], ["rank", "lora_triton_ms", "lora_torch_sgmv_ms", "base_fp16_ms", "base_w4_ms",
                                "overhead_vs_fp16_base", "overhead_vs_w4_base"]),
+        "\nUnder CUDA graphs (launch-free; LoRA as the pool launches it: fused q/k/v and gate/up shrinks):\n",
+        md_table(res["lora"], ["rank", "lora_fused_graph_ms", "base_fp16_graph_ms", "base_w4_graph_ms",
+                               "overhead_graph_vs_fp16_base", "overhead_graph_vs_w4_base", "lora_bytes_MB",
+                               "lora_fused_graph_TBps"]),
         "\n## Paged decode attention, 32 heads, head_dim 128, block 16, fp16 (ms)\n",
         md_table(res["attention"], ["batch", "context", "kv_heads", "triton_ms", "reference_ms",
                                     "speedup_vs_reference", "triton_TBps"]),

@@ -60,6 +60,7 @@ def kb(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(mod, "CHECK_ATTN_LENS", ([40, 7],))
     monkeypatch.setattr(mod, "ATTN_POINTS", [(2, 48)])
     monkeypatch.setattr(mod, "sweep_configs", lambda m: [mod.wk.W4Config(16 if m <= 16 else 32, 32, 64, 2)])
+    monkeypatch.setattr(mod, "skinny_sweep", lambda m, n, k: [mod.wk.SkinnyConfig(1, 32, 64, 2, 4, False, "fixup")])
     return mod
 
 
