@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_COMMANDS = ("serve", "generate", "quantize", "bench", "eval")
+_COMMANDS = ("serve", "generate", "quantize", "bench", "eval", "add-adapter")
 
 
 def register_all(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     for name in _COMMANDS:
-        importlib.import_module(f"inlaid.commands.{name}").register(sub)
+        importlib.import_module(f"inlaid.commands.{name.replace('-', '_')}").register(sub)
