@@ -14,10 +14,11 @@ Invariants:
   ``hook.apply(layer_idx, module, x, out, batch)`` after every one of the seven
   projections (q/k/v/o/gate/up/down are separate modules for that reason).
 - Tied embeddings: no ``lm_head`` module; logits use ``embed_tokens.weight``.
-- Decode-only batches on CUDA attend with the Triton paged decode kernel
+- Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
   (``inlaid.kernels.paged_attention_triton``); the decode forward then has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
-  ``inlaid.worker.cuda_graphs``). Prefill and mixed batches use the reference.
+  ``inlaid.worker.cuda_graphs``). Prefill, mixed and fp32 batches use the
+  reference (the kernel's tl.dot would run fp32 as TF32).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(k, v, kv_cache, batch.slot_mapping)
-        if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON:  # Triton paged decode: no host sync, graph-safe
+        if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
             attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
                                               self.scale, sliding_window=self.sliding_window)
         else:

@@ -102,7 +102,7 @@ class GPTQLinearMethod:
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
-        if x.is_cuda and self.bits == 4 and w4k.HAS_TRITON:  # fused W4A16 kernels (skinny / fused / dequant+mm)
+        if x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32:  # W4A16 kernels
             if snap.get("w4_qweight") is None:
                 prep = self.kernel_tensors(snap)
                 _install(layer, prep)

@@ -10,7 +10,7 @@ Invariants:
   forward, so a step never sees a half-loaded slot.
 - Per-request generators exist only for seeded requests and are dropped when
   the scheduler reports the request finished.
-- With CUDA graphs (default on CUDA) one extra KV block past ``num_blocks`` is
+- With CUDA graphs (default on CUDA for fp16/bf16) one extra KV block past ``num_blocks`` is
   the scratch block that padding rows of a graph batch write to; decode-only
   steps replay a captured graph (``inlaid.worker.cuda_graphs``), every other
   step runs eagerly.
@@ -63,7 +63,9 @@ class ModelRunner:
         self.get_adapter = get_adapter
         self.block_size = block_size
         self.device = device
-        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # default: on for 16-bit CUDA models (fp32 keeps the reference attention, which is not sync-free)
+        use_graphs = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) if cuda_graphs is None \
+            else cuda_graphs
         self.kv_caches = allocate_kv_caches(
             arch.num_layers, num_blocks + int(use_graphs), block_size, arch.num_kv_heads, arch.head_dim, dtype, device
         )
