@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +39,8 @@ class EngineParts:
     scheduler: Scheduler
     num_blocks: int
     model_name: str
+    model_dir: Path
+    """Resolved checkpoint directory (converted GGUF, HF or GPTQ dir)."""
     max_model_len: int
     eos_token_id: int | None
     extra_eos_ids: tuple[int, ...]
@@ -103,4 +106,4 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     logger.info("engine ready: %s on %s (%s), %d KV blocks of %d", arch.name, device, dtype, num_blocks,
                 config.cache.block_size)
     return EngineParts(device, dtype, arch, model, tokenizer, registry, pool, runner, scheduler, num_blocks,
-                       arch.name, max_len, eos, extra)
+                       arch.name, Path(tok_dir), max_len, eos, extra)

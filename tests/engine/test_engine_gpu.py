@@ -42,8 +42,8 @@ def test_fp32_mixed_batch_tokens_equal_peft_on_cuda(tiny_llama_dir: Path, tiny_a
     for prompt, name, out in zip(PROMPTS, ADAPTERS, outs):
         model = hf_model(tiny_llama_dir, tiny_adapters[name] if name else None, torch.float32)
         ids = torch.tensor([tok.encode(prompt)], device="cuda")
-        ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert out.token_ids == ref[0, ids.shape[1]:].tolist(), name
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert out.token_ids[: len(ref)] == ref, name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

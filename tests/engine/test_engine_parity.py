@@ -30,8 +30,9 @@ def hf_greedy(base_dir: Path, adapter_dir: Path | None, prompt: str) -> list[int
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     ids = torch.tensor([tok.encode(prompt)])
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=0)
+    # No min_new_tokens: it masks EOS, which our ignore_eos run may sample. HF
+    # stops at EOS instead; callers compare up to HF's length.
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -47,7 +48,7 @@ def test_mixed_adapter_batch_matches_peft_alone(llm: LLM, tiny_llama_dir: Path, 
     outs = llm.generate(PROMPTS, params, adapter=adapters)
     for prompt, name, out in zip(PROMPTS, adapters, outs):
         expected = hf_greedy(tiny_llama_dir, tiny_adapters[name] if name else None, prompt)
-        assert out.token_ids == expected, f"adapter {name} prompt {prompt!r}"
+        assert len(expected) >= 4 and out.token_ids[: len(expected)] == expected, f"adapter {name} prompt {prompt!r}"
     # the adapters really change the output, so the comparison above is meaningful
     assert len({tuple(o.token_ids) for o in outs[:4]}) == 4
 
