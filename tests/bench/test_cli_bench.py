@@ -24,11 +24,6 @@ def test_bench_sim_json_and_cost_model_file(tmp_path, capsys):
     assert "fit_cost_model.py" in capsys.readouterr().err
 
 
-def test_bench_serve_is_not_yet(capsys):
-    assert main(["bench", "serve"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_bench_offline_on_a_tiny_model(tiny_llama_dir, capsys):
     rc = main(["bench", "offline", "--model", str(tiny_llama_dir), "--dummy", "--device", "cpu", "--num-prompts", "3",
                "--prompt-len", "5", "--max-tokens", "4", "--adapters", "2"])
