@@ -47,7 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -55,122 +55,22 @@ from safetensors.torch import save_file
 
 from inlaid.lora.adapter import LoRAAdapter, validate_adapter
 from inlaid.model.arch import ModelArch
-from inlaid.model.layers import RotaryEmbedding
-from inlaid.model.llama import LlamaForCausalLM
-from inlaid.model.loader import DUMMY_STD, hash_name, resolve_model_path
-from inlaid.quant.calibrate import CalibrationError, _row_ids, capture_task_hessians
+from inlaid.quant.calibrate import CalibrationError, capture_task_hessians
 from inlaid.quant.hessian import HessianAccumulator, HessianStore
 from inlaid.quant.linear import PROJECTIONS, GPTQLinearMethod
 from inlaid.quant.linear import swap as swap_linear
 from inlaid.quant.pack import WEIGHTS_NAME, _unshared_cpu, load_quantized_checkpoint, validate_layer
 from inlaid.quant.quantize_model import HESSIAN_DIR, REPORT_NAME, QuantConfig, requantize_layer
+from inlaid.quant.requant_source import FpSource, RequantError, lazy_fp_model, samples_from_rows
+
+__all__ = ["FpSource", "RequantError", "RequantJob", "Requantizer", "committed_tasks", "lazy_fp_model",
+           "read_report", "samples_from_rows"]
 
 logger = logging.getLogger(__name__)
 
 TASKS_KEY = "inlaid_tasks"
 STATES = ("pending", "running", "done", "failed")
 Packed = dict[str, dict[str, torch.Tensor]]
-
-
-class RequantError(ValueError):
-    """A task addition that cannot be re-quantized (the message names what to fix)."""
-
-
-# ---- calibration samples ------------------------------------------------------------------
-def samples_from_rows(rows: Sequence[Any], tokenizer: Any, max_samples: int = 128, max_tokens: int = 65536,
-                      max_seq_len: int = 512) -> list[list[int]]:  # fmt: skip
-    """Token-id samples from inline rows: dicts like a calibration JSONL line, or lists of token ids."""
-    if not isinstance(rows, (list, tuple)) or not rows:
-        raise CalibrationError("calibration samples are empty: give at least one row")
-    samples: list[list[int]] = []
-    budget = max_tokens
-    for i, row in enumerate(rows[:max_samples]):
-        if budget <= 0:
-            break
-        if isinstance(row, (list, tuple)):
-            row = {"input_ids": list(row)}
-        if not isinstance(row, dict):
-            raise CalibrationError(f"calibration sample {i}: must be an object or a list of token ids")
-        ids = _row_ids(tokenizer, row, f"calibration sample {i}")[: min(max_seq_len, budget)]
-        if ids:
-            samples.append(ids)
-            budget -= len(ids)
-    if not samples:
-        raise CalibrationError("calibration samples have no tokens; give at least one non-empty row")
-    return samples
-
-
-# ---- the unquantized base, one layer at a time --------------------------------------------
-class FpSource:
-    """Unquantized base weights, read one tensor at a time from safetensors (or seeded dummy values)."""
-
-    def __init__(self, model: str | Path, load_format: str = "auto", dummy_seed: int = 0) -> None:
-        self.path = resolve_model_path(str(model))
-        self.files: dict[str, Path] = {}
-        for file in sorted(self.path.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                self.files.update((k, file) for k in f.keys())
-        self.dummy = load_format == "dummy" or (load_format == "auto" and not self.files)
-        if load_format not in ("auto", "dummy") and not self.files:
-            raise RequantError(f"{self.path}: no *.safetensors weights of the unquantized base")
-        self.seed = dummy_seed
-
-    def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """One parameter by its HF name (as ``init_dummy_weights`` would fill it, for dummy sources)."""
-        if self.dummy:
-            if name.endswith("norm.weight"):
-                return torch.ones(*shape, dtype=dtype, device=device)
-            if name.endswith(".bias"):
-                return torch.zeros(*shape, dtype=dtype, device=device)
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed + (hash_name(name) % 1_000_003))
-            return torch.empty(*shape, dtype=dtype, device=device).normal_(0.0, DUMMY_STD, generator=gen)
-        if name not in self.files:
-            raise RequantError(f"{self.path}: the unquantized base has no tensor {name!r}")
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            t = f.get_tensor(name)
-        if tuple(t.shape) != tuple(shape):
-            raise RequantError(f"{self.path}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return t.to(device=device, dtype=dtype)
-
-    def layer_weights(self, arch: ModelArch, idx: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """``{projection: W [out, in]}`` of decoder layer ``idx``."""
-        shapes = arch.lora_module_shapes()
-        out = {}
-        for rel in PROJECTIONS:
-            d_in, d_out = shapes[rel.split(".")[1]]
-            out[rel] = self.tensor(f"model.layers.{idx}.{rel}.weight", (d_out, d_in), dtype, device)
-        return out
-
-
-def lazy_fp_model(arch: ModelArch, source: FpSource, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """The fp model with only the embeddings resident; a decoder layer is loaded when it runs and the
-    previous one is released, so peak weight memory is the embeddings plus one layer."""
-    model = LlamaForCausalLM(arch, device=torch.device("meta"), dtype=dtype)
-    inner = model.model
-    inner.embed_tokens.to_empty(device=device)
-    with torch.no_grad():
-        w = inner.embed_tokens.weight
-        w.copy_(source.tensor("model.embed_tokens.weight", tuple(w.shape), dtype, device))
-    inner.rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
-                                       arch.rope_scaling, device)  # fmt: skip
-    state = {"live": -1}
-
-    def materialize(layer: torch.nn.Module, _args: Any) -> None:
-        idx = layer.layer_idx
-        if state["live"] == idx:
-            return
-        if state["live"] >= 0:
-            inner.layers[state["live"]].to(device="meta")
-        layer.to_empty(device=device)
-        with torch.no_grad():
-            for name, p in layer.named_parameters(prefix=f"model.layers.{idx}"):
-                p.copy_(source.tensor(name, tuple(p.shape), dtype, device))
-        state["live"] = idx
-
-    for layer in inner.layers:
-        layer.register_forward_pre_hook(materialize)
-    return model.eval()
 
 
 # ---- jobs ------------------------------------------------------------------------------------
