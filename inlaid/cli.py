@@ -35,6 +35,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _arg_type(annotation: Any) -> Callable[[str], Any]:
+    if annotation in (int, float):  # str(int) is "<class 'int'>", which the text match below misses
+        return annotation
     text = str(annotation)
     for name, fn in (("int", int), ("float", float)):
         if text.startswith(name) or f"{name} |" in text or f"| {name}" in text:

@@ -185,3 +185,12 @@ def test_bench_serve_cli_bad_input(capsys):
     assert "url must start with http://" in capsys.readouterr().err
     assert main(["bench", "serve", "--rate", "0"]) == 2
     assert "rate and cv must be > 0" in capsys.readouterr().err
+
+
+def test_engine_int_flags_parse_as_numbers():
+    """`inlaid serve --max-num-seqs 16` must give an int (the matrix driver passes these flags)."""
+    from inlaid.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--max-num-seqs", "16", "--max-loras", "3", "--aging-s", "2.5"])
+    assert (a.max_num_seqs, a.max_loras, a.aging_s) == (16, 3, 2.5)
+    assert type(a.max_num_seqs) is int and type(a.aging_s) is float
