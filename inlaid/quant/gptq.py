@@ -17,6 +17,11 @@ Invariants:
 - ``g_idx[k]`` is the group of input column ``k`` (original order). Without
   act-order or with static groups it is ``k // group_size``; act-order without
   static groups forms groups along the permuted order.
+- ``group_size`` need not divide ``in_features``: there are
+  ``ceil(in_features / group_size)`` groups and the last one is partial (e.g.
+  576 = 4·128 + 64). The GPTQ layout represents this as is (``g_idx`` names each
+  column's group; ``scales``/``qzeros`` have one row per group); packing is
+  along ``in_features`` and has its own multiple-of-32/8 rule (``pack.py``).
 - Deterministic for a given input on a given device.
 - Deviation from AutoGPTQ: non-static group parameters are taken from the
   *current* (error-updated) columns; the lazy block size is therefore rounded
@@ -71,8 +76,6 @@ def validate_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    if group_size != -1 and weight.shape[1] % group_size:
-        raise ValueError(f"in_features {weight.shape[1]} is not divisible by group_size {group_size}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf")
 

@@ -134,8 +134,13 @@ def evaluate_runs(
     data_dir: Path | None = None,
     max_batch_tokens: int = 2048,
     max_pool_slots: int = 4,
+    max_new_tokens_cap: int | None = None,
 ) -> EvalResults:
-    """Evaluate arbitrary (task, adapter) runs, all in one ``generate`` call and shared NLL batches."""
+    """Evaluate arbitrary (task, adapter) runs, all in one ``generate`` call and shared NLL batches.
+
+    ``max_new_tokens_cap`` lowers every task's generation budget (a speed knob for slow machines;
+    the metric is then on truncated outputs and must be labelled so).
+    """
     runs = _check_runs(llm, runs)
     tok = llm.tokenizer
     if tok is None:
@@ -148,7 +153,7 @@ def evaluate_runs(
     items = [_Item(i, p, a) for i, (t, _) in enumerate(runs) for p, a in encoded[t]]
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    preds = _generate(llm, runs, items) if generate else {}
+    preds = _generate(llm, runs, items, max_new_tokens_cap) if generate else {}
     seconds["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     logprobs = answer_logprobs(llm, [(it.prompt_ids, it.answer_ids, runs[it.run][1]) for it in items],
@@ -185,11 +190,20 @@ def _score(i: int, run: Run, examples: list[Example], items: list[_Item], preds:
 
 
 # ---- generation -----------------------------------------------------------------
-def _generate(llm: Any, runs: list[Run], items: list[_Item]) -> dict[int, list[str]]:
-    """Greedy generation of every item in one engine call; predictions grouped by run (stripped text)."""
+def _generate(llm: Any, runs: list[Run], items: list[_Item], cap: int | None = None) -> dict[int, list[str]]:
+    """Greedy generation of every item in one engine call; predictions grouped by run (stripped text).
+
+    Besides EOS, generation stops at any special token of the tokenizer (``<|im_start|>`` etc.):
+    a chat reply never contains one, and an adapter that ends its answer with the wrong turn
+    marker would otherwise ramble into a made-up next turn.
+    """
     from inlaid.sampling import SamplingParams
 
-    params = {i: SamplingParams(max_tokens=get_task(t).max_new_tokens, temperature=0.0) for i, (t, _) in enumerate(runs)}
+    if cap is not None and cap < 1:
+        raise ValueError(f"max_new_tokens_cap must be >= 1 or None, got {cap}")
+    stops = tuple(sorted(set(getattr(llm.tokenizer, "all_special_ids", []) or [])))
+    params = {i: SamplingParams(max_tokens=min(get_task(t).max_new_tokens, cap or 10**9), temperature=0.0,
+                                stop_token_ids=stops) for i, (t, _) in enumerate(runs)}  # fmt: skip
     outs = llm.generate([it.prompt_ids for it in items], [params[it.run] for it in items],
                         adapter=[runs[it.run][1] for it in items], use_tqdm=True)  # fmt: skip
     preds: dict[int, list[str]] = {i: [] for i in range(len(runs))}
