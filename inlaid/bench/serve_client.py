@@ -198,13 +198,14 @@ def _on_event(rec: ClientRecord, ev: dict[str, Any], now: float) -> None:
         rec.status, rec.error = "error", _error_message(json.dumps(ev).encode())
         return
     for choice in ev.get("choices") or []:
-        if choice.get("text"):
+        finish = choice.get("finish_reason")
+        if choice.get("text") or finish is None:  # a content chunk (text may be "" without a tokenizer)
             rec.chunks += 1
             if rec.first_token is None:
                 rec.first_token = now
-        if choice.get("finish_reason"):
-            rec.finish_reason = choice["finish_reason"]
-            if rec.first_token is None:  # every delta was empty text: first sign of output
+        if finish:
+            rec.finish_reason = finish
+            if rec.first_token is None:  # no content chunk came before the end
                 rec.first_token = now
     if ev.get("usage"):
         rec.completion_tokens = int(ev["usage"].get("completion_tokens", 0))

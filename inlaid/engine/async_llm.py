@@ -271,7 +271,7 @@ class AsyncLLM:
     ) -> None:
         if adapter is not None and (adapter in self._draining_adapters or adapter not in eng.list_adapters()):
             raise ModelNotFoundError(f"model {adapter!r} does not exist (or is being unloaded)")
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and eng.tokenizer is not None:  # no tokenizer (dummy shapes): the engine checks
             vocab = len(eng.tokenizer)
             bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:

@@ -78,6 +78,9 @@ class GenerationHandler:
 
     def __init__(self, llm: AsyncLLM, metrics: ServerMetrics) -> None:
         self.llm, self.metrics = llm, metrics
+        # Without a tokenizer (dummy-shape models) every delta_text is "": stream one empty-text chunk per
+        # step that adds tokens, so clients still see when tokens arrive (TTFT/TPOT at the client).
+        self.chunk_per_step = getattr(llm.engine, "tokenizer", True) is None
 
     async def handle(self, request: Request, kind: protocol.Kind) -> Response:
         label = UNKNOWN
@@ -196,7 +199,7 @@ class GenerationHandler:
 
     def _chunks(self, job: _Job, out: RequestOutput) -> list[dict]:
         chunks = []
-        if out.delta_text:
+        if out.delta_text or (self.chunk_per_step and out.delta_token_ids and not out.finished):
             delta: Any = out.delta_text if job.kind == "completion" else {"content": out.delta_text}
             chunks.append(protocol.chunk_body(job.kind, job.rid, job.model, delta, None))
         if out.finished:

@@ -194,3 +194,30 @@ def test_engine_int_flags_parse_as_numbers():
     a = build_parser().parse_args(["serve", "--max-num-seqs", "16", "--max-loras", "3", "--aging-s", "2.5"])
     assert (a.max_num_seqs, a.max_loras, a.aging_s) == (16, 3, 2.5)
     assert type(a.max_num_seqs) is int and type(a.aging_s) is float
+
+
+def test_tokenizer_less_dummy_model_streams_token_timing(tiny_llama_dir, tmp_path):
+    """Dummy-shape dirs have no tokenizer: token-id prompts are accepted and every decode step still
+    reaches the client as a (text-empty) chunk, so TTFT/TPOT are measured; usage gives the counts."""
+    import shutil
+
+    from inlaid.config import EngineConfig
+    from inlaid.engine.async_llm import AsyncLLM
+    from inlaid.server.app import build_app
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / f, bare / f)
+    llm = AsyncLLM.from_config(EngineConfig.from_kwargs(model=str(bare), device="cpu", load_format="dummy",
+                                                        num_blocks=128))
+    with _Server(build_app(llm)) as s:
+        res = bench_serve(ServeBenchConfig(workload=_workload(4, num_tasks=1, output_range=(4.0, 6.0)),
+                                           url=s.url, calibrate=1, task_names=("bare",)))
+    recs = res["records"]
+    assert [r["status"] for r in recs] == ["ok"] * 4, [r["error"] for r in recs]
+    for r in recs:
+        assert r["completion_tokens"] == r["max_tokens"] and r["tokens_from"] == "usage"
+        assert r["chunks"] == r["max_tokens"] - 1  # one chunk per token; the last comes with the finish chunk
+        assert r["sent"] < r["first_token"] < r["finish"]
+    assert res["summary"]["tpot_mean"] > 0 and res["isolated"]["probes"] == 1
