@@ -3,17 +3,19 @@
 For every (bits, group size) and method -- unquantized, MLGPTQ (and its PSD
 repairs), GPTQ-mixed, RTN and per-task GPTQ (``gptq-single`` with the task's own
 Hessian, one model per task) -- evaluates each task through OUR engine
-(``LLM``, greedy, batched, every adapter in one run) and reports the task
-metric and the answer-token NLL (teacher forcing with the engine's model and a
-one-slot LoRA pool). Calibration runs once per task (train split, with the
+(``inlaid.tasks.evaluate``: greedy, one mixed run with every task's adapter)
+and reports the task metric and the answer-token NLL (teacher forcing with the
+engine's model and a LoRA pool). Calibration runs once per task (train split, with the
 task's adapter) into one Hessian store; every method is then quantized from it.
 
 Real run (bundled SmolLM2 + the demo adapters in inlaid/adapters/<task>/;
 tasks without an adapter directory are calibrated and evaluated on the bare base
 and marked so):
 
-    PYTHONPATH=. python benchmarks/quality.py --limit 50 --configs 4:64,3:64 \\
-        --out benchmarks/results/quality.md
+    PYTHONPATH=. python benchmarks/quality.py --limit 20 --nll-only --configs 3:64,4:128 \\
+        --calib-samples 32 --single-tasks math_gsm,translate_en_de --out benchmarks/results/quality.md
+
+(group 128 leaves a partial last group on SmolLM2's 576 inputs; supported.)
 
 Demo on the tiny random model with random adapters and synthetic JSONL
 (exercises every code path in about a minute):
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,12 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class TaskSpec:
-    name: str
+    name: str  # a task of inlaid.tasks.registry (its data: data_dir/<name>/{train,test}.jsonl)
     adapter: str | None
     calib: Path
-    examples: list[Any]  # inlaid.tasks.dataset.Example-like: prompt, completion
-    metric: str
-    max_new_tokens: int
 
 
 @dataclass
@@ -60,66 +60,24 @@ class Results:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def answer_logprobs(llm: Any, adapter_path: str | None, prompt_ids: list[int], answer_ids: list[int]) -> list[float]:
-    """log p(answer token | prefix) under the engine's model with the adapter (teacher forcing)."""
-    from inlaid.kernels.paged_attention import allocate_kv_caches
-    from inlaid.lora.adapter import load_adapter
-    from inlaid.quant.calibrate import BLOCK_SIZE, prefill_batch, single_adapter_pool
-
-    parts = llm.engine.parts
-    model, arch, dev = parts.model, parts.arch, parts.device
-    ids = prompt_ids + answer_ids
-    pool = single_adapter_pool(load_adapter("eval", adapter_path), arch, dev, parts.dtype) if adapter_path else None
-    batch, n_blocks = prefill_batch([ids], dev, 0 if pool else -1)
-    caches = allocate_kv_caches(arch.num_layers, n_blocks, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim,
-                                parts.dtype, dev)  # fmt: skip
-    saved = model.lora_hook
-    model.lora_hook = pool
-    try:
-        with torch.inference_mode():
-            hidden = model(batch, caches)
-            rows = torch.arange(len(prompt_ids) - 1, len(ids) - 1, device=dev)
-            logp = torch.log_softmax(model.compute_logits(hidden.index_select(0, rows)), dim=-1)
-    finally:
-        model.lora_hook = saved
-    return logp.gather(1, torch.tensor(answer_ids, device=dev)[:, None])[:, 0].tolist()
-
-
-def evaluate(model_dir: Path, tasks: list[TaskSpec], with_generation: bool) -> dict[str, Cell]:
-    """Metric (greedy generation, all tasks batched together) and answer NLL per task."""
-    from inlaid import LLM, SamplingParams
-    from inlaid.tasks.metrics import answer_nll, compute_metric
-    from inlaid.tasks.prompting import encode_example
-    from inlaid.tasks.registry import Task
+def evaluate(model_dir: Path, tasks: list[TaskSpec], with_generation: bool, limit: int,
+             data_dir: Path | None) -> dict[str, Cell]:  # fmt: skip
+    """Metric and answer NLL per task via ``inlaid.tasks.evaluate`` (one mixed engine run, each task's adapter)."""
+    from inlaid import LLM
+    from inlaid.tasks.evaluate import evaluate_runs
 
     adapters = {t.name: t.adapter for t in tasks if t.adapter}
     llm = LLM(model=str(model_dir), adapters=adapters, device="cpu", max_loras=max(1, len(adapters)),
               max_lora_rank=64, max_model_len=2048)  # fmt: skip
-    tok = llm.tokenizer
-    enc = {}
-    for t in tasks:
-        shim = Task(t.name, "qa", "-", "-", "{input}", t.metric, t.max_new_tokens, 1, ("q_proj",))
-        enc[t.name] = [encode_example(tok, shim, e.prompt, e.completion) for e in t.examples]
-    metrics = {t.name: float("nan") for t in tasks}
-    if with_generation:
-        prompts = [p for t in tasks for p, _ in enc[t.name]]
-        which = [t.name if t.adapter else None for t in tasks for _ in enc[t.name]]
-        params = [SamplingParams(max_tokens=t.max_new_tokens, temperature=0.0) for t in tasks for _ in enc[t.name]]
-        outs = iter(llm.generate(prompts, params, adapter=which, use_tqdm=True))
-        for t in tasks:
-            preds = [next(outs).text.strip() for _ in enc[t.name]]
-            metrics[t.name] = compute_metric(t.metric, preds, [e.completion for e in t.examples])
-    cells = {}
-    for t in tasks:
-        lps = [answer_logprobs(llm, t.adapter, p, a) for p, a in enc[t.name]]
-        cells[t.name] = Cell(metrics[t.name], answer_nll(lps))
-    return cells
+    runs = [(t.name, t.name if t.adapter else None) for t in tasks]
+    res = evaluate_runs(llm, runs, limit=limit, generate=with_generation, data_dir=data_dir)
+    return {r.task: Cell(r.metric, r.nll) for r in res.runs}
 
 
 # ---- task setup -------------------------------------------------------------------
-def real_tasks(names: list[str] | None, adapters_dir: Path, limit: int, work: Path) -> list[TaskSpec]:
-    """Tasks of the suite: test split (first ``limit``) for eval, train split for calibration."""
-    from inlaid.tasks.dataset import load_split, split_path
+def real_tasks(names: list[str] | None, adapters_dir: Path) -> list[TaskSpec]:
+    """Tasks of the suite with their demo adapters; the train split is the calibration data."""
+    from inlaid.tasks.dataset import split_path
     from inlaid.tasks.registry import resolve_tasks
 
     specs = []
@@ -128,34 +86,32 @@ def real_tasks(names: list[str] | None, adapters_dir: Path, limit: int, work: Pa
         adapter = str(adir) if (adir / "adapter_config.json").is_file() else None
         if adapter is None:
             logger.warning("task %s: no adapter in %s; calibrating and evaluating the bare base", task.name, adir)
-        specs.append(TaskSpec(task.name, adapter, split_path(task.name, "train"), load_split(task.name, "test", limit),
-                              task.metric, task.max_new_tokens))  # fmt: skip
+        specs.append(TaskSpec(task.name, adapter, split_path(task.name, "train")))
     return specs
 
 
-def tiny_tasks(work: Path, limit: int) -> tuple[Path, list[TaskSpec]]:
-    """The tiny random model, three random PEFT adapters and synthetic prompt/completion JSONL."""
+def tiny_tasks(work: Path, limit: int) -> tuple[Path, Path, list[TaskSpec]]:
+    """The tiny random model, three random PEFT adapters and synthetic data under three suite task names."""
     from tiny import make_peft_adapter, make_tiny_llama_dir
-
-    from inlaid.tasks.dataset import Example
 
     base = work / "tiny_base"
     if not (base / "config.json").is_file():
         make_tiny_llama_dir(base)
-    kinds = {"copy": (["q_proj", "v_proj"], lambda i: f"cat {i}", lambda i: f"cat {i}"),
-             "add": (["gate_proj", "up_proj", "down_proj"], lambda i: f"{i} + {i}", lambda i: str(2 * i)),
-             "greet": (["q_proj", "k_proj", "v_proj", "o_proj"], lambda i: f"Hello {i}", lambda i: "Hello world")}
+    kinds = {"definitions": (["q_proj", "v_proj"], lambda i: f"cat {i}", lambda i: f"cat {i}"),
+             "math_gsm": (["gate_proj", "up_proj", "down_proj"], lambda i: f"{i} + {i}", lambda i: str(2 * i)),
+             "trivia_qa": (["q_proj", "k_proj", "v_proj", "o_proj"], lambda i: f"Hello {i}", lambda i: "Hello world")}
+    data_dir = work / "tiny_data"
     specs = []
     for k, (name, (targets, prompt, answer)) in enumerate(kinds.items()):
         adir = work / f"tiny_adapter_{name}"
         if not (adir / "adapter_config.json").is_file():
             make_peft_adapter(base, adir, 4, targets, seed=10 + k)
-        rows = [{"prompt": prompt(i), "completion": answer(i)} for i in range(40 + limit)]
-        calib = work / f"tiny_{name}.jsonl"
-        calib.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-        examples = [Example(f"{name}/{i}", name, r["prompt"], r["completion"]) for i, r in enumerate(rows[40:])]
-        specs.append(TaskSpec(name, str(adir), calib, examples, "rougeL", 8))
-    return base, specs
+        rows = [{"id": f"{name}/{i}", "prompt": prompt(i), "completion": answer(i)} for i in range(40 + limit)]
+        (data_dir / name).mkdir(parents=True, exist_ok=True)
+        (data_dir / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+        (data_dir / name / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+        specs.append(TaskSpec(name, str(adir), data_dir / name / "train.jsonl"))
+    return base, data_dir, specs
 
 
 # ---- quantization -------------------------------------------------------------------
@@ -204,18 +160,19 @@ def write_checkpoint(src: Path, store: Any, tasks: list[str], method: str, bits:
 def run(args: argparse.Namespace) -> Results:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    data_dir = None
     if args.tiny:
-        base, tasks = tiny_tasks(work, args.limit)
+        base, data_dir, tasks = tiny_tasks(work, args.limit)
         model = str(base)
     else:
-        model, tasks = args.model, real_tasks(args.tasks, Path(args.adapters_dir), args.limit, work)
+        model, tasks = args.model, real_tasks(args.tasks, Path(args.adapters_dir))
     res = Results()
     t0 = time.perf_counter()
     store, src = build_store(model, tasks, work, args.calib_samples, args.max_seq_len)
     res.seconds["calibrate"] = time.perf_counter() - t0
     names = [t.name for t in tasks]
     gen = not args.nll_only
-    for name, cell in evaluate(src, tasks, gen).items():
+    for name, cell in evaluate(src, tasks, gen, args.limit, data_dir).items():
         res.cells[("fp", "unquantized", name)] = cell
     for cfg in args.configs.split(","):
         bits, gs = (int(v) for v in cfg.split(":"))
@@ -223,14 +180,18 @@ def run(args: argparse.Namespace) -> Results:
             t1 = time.perf_counter()
             qdir = write_checkpoint(src, store, names, method, bits, gs, args.sym, None, work / f"{method}-{bits}-{gs}")
             res.seconds[f"quantize {method} {cfg}"] = time.perf_counter() - t1
-            for name, cell in evaluate(qdir, tasks, gen).items():
+            for name, cell in evaluate(qdir, tasks, gen, args.limit, data_dir).items():
                 res.cells[(cfg, method, name)] = cell
         if "gptq-single" in args.methods.split(","):
-            for t in tasks:
+            single = set(args.single_tasks.split(",")) if args.single_tasks else set(names)
+            for t in [t for t in tasks if t.name in single]:
+                t1 = time.perf_counter()
                 qdir = write_checkpoint(src, store, names, "gptq-single", bits, gs, args.sym, t.name,
                                         work / f"single-{t.name}-{bits}-{gs}")  # fmt: skip
-                res.cells[(cfg, "gptq-single", t.name)] = evaluate(qdir, [t], gen)[t.name]
+                res.seconds[f"quantize gptq-single[{t.name}] {cfg}"] = time.perf_counter() - t1
+                res.cells[(cfg, "gptq-single", t.name)] = evaluate(qdir, [t], gen, args.limit, data_dir)[t.name]
         logger.info("config %s done", cfg)
+    res.seconds["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
 
@@ -266,7 +227,8 @@ def to_markdown(res: Results, args: argparse.Namespace, tasks: list[str], comman
                 vals.append(f"{100 * sum(d) / len(d):+.1f}%" if d else "n/a")
             drops.append(" / ".join(vals))
         lines += ["| **mean rel. drop** (metric / NLL) | - | " + " | ".join(drops) + " |", ""]
-    lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()), ""]
+    lines += ["Timings (s) and peak RSS of the whole run (MB): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()), ""]
     return "\n".join(lines)
 
 
@@ -281,7 +243,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples per task (train split)")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--configs", default="4:128,4:64,3:128,3:64", help="bits:group_size, comma-separated")
-    p.add_argument("--methods", default="mlgptq,gptq-mixed,rtn,gptq-single")
+    p.add_argument("--methods", default="mlgptq,mlgptq-psd,mlgptq-diag,gptq-mixed,rtn,gptq-single")
+    p.add_argument("--single-tasks", default=None, help="gptq-single only for these tasks (default: every task)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--nll-only", action="store_true", help="skip generation (metric columns become nan)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + random adapters + synthetic data")
