@@ -6,36 +6,14 @@ a ``gpu`` test at Llama-2-7B projection shapes with 32 distinct adapters.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
-                allow_module_level=True)
+from triton_setup import DEVICE, TOL, kernel_module  # skips the module without triton
+from inlaid.kernels import lora_sgmv
 
-from inlaid.kernels import lora_sgmv  # noqa: E402
-
-
-def _kernel_module(name: str):
-    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
-    mod = importlib.import_module(f"inlaid.kernels.{name}")
-    if not HAS_CUDA and not mod.kernels_interpreted():
-        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
-    return mod
-
-
-lk = _kernel_module("lora_sgmv_triton")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+lk = kernel_module("lora_sgmv_triton")
 
 
 def _stacks(s: int, r: int, d_in: int, d_out: int, dtype: torch.dtype, seed: int):

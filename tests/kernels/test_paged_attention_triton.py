@@ -6,35 +6,14 @@ a ``gpu`` test at Llama-2-7B (MHA) and GQA shapes with long contexts.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
-                allow_module_level=True)
+from triton_setup import DEVICE, HAS_CUDA, kernel_module  # skips the module without triton
+from inlaid.kernels import paged_attention as ref_mod
 
-from inlaid.kernels import paged_attention as ref_mod  # noqa: E402
-
-
-def _kernel_module(name: str):
-    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
-    mod = importlib.import_module(f"inlaid.kernels.{name}")
-    if not HAS_CUDA and not mod.kernels_interpreted():
-        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
-    return mod
-
-
-pk = _kernel_module("paged_attention_triton")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+pk = kernel_module("paged_attention_triton")
 TOL = {torch.float32: 5e-3 if HAS_CUDA else 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 

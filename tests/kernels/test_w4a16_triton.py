@@ -9,35 +9,14 @@ pack helpers) and the reference reads the original, un-permuted g_idx.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
-                allow_module_level=True)
+from triton_setup import DEVICE, kernel_module  # skips the module without triton
+from inlaid.kernels import gptq_dequant
 
-from inlaid.kernels import gptq_dequant  # noqa: E402
-
-
-def _kernel_module(name: str):
-    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
-    mod = importlib.import_module(f"inlaid.kernels.{name}")
-    if not HAS_CUDA and not mod.kernels_interpreted():
-        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
-    return mod
-
-
-wk = _kernel_module("w4a16_gemm")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+wk = kernel_module("w4a16_gemm")
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

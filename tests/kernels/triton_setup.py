@@ -1,0 +1,35 @@
+"""Shared set-up of the Triton kernel tests: interpreter on CPU, device, tolerances.
+
+Importing this module skips the importing test module when triton is missing or
+was imported before ``TRITON_INTERPRET=1`` could take effect (tests/conftest.py
+sets it first on CPU machines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first `import triton`: triton's own jit helpers read it at import
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
+                allow_module_level=True)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def kernel_module(name: str) -> ModuleType:
+    """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
+    mod = importlib.import_module(f"inlaid.kernels.{name}")
+    if not HAS_CUDA and not mod.kernels_interpreted():
+        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
+    return mod
