@@ -35,11 +35,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_engine(model: str, device: str, num_blocks: int, n_adapters: int) -> LLMEngine:
+def build_engine(model: str, device: str, num_blocks: int, n_adapters: int, max_num_seqs: int = 64) -> LLMEngine:
+    """A dummy-weight engine with ``n_adapters`` random rank-16 adapters on all 7 projections."""
     cfg = EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype="bfloat16" if device != "cpu" else "float32"),
         cache=CacheConfig(num_blocks=num_blocks, block_size=16),
-        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192),
         lora=LoRAConfig(max_loras=max(n_adapters, 1), max_lora_rank=16),
         device=device,
     )

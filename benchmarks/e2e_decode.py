@@ -32,28 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_baseline import MODELS, decode_tps, hf_model, run_hf, run_inlaid  # noqa: E402
+from decode_baseline import build_engine as baseline_engine  # noqa: E402
 
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from inlaid.engine.llm_engine import LLMEngine  # noqa: E402
-from inlaid.lora.synthetic import random_adapter  # noqa: E402
 from inlaid.model.layers import ParallelLinear  # noqa: E402
 from inlaid.quant.linear import GPTQLinearMethod, replace_linears  # noqa: E402
 
 
 def build_engine(model: str, device: str, num_blocks: int, n_adapters: int) -> LLMEngine:
-    """decode_baseline's engine, but up to 128 sequences a step (batch 100/128 rows) and bf16 on CUDA."""
-    cfg = EngineConfig(
-        model=ModelConfig(model=model, load_format="dummy", dtype="bfloat16" if device != "cpu" else "float32"),
-        cache=CacheConfig(num_blocks=num_blocks, block_size=16),
-        scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=8192),
-        lora=LoRAConfig(max_loras=max(n_adapters, 1), max_lora_rank=16),
-        device=device,
-    )
-    eng = LLMEngine(cfg)
-    arch = eng.parts.arch
-    for i in range(n_adapters):
-        eng.registry.add(random_adapter(f"a{i}", arch.lora_module_shapes(), arch.num_layers, 16, seed=i))
-    return eng
+    """decode_baseline's engine with up to 128 sequences a step (the batch 100/128 rows)."""
+    return baseline_engine(model, device, num_blocks, n_adapters, max_num_seqs=128)
 
 
 @torch.no_grad()
