@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.bench.engine_driver import build_bench_engine
+from inlaid.config import SchedulerConfig
 from inlaid.engine.llm_engine import LLMEngine
-from inlaid.lora.synthetic import random_adapter
 from inlaid.sampling import SamplingParams
 
 HERE = Path(__file__).resolve().parent
@@ -36,19 +36,9 @@ def sync(device: str) -> None:
 
 
 def build_engine(model: str, device: str, num_blocks: int, n_adapters: int, max_num_seqs: int = 64) -> LLMEngine:
-    """A dummy-weight engine with ``n_adapters`` random rank-16 adapters on all 7 projections."""
-    cfg = EngineConfig(
-        model=ModelConfig(model=model, load_format="dummy", dtype="bfloat16" if device != "cpu" else "float32"),
-        cache=CacheConfig(num_blocks=num_blocks, block_size=16),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192),
-        lora=LoRAConfig(max_loras=max(n_adapters, 1), max_lora_rank=16),
-        device=device,
-    )
-    eng = LLMEngine(cfg)
-    arch = eng.parts.arch
-    for i in range(n_adapters):
-        eng.registry.add(random_adapter(f"a{i}", arch.lora_module_shapes(), arch.num_layers, 16, seed=i))
-    return eng
+    """A dummy-weight engine with ``n_adapters`` random rank-16 adapters ``a0..`` on all 7 projections."""
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+    return build_bench_engine(model, device, max(n_adapters, 1), n_adapters, 16, num_blocks, sched, name_prefix="a")
 
 
 def run_inlaid(eng: LLMEngine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import platform
 import time
@@ -31,9 +30,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.bench.engine_driver import build_bench_engine
+from inlaid.config import SchedulerConfig
 from inlaid.engine.llm_engine import LLMEngine
-from inlaid.lora.synthetic import random_adapter
 from inlaid.sampling import SamplingParams
 from inlaid.sim.cost_model import StepCostModel, cost_model_to_json, fit_cost_model, r_squared
 
@@ -45,18 +44,8 @@ Sample = tuple[list[float], float]
 
 def build_engine(model: str, device: str, slots: int, num_adapters: int, rank: int, num_blocks: int) -> LLMEngine:
     """Engine with dummy weights, ``slots`` device adapter slots and ``num_adapters`` random adapters on the host."""
-    cfg = EngineConfig(
-        model=ModelConfig(model=model, load_format="dummy", dtype="float32" if device == "cpu" else "bfloat16"),
-        cache=CacheConfig(num_blocks=num_blocks, block_size=16),
-        scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, max_queue_len=100_000),
-        lora=LoRAConfig(max_loras=slots, max_lora_rank=rank),
-        device=device,
-    )
-    eng = LLMEngine(cfg)
-    arch = eng.parts.arch
-    for i in range(num_adapters):
-        eng.registry.add(random_adapter(f"a{i}", arch.lora_module_shapes(), arch.num_layers, rank, seed=i))
-    return eng
+    sched = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, max_queue_len=100_000)
+    return build_bench_engine(model, device, slots, num_adapters, rank, num_blocks, sched, name_prefix="a")
 
 
 class TimedEngine:

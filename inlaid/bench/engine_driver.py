@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 def build_bench_engine(model: str, device: str = "cpu", slots: int = 4, num_adapters: int = 8, rank: int = 16,
                        num_blocks: int = 256, sched: SchedulerConfig | None = None,
-                       dummy: bool = True) -> "LLMEngine":  # noqa: F821
-    """An engine over ``model`` (dummy weights unless ``dummy=False``) with adapters ``t0..t{n-1}``."""
+                       dummy: bool = True, name_prefix: str = "t") -> "LLMEngine":  # noqa: F821
+    """An engine over ``model`` (dummy weights unless ``dummy=False``) with random adapters
+    ``{name_prefix}0..{name_prefix}{n-1}`` on the host (all 7 projections, rank ``rank``)."""
     from inlaid.engine.llm_engine import LLMEngine
     from inlaid.lora.synthetic import random_adapter
 
@@ -60,7 +61,7 @@ def build_bench_engine(model: str, device: str = "cpu", slots: int = 4, num_adap
     eng = LLMEngine(cfg)
     arch = eng.parts.arch
     for i in range(num_adapters):
-        eng.registry.add(random_adapter(f"t{i}", arch.lora_module_shapes(), arch.num_layers, rank, seed=i))
+        eng.registry.add(random_adapter(f"{name_prefix}{i}", arch.lora_module_shapes(), arch.num_layers, rank, seed=i))
     return eng
 
 
