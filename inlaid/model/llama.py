@@ -24,7 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -153,9 +153,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the parameters; ValueError on missing/unexpected/misshaped ones."""
-        params = dict(self.named_parameters())
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     targets: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Copy HF-named tensors into ``targets`` (default: the parameters; a quantized model adds its
+        GPTQ buffers); ValueError on missing/unexpected/misshaped ones."""
+        params = dict(targets) if targets is not None else dict(self.named_parameters())
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name, tensor in weights:
@@ -166,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
                 unexpected.append(name)
                 continue
             if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                raise ValueError(f"weight {name}: the checkpoint has shape {tuple(tensor.shape)}, the model expects "
                                  f"{tuple(param.shape)} (does config.json match the weights?)")
             param.copy_(tensor)
             loaded.add(name)

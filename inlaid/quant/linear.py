@@ -204,31 +204,16 @@ def load_gptq_model(path: str | Path, arch: ModelArch, device: torch.device, dty
     return model.eval()
 
 
-_SKIP = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-
 @torch.no_grad()
 def _fill(model: LlamaForCausalLM, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load dense tensors and GPTQ buffers through the model's own loader (same name/shape checks)."""
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update((n, b) for n, b in model.named_buffers() if "rotary_emb" not in n and not n.endswith("dq_weight"))
-    loaded, unexpected = set(), []
-    for name, t in tensors.items():
-        if name.endswith(_SKIP) or (model.lm_head is None and name == "lm_head.weight"):
-            continue
-        dst = targets.get(name)
-        if dst is None:
-            unexpected.append(name)
-            continue
-        if tuple(dst.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(dst.shape)} "
-                                  "(does config.json match the checkpoint?)")  # fmt: skip
-        dst.copy_(t)
-        loaded.add(name)
-    missing = sorted(set(targets) - loaded)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: GPTQ checkpoint does not match {model.arch.architecture}: missing "
-                              f"{missing[:6]}, unexpected {unexpected[:6]} (only the 7 decoder projections may "
-                              "be quantized; everything else must be dense)")  # fmt: skip
+    try:
+        model.load_weights(tensors.items(), targets=targets)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: GPTQ checkpoint: {exc} (only the 7 decoder projections may be quantized; "
+                              "everything else must be dense)") from exc
 
 
 def dense_reference(model: nn.Module) -> dict[str, torch.Tensor]:
