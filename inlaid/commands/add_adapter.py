@@ -12,10 +12,10 @@ on the server instead. Without either the adapter is served on the current base.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -34,22 +34,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def read_rows(path: str, max_samples: int) -> list[dict[str, Any]]:
-    """JSON-object rows of a JSONL file (ValueError naming the file and line when malformed or empty)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"calibration file {file} does not exist")
-    rows = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip() and len(rows) < max_samples:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{lineno}: each line must be a JSON object")
-            rows.append(row)
+    """The first ``max_samples`` JSON-object rows of a calibration JSONL file (clear error when malformed or empty)."""
+    from inlaid.quant.calibrate import iter_calibration_rows
+
+    rows = [row for _, row in itertools.islice(iter_calibration_rows(path), max_samples)]
     if not rows:
-        raise ValueError(f"calibration file {file} has no rows; give at least one JSONL line")
+        raise ValueError(f"calibration file {path} has no rows; give at least one JSONL line")
     return rows
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -77,22 +77,14 @@ def _row_ids(tokenizer: Any, row: dict[str, Any], where: str) -> list[int]:
     return list(tokenizer(prompt + completion, add_special_tokens=True)["input_ids"])
 
 
-def load_calibration(
-    path: str | Path, tokenizer: Any, max_samples: int = 128, max_tokens: int = 65536, max_seq_len: int = 512
-) -> list[list[int]]:
-    """Token-id samples of one task from a JSONL file (caps: samples, total tokens, tokens per sample)."""
-    if min(max_samples, max_tokens, max_seq_len) < 1:
-        raise ValueError(f"max_samples, max_tokens, max_seq_len must be >= 1, got {max_samples}, "
-                         f"{max_tokens}, {max_seq_len}")  # fmt: skip
+def iter_calibration_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("file:line", row)`` for every non-empty line of a calibration JSONL file; CalibrationError naming
+    the file and line when it is missing, not JSON, or not an object."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist (expected JSONL with prompt/completion or text)")
-    samples: list[list[int]] = []
-    budget = max_tokens
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if len(samples) >= max_samples or budget <= 0:
-                break
             if not line.strip():
                 continue
             try:
@@ -101,10 +93,26 @@ def load_calibration(
                 raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e})") from e
             if not isinstance(row, dict):
                 raise CalibrationError(f"{path}:{lineno}: each line must be a JSON object")
-            ids = _row_ids(tokenizer, row, f"{path}:{lineno}")[: min(max_seq_len, budget)]
-            if ids:
-                samples.append(ids)
-                budget -= len(ids)
+            yield f"{path}:{lineno}", row
+
+
+def load_calibration(
+    path: str | Path, tokenizer: Any, max_samples: int = 128, max_tokens: int = 65536, max_seq_len: int = 512
+) -> list[list[int]]:
+    """Token-id samples of one task from a JSONL file (caps: samples, total tokens, tokens per sample)."""
+    if min(max_samples, max_tokens, max_seq_len) < 1:
+        raise ValueError(f"max_samples, max_tokens, max_seq_len must be >= 1, got {max_samples}, "
+                         f"{max_tokens}, {max_seq_len}")  # fmt: skip
+    path = Path(path)
+    samples: list[list[int]] = []
+    budget = max_tokens
+    for where, row in iter_calibration_rows(path):
+        if len(samples) >= max_samples or budget <= 0:
+            break
+        ids = _row_ids(tokenizer, row, where)[: min(max_seq_len, budget)]
+        if ids:
+            samples.append(ids)
+            budget -= len(ids)
     if not samples:
         raise CalibrationError(f"calibration file {path} has no usable examples; give at least one JSONL line")
     logger.info("calibration %s: %d samples, %d tokens", path.name, len(samples), sum(map(len, samples)))
