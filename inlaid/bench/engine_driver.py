@@ -34,6 +34,8 @@ from tqdm import tqdm
 from inlaid.bench.metrics import RequestRecord
 from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.core.policies import Policy
+from inlaid.core.predictor import LengthPredictor
 from inlaid.core.scheduler import Scheduler, SchedulerStats
 from inlaid.sampling import SamplingParams
 from inlaid.sim.cost_model import StepCostModel
@@ -85,6 +87,8 @@ class ReplayResult:
     wall_s: float
     samples: list[tuple[list[float], float]]
     """(``StepCostModel.features`` of the step, its measured seconds) per executed step."""
+    complete: bool = True
+    """False when ``max_wall_s`` stopped the replay: unfinished requests were aborted and have no record."""
 
 
 class _Runner:
@@ -116,27 +120,41 @@ class _Runner:
         return res
 
 
-def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable[[], float]) -> Scheduler:  # noqa: F821
-    """A new scheduler with the engine's capacity and ``sched``'s policy/limits, installed in the engine."""
+PolicyFactory = Callable[[LengthPredictor], Policy]
+"""Builds a policy around the scheduler's length predictor (ablation variants, see ``policy_sweep``)."""
+
+
+def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable[[], float],  # noqa: F821
+                    policy_factory: PolicyFactory | None = None) -> Scheduler:
+    """A new scheduler with the engine's capacity and ``sched``'s policy/limits, installed in the engine.
+
+    With ``policy_factory`` the policy is ``policy_factory(predictor)`` instead of ``sched.policy``'s default.
+    """
     p = engine.parts
+    predictor = LengthPredictor()
+    policy = policy_factory(predictor) if policy_factory is not None else None
     engine.scheduler = Scheduler(sched, p.num_blocks, engine.config.cache.block_size, engine.config.lora.max_loras,
-                                 max_model_len=engine.max_model_len, clock=clock)
+                                 max_model_len=engine.max_model_len, clock=clock, predictor=predictor,
+                                 policy=policy)
     return engine.scheduler
 
 
 def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerConfig, vocab: int = 1000,  # noqa: F821
            sync: Callable[[], None] = lambda: None, desc: str = "replay",
            timer: Callable[[], float] = time.perf_counter,
-           step_cost: Callable[[list[float]], float] | None = None) -> ReplayResult:
+           step_cost: Callable[[list[float]], float] | None = None,
+           policy_factory: PolicyFactory | None = None, max_wall_s: float | None = None) -> ReplayResult:
     """Serve ``specs`` through ``engine`` under ``sched`` on a virtual clock (see the module docstring).
 
     ``timer`` measures a step (``time.process_time`` on a shared CPU, wall time on CUDA). With
     ``step_cost`` (e.g. ``StepCostModel.cost``) the clock instead advances by that function of the
     step's features: a deterministic *model clock*, so the engine and the simulator differ only in
-    how they drive the scheduler, not in timing noise.
+    how they drive the scheduler, not in timing noise. ``policy_factory``: see ``fresh_scheduler``.
+    ``max_wall_s``: after that many wall seconds the replay stops, aborts what is unfinished (no record
+    for it) and returns with ``complete=False``.
     """
     clock = VirtualClock()
-    sch = fresh_scheduler(engine, sched, clock)
+    sch = fresh_scheduler(engine, sched, clock, policy_factory)
     eos = engine.parts.eos_token_id if engine.parts.eos_token_id is not None else 0
     runner_execute = engine.runner.execute
     wrapped = _Runner(runner_execute, {s.request_id: s.output_len for s in specs}, eos, (eos + 1) % vocab, clock,
@@ -150,9 +168,14 @@ def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerCo
     step_times: list[float] = []
     samples: list[tuple[list[float], float]] = []
     i, t_wall = 0, time.perf_counter()
+    complete = True
     try:
         with tqdm(total=len(specs), desc=desc, leave=False) as bar:
             while len(done) < len(specs):
+                if max_wall_s is not None and time.perf_counter() - t_wall > max_wall_s:
+                    complete = False
+                    _abort_all(engine, [s.request_id for s in pending[:i] if s.request_id not in done])
+                    break
                 while i < len(pending) and pending[i].arrival <= clock.t:
                     _inject(engine, pending[i], vocab)
                     i += 1
@@ -176,7 +199,14 @@ def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerCo
                         bar.update(1)
     finally:
         engine.runner.execute = runner_execute  # type: ignore[method-assign]
-    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples)
+    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete)
+
+
+def _abort_all(engine: "LLMEngine", request_ids: list[str]) -> None:  # noqa: F821
+    """Abort ``request_ids`` and step the engine until it holds nothing (a replay cut short)."""
+    engine.abort_request(request_ids)
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def _inject(engine: "LLMEngine", spec: RequestSpec, vocab: int) -> None:  # noqa: F821
