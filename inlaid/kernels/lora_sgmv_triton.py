@@ -3,7 +3,7 @@
 Owns the GPU path of ``out[t] += scaling[s] * (x[t] @ A[s]ᵀ) @ B[s]ᵀ`` with
 ``s = token_slots[t]`` (``-1`` = no adapter: row left untouched). The torch
 reference it must match is ``inlaid.kernels.lora_sgmv.lora_apply`` (SGMV) /
-``lora_apply_bgmv``; this module imports nothing from ``inlaid``.
+``lora_apply_bgmv``; this module imports nothing from ``inlaid`` outside ``inlaid.kernels``.
 
 Shapes (one layer, one projection; same as the reference and ``LoRAPool``):
 ``x`` [T, in], ``out`` [T, out], ``a_stack`` [S, R, in], ``b_stack`` [S, out, R]
@@ -29,26 +29,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - machines without triton use the reference
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-
-def kernels_interpreted() -> bool:
-    """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return HAS_TRITON and type(globals().get("_shrink_kernel")).__name__ == "InterpretedFunction"
-
-
-def triton_usable(t: torch.Tensor) -> bool:
-    """True when this module's Triton kernels can run on ``t``'s device (CUDA, or CPU when interpreted)."""
-    return HAS_TRITON and (t.is_cuda or kernels_interpreted())
-
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 if HAS_TRITON:
 

@@ -5,7 +5,7 @@ sequence over that sequence's blocks in the paged KV cache. Semantics, cache
 layout and masking are exactly those of the torch reference
 ``inlaid.kernels.paged_attention.paged_attention`` called with
 ``query_start_loc = arange(B + 1)`` and ``max_query_len = 1``; this module
-imports nothing from ``inlaid``.
+imports nothing from ``inlaid`` outside ``inlaid.kernels``.
 
 Shapes: ``q`` [B, H, D]; ``kv_cache`` [2, num_blocks, block_size, KVH, D]
 (keys at index 0, values at 1); ``block_tables`` [B, max_blocks] int32;
@@ -35,27 +35,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - machines without triton use the reference
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 _NO_WINDOW = 1 << 30
-
-
-def kernels_interpreted() -> bool:
-    """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return HAS_TRITON and type(globals().get("_decode_kernel")).__name__ == "InterpretedFunction"
-
-
-def triton_usable(t: torch.Tensor) -> bool:
-    """True when this module's Triton kernels can run on ``t``'s device (CUDA, or CPU when interpreted)."""
-    return HAS_TRITON and (t.is_cuda or kernels_interpreted())
 
 
 if HAS_TRITON:

@@ -26,10 +26,17 @@ if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
+_KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_gemm", "lora_sgmv_triton",
+                   "paged_attention_triton")  # dependency order: a reload must see reloaded dependencies
+
 
 def kernel_module(name: str) -> ModuleType:
     """The kernel module, (re)imported so that on CPU its kernels run in the Triton interpreter."""
     mod = importlib.import_module(f"inlaid.kernels.{name}")
-    if not HAS_CUDA and not mod.kernels_interpreted():
-        mod = importlib.reload(mod)  # it was imported before TRITON_INTERPRET=1 was set
+    if not HAS_CUDA and not mod.kernels_interpreted():  # imported before TRITON_INTERPRET=1 was set
+        importlib.reload(importlib.import_module("inlaid.kernels._triton"))
+        for dep in _KERNEL_MODULES:
+            if f"inlaid.kernels.{dep}" in sys.modules:
+                importlib.reload(sys.modules[f"inlaid.kernels.{dep}"])
+        mod = importlib.import_module(f"inlaid.kernels.{name}")
     return mod

@@ -1,0 +1,273 @@
+"""Small-M W4A16 (GEMV / skinny GEMM, M <= 16) on monotone 4-bit GPTQ tensors: Triton kernel + launcher.
+
+Torch reference: ``inlaid.kernels.gptq_dequant.gptq_linear`` (dequantize in
+fp32, cast once, matmul); layout and invariants: ``w4_layout``.
+
+Design (bandwidth-bound: every packed word is read from DRAM exactly once):
+- grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: a program owns
+  BLOCK_N output columns and a contiguous K range (a multiple of BLOCK_K);
+- each K step loads a ``[BLOCK_K/8, BLOCK_N]`` tile of int32 words, contiguous
+  along N (coalesced), and unpacks nibble j of every word with a static shift.
+  Codes become fp32 without an int->float convert: ``(c | 0x4B000000)`` read
+  as fp32 is ``2**23 + c``, and subtracting ``2**23 + zero`` is exact, so
+  ``w = (c - zero) * scale`` costs shift, and/or, sub, mul per element;
+- groups: when BLOCK_K divides the group size a tile has one scale/zero row;
+  otherwise (group 32/64 under a longer tile, or a partial last group) each
+  word row gathers its own (cached) scale/zero row. Rows past K are masked;
+- ``use_dot=False`` (M <= 4): fp32 FMAs against x rows, one ``[BLOCK_K/8,
+  BLOCK_N]`` accumulator per row (BLOCK_M <= 4, no tensor cores), reduced
+  once at the end; ``use_dot=True`` (M 5..16): 8 ``tl.dot`` of K = BLOCK_K/8
+  per step with M padded to 16;
+- split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
+  [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
+  program of a tile, found with a per-tile semaphore, sums, casts and stores,
+  then resets the semaphore so the zeroed buffer stays reusable and the call
+  is CUDA-graph safe) or "atomic" (fp32 ``atomic_add`` into a zeroed [M, N]
+  workspace, then a cast kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
+from .w4_layout import check_w4, kernel_group_size
+
+__all__ = ["GemvConfig", "GEMV_MAX_M", "gemv_block_m", "default_gemv_config", "w4a16_gemv", "kernels_interpreted",
+           "triton_usable"]
+
+GEMV_MAX_M = 16
+"""Largest M the GEMV kernel serves (the dispatcher's default)."""
+MODES = ("reduce", "fixup", "atomic")
+_MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3}
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile configuration of the GEMV kernel (block sizes powers of two; block_m follows from M and use_dot)."""
+
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 8
+    num_warps: int = 4
+    use_dot: bool = False
+    mode: str = "fixup"
+    """How split-K partials are summed: "reduce", "fixup" or "atomic" (see the module docstring)."""
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"GemvConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not (_pow2(self.block_n) and _pow2(self.block_k) and self.block_k >= 8 and self.block_n >= 16):
+            raise ValueError(f"block_n (>= 16) and block_k (>= 8) must be powers of two: {self}")
+        if self.use_dot and self.block_k < 128:
+            raise ValueError(f"use_dot needs block_k >= 128 (tl.dot of K = block_k/8 >= 16): {self}")
+        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k, num_warps and num_stages must be >= 1: {self}")
+
+    def to_dict(self) -> dict:
+        return {"block_n": self.block_n, "block_k": self.block_k, "split_k": self.split_k,
+                "num_warps": self.num_warps, "use_dot": self.use_dot, "mode": self.mode,
+                "num_stages": self.num_stages}  # fmt: skip
+
+
+def gemv_block_m(m: int, use_dot: bool) -> int:
+    """Rows per program: 16 with tl.dot, else the next power of two >= M capped at 4."""
+    return 16 if use_dot else min(4, 1 << max(0, (m - 1).bit_length()))
+
+
+def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
+    """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each."""
+    use_dot = m > 4
+    bn, bk = (64, 128) if use_dot else (128, 128)
+    k_tiles = -(-k // bk)
+    split = max(1, min(-(-4 * num_sms // -(-n // bn)), k_tiles // 2, 32))
+    return GemvConfig(bn, bk, split, 4, use_dot, "fixup", 2)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
+                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fp32 scale and ``2**23 + zero`` of a K tile: [1, BN] (one group) or [BLOCK_K/8, BN] (per word row)."""
+        zshift = (offs_n % 8) * 4
+        if GROUP_SIZE % BLOCK_K == 0:
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            zm = (((z >> zshift) & 0xF) + 1).to(tl.float32)[None, :] + 8388608.0
+        else:
+            g = (rows * 8) // GROUP_SIZE
+            gm = mask_w[:, None] & mask_n[None, :]
+            s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // 8)[None, :], mask=gm, other=0)
+            zm = (((z >> zshift[None, :]) & 0xF) + 1).to(tl.float32) + 8388608.0
+        return s, zm
+
+    @triton.jit
+    def _fma_row(acc, x_ptr, row, M, stride_xm, kj, mask_w, w):
+        xr = tl.load(x_ptr + row * stride_xm + kj, mask=mask_w & ((kj * 0 + row) < M), other=0.0).to(tl.float32)
+        return acc + xr[:, None] * w
+
+    @triton.jit
+    def _w4_gemv_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
+        DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        # MODE 0: store out (SPLIT_K == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m0 = tl.program_id(2) * BLOCK_M
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_w = tl.arange(0, BKW)
+        mask_n = offs_n < N
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a0 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a1 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a3 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            rows = k0 // 8 + offs_w
+            mask_w = rows * 8 < k_hi
+            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
+                        other=0)
+            s, zm = _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
+                                GROUP_SIZE, BLOCK_K)
+            for j in tl.static_range(8):
+                w = ((((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s  # [BKW, BN]
+                kj = k0 + offs_w * 8 + j
+                if USE_DOT:
+                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
+                                 mask=(offs_m < M)[:, None] & mask_w[None, :], other=0.0)
+                    if DOT_F32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong)
+                        acc += tl.dot(xj.to(tl.float32), w)
+                    else:
+                        acc += tl.dot(xj, w.to(xj.dtype))
+                else:
+                    a0 = _fma_row(a0, x_ptr, m0, M, stride_xm, kj, mask_w, w)
+                    if BLOCK_M > 1:
+                        a1 = _fma_row(a1, x_ptr, m0 + 1, M, stride_xm, kj, mask_w, w)
+                    if BLOCK_M > 2:
+                        a2 = _fma_row(a2, x_ptr, m0 + 2, M, stride_xm, kj, mask_w, w)
+                        a3 = _fma_row(a3, x_ptr, m0 + 3, M, stride_xm, kj, mask_w, w)
+        if not USE_DOT:  # assemble the [BLOCK_M, BN] result from the per-row accumulators (once)
+            r = tl.arange(0, BLOCK_M)[:, None]
+            acc = tl.where(r == 0, tl.sum(a0, axis=0)[None, :], 0.0)
+            if BLOCK_M > 1:
+                acc += tl.where(r == 1, tl.sum(a1, axis=0)[None, :], 0.0)
+            if BLOCK_M > 2:
+                acc += tl.where(r == 2, tl.sum(a2, axis=0)[None, :], 0.0)
+                acc += tl.where(r == 3, tl.sum(a3, axis=0)[None, :], 0.0)
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k,
+                  tl.program_id(2) * tl.num_programs(0) + pid_n, SPLIT_K, SPLIT_P, MODE)
+
+    @triton.jit
+    def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile,
+                  SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr, MODE: tl.constexpr):
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if MODE == 0:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        elif MODE == 3:
+            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        if MODE == 2:
+            tl.debug_barrier()  # every thread's partial is issued before the release below
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # last program of this output tile: sum, cast, store, reset
+                offs_p = tl.arange(0, SPLIT_P)
+                p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
+                p_mask = (offs_p < SPLIT_K)[:, None, None] & mask[None, :, :]
+                tot = tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + p * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _split(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """``(split, k_per_split)``: K steps shared out with no empty split."""
+    k_tiles = -(-k // cfg.block_k)
+    per = -(-k_tiles // max(1, min(cfg.split_k, k_tiles)))
+    return -(-k_tiles // per), per * cfg.block_k
+
+
+def w4a16_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    group_size: int,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+    locks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ W [K, N]`` for small M on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
+
+    ``perm``: act-order permutation of ``prepare_w4`` (or None). ``out`` (optional, [M, N] x.dtype, rows
+    contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
+    "fixup" mode and is left zeroed; without it a zeroed buffer is allocated per call.
+    """
+    check_w4(x, qweight, qzeros, scales, group_size)
+    if not triton_usable(x):
+        raise ValueError("w4a16_gemv needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
+    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
+    x = (x.index_select(1, perm) if perm is not None else x).contiguous()
+    (m, k), n = x.shape, qweight.shape[1]
+    cfg = config or default_gemv_config(m, n, k)
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
+                         f"{tuple(out.shape)}")  # fmt: skip
+    if m == 0:
+        return out
+    gs = kernel_group_size(group_size, k)
+    if gs % 8:
+        raise ValueError(f"the W4A16 kernels need group_size % 8 == 0 (or one group), got {group_size}")
+    split, k_per = _split(k, cfg)
+    block_m = gemv_block_m(m, cfg.use_dot)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
+    mode = 0 if split == 1 else _MODE_ID[cfg.mode]
+    if mode == 3:
+        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    else:
+        ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if mode else out
+    if mode == 2 and (locks is None or locks.numel() < grid[0] * grid[2]):
+        locks = torch.zeros(grid[0] * grid[2], device=x.device, dtype=torch.int32)
+    _w4_gemv_kernel[grid](
+        x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
+        m, n, k, k_per, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        SPLIT_P=max(2, triton.next_power_of_2(split)), MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    if mode in (1, 3):
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
+                                                            SPLIT_K=split if mode == 1 else 1, BLOCK=1024)
+    return out
