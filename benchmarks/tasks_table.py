@@ -45,27 +45,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from inlaid.tasks.registry import resolve_tasks
 
     tasks = resolve_tasks(args.tasks)
-    adapters = {k: v for k, v in demo_adapters().items() if k in {t.name for t in tasks}}
+    found = demo_adapters() if args.adapters_dir is None else {
+        p.name: str(p) for p in sorted(Path(args.adapters_dir).iterdir()) if (p / "adapter_config.json").is_file()}
+    adapters = {k: v for k, v in found.items() if k in {t.name for t in tasks}}
     t0 = time.perf_counter()
-    llm = LLM(model="default", adapters=adapters, device="cpu", max_num_seqs=args.max_num_seqs)
+    llm = LLM(model=args.model, adapters=adapters, device=args.device, dtype="float32", max_num_seqs=args.max_num_seqs)
     load_s = time.perf_counter() - t0
     main_runs = [(t.name, t.name) for t in tasks if t.name in adapters] + [(t.name, None) for t in tasks]
-    cross = [p for p in cross_pairs(tasks, set(adapters)) if p not in main_runs]
+    cross = [p for p in dict.fromkeys(cross_pairs(tasks, set(adapters))) if p not in main_runs]
     nll = evaluate_runs(llm, main_runs + cross, limit=args.limit, generate=False)
     gen = evaluate_runs(llm, main_runs, limit=args.gen_limit, nll=False, max_new_tokens_cap=args.max_new_tokens_cap)
     return {"tasks": tasks, "adapters": adapters, "main": main_runs, "cross": cross, "nll": nll, "gen": gen,
             "seconds": {"load": load_s, "nll": nll.seconds["nll"], "generate": gen.seconds["generate"]}}
 
 
-def _log_entries() -> dict[str, dict[str, Any]]:
-    path = RESULTS / "adapter_training_log.json"
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(device)} (fp32)"
+    return "CPU (2 cores shared with other jobs, fp32)"
+
+
+def _log_entries(train_log: str | None = None) -> dict[str, dict[str, Any]]:
+    path = Path(train_log) if train_log else RESULTS / "adapter_training_log.json"
     if not path.is_file():
         return {}
     return {e["task"]: e for e in json.loads(path.read_text())["tasks"]}
 
 
-def main_table(r: dict[str, Any]) -> list[str]:
-    log = _log_entries()
+def main_table(r: dict[str, Any], train_log: str | None = None) -> list[str]:
+    log = _log_entries(train_log)
     lines = ["| task | metric | base metric | adapter metric | base NLL | adapter NLL | NLL change | rank | "
              "adapter bytes | GPU train s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in r["tasks"]:
@@ -96,7 +106,7 @@ def to_markdown(r: dict[str, Any], args: argparse.Namespace, command: str) -> st
     head = [
         "# Task suite: bundled SmolLM2-135M-Instruct base vs its demo adapters", "",
         f"Command: `{command}`", "",
-        f"Run on CPU (2 cores shared with other jobs) through our engine (`inlaid.tasks.evaluate`). "
+        f"Run on {args.device_name} through our engine (`inlaid.tasks.evaluate`). "
         f"NLL: answer-token NLL in nats on the first {args.limit} test examples per task (teacher forcing, "
         f"our model forward + LoRA pool; equals transformers+PEFT). Metric: greedy generation on the first "
         f"{args.gen_limit} test examples per task, max new tokens capped at {args.max_new_tokens_cap} "
@@ -109,7 +119,7 @@ def to_markdown(r: dict[str, Any], args: argparse.Namespace, command: str) -> st
     cross = ["", "## Cross-task check: each adapter on two tasks of other kinds (NLL, same examples)", "",
              f"An adapter is task-specific if it is not better than the base on unrelated tasks. "
              f"Here {n_better} of {len(r['cross'])} pairs are better than the base.", ""]  # fmt: skip
-    return "\n".join(head + ["## Base vs adapter, per task", ""] + main_table(r) + cross + cross_table(r)) + "\n"
+    return "\n".join(head + ["## Base vs adapter, per task", ""] + main_table(r, args.train_log) + cross + cross_table(r)) + "\n"
 
 
 def main() -> None:
@@ -120,7 +130,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens-cap", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--out", default=str(RESULTS / "tasks.md"))
+    p.add_argument("--model", default="default", help="base model (default: the bundled SmolLM2)")
+    p.add_argument("--adapters-dir", default=None, help="directory of <task>/ adapters (default: the demo adapters)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-log", default=None, help="training log JSON (default: benchmarks/results/adapter_training_log.json)")
     args = p.parse_args()
+    args.device_name = _device_name(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = run(args)
     command = "PYTHONPATH=. python benchmarks/tasks_table.py " + " ".join(sys.argv[1:])

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from inlaid.tasks.dataset import Example, load_split
 from inlaid.tasks.metrics import answer_nll
-from inlaid.tasks.prompting import encode_example
+from inlaid.tasks.prompting import encode_example, end_of_turn_token
 from inlaid.tasks.registry import Task, resolve_tasks
 
 log = logging.getLogger("train_adapters")
@@ -164,6 +164,21 @@ def save_adapter(model: Any, out_dir: Path, base_name: str) -> int:
     return weights.stat().st_size
 
 
+def check_stop_token(tokenizer: Any, model_dir: Path) -> str:
+    """The answers' end-of-turn token, checked to be one the model's generation config stops on."""
+    end = end_of_turn_token(tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    gen_path = model_dir / "generation_config.json"
+    stops = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else tokenizer.eos_token_id
+    stops = set(stops) if isinstance(stops, list) else {stops}
+    if end_id not in stops:
+        raise ValueError(f"the chat template ends a turn with {end!r} (id {end_id}) but {model_dir} stops generation "
+                         f"on ids {sorted(s for s in stops if s is not None)}; an adapter trained on these answers "
+                         "would not stop: fix the model's generation_config.json")
+    log.info("answers end with %r (id %d); tokenizer.eos_token is %r", end, end_id, tokenizer.eos_token)
+    return end
+
+
 def train_task(task: Task, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate before/after, save; returns the task's log entry."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = resolve_tasks(args.tasks)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
+    check_stop_token(tokenizer, args.model_dir)
     log_path = args.log or args.out / "train_log.json"
     entries = []
     for task in tqdm(tasks, desc="tasks", unit="task"):
