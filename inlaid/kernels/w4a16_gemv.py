@@ -119,12 +119,12 @@ if HAS_TRITON:
     @triton.jit
     def _w4_gemv_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
-        M, N, K, k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+        M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
+        SPLIT_P: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
         DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
-        # MODE 0: store out (SPLIT_K == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws.
+        # MODE 0: store out (n_split == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
@@ -173,11 +173,11 @@ if HAS_TRITON:
                 acc += tl.where(r == 2, tl.sum(a2, axis=0)[None, :], 0.0)
                 acc += tl.where(r == 3, tl.sum(a3, axis=0)[None, :], 0.0)
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k,
-                  tl.program_id(2) * tl.num_programs(0) + pid_n, SPLIT_K, SPLIT_P, MODE)
+                  tl.program_id(2) * tl.num_programs(0) + pid_n, n_split, SPLIT_P, MODE)
 
     @triton.jit
-    def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile,
-                  SPLIT_K: tl.constexpr, SPLIT_P: tl.constexpr, MODE: tl.constexpr):
+    def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split,
+                  SPLIT_P: tl.constexpr, MODE: tl.constexpr):
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if MODE == 0:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -189,21 +189,21 @@ if HAS_TRITON:
         if MODE == 2:
             tl.debug_barrier()  # every thread's partial is issued before the release below
             arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:  # last program of this output tile: sum, cast, store, reset
+            if arrived == n_split - 1:  # last program of this output tile: sum, cast, store, reset
                 offs_p = tl.arange(0, SPLIT_P)
                 p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
-                p_mask = (offs_p < SPLIT_K)[:, None, None] & mask[None, :, :]
+                p_mask = (offs_p < n_split)[:, None, None] & mask[None, :, :]
                 tot = tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
 
     @triton.jit
-    def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, n_split, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for p in tl.static_range(SPLIT_K):
+        for p in range(0, n_split):
             acc += tl.load(ws_ptr + p * MN + offs, mask=mask, other=0.0)
         tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -262,12 +262,12 @@ def w4a16_gemv(
         locks = torch.zeros(grid[0] * grid[2], device=x.device, dtype=torch.int32)
     _w4_gemv_kernel[grid](
         x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
-        m, n, k, k_per, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
-        SPLIT_P=max(2, triton.next_power_of_2(split)), MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
+        m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_P=max(2, triton.next_power_of_2(split)) if mode == 2 else 2, MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     if mode in (1, 3):
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
-                                                            SPLIT_K=split if mode == 1 else 1, BLOCK=1024)
+                                                            split if mode == 1 else 1, BLOCK=1024)
     return out
