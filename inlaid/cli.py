@@ -18,9 +18,9 @@ import sys
 import typing
 from typing import Any, Callable
 
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
-_AREAS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig)
+_AREAS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, ParallelConfig)
 
 
 def _field_docs(cls: type) -> dict[str, str]:

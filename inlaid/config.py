@@ -115,6 +115,22 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over torch.distributed (one process per rank; rank 0 is the engine)."""
+
+    tensor_parallel_size: int = 1
+    """Ranks that shard the model (column/row-parallel linears, sharded heads and KV cache); 1 = no TP."""
+    distributed_timeout_s: float = 120.0
+    """Timeout of every collective (and of start-up): a dead or stuck rank makes the engine raise after this."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, composed from the per-area configs."""
 
@@ -122,6 +138,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu" or "cuda[:N]"."""
 
@@ -136,7 +153,8 @@ class EngineConfig:
         Each key is routed to the area dataclass that declares it; an unknown key
         raises ``TypeError`` naming it.
         """
-        areas = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}
+        areas = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig,
+                 "parallel": ParallelConfig}
         parts: dict[str, dict[str, object]] = {k: {} for k in areas}
         top: dict[str, object] = {}
         for key, value in kwargs.items():

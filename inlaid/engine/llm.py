@@ -4,6 +4,9 @@
     llm = LLM(model="default", adapters={"de": "path/to/peft_dir"}, device="cpu")
     outs = llm.generate(["Hello", "Translate: cat"], SamplingParams(max_tokens=32), adapter=[None, "de"])
 
+``LLM(..., tensor_parallel_size=N)`` shards the model over N ranks (N processes; see docs/tp.md); call
+``shutdown()`` (or use ``with LLM(...) as llm``) to stop the worker processes.
+
 Invariants: outputs come back in the order of the prompts; all prompts are
 validated before any is queued, so a bad one raises without running the rest.
 """
@@ -49,6 +52,16 @@ class LLM:
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(config, adapters)
         return llm
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (no-op at TP=1)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self) -> Any:

@@ -11,6 +11,10 @@ Invariants:
 - A failure inside a step (e.g. device out of memory) fails the requests of that
   step with status FINISHED_ERROR and leaves the engine serving.
 - Not thread-safe: ``AsyncLLM`` calls it from one thread.
+- Tensor parallelism (``parallel.tensor_parallel_size`` > 1): this process is
+  rank 0 and the only scheduler; a dead or failed rank raises
+  ``inlaid.distributed.TPWorkerError`` out of ``step()`` (never swallowed, never
+  a hang). ``shutdown()`` stops the worker processes.
 - ``between_steps`` callbacks run at the start of every ``step()`` (and on
   ``run_between_steps()``), before anything is scheduled: the one place where
   background work (layer swaps of a re-quantization) may change the model.
@@ -27,6 +31,7 @@ import torch
 
 from inlaid.config import EngineConfig
 from inlaid.core.scheduler import Scheduler
+from inlaid.distributed.errors import TPWorkerError
 from inlaid.engine.setup import EngineParts, build_engine_parts
 from inlaid.engine.tokenizer import IncrementalDetokenizer, encode_chat
 from inlaid.outputs import RequestOutput
@@ -71,6 +76,10 @@ class LLMEngine:
         if calibration is None:
             self.registry.add_path(name, path)
             return
+        if self.config.parallel.tensor_parallel_size > 1:
+            raise ValueError("re-quantization (add_adapter with calibration) is not supported under tensor "
+                             "parallelism yet; add the adapter without calibration, or serve with "
+                             "tensor_parallel_size=1")
         from inlaid.engine.requant_hook import add_adapter_with_calibration
 
         add_adapter_with_calibration(self, name, path, calibration)
@@ -189,6 +198,8 @@ class LLMEngine:
             return outputs
         try:
             result = self.runner.execute(sched_out)
+        except TPWorkerError:
+            raise  # the rank group is unusable: fail loudly
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             logger.exception("step failed; failing its %d requests", len(sched_out.scheduled))
             return outputs + self._fail_step(sched_out, f"step failed: {exc}")
@@ -240,6 +251,11 @@ class LLMEngine:
             first_token_time=req.first_token_time,
             finished_time=req.finished_time,
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (no-op at TP=1); idempotent."""
+        if self.parts.tp_group is not None:
+            self.parts.tp_group.shutdown()
 
     def stats(self) -> dict[str, Any]:
         """Queue, KV and adapter residency figures (for /metrics and benchmarks)."""

@@ -3,6 +3,12 @@ adapter registry and pool, KV cache size, scheduler and runner.
 
 Kept apart from ``llm_engine.py`` so the engine stays about the step, and so
 benchmarks can build the same parts without the request bookkeeping.
+
+With ``parallel.tensor_parallel_size`` N > 1 this process becomes rank 0: it
+spawns ranks 1..N-1 (``inlaid.distributed.launcher``), builds its own shard
+through the same ``inlaid.worker.rank.build_rank`` as the workers, and wraps its
+runner in a ``TPDriverRunner`` that broadcasts each step. ``parts.tp_group``
+must be shut down with the engine (``LLMEngine.shutdown``).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -20,8 +27,11 @@ from inlaid.engine.tokenizer import load_tokenizer
 from inlaid.lora.pool import LoRAPool
 from inlaid.lora.registry import AdapterRegistry
 from inlaid.model.arch import ModelArch
-from inlaid.model.loader import load_model
-from inlaid.worker.model_runner import ModelRunner, kv_bytes_per_block
+from inlaid.model.loader import resolve_model_path
+from inlaid.worker.model_runner import ModelRunner
+from inlaid.worker.rank import build_rank, resolve_device, resolve_dtype
+
+__all__ = ["EngineParts", "build_engine_parts", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,37 +54,8 @@ class EngineParts:
     max_model_len: int
     eos_token_id: int | None
     extra_eos_ids: tuple[int, ...]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _num_blocks(config: EngineConfig, arch: ModelArch, device: torch.device, dtype: torch.dtype) -> int:
-    cache = config.cache
-    per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = free * cache.memory_fraction
-    else:
-        budget = cache.cpu_kv_budget_gb * 1024**3
-    blocks = int(budget // per_block)
-    if blocks < 1:
-        raise ValueError("not enough memory for a single KV block; lower max_model_len or use a smaller model")
-    return blocks
+    tp_group: Any = None
+    """``inlaid.distributed.launcher.TPWorkerGroup`` when tensor_parallel_size > 1."""
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, arch: ModelArch) -> tuple[int | None, tuple[int, ...]]:
@@ -89,21 +70,43 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load everything an engine needs; raises ValueError/FileNotFoundError with clear messages."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    model, arch, tok_dir = load_model(config.model, device, dtype)
-    tokenizer = load_tokenizer(tok_dir)
-    max_len = min(config.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
-    pool = LoRAPool(
-        config.lora.max_loras, config.lora.max_lora_rank, arch.num_layers, arch.lora_module_shapes(), device, dtype
-    )
-    model.set_lora_hook(pool)
+    registry_box: list[AdapterRegistry] = []
+    group = _start_tp(config, device) if config.parallel.tensor_parallel_size > 1 else None
+    try:
+        tp = group.ctx if group is not None else None
+        rank = build_rank(config, tp.device if tp else device, dtype, lambda n: registry_box[0].get(n), tp)
+    except BaseException:
+        if group is not None:
+            group.shutdown()
+        raise
+    model, arch, pool, num_blocks = rank.model, rank.arch, rank.pool, rank.num_blocks
     registry = AdapterRegistry(arch.lora_module_shapes(), arch.num_layers, config.lora.max_lora_rank)
-    num_blocks = _num_blocks(config, arch, device, dtype)
-    runner = ModelRunner(model, arch, pool, registry.get, num_blocks, config.cache.block_size, device, dtype)
+    registry_box.append(registry)
+    runner: Any = rank.runner
+    if group is not None:
+        from inlaid.distributed.launcher import TPDriverRunner
+
+        runner = TPDriverRunner(rank.runner, group, registry.get)
+    tokenizer = load_tokenizer(rank.model_dir)
+    max_len = min(config.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
     scheduler = Scheduler(
         config.scheduler, num_blocks, config.cache.block_size, config.lora.max_loras, max_model_len=max_len
     )
     eos, extra = _eos_ids(tokenizer, arch)
-    logger.info("engine ready: %s on %s (%s), %d KV blocks of %d", arch.name, device, dtype, num_blocks,
-                config.cache.block_size)
+    logger.info("engine ready: %s on %s (%s), %d KV blocks of %d, TP=%d", arch.name, device, dtype, num_blocks,
+                config.cache.block_size, config.parallel.tensor_parallel_size)
     return EngineParts(device, dtype, arch, model, tokenizer, registry, pool, runner, scheduler, num_blocks,
-                       arch.name, Path(tok_dir), max_len, eos, extra)
+                       arch.name, rank.model_dir, max_len, eos, extra, group)
+
+
+def _start_tp(config: EngineConfig, device: torch.device) -> Any:
+    """Check the model splits over the ranks (before spawning anything), then start the worker group."""
+    from inlaid.distributed.launcher import start_workers
+    from inlaid.distributed.sharding import check_tp
+
+    world = config.parallel.tensor_parallel_size
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; this host has "
+                         f"{torch.cuda.device_count()}")
+    check_tp(ModelArch.from_dir(resolve_model_path(config.model.model)), world)
+    return start_workers(config, device)

@@ -14,6 +14,17 @@ Invariants:
 Which adapter goes in which slot is decided elsewhere (``core.adapter_slots``);
 this class only copies weights in and out and computes the batched deltas.
 
+Tensor parallelism (S-LoRA / vLLM layout; ``shards`` from
+``inlaid.distributed.sharding.lora_shards``): for a column-parallel projection
+A is replicated (the shrink reads the full, replicated x) and B holds this
+rank's output rows, so the delta is this rank's output slice: no collective.
+For a row-parallel projection A holds this rank's input columns and B is
+replicated: ``x_r @ A_rᵀ @ Bᵀ`` is this rank's share of the delta, added to the
+layer's partial sum *before* its all-reduce (``inlaid.model.llama._project``),
+so LoRA adds no collective at all. Buffers hold the local shapes; adapters are
+validated against the full shapes and sliced on ``load``; every rank loads the
+same slots (slot state is replicated).
+
 Per forward, ``prepare(batch)`` groups the tokens by slot once
 (``batch.lora_meta``); each ``apply`` then runs the SGMV op of
 ``inlaid.kernels.lora_sgmv`` — a loop over the distinct slots present, never
@@ -40,6 +51,7 @@ import torch
 
 from inlaid.kernels import lora_sgmv_triton as lt
 from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
+from inlaid.distributed.sharding import Shard
 from inlaid.lora.adapter import LoRAAdapter, validate_adapter
 from inlaid.model.batch import ForwardBatch
 
@@ -70,6 +82,7 @@ class LoRAPool:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         triton_decode: bool | None = None,
+        shards: Mapping[str, Shard] | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1 or num_layers < 1:
             raise ValueError(
@@ -78,7 +91,9 @@ class LoRAPool:
         if not module_shapes:
             raise ValueError("module_shapes must name at least one projection, e.g. {'q_proj': (in, out)}")
         self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, num_layers
-        self.module_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
+        self.full_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
+        self.shards = {m: sh for m, sh in (shards or {}).items() if m in self.full_shapes and not sh.is_whole}
+        self.module_shapes = {m: _local_shape(io, self.shards.get(m)) for m, io in self.full_shapes.items()}
         self.device, self.dtype = torch.device(device), dtype
         kw = dict(device=self.device, dtype=dtype)
         self.a: dict[str, torch.Tensor] = {}
@@ -127,12 +142,13 @@ class LoRAPool:
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy ``adapter`` into ``slot`` (replacing what was there); untargeted modules are zeroed."""
         self._check_slot(slot)
-        validate_adapter(adapter, self.module_shapes, self.num_layers, self.max_rank)
+        validate_adapter(adapter, self.full_shapes, self.num_layers, self.max_rank)
         self.clear(slot)
         for (layer, module), w in adapter.weights.items():
             r = w.rank
-            self.a[module][layer, slot, :r].copy_(w.a, non_blocking=True)
-            self.b[module][layer, slot, :, :r].copy_(w.b, non_blocking=True)
+            a, b = _slice_lora(w.a, w.b, self.shards.get(module))
+            self.a[module][layer, slot, :r].copy_(a, non_blocking=True)
+            self.b[module][layer, slot, :, :r].copy_(b, non_blocking=True)
             self.scalings[module][layer, slot] = w.scaling
         self.slot_names[slot] = adapter.name
         self._slot_modules[slot] = frozenset(adapter.target_modules)
@@ -190,3 +206,19 @@ class LoRAPool:
             partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
+
+
+def _local_shape(io: tuple[int, int], shard: Shard | None) -> tuple[int, int]:
+    """(in, out) held by this rank: a column shard (dim 0) cuts out, a row shard (dim 1) cuts in."""
+    if shard is None:
+        return io
+    return (io[0], shard.size) if shard.dim == 0 else (shard.size, io[1])
+
+
+def _slice_lora(a: torch.Tensor, b: torch.Tensor, shard: Shard | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (A [r, in], B [out, r]): column -> B rows sliced; row -> A columns sliced."""
+    if shard is None:
+        return a, b
+    if shard.dim == 0:
+        return a, b[shard.start : shard.start + shard.size]
+    return a[:, shard.start : shard.start + shard.size], b

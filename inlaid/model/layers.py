@@ -5,10 +5,18 @@ Invariants:
   RoPE with the ``rotate_half`` convention, cos/sin computed in fp32 and cast
   to the activation dtype), so fp32 logits match HF within ~1e-5.
 - ``ParallelLinear`` records its tensor-parallel role ("column" for q/k/v/
-  gate/up, "row" for o/down; world size 1 for now) and delegates its math to
-  ``self.quant_method``: ``DenseLinearMethod`` owns a ``weight`` [out, in]
-  (+ optional ``bias`` [out]). A quantized method (quant/) can replace it on a
-  live layer: it registers its own tensors and implements ``apply``.
+  gate/up, "row" for o/down) and delegates its math to ``self.quant_method``:
+  ``DenseLinearMethod`` owns a ``weight`` [out, in] (+ optional ``bias``
+  [out]). A quantized method (quant/) can replace it on a live layer: it
+  registers its own tensors and implements ``apply``.
+- Under tensor parallelism (``tp``, an ``inlaid.distributed.context.TPContext``)
+  ``in_features``/``out_features`` are the *local* (per-rank) sizes. A column
+  layer's output is the rank's slice (no collective); a row layer's
+  ``forward_local`` gives this rank's partial sum and ``reduce`` all-reduces it
+  (``forward`` = both). Callers that add to the partial output first (the LoRA
+  hook) call the two halves, so a row layer costs one collective in total.
+- ``VocabParallelEmbedding`` (world > 1 only): masked lookup of the rank's
+  vocab rows, then one all-reduce.
 - The MLP here has no LoRA awareness; ``llama.py`` calls the LoRA hook after
   each projection.
 """
@@ -21,6 +29,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from inlaid.distributed.context import TPContext
 from inlaid.model.arch import RopeScaling
 
 ParallelRole = Literal["column", "row"]
@@ -129,36 +138,69 @@ class ParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelRole,
                  device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 quant_method: LinearMethod | None = None) -> None:
+                 quant_method: LinearMethod | None = None, tp: TPContext | None = None) -> None:
         super().__init__()
         if parallel not in ("column", "row"):
             raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.parallel = parallel
-        self.tp_size = 1
+        self.tp = tp
+        self.tp_size = tp.world_size if tp is not None else 1
         self.quant_method: LinearMethod = quant_method or DenseLinearMethod()
         self.quant_method.create_weights(self, device, dtype)
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output: the full/column slice, or a row layer's partial sum (before ``reduce``)."""
         return self.quant_method.apply(self, x)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """Row-parallel under TP: all-reduce the partial sums (identity otherwise)."""
+        if self.parallel == "row" and self.tp_size > 1:
+            assert self.tp is not None
+            return self.tp.all_reduce(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.quant_method.apply(self, x))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"parallel={self.parallel}, method={type(self.quant_method).__name__}")
+                f"parallel={self.parallel}, tp={self.tp_size}, method={type(self.quant_method).__name__}")
 
 
 class GatedMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); projections exposed for the LoRA hook."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TPContext | None = None) -> None:
+        """``intermediate`` is the local (per-rank) size under TP."""
         super().__init__()
-        self.gate_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype)
-        self.up_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype)
-        self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype)
+        self.gate_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype, tp=tp)
+        self.up_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype, tp=tp)
+        self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows ``[vocab_start, vocab_start + num_embeddings)`` of the embedding (tail past ``vocab_size`` is padding).
+
+    ``forward``: ids outside the rank's rows look up row 0 and are zeroed, then one all-reduce sums the ranks.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, vocab_start: int, rows: int, tp: TPContext,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(rows, hidden, device=device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.vocab_size, self.vocab_start, self.tp = vocab_size, vocab_start, tp
+        self.vocab_end = min(vocab_start + rows, vocab_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
+        local = torch.where(mine, ids - self.vocab_start, torch.zeros_like(ids))
+        out = nn.functional.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)

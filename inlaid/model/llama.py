@@ -14,6 +14,14 @@ Invariants:
   ``hook.apply(layer_idx, module, x, out, batch)`` after every one of the seven
   projections (q/k/v/o/gate/up/down are separate modules for that reason).
 - Tied embeddings: no ``lm_head`` module; logits use ``embed_tokens.weight``.
+- Tensor parallelism (``tp`` with world > 1, layout in ``inlaid.distributed.sharding``):
+  each rank holds its heads, its KV heads (KV cache sharded the same way),
+  its MLP columns and its vocab rows. Collectives per decoder layer: one
+  all-reduce after o_proj and one after down_proj (LoRA deltas of row layers are
+  added to the partial sums before it); plus one all-reduce after the embedding
+  and one all-gather of the logits (every rank gets the full fp32 logits).
+  ``load_weights`` accepts full (unsharded) tensors and slices them, or
+  tensors already sliced by the loader.
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
   (``inlaid.kernels.paged_attention_triton``); the decode forward then has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
@@ -33,7 +41,10 @@ from inlaid.kernels import paged_attention_triton as pat
 from inlaid.kernels.paged_attention import paged_attention, write_kv
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
-from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from inlaid.distributed.context import TPContext
+from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
+from inlaid.model.layers import (GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding,
+                                 apply_rotary)
 from inlaid.model.lora_hook import LoRAHook
 
 logger = logging.getLogger(__name__)
@@ -44,25 +55,31 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
              hook: LoRAHook | None) -> torch.Tensor:
-    """``parent.<name>(x)`` plus the LoRA deltas of the batch's adapters, if a hook is set."""
-    out = getattr(parent, name)(x)
+    """``parent.<name>(x)`` plus the LoRA deltas of the batch's adapters, if a hook is set.
+
+    Under TP a row layer's deltas (from this rank's slice of x) join its partial sum before the one all-reduce.
+    """
+    layer: ParallelLinear = getattr(parent, name)
+    out = layer.forward_local(x)
     if hook is not None:
         out = hook.apply(layer_idx, name, x, out, batch)
-    return out
+    return layer.reduce(out)
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, device: torch.device | None, dtype: torch.dtype | None,
+                 tp: TPContext | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        world = tp.world_size if tp is not None else 1
+        (self.num_heads, self.num_kv_heads), self.head_dim = local_heads(arch, world), arch.head_dim
         self.scale = arch.head_dim ** -0.5
         self.sliding_window = arch.sliding_windows[layer_idx]
-        h = arch.hidden_size
-        self.q_proj = ParallelLinear(h, arch.q_size, arch.qkv_bias, "column", device, dtype)
-        self.k_proj = ParallelLinear(h, arch.kv_size, arch.qkv_bias, "column", device, dtype)
-        self.v_proj = ParallelLinear(h, arch.kv_size, arch.qkv_bias, "column", device, dtype)
-        self.o_proj = ParallelLinear(arch.q_size, h, arch.o_bias, "row", device, dtype)
+        h, q, kv = arch.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = ParallelLinear(h, q, arch.qkv_bias, "column", device, dtype, tp=tp)
+        self.k_proj = ParallelLinear(h, kv, arch.qkv_bias, "column", device, dtype, tp=tp)
+        self.v_proj = ParallelLinear(h, kv, arch.qkv_bias, "column", device, dtype, tp=tp)
+        self.o_proj = ParallelLinear(q, h, arch.o_bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
@@ -84,11 +101,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, device: torch.device | None, dtype: torch.dtype | None,
+                 tp: TPContext | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = Attention(arch, layer_idx, device, dtype)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias, device, dtype)
+        world = tp.world_size if tp is not None else 1
+        self.self_attn = Attention(arch, layer_idx, device, dtype, tp)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size // world, arch.mlp_bias, device, dtype, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device, dtype)
 
@@ -106,11 +125,16 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, max_positions: int, device: torch.device | None,
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, tp: TPContext | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, device=device, dtype=dtype)
+        if tp is not None and tp.world_size > 1:
+            vs = vocab_shard(arch.vocab_size, tp.rank, tp.world_size)
+            self.embed_tokens: nn.Embedding = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, vs.start,
+                                                                     vs.size, tp, device, dtype)
+        else:
+            self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, device=device, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, device, dtype) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, device, dtype, tp) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device, dtype)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, device)
 
@@ -128,12 +152,16 @@ class LlamaForCausalLM(nn.Module):
     """The causal LM: ``forward`` -> hidden [T, hidden]; ``compute_logits`` -> fp32 logits."""
 
     def __init__(self, arch: ModelArch, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 lora_hook: LoRAHook | None = None, max_positions: int | None = None) -> None:
+                 lora_hook: LoRAHook | None = None, max_positions: int | None = None,
+                 tp: TPContext | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, max_positions or arch.max_position_embeddings, device, dtype)
+        self.tp = tp if tp is not None else TPContext.single()
+        check_tp(arch, self.tp.world_size)
+        rows = vocab_shard(arch.vocab_size, self.tp.rank, self.tp.world_size).size
+        self.model = LlamaModel(arch, max_positions or arch.max_position_embeddings, device, dtype, tp)
         self.lm_head = (None if arch.tie_word_embeddings
-                        else ParallelLinear(arch.hidden_size, arch.vocab_size, False, "column", device, dtype))
+                        else ParallelLinear(arch.hidden_size, rows, False, "column", device, dtype, tp=tp))
         self.lora_hook = lora_hook
 
     def set_lora_hook(self, hook: LoRAHook | None) -> None:
@@ -147,10 +175,25 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch, kv_caches, hook)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] in fp32 for hidden rows [N, hidden] (select rows first)."""
+        """Logits [N, vocab] in fp32 for hidden rows [N, hidden] (select rows first); under TP every rank
+        computes its vocab rows and one all-gather assembles the full row."""
         if self.lm_head is None:
-            return nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            local = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            local = self.lm_head(hidden)
+        return self.tp.all_gather_last(local.float(), self.arch.vocab_size)
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of checkpoint tensor ``name`` (unchanged at world 1 or when already sliced)."""
+        tp = self.tp
+        if tp.world_size == 1:
+            return tensor
+        shard = param_shard(name, self.arch, tp.rank, tp.world_size)
+        if shard is None:
+            if name.endswith(".bias") and name.split(".")[-2] in ("o_proj", "down_proj") and tp.rank > 0:
+                return torch.zeros_like(tensor)  # row-parallel bias: added once, by rank 0
+            return tensor
+        return slice_shard(tensor, shard)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
@@ -163,6 +206,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):
                 continue
+            tensor = self.shard_tensor(name, tensor)
             param = params.get(name)
             if param is None:
                 unexpected.append(name)
@@ -178,3 +222,16 @@ class LlamaForCausalLM(nn.Module):
                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         logger.info("loaded %d tensors into %s", len(loaded), self.arch.name)
+
+
+def slice_shard(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """``tensor``'s slice ``shard``: narrowed if it has the full extent, then zero-padded to ``shard.size``
+    (the last vocab rank); a tensor the loader already sliced is only padded."""
+    if tensor.shape[shard.dim] == shard.full and not shard.is_whole:
+        tensor = tensor.narrow(shard.dim, shard.start, max(0, min(shard.size, shard.full - shard.start)))
+    short = shard.size - tensor.shape[shard.dim]
+    if short <= 0:
+        return tensor
+    pad = list(tensor.shape)
+    pad[shard.dim] = short
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=shard.dim)

@@ -16,6 +16,11 @@ directory to a ready ``LlamaForCausalLM``:
 
 ``load_format="dummy"`` never reads weights: parameters get seeded random
 values (normal, std 0.02; norms 1; biases 0), like vLLM's dummy format.
+
+Tensor parallelism (``tp``): every rank builds only its shard and reads only
+its slice of each tensor (safetensors ``get_slice``), so no rank ever holds the
+full model; dummy weights are generated at full shape one tensor at a time and
+sliced, so a TP run equals the TP=1 run of the same seed.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from inlaid.config import ModelConfig, default_cache_dir
+from inlaid.distributed.context import TPContext
+from inlaid.distributed.sharding import Shard, param_shard
 from inlaid.model.arch import ModelArch
 from inlaid.model.gguf import bundled_default_gguf, convert_gguf
 from inlaid.model.llama import LlamaForCausalLM
@@ -63,8 +70,12 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def load_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) over every checkpoint file in ``path``: *.safetensors (sharded ok), else pytorch_model*.bin."""
+def load_weights(path: str | Path,
+                 select: Callable[[str], Shard | None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) over every checkpoint file in ``path``: *.safetensors (sharded ok), else pytorch_model*.bin.
+
+    ``select(name)`` -> the slice to read (TP): safetensors files then read only that slice.
+    """
     from safetensors.torch import safe_open
 
     path = Path(path)
@@ -77,7 +88,7 @@ def load_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, _read(f, name, select(name) if select is not None else None)
         return
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
@@ -87,16 +98,34 @@ def load_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from state.items()
 
 
+def _read(f: Any, name: str, shard: Shard | None) -> torch.Tensor:
+    """One tensor of an open safetensors file, or only its ``shard`` rows/columns."""
+    if shard is None:
+        return f.get_tensor(name)
+    sl = f.get_slice(name)
+    shape = sl.get_shape()
+    if len(shape) <= shard.dim or shape[shard.dim] != shard.full:
+        return f.get_tensor(name)  # unexpected shape: the model's loader reports it
+    index = [slice(None)] * len(shape)
+    index[shard.dim] = slice(shard.start, min(shard.start + shard.size, shard.full))
+    return sl[tuple(index)]
+
+
 def build_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, lora_hook: LoRAHook | None = None,
-                max_positions: int | None = None) -> LlamaForCausalLM:
-    """An uninitialised model of ``arch``'s shapes on ``device`` (``meta`` works: no memory)."""
-    model = LlamaForCausalLM(arch, device=device, dtype=dtype, lora_hook=lora_hook, max_positions=max_positions)
+                max_positions: int | None = None, tp: TPContext | None = None) -> LlamaForCausalLM:
+    """An uninitialised model of ``arch``'s shapes (this rank's shard under ``tp``) on ``device`` (``meta`` works)."""
+    model = LlamaForCausalLM(arch, device=device, dtype=dtype, lora_hook=lora_hook, max_positions=max_positions,
+                             tp=tp)
     return model.eval()
 
 
 @torch.no_grad()
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Seeded random weights (normal std 0.02; norm weights 1, biases 0), generated on the model's device."""
+    """Seeded random weights (normal std 0.02; norm weights 1, biases 0), generated on the model's device.
+
+    Under TP each tensor is drawn at its full shape and sliced, so every world size gets the same model.
+    """
+    tp = model.tp
     for name, param in model.named_parameters():
         if param.device.type == "meta":
             continue
@@ -107,7 +136,14 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
         else:
             gen = torch.Generator(device=param.device)
             gen.manual_seed(seed + (hash_name(name) % 1_000_003))
-            param.normal_(0.0, DUMMY_STD, generator=gen)
+            shard = param_shard(name, model.arch, tp.rank, tp.world_size)
+            if shard is None:
+                param.normal_(0.0, DUMMY_STD, generator=gen)
+                continue
+            shape = list(param.shape)
+            shape[shard.dim] = shard.full
+            full = torch.empty(shape, device=param.device, dtype=param.dtype).normal_(0.0, DUMMY_STD, generator=gen)
+            param.copy_(model.shard_tensor(name, full))
 
 
 def hash_name(name: str) -> int:
@@ -119,9 +155,9 @@ def hash_name(name: str) -> int:
 
 
 def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
-               lora_hook: LoRAHook | None = None,
-               cache_dir: Path | None = None) -> tuple[LlamaForCausalLM, ModelArch, Path]:
-    """Resolve, build and fill the model; returns (model, arch, directory holding the tokenizer)."""
+               lora_hook: LoRAHook | None = None, cache_dir: Path | None = None,
+               tp: TPContext | None = None) -> tuple[LlamaForCausalLM, ModelArch, Path]:
+    """Resolve, build and fill the model (this rank's shard under ``tp``); returns (model, arch, tokenizer dir)."""
     path = resolve_model_path(model_config.model, cache_dir)
     arch = ModelArch.from_dir(path, name=_display_name(model_config.model))
     max_positions = max(arch.max_position_embeddings, model_config.max_model_len or 0)
@@ -129,14 +165,16 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         from inlaid.quant.linear import is_gptq_dir, load_gptq_model  # lazy: quant builds on model
 
         if is_gptq_dir(path):
-            return load_gptq_model(path, arch, device, dtype, lora_hook, max_positions), arch, path
-    model = build_model(arch, device, dtype, lora_hook, max_positions=max_positions)
+            return load_gptq_model(path, arch, device, dtype, lora_hook, max_positions, tp=tp), arch, path
+    model = build_model(arch, device, dtype, lora_hook, max_positions=max_positions, tp=tp)
     if model_config.load_format == "dummy":
         logger.info("dummy weights for %s (%s shapes, seed %d)", arch.name, arch.architecture,
                     model_config.dummy_seed)
         init_dummy_weights(model, model_config.dummy_seed)
     else:
-        model.load_weights(_progress(load_weights(path), path))
+        world = model.tp.world_size
+        select = (lambda n: param_shard(n, arch, model.tp.rank, world)) if world > 1 else None
+        model.load_weights(_progress(load_weights(path, select), path))
     return model, arch, path
 
 

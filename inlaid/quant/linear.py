@@ -20,6 +20,14 @@ Invariants:
   CPU steps skip the unpacking, at the memory cost of a dense copy of every
   linear (the packed tensors stay too: ~1.1-1.25x the dense model instead of
   ~0.15-0.3x). Off by default.
+- Tensor parallelism: ``shard_gptq_layer`` slices a layer's packed tensors for
+  one rank: along N (qweight/scales/qzeros columns, bias) for column-parallel
+  layers, along K (qweight rows, g_idx, and the groups of those rows) for
+  row-parallel ones. Without act-order a K shard boundary must fall on a group
+  boundary (ValueError otherwise); with act-order (g_idx not ``k // group``)
+  the shard keeps every group's scales/zeros and its slice of g_idx, so any
+  permutation dequantizes exactly; such a layer (``num_groups`` set) runs the
+  torch dequantize path, not the W4A16 kernels.
 - Hot-swap: ``swap`` builds every new tensor first (on the layer's device,
   dequantized cache included), then installs them with one ``dict.update`` of
   the layer's buffer dict, and ``apply`` reads one ``dict(...)`` snapshot of it.
@@ -38,6 +46,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from inlaid.distributed.context import TPContext
+from inlaid.distributed.sharding import Shard, projection_shard
 from inlaid.kernels import w4a16_gemm as w4k
 from inlaid.kernels.gptq_dequant import dequantize_gptq, gptq_linear, pack_geometry
 from inlaid.model.arch import ModelArch
@@ -57,7 +67,10 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 class GPTQLinearMethod:
     """Packed low-bit weight (GPTQ v1 layout); ``apply`` dequantizes with the torch reference."""
 
-    def __init__(self, bits: int, group_size: int, cache_dequantized: bool = False) -> None:
+    def __init__(self, bits: int, group_size: int, cache_dequantized: bool = False,
+                 num_groups: int | None = None) -> None:
+        """``num_groups``: fixed group count (an act-order row-parallel shard keeps all groups); default from K."""
+        self.num_groups = num_groups
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"GPTQ bits must be one of {SUPPORTED_BITS}, got {bits}")
         if group_size != -1 and group_size < 1:
@@ -73,6 +86,7 @@ class GPTQLinearMethod:
             raise ValueError(f"{self.bits}-bit GPTQ packs {vals} values per run: in_features {in_features} and "
                              f"out_features {out_features} must be multiples of {vals}")  # fmt: skip
         groups = 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+        groups = self.num_groups if self.num_groups is not None else groups
         return {"qweight": (in_features // vals * words, out_features), "qzeros": (groups, out_features // vals * words),
                 "scales": (groups, out_features), "g_idx": (in_features,)}  # fmt: skip
 
@@ -82,7 +96,7 @@ class GPTQLinearMethod:
         layer.register_buffer("qweight", torch.zeros(shp["qweight"], dtype=torch.int32, device=device))
         layer.register_buffer("qzeros", torch.zeros(shp["qzeros"], dtype=torch.int32, device=device))
         layer.register_buffer("scales", torch.zeros(shp["scales"], dtype=torch.float16, device=device))
-        g_idx = torch.arange(layer.in_features, device=device) // gs
+        g_idx = (torch.arange(layer.in_features, device=device) // gs).clamp(max=shp["scales"][0] - 1)
         layer.register_buffer("g_idx", g_idx.to(torch.int32))
         layer.register_buffer("dq_weight", None, persistent=False)
 
@@ -93,7 +107,7 @@ class GPTQLinearMethod:
 
     def kernel_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """4-bit on CUDA: the W4A16 kernels' one-time preparation (act-order sorted rows) as ``w4_*`` buffers."""
-        if self.bits != 4 or not tensors["qweight"].is_cuda or not w4k.HAS_TRITON:
+        if self.bits != 4 or not tensors["qweight"].is_cuda or not w4k.HAS_TRITON or self.num_groups is not None:
             return {}
         gs = tensors["qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
         p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs)
@@ -102,7 +116,8 @@ class GPTQLinearMethod:
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
-        if x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32:  # W4A16 kernels
+        if (x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32
+                and self.num_groups is None):  # W4A16 kernels
             if snap.get("w4_qweight") is None:
                 prep = self.kernel_tensors(snap)
                 _install(layer, prep)
@@ -156,16 +171,62 @@ def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch
 
 
 def replace_linears(model: LlamaForCausalLM, method: GPTQLinearMethod, device: torch.device | None,
-                    dtype: torch.dtype | None) -> None:  # fmt: skip
-    """Swap every decoder projection of ``model`` for a GPTQ ``ParallelLinear`` (lm_head stays dense)."""
-    for layer in model.model.layers:
+                    dtype: torch.dtype | None, num_groups: Mapping[str, int] | None = None) -> None:  # fmt: skip
+    """Swap every decoder projection of ``model`` for a GPTQ ``ParallelLinear`` (lm_head stays dense).
+
+    ``num_groups``: per linear name (``model.layers.N.self_attn.o_proj``), a fixed group count (act-order TP shards).
+    """
+    for i, layer in enumerate(model.model.layers):
         for rel in PROJECTIONS:
             parent_name, name = rel.split(".")
             parent = getattr(layer, parent_name)
             old: ParallelLinear = getattr(parent, name)
+            groups = (num_groups or {}).get(f"model.layers.{i}.{rel}")
+            qm = GPTQLinearMethod(method.bits, method.group_size, method.cache_dequantized, groups)
             new = ParallelLinear(old.in_features, old.out_features, old.bias is not None, old.parallel, device, dtype,
-                                 quant_method=GPTQLinearMethod(method.bits, method.group_size, method.cache_dequantized))
+                                 quant_method=qm, tp=old.tp)
             setattr(parent, name, new)
+
+
+def shard_gptq_layer(tensors: Mapping[str, torch.Tensor], shard: Shard, bits: int,
+                     group_size: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """One rank's slice of a GPTQ linear's tensors (see the module docstring); returns (tensors, keeps_all_groups).
+
+    ``shard.dim`` 0 splits N (column-parallel), 1 splits K (row-parallel). ValueError when the packing or the
+    groups do not allow the split.
+    """
+    vals, words = pack_geometry(bits)
+    s, e = shard.start, shard.start + shard.size
+    if s % vals or shard.size % vals:
+        raise ValueError(f"cannot shard a {bits}-bit GPTQ linear at [{s}, {e}) of {shard.full}: {bits}-bit packs "
+                         f"{vals} values per run; use a tensor_parallel_size that splits it into multiples of {vals}")
+    out = dict(tensors)
+    if shard.is_whole:
+        return out, False
+    if shard.dim == 0:
+        out["qweight"] = tensors["qweight"][:, s:e].contiguous()
+        out["scales"] = tensors["scales"][:, s:e].contiguous()
+        out["qzeros"] = tensors["qzeros"][:, s // vals * words : e // vals * words].contiguous()
+        if "bias" in tensors:
+            out["bias"] = tensors["bias"][s:e].contiguous()
+        return out, False
+    out["qweight"] = tensors["qweight"][s // vals * words : e // vals * words].contiguous()
+    g_idx = tensors["g_idx"]
+    k = g_idx.shape[0]
+    gs = k if group_size == -1 else group_size
+    ordered = torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // gs)
+    if not ordered or group_size == -1:  # act-order (or one group): keep every group, slice g_idx
+        out["g_idx"] = g_idx[s:e].contiguous()
+        return out, not ordered
+    if s % gs:
+        raise ValueError(f"GPTQ group size {gs} does not divide the row-parallel shard boundary {s} (K={k}): a "
+                         "group would straddle two ranks; use a tensor_parallel_size with K/world a multiple of "
+                         "the group size")
+    g0, g1 = s // gs, -(-e // gs)
+    out["scales"] = tensors["scales"][g0:g1].contiguous()
+    out["qzeros"] = tensors["qzeros"][g0:g1].contiguous()
+    out["g_idx"] = (g_idx[s:e] - g0).contiguous()
+    return out, False
 
 
 def is_gptq_dir(path: str | Path) -> bool:
@@ -184,13 +245,20 @@ def is_gptq_dir(path: str | Path) -> bool:
 
 def load_gptq_model(path: str | Path, arch: ModelArch, device: torch.device, dtype: torch.dtype,
                     lora_hook: LoRAHook | None = None, max_positions: int | None = None,
-                    cache_dequantized: bool = False) -> LlamaForCausalLM:  # fmt: skip
-    """Build ``arch``'s model with GPTQ projections and fill it from the checkpoint at ``path``."""
+                    cache_dequantized: bool = False, tp: TPContext | None = None) -> LlamaForCausalLM:  # fmt: skip
+    """Build ``arch``'s model with GPTQ projections (this rank's shard under ``tp``) and fill it from ``path``."""
     ckpt = load_quantized_checkpoint(path)
     method = GPTQLinearMethod(ckpt.bits, ckpt.group_size, cache_dequantized)
     meta = torch.device("meta")
-    model = LlamaForCausalLM(arch, device=meta, dtype=dtype, lora_hook=lora_hook, max_positions=max_positions)
-    replace_linears(model, method, meta, dtype)
+    model = LlamaForCausalLM(arch, device=meta, dtype=dtype, lora_hook=lora_hook, max_positions=max_positions, tp=tp)
+    groups: dict[str, int] = {}
+    if model.tp.world_size > 1:
+        for name, layer in ckpt.layers.items():
+            shard = projection_shard(arch, name.rsplit(".", 1)[1], model.tp.rank, model.tp.world_size)
+            ckpt.layers[name], keep_all = shard_gptq_layer(layer, shard, ckpt.bits, ckpt.group_size)
+            if keep_all:
+                groups[name] = int(ckpt.layers[name]["scales"].shape[0])
+    replace_linears(model, method, meta, dtype, groups)
     model.to_empty(device=device)
     model.model.rotary_emb = RotaryEmbedding(arch.head_dim, model.model.rotary_emb.max_positions, arch.rope_theta,
                                              arch.rope_scaling, device)  # fmt: skip

@@ -14,6 +14,10 @@ Invariants:
   the scratch block that padding rows of a graph batch write to; decode-only
   steps replay a captured graph (``inlaid.worker.cuda_graphs``), every other
   step runs eagerly.
+- Under tensor parallelism (``tp`` world > 1) the KV caches hold this rank's
+  KV heads only; every rank runs the same forward and computes the full logits
+  (all-gather), only rank 0 samples and returns tokens (workers return an empty
+  ``RunnerOutput``). CUDA graphs are off under TP (collectives run eagerly).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Callable
 import torch
 
 from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.distributed.context import TPContext
+from inlaid.distributed.sharding import local_heads
 from inlaid.kernels.paged_attention import allocate_kv_caches
 from inlaid.lora.adapter import LoRAAdapter
 from inlaid.lora.pool import LoRAPool
@@ -35,10 +41,10 @@ from inlaid.worker.sampler import sample
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of K and V for one block across all layers (of one rank's KV heads under TP)."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+    return 2 * arch.num_layers * block_size * local_heads(arch, tp_size)[1] * arch.head_dim * elem
 
 
 class ModelRunner:
@@ -56,7 +62,9 @@ class ModelRunner:
         dtype: torch.dtype,
         cuda_graphs: bool | None = None,
         max_seq_len: int | None = None,
+        tp: TPContext | None = None,
     ) -> None:
+        self.tp = tp if tp is not None else TPContext.single(device)
         self.model = model
         self.arch = arch
         self.lora_pool = lora_pool
@@ -66,8 +74,10 @@ class ModelRunner:
         # default: on for 16-bit CUDA models (fp32 keeps the reference attention, which is not sync-free)
         use_graphs = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)) if cuda_graphs is None \
             else cuda_graphs
+        use_graphs = use_graphs and self.tp.world_size == 1
+        kv_heads = local_heads(arch, self.tp.world_size)[1]
         self.kv_caches = allocate_kv_caches(
-            arch.num_layers, num_blocks + int(use_graphs), block_size, arch.num_kv_heads, arch.head_dim, dtype, device
+            arch.num_layers, num_blocks + int(use_graphs), block_size, kv_heads, arch.head_dim, dtype, device
         )
         self._generators: dict[str, torch.Generator] = {}
         self.graphs: CudaGraphRunner | None = None
@@ -111,6 +121,8 @@ class ModelRunner:
         if not sampling:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        if not self.tp.is_driver:
+            return RunnerOutput()
         gens = [self._generator(s.request_id, s.sampling_params.seed) for s in sampling]
         tokens = sample(logits, [s.sampling_params for s in sampling], gens).tolist()
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})

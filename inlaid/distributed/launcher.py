@@ -1,0 +1,168 @@
+"""Rank 0's side of tensor parallelism: spawn ranks 1..N-1, broadcast each step, detect dead ranks.
+
+Process model (vLLM's multiproc executor, in small):
+- rank 0 is the engine process: it alone schedules (``core.Scheduler``),
+  tokenizes and samples;
+- ranks 1..N-1 are ``torch.multiprocessing`` *spawn* processes running
+  ``worker_main``: join the group, build their shard (``inlaid.worker.rank``),
+  then loop on the control broadcast;
+- each step rank 0 broadcasts ``("step", SchedulerOutput, adapters)`` (one
+  ``broadcast_object_list`` on the gloo control group), where ``adapters`` maps
+  every adapter name of ``adapter_loads`` to its host ``LoRAAdapter`` (so every
+  rank loads identical weights into the same slot; slot state stays
+  replicated); then all ranks run the same forward.
+
+Failure: before every step rank 0 checks that every worker process is alive;
+collectives time out after ``ParallelConfig.distributed_timeout_s``. Any error
+inside a TP step raises ``TPWorkerError`` (ranks may have diverged, so the group
+is then unusable) and later steps raise it at once: the engine fails loudly,
+it never hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any
+
+import torch
+
+from inlaid.config import EngineConfig
+from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.distributed.context import TPContext, default_backend, destroy_tp, init_tp
+from inlaid.distributed.errors import TPWorkerError
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 10.0
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: ``cuda:(base + r)`` on CUDA, the CPU otherwise."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)
+
+
+class TPWorkerGroup:
+    """Rank 0's handle on the worker processes and the group."""
+
+    def __init__(self, ctx: TPContext, procs: list[Any], store_dir: str) -> None:
+        self.ctx, self.procs, self.store_dir = ctx, procs, store_dir
+        self.closed = False
+        self._finalizer = weakref.finalize(self, _terminate, procs, store_dir)
+
+    def check_alive(self) -> None:
+        """Raise ``TPWorkerError`` naming every worker process that is gone."""
+        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+        if dead:
+            raise TPWorkerError("tensor-parallel worker(s) died: " + ", ".join(f"rank {r} (exit code {c})"
+                                                                             for r, c in dead))
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.check_alive()
+        self.ctx.broadcast_control(message)
+
+    def shutdown(self) -> None:
+        """Stop the workers (politely if all are alive) and leave the group; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(p.is_alive() for p in self.procs):
+                self.ctx.broadcast_control(("shutdown",))
+        except Exception:  # a broken group: fall through to terminate
+            logger.warning("tensor-parallel shutdown message failed; terminating workers")
+        for p in self.procs:
+            p.join(JOIN_TIMEOUT_S)
+        destroy_tp(self.ctx)
+        self._finalizer()
+
+
+def _terminate(procs: list[Any], store_dir: str) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(JOIN_TIMEOUT_S)
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def start_workers(config: EngineConfig, device: torch.device) -> TPWorkerGroup:
+    """Spawn ranks 1..N-1 and join the group as rank 0 (raises ``TPWorkerError`` if a rank does not join)."""
+    world = config.parallel.tensor_parallel_size
+    store_dir = tempfile.mkdtemp(prefix="inlaid-tp-")
+    init_method = "file://" + os.path.join(store_dir, "store")
+    ctx_mp = torch.multiprocessing.get_context("spawn")
+    procs = []
+    for rank in range(1, world):
+        p = ctx_mp.Process(target=worker_main, args=(rank, world, init_method, config, str(device)),
+                           name=f"inlaid-tp-rank{rank}", daemon=True)
+        p.start()
+        procs.append(p)
+    try:
+        ctx = init_tp(0, world, default_backend(device), init_method, config.parallel.distributed_timeout_s,
+                      rank_device(device, 0))
+    except Exception as exc:
+        _terminate(procs, store_dir)
+        raise TPWorkerError(f"tensor-parallel group of {world} ranks did not form: {exc}") from exc
+    return TPWorkerGroup(ctx, procs, store_dir)
+
+
+class TPDriverRunner:
+    """Rank 0's runner: broadcasts each step to the workers, then runs it locally (same interface as ModelRunner)."""
+
+    def __init__(self, runner: Any, group: TPWorkerGroup, get_adapter: Any) -> None:
+        self.runner, self.group, self.get_adapter = runner, group, get_adapter
+        self.broken: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if self.broken is not None:
+            raise TPWorkerError(f"tensor-parallel group is broken ({self.broken}); rebuild the engine")
+        try:
+            adapters = {name: self.get_adapter(name) for name in set(out.adapter_loads.values())}
+            self.group.send(("step", out, adapters))
+            return self.runner.execute(out)
+        except Exception as exc:
+            self.broken = f"{type(exc).__name__}: {exc}"
+            self._diagnose()
+            raise TPWorkerError(f"tensor-parallel step failed: {self.broken}") from exc
+
+    def _diagnose(self) -> None:
+        try:
+            self.group.check_alive()
+        except TPWorkerError as dead:
+            self.broken = f"{dead}; {self.broken}"
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+def worker_main(rank: int, world: int, init_method: str, config: EngineConfig, device: str) -> None:
+    """Entry point of ranks 1..N-1: join, build the shard, run broadcast steps until told to stop."""
+    from inlaid.worker.rank import build_rank, resolve_dtype  # spawned process: import on demand
+
+    logging.basicConfig(level=os.environ.get("INLAID_TP_LOG", "WARNING"))
+    dev = rank_device(torch.device(device), rank)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ctx = init_tp(rank, world, default_backend(dev), init_method, config.parallel.distributed_timeout_s, dev)
+    adapters: dict[str, Any] = {}
+    try:
+        parts = build_rank(config, dev, resolve_dtype(config.model.dtype, dev), adapters.__getitem__, ctx)
+        while True:
+            message = ctx.broadcast_control()
+            if message[0] == "shutdown":
+                break
+            _, sched_out, loads = message
+            adapters.clear()
+            adapters.update(loads)
+            parts.runner.execute(sched_out)
+            adapters.clear()
+    finally:
+        destroy_tp(ctx)
