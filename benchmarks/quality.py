@@ -1,26 +1,35 @@
 """Quality of quantized shared bases per task (the paper's Table 2 on our task suite).
 
-For every (bits, group size) and method -- unquantized, MLGPTQ (and its PSD
-repairs), GPTQ-mixed, RTN and per-task GPTQ (``gptq-single`` with the task's own
-Hessian, one model per task) -- evaluates each task through OUR engine
-(``inlaid.tasks.evaluate``: greedy, one mixed run with every task's adapter)
-and reports the task metric and the answer-token NLL (teacher forcing with the
-engine's model and a LoRA pool). Calibration runs once per task (train split, with the
-task's adapter) into one Hessian store; every method is then quantized from it.
+For every (bits, group size) and method -- unquantized, MLGPTQ (and its repairs),
+GPTQ-mixed, RTN and per-task GPTQ (``gptq-single``: one model per task, each
+evaluated on its own task) -- every task is evaluated through OUR engine
+(``inlaid.tasks.evaluate``): answer-token NLL (teacher forcing) on ``--limit``
+test examples and the task metric on ``--gen-limit`` greedy generations
+(``--max-new-tokens-cap`` caps each task's budget). Calibration runs once per
+task (train split, with the task's adapter) into one Hessian store. Per config,
+every Hessian method and every task's single-task GPTQ are quantized in ONE
+batched GPTQ pass per weight (``inlaid.quant.gptq_batched``; q/k/v and gate/up
+share a Hessian and are stacked), the weights stay in memory, and one engine
+per config serves them all: each method's weights are hot-swapped in
+(``inlaid.quant.linear.swap``) before it is evaluated.
 
-Real run (bundled SmolLM2 + the demo adapters in inlaid/adapters/<task>/;
-tasks without an adapter directory are calibrated and evaluated on the bare base
-and marked so):
+Work is done in priority order (shared methods of every config first, then the
+per-task models) and the JSON is rewritten after every cell, so ``--deadline``
+(seconds) or a kill leaves a usable partial table; what did not fit is listed.
 
-    PYTHONPATH=. python benchmarks/quality.py --limit 20 --nll-only --configs 3:64,4:128 \\
-        --calib-samples 32 --single-tasks math_gsm,translate_en_de --out benchmarks/results/quality.md
+Real run (GPU):
 
-(group 128 leaves a partial last group on SmolLM2's 576 inputs; supported.)
+    PYTHONPATH=. python benchmarks/quality.py --model SMOL_DIR --device cuda --deadline 170 \\
+        --json OUT/quality_gpu.json --out OUT/quality_gpu.md
 
-Demo on the tiny random model with random adapters and synthetic JSONL
-(exercises every code path in about a minute):
+Regenerate the page from the JSON:
 
-    PYTHONPATH=.:tests python benchmarks/quality.py --tiny --out benchmarks/results/quality_tiny.md
+    PYTHONPATH=. python benchmarks/quality.py --from-json benchmarks/results/quality_gpu.json \\
+        --out benchmarks/results/quality.md
+
+Tiny random model, random adapters, synthetic data (every code path, about a minute on CPU):
+
+    PYTHONPATH=.:tests python benchmarks/quality.py --tiny --out /tmp/quality_tiny.md
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import argparse
 import json
 import logging
 import resource
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +46,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("quality")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+logger = logging.getLogger("quality")
 
 
 @dataclass
@@ -49,29 +59,26 @@ class TaskSpec:
 
 
 @dataclass
-class Cell:
-    metric: float
-    nll: float
+class Run:
+    """Everything the page needs; ``save`` rewrites the JSON after each cell."""
 
-
-@dataclass
-class Results:
-    cells: dict[tuple[str, str, str], Cell] = field(default_factory=dict)  # (config, method, task)
+    args: dict[str, Any]
+    json_path: Path | None
+    cells: dict[str, dict[str, float]] = field(default_factory=dict)  # "config|method|task" -> {metric, nll}
     seconds: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
 
+    def left(self) -> float:
+        dl = self.args.get("deadline") or 0
+        return float("inf") if dl <= 0 else dl - (time.perf_counter() - self.t0)
 
-def evaluate(model_dir: Path, tasks: list[TaskSpec], with_generation: bool, limit: int,
-             data_dir: Path | None) -> dict[str, Cell]:  # fmt: skip
-    """Metric and answer NLL per task via ``inlaid.tasks.evaluate`` (one mixed engine run, each task's adapter)."""
-    from inlaid import LLM
-    from inlaid.tasks.evaluate import evaluate_runs
-
-    adapters = {t.name: t.adapter for t in tasks if t.adapter}
-    llm = LLM(model=str(model_dir), adapters=adapters, device="cpu", max_loras=max(1, len(adapters)),
-              max_lora_rank=64, max_model_len=2048)  # fmt: skip
-    runs = [(t.name, t.name if t.adapter else None) for t in tasks]
-    res = evaluate_runs(llm, runs, limit=limit, generate=with_generation, data_dir=data_dir)
-    return {r.task: Cell(r.metric, r.nll) for r in res.runs}
+    def save(self) -> None:
+        if self.json_path is not None:
+            data = {"args": self.args, "cells": self.cells, "seconds": self.seconds, "dropped": self.dropped,
+                    "info": self.info}  # fmt: skip
+            self.json_path.write_text(json.dumps(data, indent=1))
 
 
 # ---- task setup -------------------------------------------------------------------
@@ -114,9 +121,10 @@ def tiny_tasks(work: Path, limit: int) -> tuple[Path, Path, list[TaskSpec]]:
     return base, data_dir, specs
 
 
-# ---- quantization -------------------------------------------------------------------
-def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max_seq_len: int) -> tuple[Any, Path]:
-    """Calibrate every task once (with its adapter) into ``work/hessians``; returns (store, model dir)."""
+# ---- calibration and quantization ---------------------------------------------------------
+def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max_seq_len: int,
+                device: torch.device) -> tuple[Any, Path]:  # fmt: skip
+    """Calibrate every task once (fp32, with its adapter) into ``work/hessians``; returns (store, model dir)."""
     from inlaid.config import ModelConfig
     from inlaid.lora.adapter import load_adapter
     from inlaid.model.loader import load_model
@@ -124,7 +132,7 @@ def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max
     from inlaid.quant.hessian import HessianStore
     from transformers import AutoTokenizer
 
-    fp, arch, src = load_model(ModelConfig(model=model), torch.device("cpu"), torch.float32)
+    fp, arch, src = load_model(ModelConfig(model=model), device, torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src))
     store = HessianStore(work / "hessians")
     for t in tasks:
@@ -132,133 +140,308 @@ def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max
             continue
         ids = load_calibration(t.calib, tok, max_samples=samples, max_tokens=samples * max_seq_len, max_seq_len=max_seq_len)
         adapter = load_adapter(t.name, t.adapter) if t.adapter else None
-        calibrate_task(fp, arch, t.name, ids, adapter, store, torch.device("cpu"), torch.float32)
+        calibrate_task(fp, arch, t.name, ids, adapter, store, device, torch.float32)
+    del fp
     return store, src
 
 
-def write_checkpoint(src: Path, store: Any, tasks: list[str], method: str, bits: int, gs: int, sym: bool,
-                     task: str | None, out: Path) -> Path:  # fmt: skip
-    from inlaid.model.loader import load_weights
-    from inlaid.quant.quantize_model import QuantConfig, copy_side_files, linear_layers, quantize_weights
-    from inlaid.quant.pack import save_quantized_checkpoint
+def quantize_all(state: dict[str, torch.Tensor], store: Any, names: list[str], methods: list[str],
+                 singles: list[str], bits: int, gs: int, sym: bool,
+                 device: torch.device) -> dict[str, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """``{model key: packed weights}`` for every Hessian method and ``gptq-single[task]``, plus ``rtn``."""
+    from tqdm.auto import tqdm
 
-    if (out / "model.safetensors").is_file():
-        return out
-    state = dict(load_weights(src))
-    packed = quantize_weights(state, store, tasks, method, bits, gs, sym, task=task)
+    from inlaid.quant.quantize_model import GROUP_OF, linear_layers
+
+    layers = linear_layers(state)
+    hmethods = [m for m in methods if m not in ("rtn", "gptq-single")]
+    keys = hmethods + [f"gptq-single[{t}]" for t in singles]
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {k: {} for k in keys + ["rtn"]}
+    for idx in tqdm(sorted(layers), desc=f"quantize {bits}b g{gs} x{len(keys)}", unit="layer", leave=False):
+        for group in ("qkv", "o", "gate_up", "down"):
+            rels = [r for r in layers[idx] if GROUP_OF[r] == group]
+            per_key = _quantize_group(store, idx, group, [layers[idx][r] for r in rels], names, hmethods, singles,
+                                      bits, gs, sym, device)  # fmt: skip
+            for key, results in per_key.items():
+                for rel, packed in zip(rels, results):
+                    out[key][f"model.layers.{idx}.{rel}"] = packed
+    return out
+
+
+def _quantize_group(store: Any, idx: int, group: str, weights: list[torch.Tensor], names: list[str],
+                    hmethods: list[str], singles: list[str], bits: int, gs: int, sym: bool,
+                    device: torch.device) -> dict[str, list[dict[str, torch.Tensor]]]:  # fmt: skip
+    """Packed tensors of the weights sharing one Hessian group, for every method (one batched GPTQ)."""
+    from inlaid.quant.gptq_batched import gptq_quantize_many, split_rows
+    from inlaid.quant.pack import pack
+    from inlaid.quant.quantize_model import aggregate_loaded
+    from inlaid.quant.rtn import rtn_quantize
+
+    loaded = {t: (h.to(device), n) for t, (h, n) in ((t, store.load(t, idx, group)) for t in names)}
+    hs = [aggregate_loaded(loaded, m) for m in hmethods] + [loaded[t][0] for t in singles]
+    keys = hmethods + [f"gptq-single[{t}]" for t in singles]
+    w = torch.cat([x.to(device=device, dtype=torch.float32) for x in weights])
+    sizes = [x.shape[0] for x in weights]
+    out: dict[str, list[dict[str, torch.Tensor]]] = {}
+    if hs:
+        for key, res in zip(keys, gptq_quantize_many(w, torch.stack(hs), bits, gs, sym)):
+            out[key] = [_cpu(pack(r)) for r in split_rows(res, sizes)]
+    out["rtn"] = [_cpu(pack(rtn_quantize(x.to(device=device, dtype=torch.float32), bits, gs, sym))) for x in weights]
+    return out
+
+
+def _cpu(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in packed.items()}
+
+
+def write_checkpoint(src: Path, state: dict[str, torch.Tensor], packed: dict[str, dict[str, torch.Tensor]],
+                     bits: int, gs: int, sym: bool, out: Path) -> Path:  # fmt: skip
+    """A loadable GPTQ checkpoint of ``packed`` (the engine for a config is built from it)."""
+    from inlaid.quant.pack import quantization_config, save_quantized_checkpoint
+    from inlaid.quant.quantize_model import copy_side_files
+
     quantized = {f"{n}.weight" for n in packed}
-    linear_layers(state)
     others = {k: v for k, v in state.items() if k not in quantized}
     config = json.loads((src / "config.json").read_text())
-    qc = QuantConfig(method, bits, gs, sym, task=task).checkpoint_config()
-    save_quantized_checkpoint(out, packed, qc, others, config)
+    save_quantized_checkpoint(out, packed, quantization_config(bits, gs, sym, False, False, 0.01), others, config)
     copy_side_files(src, out)
     return out
 
 
+# ---- evaluation --------------------------------------------------------------------------------
+def make_llm(model_dir: Path, tasks: list[TaskSpec], device: str) -> Any:
+    from inlaid import LLM
+
+    adapters = {t.name: t.adapter for t in tasks if t.adapter}
+    extra: dict[str, Any] = {"num_blocks": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192} \
+        if device == "cuda" else {}  # fmt: skip
+    return LLM(model=str(model_dir), adapters=adapters, device=device, max_loras=max(1, len(adapters)),
+               max_lora_rank=64, max_model_len=2048, **extra)  # fmt: skip
+
+
+def evaluate(llm: Any, tasks: list[TaskSpec], args: argparse.Namespace, data_dir: Path | None) -> dict[str, dict]:
+    """``{task: {"metric", "nll"}}``: NLL on ``--limit`` examples, metric on ``--gen-limit`` generations."""
+    from inlaid.tasks.evaluate import evaluate_runs
+
+    runs = [(t.name, t.name if t.adapter else None) for t in tasks]
+    nll = evaluate_runs(llm, runs, limit=args.limit, generate=False, data_dir=data_dir)
+    out = {r.task: {"metric": float("nan"), "nll": r.nll} for r in nll.runs}
+    if not args.nll_only:
+        gen = evaluate_runs(llm, runs, limit=args.gen_limit, nll=False, data_dir=data_dir,
+                            max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
+        for r in gen.runs:
+            out[r.task]["metric"] = r.metric
+    return out
+
+
+def swap_in(llm: Any, packed: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Install ``packed`` into every quantized linear of the served model (between engine steps)."""
+    from inlaid.quant.linear import swap
+
+    parts = llm.engine.parts
+    for name, tensors in packed.items():
+        swap(parts.model.get_submodule(name), tensors, parts.dtype)
+
+
+def _eval_cell(run: Run, llm: Any, tasks: list[TaskSpec], cfg: str, key: str, args: argparse.Namespace,
+               data_dir: Path | None) -> None:  # fmt: skip
+    t0 = time.perf_counter()
+    method = "gptq-single" if key.startswith("gptq-single[") else key
+    for name, cell in evaluate(llm, tasks, args, data_dir).items():
+        run.cells[f"{cfg}|{method}|{name}"] = cell
+    run.seconds[f"evaluate {cfg} {key}"] = time.perf_counter() - t0
+    run.save()
+
+
 # ---- the run ---------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> Results:
+def run_all(args: argparse.Namespace, run: Run) -> None:
+    from inlaid.model.loader import load_weights
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = None
+    data_dir, device = None, torch.device(args.device)
     if args.tiny:
-        base, data_dir, tasks = tiny_tasks(work, args.limit)
+        base, data_dir, tasks = tiny_tasks(work, max(args.limit, args.gen_limit))
         model = str(base)
     else:
-        model, tasks = args.model, real_tasks(args.tasks, Path(args.adapters_dir))
-    res = Results()
+        model, tasks = args.model, real_tasks(args.tasks.split(",") if args.tasks else None, Path(args.adapters_dir))
+    run.info.update(tasks={t.name: t.adapter is not None for t in tasks}, device=_device_name(device))
     t0 = time.perf_counter()
-    store, src = build_store(model, tasks, work, args.calib_samples, args.max_seq_len)
-    res.seconds["calibrate"] = time.perf_counter() - t0
-    names = [t.name for t in tasks]
-    gen = not args.nll_only
-    for name, cell in evaluate(src, tasks, gen, args.limit, data_dir).items():
-        res.cells[("fp", "unquantized", name)] = cell
+    store, src = build_store(model, tasks, work, args.calib_samples, args.max_seq_len, device)
+    run.seconds["calibrate"] = time.perf_counter() - t0
+    _eval_cell(run, make_llm(src, tasks, args.device), tasks, "fp", "unquantized", args, data_dir)
+    _release()
+    state = {k: v for k, v in load_weights(src)}
+    names = sorted(t.name for t in tasks)
+    single = [t for t in names if t in set(args.single_tasks.split(","))] if args.single_tasks else names
+    methods = args.methods.split(",")
+    singles = single if "gptq-single" in methods else []
+    pending: list[tuple[str, dict]] = []
     for cfg in args.configs.split(","):
-        bits, gs = (int(v) for v in cfg.split(":"))
-        for method in [m for m in args.methods.split(",") if m != "gptq-single"]:
-            t1 = time.perf_counter()
-            qdir = write_checkpoint(src, store, names, method, bits, gs, args.sym, None, work / f"{method}-{bits}-{gs}")
-            res.seconds[f"quantize {method} {cfg}"] = time.perf_counter() - t1
-            for name, cell in evaluate(qdir, tasks, gen, args.limit, data_dir).items():
-                res.cells[(cfg, method, name)] = cell
-        if "gptq-single" in args.methods.split(","):
-            single = set(args.single_tasks.split(",")) if args.single_tasks else set(names)
-            for t in [t for t in tasks if t.name in single]:
-                t1 = time.perf_counter()
-                qdir = write_checkpoint(src, store, names, "gptq-single", bits, gs, args.sym, t.name,
-                                        work / f"single-{t.name}-{bits}-{gs}")  # fmt: skip
-                res.seconds[f"quantize gptq-single[{t.name}] {cfg}"] = time.perf_counter() - t1
-                res.cells[(cfg, "gptq-single", t.name)] = evaluate(qdir, [t], gen, args.limit, data_dir)[t.name]
-        logger.info("config %s done", cfg)
-    res.seconds["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return res
+        if run.left() < args.min_config_seconds:
+            run.dropped.append(f"config {cfg} (all methods): out of time")
+            continue
+        pending.append((cfg, _shared_phase(run, args, cfg, state, store, src, names, methods, singles, tasks,
+                                           data_dir, device)))  # fmt: skip
+        _release()
+    for cfg, packed in pending:
+        _singles_phase(run, args, cfg, packed, tasks, singles, data_dir)
+        _release()
+    run.info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        run.info["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    run.seconds["total"] = time.perf_counter() - run.t0
+    run.save()
 
 
-def _rel_drop(base: Cell, q: Cell, use_metric: bool) -> float:
-    if use_metric:
-        return (base.metric - q.metric) / base.metric if base.metric > 0 else float("nan")
-    return (q.nll - base.nll) / base.nll
+def _shared_phase(run: Run, args: argparse.Namespace, cfg: str, state: dict, store: Any, src: Path,
+                  names: list[str], methods: list[str], singles: list[str], tasks: list[TaskSpec],
+                  data_dir: Path | None, device: torch.device) -> dict:  # fmt: skip
+    """Quantize config ``cfg`` for every method at once; evaluate the shared (all-task) methods."""
+    bits, gs = (int(v) for v in cfg.split(":"))
+    t0 = time.perf_counter()
+    packed = quantize_all(state, store, names, methods, singles, bits, gs, args.sym, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run.seconds[f"quantize {cfg} ({len(packed)} models, batched)"] = time.perf_counter() - t0
+    qdir = write_checkpoint(src, state, packed["rtn"], bits, gs, args.sym, Path(args.work) / f"ckpt-{bits}-{gs}")
+    llm = make_llm(qdir, tasks, args.device)
+    for m in [m for m in methods if m != "gptq-single"]:
+        if run.left() < args.min_cell_seconds:
+            run.dropped.append(f"{cfg} {m}: out of time")
+            continue
+        swap_in(llm, packed[m])
+        _eval_cell(run, llm, tasks, cfg, m, args, data_dir)
+    return {k: v for k, v in packed.items() if k.startswith("gptq-single[")}
 
 
-def to_markdown(res: Results, args: argparse.Namespace, tasks: list[str], command: str) -> str:
-    methods = ["unquantized", *args.methods.split(",")]
-    lines = ["# Quantized shared base: per-task quality", "", f"Command: `{command}`", "",
-             "Each cell: task metric (0-100, greedy generation through the engine) / answer-token NLL (nats, "
-             "teacher forcing). `mean rel. drop` averages (unquantized - q) / unquantized of the metric over tasks "
-             "with a non-zero unquantized metric, and (q - unquantized) / unquantized of the NLL.", ""]  # fmt: skip
-    for cfg in args.configs.split(","):
+def _singles_phase(run: Run, args: argparse.Namespace, cfg: str, packed: dict,
+                   tasks: list[TaskSpec], singles: list[str], data_dir: Path | None) -> None:  # fmt: skip
+    """Evaluate each task on its own single-task GPTQ model (weights swapped into one engine)."""
+    if not singles:
+        return
+    if run.left() < args.min_cell_seconds:
+        run.dropped.append(f"{cfg} gptq-single (all tasks): out of time")
+        return
+    llm = make_llm(Path(args.work) / "ckpt-{}-{}".format(*cfg.split(":")), tasks, args.device)
+    for t in singles:
+        if run.left() < args.min_cell_seconds / 3:
+            run.dropped.append(f"{cfg} gptq-single[{t}]: out of time")
+            continue
+        swap_in(llm, packed[f"gptq-single[{t}]"])
+        _eval_cell(run, llm, [s for s in tasks if s.name == t], cfg, f"gptq-single[{t}]", args, data_dir)
+
+
+def _release() -> None:
+    """Free the engine that just went out of scope (its KV cache) before the next one is built."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# ---- the page ------------------------------------------------------------------------------------
+def _rel_drop(base: dict, q: dict, key: str) -> float:
+    b, v = base[key], q[key]
+    if b != b or v != v:
+        return float("nan")
+    if key == "metric":
+        return (b - v) / b if b > 0 else float("nan")
+    return (v - b) / b
+
+
+def _mean_drop(cells: dict, cfg: str, method: str, tasks: list[str], key: str) -> str:
+    d = [_rel_drop(cells[f"fp|unquantized|{t}"], cells[f"{cfg}|{method}|{t}"], key)
+         for t in tasks if f"{cfg}|{method}|{t}" in cells and f"fp|unquantized|{t}" in cells]  # fmt: skip
+    d = [x for x in d if x == x]
+    return f"{100 * sum(d) / len(d):+.1f}% ({len(d)})" if d else "n/a"
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    """The results page from the run's JSON (``--from-json`` regenerates it without running anything)."""
+    args, cells = data["args"], data["cells"]
+    tasks = sorted({k.split("|")[2] for k in cells})
+    methods = ["unquantized", *[m for m in args["methods"].split(",")]]
+    info = data.get("info", {})
+    lines = ["# Quantized shared base: per-task quality", "", f"Command: `{args['command']}`", "",
+             f"Device: {info.get('device', '?')}. Each cell: task metric (0-100, greedy, first {args['gen_limit']} "
+             f"test examples, generation capped at {args['max_new_tokens_cap']} new tokens) / answer-token NLL "
+             f"(nats, teacher forcing, first {args['limit']} test examples). `mean rel. drop` averages "
+             "(unquantized - q) / unquantized of the metric over tasks with a non-zero unquantized metric, and "
+             "(q - unquantized) / unquantized of the NLL; the count of tasks averaged is in brackets. "
+             "gptq-single is one model per task, each evaluated on its own task only.", ""]  # fmt: skip
+    no_adapter = [t for t, has in info.get("tasks", {}).items() if not has]
+    if no_adapter:
+        lines += [f"Tasks without an adapter (bare base): {', '.join(no_adapter)}.", ""]
+    for cfg in args["configs"].split(","):
+        if not any(k.startswith(cfg + "|") for k in cells):
+            continue
         bits, gs = cfg.split(":")
-        lines += [f"## {bits}-bit, group {gs}, {'symmetric' if args.sym else 'asymmetric'}", "",
+        lines += [f"## {bits}-bit, group {gs}, {'symmetric' if args['sym'] else 'asymmetric'}", "",
                   "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]  # fmt: skip
         for t in tasks:
             row = []
             for m in methods:
-                c = res.cells.get(("fp" if m == "unquantized" else cfg, m, t))
-                row.append("-" if c is None else f"{c.metric:.1f} / {c.nll:.3f}")
+                c = cells.get(f"{'fp' if m == 'unquantized' else cfg}|{m}|{t}")
+                row.append("-" if c is None else f"{c['metric']:.1f} / {c['nll']:.3f}")
             lines.append(f"| {t} | " + " | ".join(row) + " |")
-        drops = []
-        for m in methods[1:]:
-            vals = []
-            for use_metric in (True, False):
-                d = [_rel_drop(res.cells[("fp", "unquantized", t)], res.cells[(cfg, m, t)], use_metric)
-                     for t in tasks if (cfg, m, t) in res.cells]  # fmt: skip
-                d = [x for x in d if x == x]
-                vals.append(f"{100 * sum(d) / len(d):+.1f}%" if d else "n/a")
-            drops.append(" / ".join(vals))
-        lines += ["| **mean rel. drop** (metric / NLL) | - | " + " | ".join(drops) + " |", ""]
-    lines += ["Timings (s) and peak RSS of the whole run (MB): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()), ""]
+        for key in ("metric", "nll"):
+            drops = [_mean_drop(cells, cfg, m, tasks, key) for m in methods[1:]]
+            lines.append(f"| **mean rel. drop ({key})** | - | " + " | ".join(drops) + " |")
+        lines.append("")
+    if data.get("dropped"):
+        lines += ["Not run (did not fit the time budget): " + "; ".join(data["dropped"]) + ".", ""]
+    lines += ["Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()) + ". Memory: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in info.items() if k.startswith("peak")) + ".", ""]  # fmt: skip
     return "\n".join(lines)
 
 
-def main() -> None:
-    import sys
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     p.add_argument("--adapters-dir", default=str(ROOT / "inlaid" / "adapters"))
-    p.add_argument("--limit", type=int, default=50, help="test examples per task")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--limit", type=int, default=32, help="test examples per task for the answer NLL")
+    p.add_argument("--gen-limit", type=int, default=16, help="test examples per task generated for the metric")
+    p.add_argument("--max-new-tokens-cap", type=int, default=64, help="cap on every task's generation budget")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples per task (train split)")
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--configs", default="4:128,4:64,3:128,3:64", help="bits:group_size, comma-separated")
-    p.add_argument("--methods", default="mlgptq,mlgptq-psd,mlgptq-diag,gptq-mixed,rtn,gptq-single")
+    p.add_argument("--configs", default="4:128,3:64,4:64,3:128", help="bits:group_size, comma-separated, by priority")
+    p.add_argument("--methods", default="mlgptq-diag,gptq-mixed,rtn,mlgptq,gptq-single")
     p.add_argument("--single-tasks", default=None, help="gptq-single only for these tasks (default: every task)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--nll-only", action="store_true", help="skip generation (metric columns become nan)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + random adapters + synthetic data")
+    p.add_argument("--deadline", type=float, default=0, help="seconds for the whole run (0: none); drops the rest")
+    p.add_argument("--min-config-seconds", type=float, default=60, help="start a config only with this much left")
+    p.add_argument("--min-cell-seconds", type=float, default=12, help="start an evaluation only with this much left")
     p.add_argument("--work", default="/tmp/inlaid_quality")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
+    p.add_argument("--json", default=None, help="results JSON (default: --out with .json)")
+    p.add_argument("--from-json", default=None, help="only regenerate --out from this results JSON")
     p.add_argument("--note", default="", help="a paragraph written above the table (scope, caveats)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    res = run(args)
-    tasks = sorted({t for (_, _, t) in res.cells})
-    command = "PYTHONPATH=. python benchmarks/quality.py " + " ".join(sys.argv[1:])
-    Path(args.out).write_text((f"> {args.note}\n\n" if args.note else "") + to_markdown(res, args, tasks, command))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"|".join(k): vars(v) for k, v in res.cells.items()} | {"seconds": res.seconds}, indent=1))
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+    else:
+        json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
+        run = Run({**vars(args), "command": "PYTHONPATH=. python benchmarks/quality.py " + " ".join(sys.argv[1:])},
+                  json_path)  # fmt: skip
+        run_all(args, run)
+        data = json.loads(json_path.read_text())
+    note = args.note or data["args"].get("note", "")
+    Path(args.out).write_text((f"> {note}\n\n" if note else "") + to_markdown(data))
     logger.info("wrote %s", args.out)
 
 

@@ -21,7 +21,7 @@ Invariants:
   = 0 for every token; -1 and no hook without an adapter), so each layer's
   Hessians include the adapter's effect on all earlier layers. This equals
   hooking one full forward of the same batches (a test checks it).
-- Hessians are accumulated in fp32 on the model's device via forward pre-hooks on
+- Hessians are accumulated in fp32 on the model's device by taps on the linear method of
   q_proj ("qkv"), o_proj ("o"), gate_proj ("gate_up") and down_proj ("down");
   ``N`` counts tokens. Hooks are always removed, even on error.
 """
@@ -173,16 +173,30 @@ def single_adapter_pool(adapter: LoRAAdapter, arch: ModelArch, device: torch.dev
 
 
 # ---- the layer-by-layer driver -----------------------------------------------------
+class _InputTap:
+    """Feeds the input of one linear to an accumulator by wrapping its ``quant_method.apply`` (instance attribute).
+
+    ``apply`` is what both ``ParallelLinear.forward`` and ``forward_local`` (the path the model takes when a
+    LoRA hook or tensor parallelism splits the call) run, so every forward is seen exactly once whichever
+    entry point the model uses; module forward hooks would miss ``forward_local``.
+    """
+
+    def __init__(self, module: torch.nn.Module, acc: HessianAccumulator) -> None:
+        self.method = module.quant_method
+        inner = self.method.apply
+
+        def apply(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            acc.add(x)
+            return inner(layer, x)
+
+        self.method.apply = apply
+
+    def remove(self) -> None:
+        self.method.__dict__.pop("apply", None)
+
+
 def _layer_hooks(layer: torch.nn.Module, accs: dict[str, HessianAccumulator]) -> list[Any]:
-    handles = []
-    for group, (sub, proj) in HOOK_POINTS.items():
-        module = getattr(getattr(layer, sub), proj)
-
-        def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...], acc: HessianAccumulator = accs[group]) -> None:
-            acc.add(args[0])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    return handles
+    return [_InputTap(getattr(getattr(layer, sub), proj), accs[group]) for group, (sub, proj) in HOOK_POINTS.items()]
 
 
 def _new_accumulators(arch: ModelArch, device: torch.device) -> dict[str, HessianAccumulator]:

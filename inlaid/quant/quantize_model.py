@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from inlaid.quant.gptq import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, gptq_quantize
-from inlaid.quant.hessian import HessianStore
+from inlaid.quant.hessian import HessianStore, aggregate
 from inlaid.quant.linear import PROJECTIONS
 from inlaid.quant.pack import pack, quantization_config, save_quantized_checkpoint
 from inlaid.quant.rtn import rtn_quantize
@@ -102,13 +102,26 @@ def aggregate_group(store: HessianStore, layer: int, group: str, method: str, ta
     """The Hessian ``method`` uses for (layer, group), from the store's per-task Hessians of ``tasks``."""
     if method in AGGREGATORS:
         return store.aggregate(layer, group, AGGREGATORS[method], tasks, task=task)
+    return aggregate_loaded({t: store.load(t, layer, group) for t in sorted(tasks)}, method, task)
+
+
+def aggregate_loaded(loaded: Mapping[str, tuple[torch.Tensor, int]], method: str,
+                     task: str | None = None) -> torch.Tensor:  # fmt: skip
+    """The Hessian ``method`` uses, from already loaded per-task ``(H, n_samples)`` (iterated in sorted order).
+
+    Equals ``aggregate_group`` on a store holding the same Hessians (same reductions, same order); computed
+    on the Hessians' device.
+    """
+    items = {t: loaded[t] for t in sorted(loaded)}
+    if method in AGGREGATORS:
+        return aggregate(items, AGGREGATORS[method], task=task)
     if method == "mlgptq-psd":
-        h = store.aggregate(layer, group, "max", tasks).double()
+        h = aggregate(items, "max").double()
         vals, vecs = torch.linalg.eigh((h + h.t()) / 2)
         return ((vecs * vals.clamp(min=0)) @ vecs.t()).to(torch.float32)
     if method == "mlgptq-diag":
-        mean = store.aggregate(layer, group, "mean", tasks)
-        excess = (torch.diagonal(store.aggregate(layer, group, "max", tasks)) - torch.diagonal(mean)).clamp(min=0)
+        mean = aggregate(items, "mean")
+        excess = (torch.diagonal(aggregate(items, "max")) - torch.diagonal(mean)).clamp(min=0)
         return mean + torch.diag(excess)
     raise ValueError(f"no Hessian aggregation for method {method!r}")
 
