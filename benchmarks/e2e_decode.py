@@ -12,7 +12,7 @@ Dummy-weight models through the real engine (``LLMEngine``: scheduler, ModelRunn
 Decode tok/s = B * (new - 1) / (T_total - T_first) (prefill excluded; ``decode_baseline.run_inlaid``). Roofline:
 bytes per decode step = every weight read once (linears, lm_head, norms) + distinct adapters' LoRA weights +
 the KV cache read at the mean context, at ``--peak-tbps`` (3.0 TB/s for an H100); fraction = measured /
-roofline tok/s. A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
+roofline tok/s. ``--w4-b1-only`` keeps just the W4 7B batch-1 rows (short device runs). A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
 
     python benchmarks/e2e_decode.py --out benchmarks/results/e2e_decode
 """
@@ -100,7 +100,7 @@ def measure(eng, arch, wbytes: int, batch: int, n_ad: int, graphs: bool, args, l
 
 
 def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa: ANN001
-    for quant in ("w4g128", "bf16"):
+    for quant in ("w4g128",) if args.w4_b1_only else ("w4g128", "bf16"):
         if time.monotonic() > deadline:
             skipped.append(f"llama2-7b {quant}")
             continue
@@ -111,6 +111,7 @@ def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa:
         wb = weight_bytes(eng.parts.model)
         plan = [(1, 0, False), (1, 0, True), (32, 0, True), (32, 0, False), (1, 32, True), (32, 32, True),
                 (32, 32, False)]
+        plan = [(1, 0, True), (1, 0, False)] if args.w4_b1_only else plan
         for batch, n_ad, graphs in plan:  # adapter-free rows first: a loaded slot makes LoRA active
             if time.monotonic() > deadline:
                 skipped.append(f"llama2-7b {quant} b{batch} a{n_ad} graphs={graphs}")
@@ -188,13 +189,16 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=270.0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--w4-b1-only", action="store_true",
+                    help="short run: only the W4 g128 Llama-2-7B-shaped model at batch 1 (graphs, then eager)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
     args = ap.parse_args()
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
     rows: list = []
     skipped: list = []
-    bench_small(args, rows, skipped, t0 + 0.35 * args.budget_s)
+    if not args.w4_b1_only:
+        bench_small(args, rows, skipped, t0 + 0.35 * args.budget_s)
     if not args.skip_7b:
         bench_7b(args, rows, skipped, deadline)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -42,7 +42,7 @@ from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 DEVICE = "cuda"  # constants below are patched only by the CPU smoke test (tests/kernels)
 PEAK_BW = 3.0e12
 GS = 128
-CHECK_MS = (1, 16, 64, 256)
+CHECK_MS = (1, 3, 16, 64, 256)
 CHECK_ATTN_LENS = ([2048], [1, 100, 511, 512, 2047, 2048, 17, 300])
 LORA_BATCH = 32
 ATTN_POINTS = [(1, 512), (1, 2048), (32, 512), (32, 2048)]
@@ -96,9 +96,11 @@ def check_w4(errors: list[str]) -> list[dict]:
                     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
                     ref = gptq_dequant.gptq_linear(x.float(), w["qweight"], w["qzeros"], w["scales"].float(), w["g_idx"], 4)
                     fused = wk.w4a16_gemm(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, GS)
-                    disp = wk.w4a16_linear(x, packed, fused_max_m=0)
+                    disp = wk.w4a16_linear(x, packed, fused_max_m=0, gemv_max_m=0)
+                    tuned = wk.w4a16_linear(x, packed)
                     rows.append({"kernel": "w4a16", "shape": f"{k}x{n}", "act_order": act, "M": m, "dtype": str(dtype),
-                                 "rel_err_fused": rel_err(fused, ref), "rel_err_dequant_mm": rel_err(disp, ref)})
+                                 "rel_err_fused": rel_err(fused, ref), "rel_err_dequant_mm": rel_err(disp, ref),
+                                 "rel_err_linear_tuned": rel_err(tuned, ref)})
     return rows
 
 
@@ -148,30 +150,17 @@ def sweep_configs(m: int) -> list[wk.W4Config]:
             ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 256, 8))]
 
 
-def skinny_sweep(m: int, n: int, k: int) -> list:
-    """Candidate skinny configs around the table's choice (FMA for M <= 4, 8 x K16 tl.dot above)."""
-    base = wk.skinny_config(m, n, k)
-    rep = __import__("dataclasses").replace
-    out = [rep(base, mode="fixup"), rep(base, split_k=max(1, base.split_k // 2)), rep(base, split_k=base.split_k * 2),
-           rep(base, num_warps=8), rep(base, block_n=base.block_n * 2, split_k=base.split_k * 2),
-           rep(base, block_n=max(16, base.block_n // 2)), rep(base, block_k=256, split_k=max(1, base.split_k // 2))]
-    if m <= 4:
-        out += [rep(base, block_n=256, num_warps=8), rep(base, split_k=1), rep(base, mode="fixup", block_n=64)]
-    else:
-        out += [rep(base, block_n=128, num_warps=8), rep(base, block_m=8 if m <= 8 else 16, use_dot=m > 8)]
-    return out
-
-
 def time_w4_point(k: int, n: int, m: int, w: dict, packed: wk.PackedW4, dense: torch.Tensor, sweep: bool) -> dict:
+    """One (shape, M): cuBLAS fp16, the dispatcher with the tuned table, each kernel's default, dequant + mm."""
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     args = (packed.qweight, packed.qzeros, packed.scales, packed.perm, GS)
     row = {"shape": f"{k}x{n}", "M": m}
     row["cublas_fp16_ms"] = bench(lambda: x @ dense)
-    row["dequant_mm_ms"] = bench(lambda: wk.w4a16_linear(x, packed, fused_max_m=0))
+    row["linear_tuned_ms"] = bench(lambda: wk.w4a16_linear(x, packed))
+    row["dequant_mm_ms"] = bench(lambda: wk.w4a16_linear(x, packed, fused_max_m=0, gemv_max_m=0))
     row["fused_default_ms"] = bench(lambda: wk.w4a16_gemm(x, *args))
-    row["default_config"] = str(wk.default_config(m, n, k, GS))
     best, best_cfg = row["fused_default_ms"], "default"
-    for cfg in sweep_configs(m) if sweep else []:
+    for cfg in sweep_configs(m) if sweep and m > wk.GEMV_MAX_M else []:
         try:
             t = bench(lambda: wk.w4a16_gemm(x, *args, config=cfg))
         except Exception as e:  # noqa: BLE001 - one config failing to compile must not stop the sweep
@@ -179,33 +168,15 @@ def time_w4_point(k: int, n: int, m: int, w: dict, packed: wk.PackedW4, dense: t
             continue
         if t < best:
             best, best_cfg = t, str(cfg)
-    if m <= wk.SKINNY_MAX_M:
-        row["skinny_default_ms"] = bench(lambda: wk.w4a16_skinny(x, *args, locks=packed.locks))
-        row["skinny_config"] = str(wk.skinny_config(m, n, k))
-        sbest, scfg = row["skinny_default_ms"], "default"
-        for cfg in skinny_sweep(m, n, k) if sweep else []:
-            try:
-                t = bench(lambda: wk.w4a16_skinny(x, *args, config=cfg, locks=packed.locks))
-            except Exception as e:  # noqa: BLE001 - one config failing to compile must not stop the sweep
-                print(f"  skinny {cfg} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                continue
-            if t < sbest:
-                sbest, scfg = t, str(cfg)
-        row["skinny_best_ms"], row["skinny_best_config"] = sbest, scfg
-        row["speedup_skinny_default_vs_cublas"] = row["cublas_fp16_ms"] / row["skinny_default_ms"]
-        row["skinny_default_TBps"] = w4_bytes(k, n, m) / (row["skinny_default_ms"] * 1e-3) / 1e12
-        if sbest < best:
-            best, best_cfg = sbest, scfg
-    row["linear_default_ms"] = bench(lambda: wk.w4a16_linear(x, packed))
-    row["speedup_linear_default_vs_cublas"] = row["cublas_fp16_ms"] / row["linear_default_ms"]
     row["fused_best_ms"], row["best_config"] = best, best_cfg
+    if m <= wk.GEMV_MAX_M:
+        row["gemv_default_ms"] = bench(lambda: wk.w4a16_gemv(x, *args, locks=packed.locks))
     nbytes = w4_bytes(k, n, m)
+    row["linear_tuned_TBps"] = nbytes / (row["linear_tuned_ms"] * 1e-3) / 1e12
+    row["linear_tuned_frac_peak_bw"] = row["linear_tuned_TBps"] * 1e12 / PEAK_BW
+    row["speedup_linear_tuned_vs_cublas"] = row["cublas_fp16_ms"] / row["linear_tuned_ms"]
     row["fused_best_TBps"] = nbytes / (best * 1e-3) / 1e12
-    row["fused_best_frac_peak_bw"] = row["fused_best_TBps"] * 1e12 / PEAK_BW
     row["speedup_best_vs_cublas"] = row["cublas_fp16_ms"] / best
-    row["speedup_default_vs_cublas"] = row["cublas_fp16_ms"] / row["fused_default_ms"]
-    row["dispatch_best_ms"] = min(best, row["dequant_mm_ms"])
-    row["speedup_dispatch_vs_cublas"] = row["cublas_fp16_ms"] / row["dispatch_best_ms"]
     return row
 
 
@@ -220,9 +191,10 @@ def time_w4(errors: list[str], deadline: float) -> list[dict]:
             row = safe(f"w4a16 {k}x{n} M={m}", errors, time_w4_point, k, n, m, w, packed, dense, sweep)
             if row:
                 rows.append(row)
-                print(f"w4a16 {k}x{n} M={m:3d}: cuBLAS {row['cublas_fp16_ms'] * 1e3:7.1f}us  fused "
-                      f"{row['fused_best_ms'] * 1e3:7.1f}us ({row['speedup_best_vs_cublas']:.2f}x, "
-                      f"{row['fused_best_TBps']:.2f} TB/s)  dequant+mm {row['dequant_mm_ms'] * 1e3:7.1f}us", flush=True)
+                print(f"w4a16 {k}x{n} M={m:3d}: cuBLAS {row['cublas_fp16_ms'] * 1e3:7.1f}us  w4a16_linear "
+                      f"{row['linear_tuned_ms'] * 1e3:7.1f}us ({row['speedup_linear_tuned_vs_cublas']:.2f}x, "
+                      f"{row['linear_tuned_TBps']:.2f} TB/s = {row['linear_tuned_frac_peak_bw']:.0%} of 3.0)  "
+                      f"dequant+mm {row['dequant_mm_ms'] * 1e3:7.1f}us", flush=True)
     return rows
 
 
@@ -341,18 +313,20 @@ def to_markdown(res: dict) -> str:
     parts = [
         f"# Kernel benchmark ({res['env']['device']}, torch {res['env']['torch']}, triton {res['env']['triton']})",
         "\n## Correctness on GPU (max |err| / max |ref|)\n",
-        md_table(res["check_w4a16"], ["shape", "act_order", "M", "dtype", "rel_err_fused", "rel_err_dequant_mm"]),
+        md_table(res["check_w4a16"], ["shape", "act_order", "M", "dtype", "rel_err_fused", "rel_err_dequant_mm",
+                                      "rel_err_linear_tuned"]),
         "\n" + md_table(res["check_lora"], ["module", "rank", "rel_err"]),
         "\n" + md_table(res["check_attention"], ["kv_heads", "batch", "max_ctx", "rel_err"]),
         "\n## W4A16 GEMM, group 128, fp16 (do_bench median, us)\n",
-        md_table(us, ["shape", "M", "cublas_fp16_us", "linear_default_us", "skinny_default_us", "fused_default_us",
-                      "fused_best_us", "dequant_mm_us", "speedup_linear_default_vs_cublas", "speedup_best_vs_cublas",
-                      "skinny_default_TBps", "fused_best_TBps", "fused_best_frac_peak_bw"]),
-        f"\nFused-vs-dequant+matmul crossover (largest M where fused wins): {res['w4a16_crossover']}",
-        "\nBest configs: " + "; ".join(f"{r['shape']} M={r['M']}: {r['best_config']}" for r in res["w4a16"]),
-        "\nBest skinny configs (vs table default): " + "; ".join(
-            f"{r['shape']} M={r['M']}: {r['skinny_best_config']} {r['skinny_best_ms'] * 1e3:.1f}us (default "
-            f"{r['skinny_default_ms'] * 1e3:.1f}us)" for r in res["w4a16"] if "skinny_best_config" in r),
+        md_table(us, ["shape", "M", "cublas_fp16_us", "linear_tuned_us", "speedup_linear_tuned_vs_cublas",
+                      "linear_tuned_TBps", "linear_tuned_frac_peak_bw", "gemv_default_us", "fused_default_us",
+                      "fused_best_us", "dequant_mm_us", "speedup_best_vs_cublas"]),
+        "\n`linear_tuned` is `w4a16_linear` with the installed `inlaid/kernels/w4a16_configs.json` (GEMV for M <= 16, "
+        "tiled kernel up to the table's crossover, then dequantize + cuBLAS); bytes = packed weight + scales + zeros "
+        "+ x + out.",
+        f"\nFused-vs-dequant+matmul crossover (largest M where the tiled kernel wins): {res['w4a16_crossover']}",
+        "\nBest tiled configs (M > 16): " + "; ".join(f"{r['shape']} M={r['M']}: {r['best_config']}"
+                                                     for r in res["w4a16"] if r["M"] > 16),
         "\n## Multi-LoRA, 7 projections of a Llama-2-7B layer, batch 32, 32 distinct adapters (ms)\n",
         md_table(res["lora"], ["rank", "lora_triton_ms", "lora_torch_sgmv_ms", "base_fp16_ms", "base_w4_ms",
                                "overhead_vs_fp16_base", "overhead_vs_w4_base"]),
