@@ -46,12 +46,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from inlaid.bench.plot import plot_results  # noqa: E402
+from inlaid.bench.serving_page import write_page  # noqa: E402
 from inlaid.cli import main as inlaid_main  # noqa: E402
 
 logger = logging.getLogger("serving_matrix")
 RESULTS = ROOT / "benchmarks" / "results"
-COLUMNS = ("throughput_tps", "latency_mean", "jct_mean", "ttft_mean", "tpot_mean", "slo_attainment")
 
 
 # ---------------------------------------------------------------- models and adapters
@@ -222,6 +221,47 @@ def resolve(model: str) -> Path:
     return Path(resolve_model_path(model))
 
 
+def run_engine_sweeps(a: argparse.Namespace) -> None:
+    """The in-process driver: per (model, quant, adapters) one engine, every policy/ablation and rate on it
+    (``inlaid.bench.policy_sweep``); the budget is shared evenly by the configurations still to run."""
+    import gc
+
+    import torch
+
+    from inlaid.bench.policy_sweep import EngineSpec, SweepPlan, build_engine, run_sweep
+    from inlaid.bench.workload import WorkloadConfig
+    from inlaid.config import SchedulerConfig
+
+    end = time.monotonic() + a.budget_s
+    configs = [(m, q, n) for m in a.models for q in a.quants for n in a.adapters]
+    for k, (model, quant, n) in enumerate(configs):
+        now = time.monotonic()
+        if now > end:
+            logger.warning("budget spent: skipping %s", configs[k:])
+            return
+        name = point_name(model, quant, n, "engine")
+        try:
+            t0 = time.perf_counter()
+            eng = build_engine(EngineSpec(str(resolve(model)), quant, a.device, a.slots, a.num_blocks, n,
+                                          tuple(a.ranks), tuple(a.targets), a.distinct_adapters,
+                                          SchedulerConfig(max_num_seqs=a.max_num_seqs, max_queue_len=100_000)))
+            build_s = time.perf_counter() - t0
+            logger.info("%s: engine built in %.1fs", name, build_s)
+            wl = WorkloadConfig(num_requests=a.num_requests, cv=a.cv, num_tasks=n, popularity=a.popularity,
+                                alpha=a.alpha, job_size=a.jobs, max_tokens=a.max_tokens, max_prompt=a.max_prompt,
+                                lengths=a.lengths)
+            plan = SweepPlan(wl, tuple(a.rate_x), tuple(a.policies), tuple(a.ablations), a.probe_requests,
+                             a.calibrate, a.slo_scale, a.max_duration)
+            extra = {"model": Path(model).name, "quant": quant, "adapters": n, "build_s": round(build_s, 1)}
+            run_sweep(eng, plan, a.results / "json", name, a.device, now + (end - now) / (len(configs) - k), extra)
+        except Exception:  # one failing configuration (e.g. OOM) must not end the sweep
+            logger.exception("configuration %s failed", name)
+        eng = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def run_matrix(a: argparse.Namespace, work: Path) -> None:
     start = time.monotonic()
     for model in a.models:
@@ -240,91 +280,6 @@ def run_matrix(a: argparse.Namespace, work: Path) -> None:
 
 # ---------------------------------------------------------------- the results page
 
-def _load(json_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    out = []
-    for p in sorted(json_dir.glob("*.json")):
-        res = json.loads(p.read_text())
-        ex = res["config"]["extra"]
-        ex["adapters"] = int(ex["adapters"])
-        out.append((p, res))
-    return out
-
-
-def _f(x: Any) -> str:
-    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
-def _ratio(a: Any, b: Any) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
-
-
-def group_tables(results: list[tuple[Path, dict]]) -> list[str]:
-    """One table per (model, quant, adapters): rows rate x policy."""
-    lines: list[str] = []
-    groups: dict[tuple, list[dict]] = {}
-    for _, r in results:
-        ex = r["config"]["extra"]
-        groups.setdefault((ex["model"], ex["quant"], ex["adapters"]), []).append(r)
-    for (model, quant, n), rs in sorted(groups.items()):
-        lines += [f"### {model}, {quant}, {n} adapters", "",
-                  "| rate | policy | ok/sent | " + " | ".join(COLUMNS) + " |", "|---" * (3 + len(COLUMNS)) + "|"]
-        for r in sorted(rs, key=lambda r: (r["config"]["rate"], r["config"]["label"])):
-            s = r["summary"]
-            lines.append(f"| {r['config']['rate']:g} | {r['config']['label']} | {s['ok']}/{s['sent']} | "
-                         + " | ".join(_f(s.get(c)) for c in COLUMNS) + " |")
-        lines.append("")
-    return lines
-
-
-def ratio_table(results: list[tuple[Path, dict]], other: str) -> list[str]:
-    """inlaid vs ``other`` at each point: throughput x, latency / JCT reduction x, SLO attainment x."""
-    by: dict[tuple, dict[str, dict]] = {}
-    for _, r in results:
-        ex = r["config"]["extra"]
-        by.setdefault((ex["model"], ex["quant"], ex["adapters"], r["config"]["rate"]), {})[r["config"]["label"]] = r
-    rows = [f"| model | quant | adapters | rate | throughput inlaid/{other} | latency {other}/inlaid | "
-            f"JCT {other}/inlaid | SLO inlaid/{other} |", "|---|---|---|---|---|---|---|---|"]
-    for (model, quant, n, rate), pol in sorted(by.items()):
-        if "inlaid" in pol and other in pol:
-            a, b = pol["inlaid"]["summary"], pol[other]["summary"]
-            rows.append(f"| {model} | {quant} | {n} | {rate:g} | {_ratio(a.get('throughput_tps'), b.get('throughput_tps'))}"
-                        f" | {_ratio(b.get('latency_mean'), a.get('latency_mean'))} | "
-                        f"{_ratio(b.get('jct_mean'), a.get('jct_mean'))} | "
-                        f"{_ratio(a.get('slo_attainment'), b.get('slo_attainment'))} |")
-    return rows + [""] if len(rows) > 2 else []
-
-
-def make_plots(results: list[tuple[Path, dict]], plot_dir: Path, md_dir: Path) -> list[str]:
-    """Plots vs rate per (model, quant, adapters) and vs tasks per (model, quant, rate); markdown image lines."""
-    lines: list[str] = []
-    for x, keyf in (("rate", lambda ex, c: (ex["model"], ex["quant"], f"{ex['adapters']}a")),
-                    ("tasks", lambda ex, c: (ex["model"], ex["quant"], f"r{c['rate']:g}"))):
-        groups: dict[tuple, list[Path]] = {}
-        for p, r in results:
-            groups.setdefault(keyf(r["config"]["extra"], r["config"]), []).append(p)
-        for key, files in sorted(groups.items()):
-            xs = {json.loads(f.read_text())["config"]["rate" if x == "rate" else "num_tasks"] for f in files}
-            if len(xs) < 2:
-                continue
-            paths = plot_results(files, x, plot_dir, prefix="_".join(key))
-            lines.append(f"**{', '.join(key)}** (x = {x}):\n")
-            lines.append(" ".join(f"![{p.stem}]({os.path.relpath(p, md_dir)})" for p in paths) + "\n")
-    return lines
-
-
-def write_page(a: argparse.Namespace, md: Path, header: list[str]) -> None:
-    results = _load(a.results / "json")
-    if not results:
-        logger.warning("no results in %s: page not written", a.results / "json")
-        return
-    body = header + ["## Inlaid vs fifo (S-LoRA's policy)", ""] + (ratio_table(results, "fifo") or ["(no pairs)", ""])
-    body += ["## Inlaid vs mlfq (FastServe's policy)", ""] + (ratio_table(results, "mlfq") or ["(no pairs)", ""])
-    body += ["## All points", ""] + group_tables(results)
-    body += ["## Plots", ""] + make_plots(results, a.results / "plots", md.parent)
-    md.write_text("\n".join(body) + "\n")
-    logger.info("wrote %s (%d result files)", md, len(results))
-
-
 def page_header(a: argparse.Namespace, quick: bool) -> list[str]:
     title = "# Serving benchmark: CPU smoke run (NOT the GPU experiment)" if quick else "# Serving benchmark (issue 9)"
     what = ("A check that the whole pipeline works end to end on a 2-core CPU: `inlaid serve` subprocesses on a "
@@ -332,7 +287,11 @@ def page_header(a: argparse.Namespace, quick: bool) -> list[str]:
             "tables and plots. The numbers say nothing about the policies' merits at GPU scale: the load is far "
             "below saturation (throughput follows the arrival rate), and \"fp16\" means the dense base, which "
             "runs in fp32 on a CPU; \"w4\" is a random GPTQ 4-bit checkpoint of the same shapes."
-            if quick else "Dummy-weight models of real shapes, synthetic adapters, real `inlaid serve` processes.")
+            if quick else "Dummy-weight models of real shapes (fp16: dummy dense weights; w4: random GPTQ 4-bit g128 "
+            "codes), synthetic adapters. Two drivers: **engine** (in-process: one loaded engine per "
+            "configuration, every policy and ablation replayed on it with a fresh scheduler; latencies are the "
+            "engine loop's, from the measured step times) and **http** (a real `inlaid serve` process driven by "
+            "`inlaid bench serve`, TTFT/TPOT measured at the client).")
     return [title, "", what, "", f"Regenerate: `PYTHONPATH=. python benchmarks/serving_matrix.py "
             f"{'--quick' if quick else '...'}` (the command line used: `{' '.join(sys.argv[1:])}`).", "",
             f"Workload: {a.num_requests} requests per point, Gamma arrivals (cv {a.cv}), {a.popularity} popularity "
@@ -347,6 +306,14 @@ def page_header(a: argparse.Namespace, quick: bool) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke run on a tiny model (see the docstring)")
+    p.add_argument("--driver", default="http", choices=["http", "engine"],
+                   help="http: one `inlaid serve` per point, `bench serve` per rate; engine: in-process sweep "
+                        "(one engine per model/quant/adapters, every policy, ablation and --rate-x on it)")
+    p.add_argument("--rate-x", type=float, nargs="+", default=[1.5, 1.0],
+                   help="engine driver: rates as multiples of the measured saturation rate (highest first)")
+    p.add_argument("--ablations", nargs="*", default=["inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"],
+                   help="engine driver: ablation variants run at the highest rate")
+    p.add_argument("--probe-requests", type=int, default=128, help="engine driver: saturation probe size")
     p.add_argument("--models", nargs="+", default=["llama2-7b-shapes", "llama2-13b-shapes"])
     p.add_argument("--quants", nargs="+", default=["fp16", "w4"], choices=["fp16", "w4"])
     p.add_argument("--policies", nargs="+", default=["inlaid", "fifo", "mlfq"])
@@ -372,13 +339,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibrate", type=int, default=4)
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new server after this")
-    p.add_argument("--results", type=Path, default=RESULTS / "serving")
-    p.add_argument("--page", type=Path, default=RESULTS / "serving.md")
+    p.add_argument("--results", type=Path, default=None, help="results dir (default benchmarks/results/serving, "
+                   "--quick: benchmarks/results/serving_cpu_quick)")
+    p.add_argument("--page", type=Path, default=None, help="results page (default <results>.md)")
     p.add_argument("--page-only", action="store_true", help="only regenerate the page from the JSONs present")
     a = p.parse_args(argv)
-    a.logs = a.results / "logs"
     if a.quick:
         _quick_defaults(a)
+    a.results = a.results or RESULTS / ("serving_cpu_quick" if a.quick else "serving")
+    a.page = a.page or a.results.with_suffix(".md")
+    a.logs = None if a.quick else a.results / "logs"
     return a
 
 
@@ -387,14 +357,14 @@ def _quick_defaults(a: argparse.Namespace) -> None:
     a.ranks, a.targets, a.distinct_adapters, a.slots = [4, 8], ["q_proj", "v_proj"], 4, 2
     a.device, a.num_requests, a.lengths, a.max_tokens, a.max_prompt = "cpu", 16, "synthetic", 16, 48
     a.jobs, a.max_duration, a.calibrate, a.max_num_seqs, a.num_blocks = 2, 30.0, 2, 16, 256
-    a.results, a.page, a.logs = RESULTS / "serving_cpu_quick", RESULTS / "serving_cpu_quick.md", None
+    a.probe_requests, a.ablations = 16, ["inlaid-nopred"]
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a = parse_args(argv)
     if a.page_only:
-        write_page(a, a.page, page_header(a, a.quick))
+        write_page(a.results, a.page, page_header(a, a.quick))
         return 0
     with tempfile.TemporaryDirectory(prefix="serving_matrix_") as tmp:
         work = Path(tmp)
@@ -403,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
 
             from tiny import make_tiny_llama_dir
 
-            shutil.rmtree(a.results / "json", ignore_errors=True)
-            shutil.rmtree(a.results / "plots", ignore_errors=True)
+            if a.results == RESULTS / "serving_cpu_quick" and a.driver == "http":
+                shutil.rmtree(a.results / "json", ignore_errors=True)
+                shutil.rmtree(a.results / "plots", ignore_errors=True)
             a.models = [str(make_tiny_llama_dir(work / "tiny"))]
-        run_matrix(a, work)
-    write_page(a, a.page, page_header(a, a.quick))
+        if a.driver == "engine":
+            run_engine_sweeps(a)
+        else:
+            run_matrix(a, work)
+    write_page(a.results, a.page, page_header(a, a.quick))
     return 0
 
 

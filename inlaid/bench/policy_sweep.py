@@ -79,7 +79,10 @@ def _dummy_w4_load_model(group_size: int) -> Callable[..., Any]:
     from inlaid.quant.linear import GPTQLinearMethod, replace_linears
 
     def load(model_config: ModelConfig, device: torch.device, dtype: torch.dtype, lora_hook: Any = None,
-             cache_dir: Path | None = None) -> tuple[Any, Any, Path]:
+             cache_dir: Path | None = None, **kwargs: Any) -> tuple[Any, Any, Path]:
+        tp = kwargs.get("tp")
+        if tp is not None and getattr(tp, "world_size", 1) != 1:
+            raise ValueError("dummy W4 weights support one device only (tensor_parallel_size 1)")
         path = resolve_model_path(model_config.model, cache_dir)
         arch = ModelArch.from_dir(path)
         g = group_size if all(k % group_size == 0 for k, _ in arch.lora_module_shapes().values()) else 32
@@ -105,15 +108,28 @@ def _dummy_w4_load_model(group_size: int) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def dummy_w4_weights(group_size: int = 128) -> Iterator[None]:
-    """While active, engines built in this process get a random GPTQ W4 base (see ``_dummy_w4_load_model``)."""
-    import inlaid.engine.setup as setup
+    """While active, engines built in this process get a random GPTQ W4 base (see ``_dummy_w4_load_model``).
 
-    saved = setup.load_model
-    setup.load_model = _dummy_w4_load_model(group_size)
+    Every loaded ``inlaid`` module that imported ``inlaid.model.loader.load_model`` by name (the engine's
+    set-up path) sees the stand-in; all are restored on exit."""
+    import sys
+
+    import inlaid.engine.llm_engine  # noqa: F401  (the engine's set-up modules are loaded before patching)
+    from inlaid.model import loader
+
+    original = loader.load_model
+    fake = _dummy_w4_load_model(group_size)
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("inlaid.") and m is not loader and getattr(m, "load_model", None) is original]
+    if not patched:
+        raise RuntimeError("no engine module imports inlaid.model.loader.load_model: cannot install dummy W4 weights")
+    for m in patched:
+        m.load_model = fake  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        setup.load_model = saved
+        for m in patched:
+            m.load_model = original  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

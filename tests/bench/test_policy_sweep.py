@@ -36,18 +36,21 @@ def test_policy_factory_switches() -> None:
 
 
 def test_w4_engine_has_gptq_projections_and_adapters(tiny_llama_dir) -> None:
-    import inlaid.engine.setup as setup
+    import sys
 
-    before = setup.load_model
+    from inlaid.model import loader
+
+    users = [m for n, m in sys.modules.items() if n.startswith("inlaid.") and m is not loader
+             and getattr(m, "load_model", None) is loader.load_model]
     eng = build_engine(_spec(tiny_llama_dir, "w4"))
-    assert setup.load_model is before  # the patch is undone
+    assert users and all(m.load_model is loader.load_model for m in users)  # the patch is undone
     lins = [m for n, m in eng.parts.model.named_modules() if isinstance(m, ParallelLinear) and ".layers." in n]
     assert lins and all(isinstance(m.quant_method, GPTQLinearMethod) for m in lins)
     assert all(int(m.qweight.abs().sum()) != 0 for m in lins)  # random codes, not zeros
     assert sorted(eng.registry.names()) == sorted(f"t{i}" for i in range(5))
     assert {eng.registry.get(f"t{i}").rank for i in range(5)} == {4, 8}
     with dummy_w4_weights():
-        assert setup.load_model is not before
+        assert all(m.load_model is not loader.load_model for m in users)
 
 
 def test_sweep_writes_serve_schema_json_with_identical_traces(tiny_llama_dir, tmp_path) -> None:

@@ -1,0 +1,194 @@
+"""The serving results page (issue 9): markdown tables and plots regenerated from result JSONs.
+
+Owns: ``write_page`` and its sections. Inputs, all under one results directory:
+- ``json/*.json``: ``bench serve`` results (HTTP driver) and ``policy_sweep`` results (engine driver),
+  same schema; ``config.extra`` holds model, quant, adapters, policy/variant and driver. Files without
+  ``config``/``summary`` (the sweep's ``*_probe.json``) feed the saturation table instead.
+- ``peft_baseline.json`` (``benchmarks/peft_baseline.py``) and ``capacity.json``
+  (``benchmarks/capacity.py``), when present.
+Sections: inlaid vs fifo / vs mlfq ratios per point, ablations (inlaid without prediction / grouping /
+aging, relative to inlaid), HTTP vs in-process cross-check, every point, the PEFT baseline, adapter
+capacity, plots (``inlaid.bench.plot``). A point is keyed by (model, quant, adapters, driver, rate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from inlaid.bench.plot import plot_results
+
+logger = logging.getLogger(__name__)
+COLUMNS = ("throughput_tps", "latency_mean", "jct_mean", "ttft_mean", "tpot_mean", "slo_attainment")
+Result = tuple[Path, dict[str, Any]]
+
+
+def load_dir(json_dir: Path) -> tuple[list[Result], list[dict[str, Any]]]:
+    """(results, probes) of ``json_dir``."""
+    results, probes = [], []
+    for p in sorted(json_dir.glob("*.json")):
+        obj = json.loads(p.read_text())
+        if "probe" in obj:
+            probes.append({**obj, "file": p.stem})
+            continue
+        if not {"config", "summary"} <= obj.keys():
+            logger.warning("skipping %s: not a result file", p)
+            continue
+        ex = obj["config"].setdefault("extra", {})
+        ex["adapters"] = int(ex.get("adapters", obj["config"].get("num_tasks", 0)))
+        ex.setdefault("driver", "http")
+        ex.setdefault("model", "?")
+        ex.setdefault("quant", "?")
+        results.append((p, obj))
+    return results, probes
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _point(r: dict[str, Any]) -> tuple:
+    ex = r["config"]["extra"]
+    return ex["model"], ex["quant"], ex["adapters"], ex["driver"], r["config"]["rate"]
+
+
+def by_point(results: list[Result]) -> dict[tuple, dict[str, dict]]:
+    out: dict[tuple, dict[str, dict]] = {}
+    for _, r in results:
+        out.setdefault(_point(r), {})[r["config"]["label"]] = r
+    return out
+
+
+def ratio_rows(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Throughput a/b, latency b/a, JCT b/a, SLO a/b (all: > 1 means a is better)."""
+    return [_ratio(a.get("throughput_tps"), b.get("throughput_tps")), _ratio(b.get("latency_mean"), a.get("latency_mean")),
+            _ratio(b.get("jct_mean"), a.get("jct_mean")), _ratio(a.get("slo_attainment"), b.get("slo_attainment"))]
+
+
+def ratio_table(results: list[Result], ours: str, other: str) -> list[str]:
+    """``ours`` vs ``other`` at every point where both ran."""
+    rows = [f"| model | quant | adapters | driver | rate | throughput {ours}/{other} | latency {other}/{ours} | "
+            f"JCT {other}/{ours} | SLO {ours}/{other} |", "|---" * 9 + "|"]
+    for (model, quant, n, drv, rate), pol in sorted(by_point(results).items()):
+        if ours in pol and other in pol:
+            cells = ratio_rows(pol[ours]["summary"], pol[other]["summary"])
+            rows.append(f"| {model} | {quant} | {n} | {drv} | {rate:g} | " + " | ".join(cells) + " |")
+    return rows + [""] if len(rows) > 2 else ["(no pairs)", ""]
+
+
+def cross_check(results: list[Result]) -> list[str]:
+    """The same (model, quant, adapters, policy, rate) measured over HTTP and in-process."""
+    rows = ["| model | quant | adapters | policy | rate | driver | " + " | ".join(COLUMNS) + " |",
+            "|---" * (6 + len(COLUMNS)) + "|"]
+    pts = by_point(results)
+    for (model, quant, n, drv, rate), pol in sorted(pts.items()):
+        twin = pts.get((model, quant, n, "engine", rate)) if drv == "http" else None
+        for label, r in sorted(pol.items()):
+            if twin and label in twin:
+                for d, rr in (("http", r), ("engine", twin[label])):
+                    s = rr["summary"]
+                    rows.append(f"| {model} | {quant} | {n} | {label} | {rate:g} | {d} | "
+                                + " | ".join(_f(s.get(c)) for c in COLUMNS) + " |")
+    return rows + [""] if len(rows) > 2 else ["(no HTTP point has an in-process twin at the same rate)", ""]
+
+
+def group_tables(results: list[Result]) -> list[str]:
+    """One table per (model, quant, adapters, driver): rows rate x policy."""
+    lines: list[str] = []
+    groups: dict[tuple, list[dict]] = {}
+    for _, r in results:
+        groups.setdefault(_point(r)[:4], []).append(r)
+    for (model, quant, n, drv), rs in sorted(groups.items()):
+        lines += [f"### {model}, {quant}, {n} adapters, {drv} driver", "",
+                  "| rate | policy | ok/sent | complete | " + " | ".join(COLUMNS) + " |",
+                  "|---" * (4 + len(COLUMNS)) + "|"]
+        for r in sorted(rs, key=lambda r: (r["config"]["rate"], r["config"]["label"])):
+            s = r["summary"]
+            lines.append(f"| {r['config']['rate']:g} | {r['config']['label']} | {s.get('ok')}/{s.get('sent')} | "
+                         f"{r['config'].get('complete', True)} | " + " | ".join(_f(s.get(c)) for c in COLUMNS) + " |")
+        lines.append("")
+    return lines
+
+
+def probe_table(probes: list[dict[str, Any]]) -> list[str]:
+    if not probes:
+        return []
+    rows = ["| run | peak req/s | peak tok/s | mean output | isolated TTFT a (s) | TTFT b (s/token) | TPOT (s) |",
+            "|---|---|---|---|---|---|---|"]
+    for p in probes:
+        pr, iso = p["probe"], p.get("isolated") or {}
+        rows.append(f"| {p['file'].removesuffix('_probe')} | {_f(pr.get('rps'))} | {_f(pr.get('tps'))} | "
+                    f"{_f(pr.get('mean_output'))} | {_f(iso.get('ttft_a'))} | {_f(iso.get('ttft_b'))} | "
+                    f"{_f(iso.get('tpot'))} |")
+    return ["## Saturation probes (all requests at t=0, fifo; rates below are multiples of peak req/s)", ""] \
+        + rows + [""]
+
+
+def peft_section(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["## transformers + PEFT baseline", "", f"(not run: no {path.name})", ""]
+    obj = json.loads(path.read_text())
+    rows = ["| adapters | requests | distinct adapters/batch | PEFT tok/s | inlaid tok/s | inlaid/PEFT |",
+            "|---|---|---|---|---|---|"]
+    for r in obj["rows"]:
+        rows.append(f"| {r['adapters']} | {r['requests']} | {_f(r.get('distinct_per_batch'))} | "
+                    f"{_f(r.get('peft_tps'))} | {_f(r.get('inlaid_tps'))} | {_ratio(r.get('inlaid_tps'), r.get('peft_tps'))} |")
+    return ["## transformers + PEFT baseline", "", obj.get("note", ""), ""] + rows + [""] + \
+        [f"Skipped: {', '.join(obj['skipped'])}", ""] * bool(obj.get("skipped"))
+
+
+def capacity_section(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["## Adapter capacity", "", f"(not run: no {path.name})", ""]
+    obj = json.loads(path.read_text())
+    rows = ["| model | quant | budget GB | weights GB | slot MB | KV reserve GB | max adapters (accounting) | "
+            "verified at N | N+step fails with | peak GB at N |", "|---" * 10 + "|"]
+    for r in obj["rows"]:
+        rows.append(f"| {r['model']} | {r['quant']} | {_f(r['budget_gb'])} | {_f(r['weights_gb'])} | "
+                    f"{_f(r['slot_mb'])} | {_f(r['kv_gb'])} | {r['max_adapters']} | {_f(r.get('verified'))} | "
+                    f"{r.get('fail_error') or '-'} | {_f(r.get('peak_gb'))} |")
+    return ["## Adapter capacity (device slots at one memory budget)", "", obj.get("note", ""), ""] + rows + [""] \
+        + obj.get("summary_lines", []) + [""]
+
+
+def make_plots(results: list[Result], plot_dir: Path, md_dir: Path) -> list[str]:
+    """Plots vs rate per (model, quant, adapters, driver); markdown image lines."""
+    lines: list[str] = []
+    groups: dict[tuple, list[Path]] = {}
+    for p, r in results:
+        groups.setdefault(tuple(str(x) for x in _point(r)[:4]), []).append(p)
+    for key, files in sorted(groups.items()):
+        if len({json.loads(f.read_text())["config"]["rate"] for f in files}) < 2:
+            continue
+        paths = plot_results(files, "rate", plot_dir, prefix="_".join(key))
+        lines.append(f"**{', '.join(key)}** (x = rate):\n")
+        lines.append(" ".join(f"![{p.stem}]({os.path.relpath(p, md_dir)})" for p in paths) + "\n")
+    return lines
+
+
+def write_page(results_dir: Path, md: Path, header: list[str]) -> bool:
+    """Regenerate ``md`` from ``results_dir``; False (nothing written) when there is no result at all."""
+    results, probes = load_dir(results_dir / "json")
+    extra = [results_dir / "peft_baseline.json", results_dir / "capacity.json"]
+    if not results and not any(p.is_file() for p in extra):
+        logger.warning("no results in %s: page not written", results_dir)
+        return False
+    body = header + ["## Inlaid vs fifo (S-LoRA's policy)", ""] + ratio_table(results, "inlaid", "fifo")
+    body += ["## Inlaid vs mlfq (FastServe's policy)", ""] + ratio_table(results, "inlaid", "mlfq")
+    body += ["## Ablations (inlaid vs inlaid without one ingredient; > 1 means the ingredient helps)", ""]
+    for abl in ("inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"):
+        body += [f"**{abl}**", ""] + ratio_table(results, "inlaid", abl)
+    body += ["## HTTP (client-measured) vs in-process driver at the same point", ""] + cross_check(results)
+    body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1])
+    body += ["## All points", ""] + group_tables(results)
+    body += ["## Plots", ""] + make_plots(results, results_dir / "plots", md.parent)
+    md.write_text("\n".join(body) + "\n")
+    logger.info("wrote %s (%d result files)", md, len(results))
+    return True
