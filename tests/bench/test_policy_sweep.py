@@ -38,6 +38,7 @@ def test_policy_factory_switches() -> None:
 def test_w4_engine_has_gptq_projections_and_adapters(tiny_llama_dir) -> None:
     import sys
 
+    import inlaid.engine.llm_engine  # noqa: F401  (loads the engine's set-up modules)
     from inlaid.model import loader
 
     users = [m for n, m in sys.modules.items() if n.startswith("inlaid.") and m is not loader
