@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from inlaid import LLM, SamplingParams
 from inlaid.config import ModelConfig
 from inlaid.distributed.context import TPContext, destroy_tp, init_tp
 from inlaid.distributed.sharding import local_heads, lora_shards
@@ -70,3 +71,15 @@ def tp_logits(ctx: TPContext, cases: dict[str, tuple[str, list[str]]], out: str 
     if out is not None and ctx.rank == 0:
         torch.save(results, out)
     return results
+
+
+PROMPTS = ["Hello world", "Translate: cat -> chat.", "def return import", "Das ist ein Test.", "0123456789 + -"]
+ADAPTERS = [None, "a", "b", "c", "b"]
+OPTS: dict[str, Any] = dict(device="cpu", num_blocks=64, max_num_seqs=8)
+
+
+def generate_tp(model: str, adapters: dict[str, str], tp: int) -> tuple[list[list[int]], LLM]:
+    """Greedy token ids of ``PROMPTS`` (mixed adapters and base in one batch) and the LLM (shut it down)."""
+    llm = LLM(model=model, adapters=adapters, tensor_parallel_size=tp, **OPTS)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), adapter=ADAPTERS)
+    return [o.token_ids for o in outs], llm
