@@ -7,19 +7,23 @@ Invariants:
 - Each slot holds at most one adapter and each adapter at most one slot.
 - A pinned adapter (pin count > 0: some running request uses it) is never evicted
   or removed.
-- Eviction takes the least recently acquired unpinned adapter.
+- Eviction takes an unpinned adapter: by default the least recently acquired
+  one (LRU, what S-LoRA does); a caller may pass ``choose`` to ``acquire`` to pick
+  among the unpinned candidates (given in LRU order) -- the scheduler passes its
+  policy's ``pick_slot_victim`` so eviction can be policy-aware.
 - ``None`` (base model only) never takes a slot; its slot is -1.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 NO_SLOT = -1
 
 
 class AdapterSlots:
-    """A fixed number of device slots for adapters, with pinning and LRU eviction."""
+    """A fixed number of device slots for adapters, with pinning and LRU (or caller-chosen) eviction."""
 
     def __init__(self, num_slots: int) -> None:
         if num_slots < 0:
@@ -48,23 +52,27 @@ class AdapterSlots:
     def _victim(self) -> str | None:
         return next((n for n in self._slot_of if self._pins.get(n, 0) == 0), None)
 
+    def evictable(self) -> list[str]:
+        """Resident unpinned adapters, least recently acquired first."""
+        return [n for n in self._slot_of if self._pins.get(n, 0) == 0]
+
     def can_acquire(self, name: str | None) -> bool:
         """True when ``name`` is resident, a slot is free, or an unpinned adapter can be evicted."""
         return self.is_resident(name) or bool(self._free) or self._victim() is not None
 
-    def acquire(self, name: str | None) -> tuple[int, bool]:
-        """Pin ``name`` (placing it, evicting LRU if needed); returns (slot, newly_loaded).
+    def acquire(self, name: str | None, choose: Callable[[Sequence[str]], str] | None = None) -> tuple[int, bool]:
+        """Pin ``name`` (placing it, evicting if needed); returns (slot, newly_loaded).
 
-        Raises ``RuntimeError`` when every slot is pinned (check ``can_acquire``).
+        ``choose`` picks the victim among the unpinned adapters (LRU first); None = LRU.
+        Raises ``RuntimeError`` when every slot is pinned (check ``can_acquire``) and
+        ``ValueError`` when ``choose`` returns a name that is not a candidate.
         """
         if name is None:
             return NO_SLOT, False
         loaded = False
         if name not in self._slot_of:
             if not self._free:
-                victim = self._victim()
-                if victim is None:
-                    raise RuntimeError(f"no adapter slot for {name!r}: all {self.num_slots} slots are pinned")
+                victim = self._pick_victim(name, choose)
                 self._free.append(self._slot_of.pop(victim))
                 self._pins.pop(victim, None)
             self._slot_of[name] = self._free.pop()
@@ -72,6 +80,20 @@ class AdapterSlots:
         self._slot_of.move_to_end(name)
         self._pins[name] = self._pins.get(name, 0) + 1
         return self._slot_of[name], loaded
+
+    def _pick_victim(self, name: str, choose: Callable[[Sequence[str]], str] | None) -> str:
+        if choose is None:
+            victim = self._victim()
+            if victim is None:
+                raise RuntimeError(f"no adapter slot for {name!r}: all {self.num_slots} slots are pinned")
+            return victim
+        candidates = self.evictable()
+        if not candidates:
+            raise RuntimeError(f"no adapter slot for {name!r}: all {self.num_slots} slots are pinned")
+        victim = choose(candidates)
+        if victim not in candidates:
+            raise ValueError(f"slot victim {victim!r} is not an unpinned resident adapter {candidates}")
+        return victim
 
     def release(self, name: str | None) -> None:
         """Drop one pin of ``name`` (the adapter stays resident for reuse)."""

@@ -34,7 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,8 @@ class InlaidPolicy(Policy):
     name = "inlaid"
 
     def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
-                 group_min_queue: int = 8, predictor: LengthPredictor | None = None) -> None:
+                 use_policy_eviction: bool = True, group_min_queue: int = 8, demand_window: int = 256,
+                 adaptive_aging: bool = True, aging_factor: float = 4.0, rate_window: int = 128, predictor: LengthPredictor | None = None) -> None:
         if max_adapters_per_step < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1, got {max_adapters_per_step}")
         if aging_s <= 0:
@@ -61,6 +62,17 @@ class InlaidPolicy(Policy):
         self.use_prediction = use_prediction
         self.use_grouping = use_grouping
         self.use_aging = use_aging
+        self.use_policy_eviction = use_policy_eviction
+        self._waiting_value: dict[str | None, float] = {}
+        self._decay = 1.0 - 1.0 / demand_window
+        if aging_factor <= 0 or rate_window < 2:
+            raise ValueError(f"aging_factor must be > 0 and rate_window >= 2, got {aging_factor}, {rate_window}")
+        self.adaptive_aging = adaptive_aging
+        self.aging_factor = aging_factor
+        self._finish_times: deque[float] = deque(maxlen=rate_window)
+        self._deadline: dict[str, float] = {}
+        self._arrivals = 0
+        self._demand_of: dict[str | None, tuple[float, int]] = {}
         self.group_min_queue = group_min_queue
         self.predictor = predictor
         self._refreshable: set[str] = set()
@@ -73,8 +85,28 @@ class InlaidPolicy(Policy):
             return req.predicted_remaining()
         return float(max(req.sampling_params.max_tokens - req.num_output_tokens, 1))
 
+    def service_rate(self) -> float:
+        """Completions per second over the last ``len(self._finish_times)`` finishes (0 before two)."""
+        ft = self._finish_times
+        return (len(ft) - 1) / (ft[-1] - ft[0]) if len(ft) > 1 and ft[-1] > ft[0] else 0.0
+
+    def aging_bound(self, queue_len: int) -> float:
+        """Seconds a request that finds ``queue_len`` waiting requests may wait before it is promoted:
+        ``aging_s``, or with adaptive aging ``max(aging_s, aging_factor x queue_len / measured service
+        rate)`` -- a multiple of the wait FIFO would give it, so overload does not make everybody
+        'starving' (a fixed bound below the queueing delay degenerates to FIFO)."""
+        rate = self.service_rate()
+        if not self.adaptive_aging or rate <= 0.0:
+            return self.aging_s
+        return max(self.aging_s, self.aging_factor * queue_len / rate)
+
+    def deadline_of(self, request_id: str) -> float | None:
+        """When the waiting request ``request_id`` becomes starving (None when unknown)."""
+        return self._deadline.get(request_id)
+
     def starving(self, req: Request, now: float) -> bool:
-        return self.use_aging and now - req.arrival_time > self.aging_s
+        """Waiting past its deadline (fixed when it arrived, so the wait of every request is bounded)."""
+        return self.use_aging and now > self._deadline.get(req.request_id, req.arrival_time + self.aging_s)
 
     def _on_device(self, adapter: str | None) -> bool:
         if adapter is None or not self.use_grouping:
@@ -86,12 +118,25 @@ class InlaidPolicy(Policy):
         return min(max(self.predictor.estimate(r.adapter, r.num_prompt_tokens), 1.0),
                    float(r.sampling_params.max_tokens))
 
+    def _demand(self, adapter: str | None) -> float:
+        """Arrivals of ``adapter`` over about the last ``demand_window`` arrivals (exponentially decayed)."""
+        value, seen = self._demand_of.get(adapter, (0.0, self._arrivals))
+        return value * self._decay ** (self._arrivals - seen)
+
     def on_add(self, req: Request, now: float) -> None:
+        if req.num_output_tokens == 0 and req.num_computed_tokens == 0:
+            self._arrivals += 1
+            self._demand_of[req.adapter] = (self._demand(req.adapter) + 1.0, self._arrivals)
+            self._queue_len += 1
+            self._deadline[req.request_id] = req.arrival_time + self.aging_bound(self._queue_len)
         if self.predictor is not None and req.predicted_output_len == self._first_stage(req):
             self._refreshable.add(req.request_id)
 
     def on_finish(self, req: Request) -> None:
         self._refreshable.discard(req.request_id)
+        self._deadline.pop(req.request_id, None)
+        if req.finished_time is not None:
+            self._finish_times.append(req.finished_time)
 
     def refresh_predictions(self, waiting: Sequence[Request]) -> None:
         """Re-estimate the first-stage prediction of waiting requests that have produced nothing yet."""
@@ -108,11 +153,16 @@ class InlaidPolicy(Policy):
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         self.refresh_predictions(waiting)
+        self._queue_len = len(waiting)
 
         value: dict[str | None, float] = {}
+        waiting_value: dict[str | None, float] = {}
         for r in waiting:
+            v = 1.0 / self.remaining(r)
+            waiting_value[r.adapter] = waiting_value.get(r.adapter, 0.0) + v
             if not self._on_device(r.adapter):
-                value[r.adapter] = value.get(r.adapter, 0.0) + 1.0 / self.remaining(r)
+                value[r.adapter] = value.get(r.adapter, 0.0) + v
+        self._waiting_value = waiting_value
 
         def key(r: Request) -> tuple[int, float, float]:
             if self.starving(r, now):
@@ -121,7 +171,6 @@ class InlaidPolicy(Policy):
                 return (1, self.remaining(r), r.arrival_time)
             return (2, -value[r.adapter], self.remaining(r))
 
-        self._queue_len = len(waiting)
         self._waiting_by_adapter = Counter(r.adapter for r in waiting)
         return sorted(waiting, key=key)
 
@@ -147,6 +196,13 @@ class InlaidPolicy(Policy):
 
     def holds_line(self, req: Request, now: float) -> bool:
         return self.starving(req, now)
+
+    def pick_slot_victim(self, candidates: Sequence[str]) -> str:
+        """Evict an adapter with no waiting requests first (LRU among them), else the one whose waiting
+        work is worth least (smallest group value); LRU when policy-aware eviction is off."""
+        if not self.use_policy_eviction:
+            return candidates[0]
+        return min(candidates, key=lambda a: (self._waiting_value.get(a, 0.0), self._demand(a)))
 
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
         return max(candidates, key=lambda r: (self.remaining(r), r.arrival_time))

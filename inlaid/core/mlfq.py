@@ -1,20 +1,24 @@
 """FastServe's skip-join multi-level feedback queue (MLFQ), adapted to token-budget batching.
 
-Owns: each live request's queue level and the output tokens it has attained at
-that level.
+Owns: each live request's queue level, the output tokens it has attained at
+that level, and when it last ran (for starvation).
 
 Invariants:
-- Level i has quantum ``base_quantum * 2**i`` output tokens; level 0 is the most urgent.
+- Level i has quantum ``base_quantum * 2**i`` output tokens (quantum doubling);
+  level 0 is the most urgent.
 - Skip-join: a new request enters the highest level whose quantum covers its
   prefill, measured in decode-token equivalents (``prompt_len / prefill_tokens_per_quantum``).
-- A request that has generated its level's quantum is demoted one level (never
-  below the last level).
-- A request waiting longer than ``starvation_s`` since arrival is promoted to
-  level 0 (and holds the line for an adapter slot).
-- Waiting order is (level, arrival); the preemption victim is the lowest-priority
-  request (highest level, latest arrival).
-- As in our recompute-only scheduler, running requests are never preempted for
-  priority (FastServe swaps KV to host memory instead; we do not model that).
+- Demotion: a request that has generated its level's quantum is demoted one level
+  (never below the last level), attained count reset.
+- Priority preemption (``outranks``): a waiting request of a strictly lower level
+  preempts the lowest-priority running request (highest level, latest arrival)
+  when it cannot otherwise get a seat or KV blocks. Our scheduler preempts by
+  recompute (FastServe swaps the KV cache to host memory instead); the victim
+  keeps its level and its generated tokens.
+- Starvation: a request that has not run for ``starvation_s`` (since it arrived
+  or was last scheduled) is promoted to level 0 with its attained count reset,
+  and holds the line for an adapter slot.
+- Waiting order is (level, arrival); KV preemption victim = lowest priority.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from inlaid.request import Request
 
 
 class MlfqPolicy(Policy):
-    """Skip-join MLFQ (FastServe)."""
+    """Skip-join MLFQ (FastServe) with priority preemption and starvation promotion."""
 
     name = "mlfq"
+    preempts_for_priority = True
 
     def __init__(self, num_levels: int = 6, base_quantum: int = 8, prefill_tokens_per_quantum: float = 64.0,
-                 starvation_s: float = 10.0) -> None:
+                 starvation_s: float = 10.0, priority_preemption: bool = True) -> None:
         if num_levels < 1 or base_quantum < 1 or prefill_tokens_per_quantum <= 0 or starvation_s <= 0:
             raise ValueError("MlfqPolicy needs num_levels >= 1, base_quantum >= 1, "
                              "prefill_tokens_per_quantum > 0 and starvation_s > 0")
@@ -39,9 +44,13 @@ class MlfqPolicy(Policy):
         self.base_quantum = base_quantum
         self.prefill_tokens_per_quantum = prefill_tokens_per_quantum
         self.starvation_s = starvation_s
+        self.preempts_for_priority = priority_preemption
         self.level: dict[str, int] = {}
         self._attained: dict[str, int] = {}
         self._seen_outputs: dict[str, int] = {}
+        self._last_run: dict[str, float] = {}
+        self.promotions = 0
+        """Starvation promotions so far."""
 
     def quantum(self, level: int) -> int:
         return self.base_quantum * 2**level
@@ -58,27 +67,37 @@ class MlfqPolicy(Policy):
         self.level[req.request_id] = self.entry_level(req)
         self._attained[req.request_id] = 0
         self._seen_outputs[req.request_id] = req.num_output_tokens
+        self._last_run[req.request_id] = now
 
     def _starving(self, req: Request, now: float) -> bool:
-        return now - req.arrival_time > self.starvation_s
+        return now - self._last_run.get(req.request_id, req.arrival_time) > self.starvation_s
+
+    def _key(self, req: Request) -> tuple[int, float]:
+        return self.level.get(req.request_id, 0), req.arrival_time
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         for req in waiting:
-            if self._starving(req, now):
+            if self._starving(req, now) and self.level.get(req.request_id, 0) > 0:
                 self.level[req.request_id] = 0
-        return sorted(waiting, key=lambda r: (self.level.get(r.request_id, 0), r.arrival_time))
+                self._attained[req.request_id] = 0
+                self.promotions += 1
+        return sorted(waiting, key=self._key)
 
     def holds_line(self, req: Request, now: float) -> bool:
         return self._starving(req, now)
 
+    def outranks(self, waiting: Request, running: Request) -> bool:
+        return self.level.get(waiting.request_id, 0) < self.level.get(running.request_id, 0)
+
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
-        return max(candidates, key=lambda r: (self.level.get(r.request_id, 0), r.arrival_time))
+        return max(candidates, key=self._key)
 
     def on_step(self, scheduled: Sequence[Request], now: float) -> None:
         for req in scheduled:
             rid = req.request_id
             if rid not in self.level:
                 continue
+            self._last_run[rid] = now
             gained = req.num_output_tokens - self._seen_outputs.get(rid, 0)
             self._seen_outputs[rid] = req.num_output_tokens
             self._attained[rid] = self._attained.get(rid, 0) + gained
@@ -87,6 +106,9 @@ class MlfqPolicy(Policy):
                 self.level[rid] = lvl + 1
                 self._attained[rid] = 0
 
+    def on_preempt(self, req: Request, now: float) -> None:
+        self._last_run[req.request_id] = now
+
     def on_finish(self, req: Request) -> None:
-        for table in (self.level, self._attained, self._seen_outputs):
+        for table in (self.level, self._attained, self._seen_outputs, self._last_run):
             table.pop(req.request_id, None)

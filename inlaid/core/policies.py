@@ -9,7 +9,13 @@ Invariants:
 - Policies only order and filter; the scheduler alone enforces the token budget,
   ``max_num_seqs``, KV blocks and adapter slots, and mutates requests.
 - ``order_waiting`` returns every waiting request exactly once (a permutation).
-- ``pick_victim`` returns one of the given candidates.
+- ``pick_victim`` returns one of the given candidates; so does ``pick_slot_victim``
+  (an adapter name; the default is the first, i.e. least recently used, candidate).
+- ``outranks(w, r)`` is a strict order: a policy that returns True lets the
+  scheduler preempt running ``r`` (by recompute) for waiting ``w`` when ``w``
+  cannot otherwise get a seat or KV blocks. The default never does (no priority
+  preemption), and a request never outranks itself or one of equal priority, so
+  a preempted request cannot preempt its preemptor back.
 - Pure Python, no torch.
 """
 
@@ -30,6 +36,8 @@ class Policy:
     """Base policy: FIFO order, latest arrival is preempted first, no grouping."""
 
     name = "base"
+    preempts_for_priority = False
+    """True when ``outranks`` can return True (the scheduler then checks for priority preemption each step)."""
 
     def attach(self, slots: AdapterSlots, running_adapters: Mapping[str, int], running: Sequence[Request] = (),
                max_num_seqs: int = 1 << 30) -> None:
@@ -65,6 +73,14 @@ class Policy:
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
         """The running request to preempt when KV blocks run out (default: latest arrival)."""
         return max(candidates, key=lambda r: r.arrival_time)
+
+    def outranks(self, waiting: Request, running: Request) -> bool:
+        """True when ``waiting`` should preempt ``running`` for a seat or KV (default: never)."""
+        return False
+
+    def pick_slot_victim(self, candidates: Sequence[str]) -> str:
+        """The unpinned resident adapter to evict for a new one; candidates are in LRU order (default: LRU)."""
+        return candidates[0]
 
     def on_step(self, scheduled: Sequence[Request], now: float) -> None:
         """Called after ``Scheduler.update`` with the requests that ran this step."""

@@ -13,8 +13,19 @@ Invariants:
   its adapter's slot; a WAITING request owns no blocks and pins nothing.
 - Preemption is by recompute: blocks freed, ``num_computed_tokens = 0``, back to
   WAITING with its generated tokens kept (prefill then covers prompt + outputs).
+  It happens (a) when KV blocks run out for a running request (victim =
+  ``policy.pick_victim``), and (b) for priority, before running requests are
+  scheduled, when the policy says a waiting request ``outranks`` the victim and
+  the waiting request cannot otherwise get a seat or KV blocks (MLFQ). After (a)
+  nothing new is admitted that step; after (b) admission goes on in policy order.
+- Adapter slot eviction picks its victim through ``policy.pick_slot_victim``.
 - Every ``adapter_slot`` in a ``SchedulerOutput`` holds that adapter once
   ``adapter_loads`` are applied.
+- Starvation: when a request the policy says ``holds_line`` (starving) cannot get
+  an adapter slot, the pinned adapter with the fewest running requests admits no
+  new request until its slot frees (its running count only falls, so the slot
+  frees in bounded time and the starving request, first in policy order, takes
+  it); every other admission goes on, so the batch does not empty.
 - Pure Python, no torch; time comes from the injected ``clock``.
 """
 
@@ -245,8 +256,31 @@ class Scheduler:
             budget -= n
         return budget
 
+    def _preempt_for_priority(self, out: SchedulerOutput, ordered: list[Request]) -> None:
+        """Preempt running requests that waiting ones outrank, when those cannot otherwise get in."""
+        bm = self.block_manager
+        seats = self.cfg.max_num_seqs - len(self.running)
+        free = bm.num_free_blocks
+        pool = list(self.running)
+        for w in ordered:
+            if not self.slots.can_acquire(w.adapter):
+                continue  # preempting would not give it a slot (all pinned)
+            need = bm.blocks_for_tokens(min(w.num_tokens - w.num_computed_tokens, self.cfg.max_num_batched_tokens))
+            while pool and (seats <= 0 or need > free):
+                victim = self.policy.pick_victim(pool)
+                if not self.policy.outranks(w, victim):
+                    return
+                pool.remove(victim)
+                free += len(bm.block_table(victim.request_id))
+                seats += 1
+                self._preempt(victim, out)
+            if seats <= 0 or need > free:
+                return
+            seats -= 1
+            free -= need
+
     def _admit(self, req: Request, n: int, out: SchedulerOutput, now: float) -> None:
-        slot, loaded = self.slots.acquire(req.adapter)
+        slot, loaded = self.slots.acquire(req.adapter, self.policy.pick_slot_victim)
         if loaded:
             out.adapter_loads[slot] = req.adapter  # type: ignore[assignment]
         if req.adapter is not None:
@@ -258,17 +292,27 @@ class Scheduler:
         self.running.append(req)
         out.scheduled.append(self._seq(req, n, slot))
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> int:
+    def _drain_target(self) -> str | None:
+        """The pinned adapter with the fewest running requests (least recently used on ties): a starving
+        request that cannot get a slot reserves it, so it admits nobody new until its slot frees."""
+        counts = self._running_adapters
+        return min(self.slots.resident(), key=lambda a: counts.get(a, 0), default=None)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float,
+                          ordered: list[Request] | None = None) -> int:
         """Admit waiting requests in policy order while budget, seqs, blocks and slots allow."""
         admitted: set[int] = set()
-        for req in self.policy.order_waiting(self.waiting, now):
+        draining: str | None = None
+        for req in ordered if ordered is not None else self.policy.order_waiting(self.waiting, now):
             if budget <= 0 or len(out.scheduled) >= self.cfg.max_num_seqs:
                 break
+            if req.adapter is not None and req.adapter == draining:
+                continue  # its slot is reserved for a starving request
             if not self.policy.can_admit(req, now):
                 continue
             if not self.slots.can_acquire(req.adapter):
-                if self.policy.holds_line(req, now):
-                    break  # a starving request waits for a slot; nobody overtakes it
+                if draining is None and self.policy.holds_line(req, now):
+                    draining = self._drain_target()
                 continue  # its adapter cannot get a slot this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(req, n):
@@ -285,10 +329,17 @@ class Scheduler:
         now = self.clock()
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
+        ordered = None
+        if self.waiting and self.running and self.policy.preempts_for_priority:
+            ordered = self.policy.order_waiting(self.waiting, now)
+            self._preempt_for_priority(out, ordered)
+            if out.preempted_ids:
+                ordered = None  # the victims joined the waiting queue: order again
+        n_priority = len(out.preempted_ids)
         budget = self._schedule_running(out, self.cfg.max_num_batched_tokens)
         can_admit = budget > 0 and len(out.scheduled) < self.cfg.max_num_seqs
-        if self.waiting and not out.preempted_ids and can_admit:
-            self._schedule_waiting(out, budget, now)
+        if self.waiting and len(out.preempted_ids) == n_priority and can_admit:
+            self._schedule_waiting(out, budget, now, ordered)
         self._record(out)
         return out
 
