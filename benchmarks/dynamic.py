@@ -44,6 +44,12 @@ logger = logging.getLogger("dynamic")
 def task_inputs(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(adapters, calibration JSONL) for old + new tasks; dummy models get random token-id rows."""
     tasks = args.old + [args.new]
+    if args.tiny:
+        from quality import tiny_tasks
+
+        base, data_dir, specs = tiny_tasks(work / "tiny", args.eval_limit)
+        args.model, args.data_dir = str(base), str(data_dir)
+        return {t.name: str(t.adapter) for t in specs}, {t.name: str(t.calib) for t in specs}
     if args.load_format == "dummy":
         from inlaid.lora.synthetic import random_adapter, save_peft
         from inlaid.model.arch import ModelArch
@@ -72,7 +78,7 @@ def _quantize(args: argparse.Namespace, ads: dict[str, str], calib: dict[str, st
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     rep = quantize_model(args.model, {t: ads[t] for t in tasks if t in ads}, {t: calib[t] for t in tasks},
-                         "mlgptq", args.bits, args.group_size, out, max_samples=args.calib_samples,
+                         args.method, args.bits, args.group_size, out, max_samples=args.calib_samples,
                          max_seq_len=args.max_seq_len, device=args.device, dtype=dtype,
                          load_format=args.load_format)  # fmt: skip
     return {"seconds": rep.seconds_total, "peak_mb": rep.peak_memory_bytes / 2**20}
@@ -158,7 +164,10 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     marks = {"start": time.perf_counter()}
     await asyncio.sleep(args.phase_seconds)
     marks["add"] = time.perf_counter()
-    calibration: Any = calib[args.new]
+    from inlaid.engine.requant_hook import load_samples
+
+    # token ids with the same caps as the offline runs (a path would get the server's default caps)
+    calibration: Any = load_samples(calib[args.new], _tokenizer(ckpt), args.calib_samples, 65536, args.max_seq_len)
     await llm.add_adapter(args.new, ads[args.new], calibration=calibration)
     while (await llm.adapter_status(args.new))["quantization"] in ("pending", "running"):
         await asyncio.sleep(0.2)
@@ -181,7 +190,7 @@ def _load_prompts(args: argparse.Namespace, llm: Any) -> list[tuple[Any, str | N
 
     out = []
     for t in args.old:
-        for e in load_split(t, "test", 8):
+        for e in load_split(t, "test", 8, Path(args.data_dir) if args.data_dir else None):
             out.append(([{"role": "user", "content": e.prompt}], t))
     return [(p if isinstance(p, str) else _chat_text(llm, p), a) for p, a in out]
 
@@ -205,22 +214,16 @@ def _phase_stats(log: list, marks: dict[str, float]) -> dict[str, dict[str, floa
 
 
 # ---- quality -------------------------------------------------------------------------------------
-def task_nll(ckpt: Path, tasks: list[str], ads: dict[str, str], limit: int) -> dict[str, float]:
-    from quality import answer_logprobs
-
+def task_nll(ckpt: Path, tasks: list[str], ads: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
+    """Answer NLL per task (teacher forcing, test split) on ``ckpt`` with each task's adapter."""
     from inlaid import LLM
-    from inlaid.tasks.dataset import load_split
-    from inlaid.tasks.metrics import answer_nll
-    from inlaid.tasks.prompting import encode_example
-    from inlaid.tasks.registry import Task
+    from inlaid.tasks.evaluate import evaluate_runs
 
-    llm = LLM(model=str(ckpt), device="cpu", max_model_len=2048, max_lora_rank=64)
-    out = {}
-    for t in tasks:
-        shim = Task(t, "qa", "-", "-", "{input}", "exact", 8, 1, ("q_proj",))
-        enc = [encode_example(llm.tokenizer, shim, e.prompt, e.completion) for e in load_split(t, "test", limit)]
-        out[t] = answer_nll([answer_logprobs(llm, ads[t], p, a) for p, a in enc])
-    return out
+    llm = LLM(model=str(ckpt), adapters={t: ads[t] for t in tasks}, device=args.device, max_model_len=2048,
+              max_lora_rank=64, max_loras=len(tasks))  # fmt: skip
+    res = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.eval_limit, generate=False,
+                        data_dir=Path(args.data_dir) if args.data_dir else None)  # fmt: skip
+    return {r.task: r.nll for r in res.runs}
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -232,7 +235,8 @@ def identical(a: Path, b: Path) -> bool:
 
 # ---- report -------------------------------------------------------------------------------------
 def to_markdown(args: argparse.Namespace, res: dict[str, Any]) -> str:
-    lines = [f"# Dynamic task addition ({args.model}, {args.device}, {args.bits}-bit g{args.group_size} sym MLGPTQ)",
+    lines = [f"# Dynamic task addition ({Path(args.model).name}, {res.get('device', args.device)}, {args.bits}-bit "
+             f"g{args.group_size} sym, {args.method})",
              "", f"Old tasks: {', '.join(args.old)}; added: **{args.new}**. Command: `{res['command']}`", ""]
     if "nll" in res:
         lines += ["## Quality: answer NLL (nats/token, lower is better; test split, first "
@@ -264,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ads, calib = task_inputs(args, work)
-    res: dict[str, Any] = {"command": " ".join(sys.argv), "cost": {}}
+    res: dict[str, Any] = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "cost": {}}
+    res["device"] = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     in_subprocess("_quantize", args, ads, calib, args.old, work / "old")
     res["cost"]["full (all tasks, from scratch)"] = in_subprocess("_quantize", args, ads, calib,
                                                                   args.old + [args.new], work / "full")  # fmt: skip
@@ -273,11 +278,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shutil.copytree(work / "old", work / "online")
     quality = args.load_format != "dummy"
     if quality:
-        res["nll"] = {"before": task_nll(work / "old", args.old + [args.new], ads, args.eval_limit)}
+        res["nll"] = {"before": task_nll(work / "old", args.old + [args.new], ads, args)}
     res["load"] = asyncio.run(load_test(args, work / "online", ads, calib))
     res["cost"]["online incremental (while serving)"] = {"seconds": res["load"]["status"]["seconds"]["total"]}
     if quality:
-        res["nll"]["after"] = task_nll(work / "online", args.old + [args.new], ads, args.eval_limit)
+        res["nll"]["after"] = task_nll(work / "online", args.old + [args.new], ads, args)
     res["identical"] = identical(work / "online", work / "full") and identical(work / "offline", work / "full")
     return res
 
@@ -289,6 +294,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--old", nargs="+", default=["translate_en_de", "math_gsm", "trivia_qa"])
     p.add_argument("--new", default="translate_en_fr")
+    p.add_argument("--method", default="mlgptq-diag", help="mlgptq-diag (default) | mlgptq | mlgptq-psd | gptq-mixed")
+    p.add_argument("--tiny", action="store_true", help="tiny random model, random adapters, synthetic data")
+    p.add_argument("--data-dir", default=None, help="task data root (default: the package's; --tiny sets it)")
+    p.add_argument("--from-json", default=None, help="only regenerate --out from this results JSON")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=16)
@@ -302,10 +311,17 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/inlaid_dynamic")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.md"))
     args = p.parse_args()
+    if args.tiny:
+        args.old, args.new = ["definitions", "math_gsm"], "trivia_qa"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    res = run(args)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        args = argparse.Namespace(**{**vars(args), **res["args"], "out": args.out})
+    else:
+        res = run(args)
+        res["args"] = vars(args)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
     Path(args.out).write_text(to_markdown(args, res))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
     logger.info("wrote %s", args.out)
 
 
