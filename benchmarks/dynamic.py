@@ -152,7 +152,8 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     from inlaid.engine.requant_hook import attach_requantizer
 
     config = EngineConfig.from_kwargs(model=str(ckpt), device=args.device, max_loras=len(args.old) + 1,
-                                      max_lora_rank=64, max_model_len=1024, load_format=args.load_format)  # fmt: skip
+                                      max_lora_rank=64, max_model_len=1024, load_format=args.load_format,
+                                      **_kv(args))  # fmt: skip
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(
         eng, num_threads=args.requant_threads, duty_cycle=args.duty_cycle,
@@ -219,11 +220,19 @@ def task_nll(ckpt: Path, tasks: list[str], ads: dict[str, str], args: argparse.N
     from inlaid import LLM
     from inlaid.tasks.evaluate import evaluate_runs
 
+    import gc
+
+    gc.collect()  # the previous engine's KV cache, before this one sizes its own
     llm = LLM(model=str(ckpt), adapters={t: ads[t] for t in tasks}, device=args.device, max_model_len=2048,
-              max_lora_rank=64, max_loras=len(tasks))  # fmt: skip
+              max_lora_rank=64, max_loras=len(tasks), **_kv(args))  # fmt: skip
     res = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.eval_limit, generate=False,
                         data_dir=Path(args.data_dir) if args.data_dir else None)  # fmt: skip
     return {r.task: r.nll for r in res.runs}
+
+
+def _kv(args: argparse.Namespace) -> dict[str, int]:
+    """A fixed KV cache on CUDA (the default takes 90% of free memory, leaving none to the next engine)."""
+    return {"num_blocks": 2048} if args.device == "cuda" else {}
 
 
 def identical(a: Path, b: Path) -> bool:
