@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from typing import Any
 
@@ -143,11 +144,24 @@ class TPDriverRunner:
         self.group.shutdown()
 
 
+def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
+    """A daemon thread that ends this worker when rank 0's process is gone (killed without cleanup)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
+
+
 def worker_main(rank: int, world: int, init_method: str, config: EngineConfig, device: str) -> None:
     """Entry point of ranks 1..N-1: join, build the shard, run broadcast steps until told to stop."""
     from inlaid.worker.rank import build_rank, resolve_dtype  # spawned process: import on demand
 
     logging.basicConfig(level=os.environ.get("INLAID_TP_LOG", "WARNING"))
+    _exit_with_parent(os.getppid())
     dev = rank_device(torch.device(device), rank)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
