@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_configs as wc  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
-from inlaid.kernels.w4a16_gemv import GemvConfig  # noqa: E402
+from inlaid.kernels.w4a16_gemv import GemvConfig, gemv_block_m  # noqa: E402
 
 PEAK_BW = 3.0e12
 GS = 128
@@ -96,6 +96,52 @@ def check_config(cfg: GemvConfig, m: int, w: dict, dtype: torch.dtype) -> str | 
     if int(p.locks.abs().sum()):
         return "semaphores not reset"
     return None
+
+
+def _warm(jobs: list[tuple[dict, int, int, int]]) -> int:
+    """Worker: run each (config, M, K, N) once in fp16 and bf16 so its compiled kernels land in Triton's disk cache."""
+    done = 0
+    for cfg_d, m, k, n in jobs:
+        try:
+            w = random_w4(k, n, False, "cuda")
+            for dt in (torch.float16, torch.bfloat16):
+                check_config(GemvConfig(**cfg_d), m, w, dt)
+            done += 1
+        except Exception:  # noqa: BLE001 - the main process re-runs and reports every candidate anyway
+            pass
+    return done
+
+
+def precompile(jobs: list[tuple[dict, int, int, int]], procs: int, timeout_s: float) -> None:
+    """Compile the candidates in ``procs`` processes (Triton's cache is shared on disk): the sweep then mostly hits it."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0 = time.monotonic()
+    chunks = [jobs[i::procs] for i in range(procs)]
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
+        futs = [ex.submit(_warm, c) for c in chunks if c]
+        done, _ = cf.wait(futs, timeout=timeout_s)
+        n = sum(f.result() for f in done if f.exception() is None)
+        for f in futs:
+            f.cancel()
+    print(f"precompiled {n}/{len(jobs)} candidate kernels in {time.monotonic() - t0:.0f}s ({procs} processes)",
+          flush=True)
+
+
+def compile_jobs(shapes: list[tuple[int, int]], args) -> list[tuple[dict, int, int, int]]:
+    """One job per distinct compiled variant: (tile, mode, dot) x M values of each bucket; split is a runtime arg."""
+    seen, jobs = set(), []
+    for k, n in shapes:
+        for mb in args.m_buckets:
+            for cfg in [wk.default_gemv_config(mb, n, k)] + candidates(mb, n, k, args.num_sms):
+                for m in sorted({mb, max(1, mb - 1)}):
+                    key = (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.use_dot, cfg.mode, cfg.num_stages,
+                           gemv_block_m(m, cfg.use_dot), m == 1, m % 16 == 0)  # Triton specializes M == 1 and M % 16
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append(({**cfg.to_dict(), "split_k": 4}, m, 1024, 512))
+    return jobs
 
 
 def check_candidate(cfg: GemvConfig, mb: int, ws: list[dict]) -> str | None:
@@ -185,6 +231,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop checking/timing new candidates after this")
     ap.add_argument("--install", action="store_true", help="copy the table to inlaid/kernels/w4a16_configs.json")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter smoke run)")
+    ap.add_argument("--precompile-procs", type=int, default=8, help="processes compiling candidates first (CUDA)")
     args = ap.parse_args()
     args.m_buckets, args.fused_ms, args.num_sms = list(wc.M_BUCKETS), FUSED_MS, 132
     shapes = SHAPES
@@ -197,6 +244,11 @@ def main() -> int:
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log = {"gpu": gpu, "points": [], "best": [], "fused": [], "dropped": [], "skipped": []}
+    if args.device == "cuda" and args.precompile_procs > 1:
+        try:
+            precompile(compile_jobs(shapes, args), args.precompile_procs, timeout_s=0.5 * args.budget_s)
+        except Exception as e:  # noqa: BLE001 - only a speed-up: the sweep compiles what is missing itself
+            print(f"precompile failed ({type(e).__name__}: {e}); compiling in the sweep", flush=True)
     partial = random_w4(576, 1536 if not args.quick else 64, True, args.device)
     gemv, fused = {}, {}
     for k, n in shapes:

@@ -10,7 +10,11 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   along N (coalesced), and unpacks nibble j of every word with a static shift.
   Codes become fp32 without an int->float convert: ``(c | 0x4B000000)`` read
   as fp32 is ``2**23 + c``, and subtracting ``2**23 + zero`` is exact, so
-  ``w = (c - zero) * scale`` costs shift, and/or, sub, mul per element;
+  ``d = c - zero`` costs shift, and/or, sub per element; the scale multiplies
+  the per-word-row partial sums once per 8 nibbles (FMA path, M = 1; with
+  2-4 rows the rows share one scaled tile instead, to save registers) or the
+  ``tl.dot`` result once per tile (one group per tile; ``d`` is exact in
+  fp16/bf16, so the tensor-core operand carries no rounding);
 - groups: when BLOCK_K divides the group size a tile has one scale/zero row;
   otherwise (group 32/64 under a longer tile, or a partial last group) each
   word row gathers its own (cached) scale/zero row. Rows past K are masked;
@@ -121,7 +125,7 @@ if HAS_TRITON:
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_P: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
+        MODE: tl.constexpr, USE_DOT: tl.constexpr,
         DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
         # MODE 0: store out (n_split == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws.
@@ -147,23 +151,38 @@ if HAS_TRITON:
                         other=0)
             s, zm = _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
                                 GROUP_SIZE, BLOCK_K)
+            # d = code - zero (exact small integers); the scale is applied once per word row after the 8 nibbles
+            # (a word's 8 rows share a group: group_size % 8 == 0), not per element.
+            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            t0 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
-                w = ((((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s  # [BKW, BN]
+                d = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm  # [BKW, BN]
                 kj = k0 + offs_w * 8 + j
                 if USE_DOT:
+                    if GROUP_SIZE % BLOCK_K != 0:  # scales differ between word rows: scale before the dot
+                        d = d * s
                     xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
                                  mask=(offs_m < M)[:, None] & mask_w[None, :], other=0.0)
                     if DOT_F32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong)
-                        acc += tl.dot(xj.to(tl.float32), w)
+                        t += tl.dot(xj.to(tl.float32), d)
                     else:
-                        acc += tl.dot(xj, w.to(xj.dtype))
-                else:
+                        t += tl.dot(xj, d.to(xj.dtype))  # exact: |code - zero| <= 16
+                elif BLOCK_M == 1:  # one row: scale the word-row partial sums after the 8 nibbles
+                    t0 = _fma_row(t0, x_ptr, m0, M, stride_xm, kj, mask_w, d)
+                else:  # several rows share one scaled weight tile (no per-row partial sums: registers)
+                    w = d * s
                     a0 = _fma_row(a0, x_ptr, m0, M, stride_xm, kj, mask_w, w)
-                    if BLOCK_M > 1:
-                        a1 = _fma_row(a1, x_ptr, m0 + 1, M, stride_xm, kj, mask_w, w)
+                    a1 = _fma_row(a1, x_ptr, m0 + 1, M, stride_xm, kj, mask_w, w)
                     if BLOCK_M > 2:
                         a2 = _fma_row(a2, x_ptr, m0 + 2, M, stride_xm, kj, mask_w, w)
                         a3 = _fma_row(a3, x_ptr, m0 + 3, M, stride_xm, kj, mask_w, w)
+            if USE_DOT:
+                if GROUP_SIZE % BLOCK_K == 0:
+                    acc += t * s
+                else:
+                    acc += t
+            elif BLOCK_M == 1:
+                a0 += t0 * s
         if not USE_DOT:  # assemble the [BLOCK_M, BN] result from the per-row accumulators (once)
             r = tl.arange(0, BLOCK_M)[:, None]
             acc = tl.where(r == 0, tl.sum(a0, axis=0)[None, :], 0.0)
@@ -173,11 +192,11 @@ if HAS_TRITON:
                 acc += tl.where(r == 2, tl.sum(a2, axis=0)[None, :], 0.0)
                 acc += tl.where(r == 3, tl.sum(a3, axis=0)[None, :], 0.0)
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k,
-                  tl.program_id(2) * tl.num_programs(0) + pid_n, n_split, SPLIT_P, MODE)
+                  tl.program_id(2) * tl.num_programs(0) + pid_n, n_split, MODE)
 
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split,
-                  SPLIT_P: tl.constexpr, MODE: tl.constexpr):
+                  MODE: tl.constexpr, CHUNK: tl.constexpr = 8):
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if MODE == 0:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -190,10 +209,12 @@ if HAS_TRITON:
             tl.debug_barrier()  # every thread's partial is issued before the release below
             arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if arrived == n_split - 1:  # last program of this output tile: sum, cast, store, reset
-                offs_p = tl.arange(0, SPLIT_P)
-                p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
-                p_mask = (offs_p < n_split)[:, None, None] & mask[None, :, :]
-                tot = tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                tot = tl.zeros_like(acc)
+                for p0 in range(0, n_split, CHUNK):  # CHUNK partials per load round (no recompile per split)
+                    offs_p = p0 + tl.arange(0, CHUNK)
+                    p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
+                    p_mask = (offs_p < n_split)[:, None, None] & mask[None, :, :]
+                    tot += tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
@@ -264,7 +285,7 @@ def w4a16_gemv(
         x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_P=max(2, triton.next_power_of_2(split)) if mode == 2 else 2, MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
+        MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     if mode in (1, 3):
