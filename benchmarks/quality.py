@@ -184,7 +184,8 @@ def _quantize_group(store: Any, idx: int, group: str, weights: list[torch.Tensor
     sizes = [x.shape[0] for x in weights]
     out: dict[str, list[dict[str, torch.Tensor]]] = {}
     if hs:
-        for key, res in zip(keys, gptq_quantize_many(w, torch.stack(hs), bits, gs, sym)):
+        # max_retries 8: the plain max can need percdamp 100+ (a damping failure would lose the whole batch)
+        for key, res in zip(keys, gptq_quantize_many(w, torch.stack(hs), bits, gs, sym, max_retries=8)):
             out[key] = [_cpu(pack(r)) for r in split_rows(res, sizes)]
     out["rtn"] = [_cpu(pack(rtn_quantize(x.to(device=device, dtype=torch.float32), bits, gs, sym))) for x in weights]
     return out
@@ -276,17 +277,20 @@ def run_all(args: argparse.Namespace, run: Run) -> None:
     single = [t for t in names if t in set(args.single_tasks.split(","))] if args.single_tasks else names
     methods = args.methods.split(",")
     singles = single if "gptq-single" in methods else []
+    cfgs = args.configs.split(",")
     pending: list[tuple[str, dict]] = []
-    for cfg in args.configs.split(","):
+    for k, cfg in enumerate(cfgs):  # primary configs: shared methods of all, then their per-task models
         if run.left() < args.min_config_seconds:
             run.dropped.append(f"config {cfg} (all methods): out of time")
-            continue
-        pending.append((cfg, _shared_phase(run, args, cfg, state, store, src, names, methods, singles, tasks,
-                                           data_dir, device)))  # fmt: skip
-        _release()
-    for cfg, packed in pending:
-        _singles_phase(run, args, cfg, packed, tasks, singles, data_dir)
-        _release()
+        else:
+            pending.append((cfg, _shared_phase(run, args, cfg, state, store, src, names, methods, singles, tasks,
+                                               data_dir, device)))  # fmt: skip
+            _release()
+        if k + 1 >= args.primary_configs or k + 1 == len(cfgs):
+            for c, packed in pending:
+                _singles_phase(run, args, c, packed, tasks, singles, data_dir)
+                _release()
+            pending = []
     run.info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         run.info["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -419,6 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nll-only", action="store_true", help="skip generation (metric columns become nan)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + random adapters + synthetic data")
     p.add_argument("--deadline", type=float, default=0, help="seconds for the whole run (0: none); drops the rest")
+    p.add_argument("--primary-configs", type=int, default=2,
+                   help="the first N configs get their shared methods AND per-task models before later configs start")
     p.add_argument("--min-config-seconds", type=float, default=60, help="start a config only with this much left")
     p.add_argument("--min-cell-seconds", type=float, default=12, help="start an evaluation only with this much left")
     p.add_argument("--work", default="/tmp/inlaid_quality")
