@@ -92,9 +92,10 @@ def _check(x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor) ->
         raise ValueError("Triton LoRA kernels need CUDA (or TRITON_INTERPRET=1); use lora_sgmv.lora_apply")
 
 
-def default_num_splits(num_tokens: int, d_in: int) -> int:
-    """K-splits for shrink: enough programs to fill a GPU at decode batch sizes, >= 512 inputs per split."""
-    return max(1, min(8, -(-d_in // 512), -(-256 // max(num_tokens, 1))))
+def default_num_splits(num_tokens: int, d_in: int, num_sms: int = 132) -> int:
+    """K-splits for shrink: ~4 programs per SM at decode batch sizes (a bandwidth-bound read of A), >= 256 inputs
+    per split, at most 32 (round 2 capped this at 8 splits of >= 512 inputs: < 2 waves at batch 32)."""
+    return max(1, min(32, d_in // 256, -(-4 * num_sms // max(num_tokens, 1))))
 
 
 def lora_shrink_partials(

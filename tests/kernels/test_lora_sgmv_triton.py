@@ -42,7 +42,8 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     assert err <= rel * ref.abs().max().item(), f"max abs err {err:.3g} vs max|ref| {ref.abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3), (torch.bfloat16, None)])
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3), (torch.bfloat16, None),
+                                          (torch.float16, 24)])  # 24: many splits, most of them empty
 def test_apply_matches_sgmv_reference(dtype: torch.dtype, splits) -> None:
     s, r, d_in, d_out, t = 5, 8, 200, 144, 9  # d_in/d_out not multiples of the blocks
     a, b, scal = _stacks(s, r, d_in, d_out, dtype, seed=t + (splits or 0))
@@ -96,3 +97,9 @@ def test_gpu_llama_shapes_32_adapters(rank: int, d_in: int, d_out: int) -> None:
         slots = torch.randint(-1, 33, (t,), device=DEVICE)
         ref = _reference(x, out, a, b, scal, slots)
         _assert_close(lk.lora_apply_triton(x, out, a, b, scal, slots), ref, 1e-2)
+
+
+def test_default_num_splits_fills_the_gpu_at_decode_batches() -> None:
+    assert lk.default_num_splits(32, 4096) == 16  # 32 tokens x 16 splits = 512 programs, ~4 per SM
+    assert lk.default_num_splits(32, 11008) == 17 and lk.default_num_splits(1, 11008) == 32
+    assert lk.default_num_splits(256, 4096) == 3 and lk.default_num_splits(9, 200) == 1
