@@ -42,7 +42,7 @@ from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 DEVICE = "cuda"  # constants below are patched only by the CPU smoke test (tests/kernels)
 PEAK_BW = 3.0e12
 GS = 128
-CHECK_MS = (1, 3, 16, 64, 256)
+CHECK_MS = (1, 3, 16, 256)
 CHECK_ATTN_LENS = ([2048], [1, 100, 511, 512, 2047, 2048, 17, 300])
 LORA_BATCH = 32
 ATTN_POINTS = [(1, 512), (1, 2048), (32, 512), (32, 2048)]

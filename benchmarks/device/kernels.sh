@@ -4,7 +4,8 @@
 #   QUICK=1 bash benchmarks/device/kernels.sh    (CPU plumbing check: interpreter sweep on tiny shapes, no install;
 #                                                 the CUDA-only steps report their failure and the script goes on)
 # Steps, each under its own hard timeout (a failure or hang still leaves the other steps' results):
-#   0. GPU kernel tests (pytest -m gpu tests/kernels): compiled kernels vs the torch references at real shapes
+#   (the gpu-marked pytest suite is NOT run here -- it compiles ~40 kernels and would eat the budget; run it
+#    separately: python3 -m pytest -q -m gpu tests/kernels. The sweep and kernels_bench check correctness themselves.)
 #   a+b. benchmarks/w4a16_sweep.py: EVERY candidate GEMV config checked on the GPU (fp16+bf16, NaN-poisoned output,
 #      own shape + 576x1536 g128 act-order partial last group) -- failing ones dropped -- then timed vs cuBLAS;
 #      fastest correct per (shape, M bucket) -> $OUT/w4a16_configs.json, installed into inlaid/kernels/
@@ -35,15 +36,14 @@ step() {  # step NAME MAX_SECONDS CMD...: run with timeout min(MAX, left), log t
   git log --oneline -1 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 
-step gpu_tests 50 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_triton.py
-SWEEP_ARGS="--install --budget-s 120"
+SWEEP_ARGS="--install --budget-s 125"
 [ "${QUICK:-0}" = 1 ] && SWEEP_ARGS="--device cpu --quick"
 step sweep 165 python3 benchmarks/w4a16_sweep.py --out "$RES/w4a16_configs" $SWEEP_ARGS
 [ -f "$RES/w4a16_configs.json" ] && cp "$RES/w4a16_configs.json" "$OUT/w4a16_configs.json"
 cp "$RES/sweep.log" "$OUT/sweep_log.txt" 2>/dev/null
-step kernels_bench 100 python3 benchmarks/kernels_bench.py --out "$RES/kernels" --budget-s 20
+step kernels_bench 95 python3 benchmarks/kernels_bench.py --out "$RES/kernels" --budget-s 10
 cp "$RES/kernels.md" "$OUT/kernels.md" 2>/dev/null
-step e2e_decode 75 python3 benchmarks/e2e_decode.py --w4-b1-only --skip-hf --new-tokens 24 --budget-s 50 \
+step e2e_decode 80 python3 benchmarks/e2e_decode.py --w4-b1-only --skip-hf --new-tokens 24 --budget-s 55 \
   --out "$RES/e2e_decode"
 cp "$RES/e2e_decode.md" "$OUT/e2e_decode.md" 2>/dev/null
 cp inlaid/kernels/w4a16_configs.json "$RES/installed_w4a16_configs.json" 2>/dev/null
