@@ -75,7 +75,8 @@ def tp_logits(ctx: TPContext, cases: dict[str, tuple[str, list[str]]], out: str 
 
 PROMPTS = ["Hello world", "Translate: cat -> chat.", "def return import", "Das ist ein Test.", "0123456789 + -"]
 ADAPTERS = [None, "a", "b", "c", "b"]
-OPTS: dict[str, Any] = dict(device="cpu", num_blocks=64, max_num_seqs=8)
+OPTS: dict[str, Any] = dict(device="cpu", num_blocks=64, max_num_seqs=8, max_loras=2)
+"""Two slots for three adapters: steps load and evict slots, so slot loads are broadcast more than once."""
 
 
 def generate_tp(model: str, adapters: dict[str, str], tp: int) -> tuple[list[list[int]], LLM]:
