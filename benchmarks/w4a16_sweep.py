@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first triton import
 
-import torch  # noqa: E402
+import torch
 
-from inlaid.kernels import gptq_dequant  # noqa: E402
-from inlaid.kernels import w4a16_configs as wc  # noqa: E402
-from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
-from inlaid.kernels.w4a16_gemv import GemvConfig, gemv_block_m  # noqa: E402
+from inlaid.kernels import gptq_dequant
+from inlaid.kernels import w4a16_configs as wc
+from inlaid.kernels import w4a16_gemm as wk
+from inlaid.kernels.w4a16_gemv import GemvConfig, gemv_block_m
 
 PEAK_BW = 3.0e12
 GS = 128
@@ -179,7 +179,7 @@ def sweep_shape(k: int, n: int, partial: dict, args, deadline: float, log: dict)
     for mb in args.m_buckets:
         x = torch.randn(mb, k, device=args.device, dtype=torch.float16)
         p = w["packed"]
-        run = lambda c: wk.w4a16_gemv(x, p.qweight, p.qzeros, p.scales, None, GS, c, locks=p.locks)  # noqa: E731
+        run = lambda c: wk.w4a16_gemv(x, p.qweight, p.qzeros, p.scales, None, GS, c, locks=p.locks)
         cublas = bench(lambda: x @ dense)
         default = wk.default_gemv_config(mb, n, k)
         best = (float("inf"), default)

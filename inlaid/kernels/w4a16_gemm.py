@@ -31,16 +31,40 @@ import torch
 
 from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
 from .w4_dequant import dequantize_w4
-from .w4_layout import (PackedW4, check_w4, kernel_group_size, pack4_rows, prepare_act_order, prepare_w4,
-                        unpack4_rows)
+from .w4_layout import (
+    PackedW4,
+    check_w4,
+    kernel_group_size,
+    pack4_rows,
+    prepare_act_order,
+    prepare_w4,
+    unpack4_rows,
+)
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import GEMV_MAX_M, GemvConfig, default_gemv_config, w4a16_gemv
 
-__all__ = ["HAS_TRITON", "DEFAULT_FUSED_MAX_M", "GEMV_MAX_M", "W4Config", "GemvConfig", "PackedW4", "default_config",
-           "default_gemv_config", "dequantize_w4", "fit_config", "kernels_interpreted", "pack4_rows",
-           "prepare_act_order", "prepare_w4", "triton_usable", "unpack4_rows", "w4a16_gemm", "w4a16_gemv",
-           "w4a16_linear"]  # fmt: skip
+__all__ = [
+    "DEFAULT_FUSED_MAX_M",
+    "GEMV_MAX_M",
+    "HAS_TRITON",
+    "GemvConfig",
+    "PackedW4",
+    "W4Config",
+    "default_config",
+    "default_gemv_config",
+    "dequantize_w4",
+    "fit_config",
+    "kernels_interpreted",
+    "pack4_rows",
+    "prepare_act_order",
+    "prepare_w4",
+    "triton_usable",
+    "unpack4_rows",
+    "w4a16_gemm",
+    "w4a16_gemv",
+    "w4a16_linear",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,15 @@ import torch
 from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
 from .w4_layout import check_w4, kernel_group_size
 
-__all__ = ["GemvConfig", "GEMV_MAX_M", "gemv_block_m", "default_gemv_config", "w4a16_gemv", "kernels_interpreted",
-           "triton_usable"]
+__all__ = [
+    "GEMV_MAX_M",
+    "GemvConfig",
+    "default_gemv_config",
+    "gemv_block_m",
+    "kernels_interpreted",
+    "triton_usable",
+    "w4a16_gemv",
+]
 
 GEMV_MAX_M = 16
 """Largest M the GEMV kernel serves (the dispatcher's default)."""
@@ -224,7 +231,7 @@ if HAS_TRITON:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for p in range(0, n_split):
+        for p in range(n_split):
             acc += tl.load(ws_ptr + p * MN + offs, mask=mask, other=0.0)
         tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
