@@ -46,7 +46,7 @@ if [ "$QUICK" = 1 ]; then
   PEFT="--model $OUT/tiny --device cpu --adapters 2 4 --requests 8 --batch 4 --max-tokens 4 --max-prompt 16 --lengths synthetic --ranks 4 8 --num-blocks 128"
 else
   M7=llama2-7b-shapes; DEV=cuda
-  COMMON="--device cuda --num-requests 200 --lengths suite --max-tokens 512 --max-prompt 1024 --jobs 4 --slots 32 --ranks 8 16 32 64 --max-num-seqs 64"
+  COMMON="--device cuda --num-requests 300 --lengths suite --max-tokens 512 --max-prompt 1024 --jobs 4 --slots 32 --ranks 8 16 32 64 --max-num-seqs 64"
   SWEEP="--adapters 100 --probe-requests 128 --calibrate 4 --max-duration 40"
   CAP="--verify --budget-gb 40"
   PEFT="--device cuda --adapters 8 32 100 --requests 64 --batch 32 --max-tokens 64"
