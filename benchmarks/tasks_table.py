@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     main_runs = [(t.name, t.name) for t in tasks if t.name in adapters] + [(t.name, None) for t in tasks]
     cross = [p for p in dict.fromkeys(cross_pairs(tasks, set(adapters))) if p not in main_runs]
     nll = evaluate_runs(llm, main_runs + cross, limit=args.limit, generate=False)
-    gen = evaluate_runs(llm, main_runs, limit=args.gen_limit, nll=False, max_new_tokens_cap=args.max_new_tokens_cap)
+    gen = evaluate_runs(llm, main_runs, limit=args.gen_limit, nll=False, max_new_tokens_cap=args.max_new_tokens_cap,
+                        score=not args.defer_metrics)
     return {"tasks": tasks, "adapters": adapters, "main": main_runs, "cross": cross, "nll": nll, "gen": gen,
             "seconds": {"load": load_s, "nll": nll.seconds["nll"], "generate": gen.seconds["generate"]}}
 
@@ -134,16 +135,40 @@ def main() -> None:
     p.add_argument("--adapters-dir", default=None, help="directory of <task>/ adapters (default: the demo adapters)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-log", default=None, help="training log JSON (default: benchmarks/results/adapter_training_log.json)")
+    p.add_argument("--defer-metrics", action="store_true",
+                   help="keep predictions, score later with --rescore (for machines without sacrebleu/rouge-score)")
+    p.add_argument("--rescore", default=None, metavar="JSON",
+                   help="no evaluation: score the predictions saved in JSON (from a --defer-metrics run) and write --out")
     args = p.parse_args()
-    args.device_name = _device_name(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    r = run(args)
-    command = "PYTHONPATH=. python benchmarks/tasks_table.py " + " ".join(sys.argv[1:])
-    Path(args.out).write_text(to_markdown(r, args, command))
+    if args.rescore:
+        r, args, command = rescore(Path(args.rescore), args.out)
+    else:
+        args.device_name = _device_name(args.device)
+        r = run(args)
+        command = "PYTHONPATH=. python benchmarks/tasks_table.py " + " ".join(sys.argv[1:])
+    if not args.defer_metrics:
+        Path(args.out).write_text(to_markdown(r, args, command))
+    saved = {k: getattr(args, k) for k in ("limit", "gen_limit", "max_new_tokens_cap", "device_name", "train_log")}
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"command": command, "seconds": r["seconds"], "nll": r["nll"].to_json(), "generation": r["gen"].to_json(True)},
-        indent=1) + "\n")  # fmt: skip
+        {"command": command, "args": saved, "tasks": [t.name for t in r["tasks"]], "adapters": sorted(r["adapters"]),
+         "main": r["main"], "cross": r["cross"], "seconds": r["seconds"], "nll": r["nll"].to_json(),
+         "generation": r["gen"].to_json(True)}, indent=1) + "\n")  # fmt: skip
     logger.info("wrote %s", args.out)
+
+
+def rescore(path: Path, out: str) -> tuple[dict[str, Any], argparse.Namespace, str]:
+    """Rebuild a run's results from its JSON and score the saved predictions here."""
+    from inlaid.tasks.evaluate import EvalResults
+    from inlaid.tasks.registry import resolve_tasks
+
+    d = json.loads(path.read_text())
+    args = argparse.Namespace(**d["args"], out=out, defer_metrics=False)
+    r = {"tasks": resolve_tasks(",".join(d["tasks"])), "adapters": set(d["adapters"]),
+         "main": [tuple(x) for x in d["main"]], "cross": [tuple(x) for x in d["cross"]],
+         "nll": EvalResults.from_json(d["nll"]), "gen": EvalResults.from_json(d["generation"]).rescored(),
+         "seconds": d["seconds"]}  # fmt: skip
+    return r, args, d["command"] + f" (metrics scored with --rescore {path.name})"
 
 
 if __name__ == "__main__":

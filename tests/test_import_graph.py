@@ -46,8 +46,9 @@ def test_core_imports_no_torch_numpy_or_lower_layers_statically():
     assert _violations("core", banned) == []
 
 
-def test_kernels_import_nothing_from_inlaid():
-    assert _violations("kernels", ("inlaid",)) == []
+def test_kernels_import_nothing_from_inlaid_outside_kernels():
+    outside = [v for v in _violations("kernels", ("inlaid",)) if not v.split(" imports ")[1].startswith("inlaid.kernels")]
+    assert outside == []
 
 
 def test_sim_imports_no_torch():

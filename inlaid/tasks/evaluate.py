@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,24 @@ class EvalResults:
             if r.task == task and r.adapter == adapter:
                 return r
         raise KeyError(f"no run for task {task!r} with adapter {adapter!r}")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "EvalResults":
+        """The inverse of ``to_json`` (predictions included when they were saved)."""
+        return cls([RunResult(**row) for row in data["runs"]], data["split"], data["limit"], dict(data["seconds"]))
+
+    def rescored(self, data_dir: Path | None = None) -> "EvalResults":
+        """The same runs with each metric computed again from the saved predictions.
+
+        For runs made where the metric packages are not installed (``evaluate_runs(score=False)``).
+        """
+        runs = []
+        for r in self.runs:
+            if not r.predictions:
+                raise ValueError(f"run ({r.task!r}, {r.adapter!r}) has no saved predictions to score")
+            refs = [e.completion for e in load_split(r.task, self.split, len(r.predictions), data_dir)]
+            runs.append(replace(r, metric=compute_metric(r.metric_name, r.predictions, refs)))
+        return EvalResults(runs, self.split, self.limit, dict(self.seconds))
 
     def to_json(self, with_predictions: bool = False) -> dict[str, Any]:
         rows = []
@@ -135,11 +153,13 @@ def evaluate_runs(
     max_batch_tokens: int = 2048,
     max_pool_slots: int = 4,
     max_new_tokens_cap: int | None = None,
+    score: bool = True,
 ) -> EvalResults:
     """Evaluate arbitrary (task, adapter) runs, all in one ``generate`` call and shared NLL batches.
 
     ``max_new_tokens_cap`` lowers every task's generation budget (a speed knob for slow machines;
-    the metric is then on truncated outputs and must be labelled so).
+    the metric is then on truncated outputs and must be labelled so). ``score=False`` keeps the
+    predictions but leaves the metric NaN (score later with ``EvalResults.rescored``).
     """
     runs = _check_runs(llm, runs)
     tok = llm.tokenizer
@@ -159,7 +179,9 @@ def evaluate_runs(
     logprobs = answer_logprobs(llm, [(it.prompt_ids, it.answer_ids, runs[it.run][1]) for it in items],
                                max_batch_tokens, max_pool_slots) if nll else None  # fmt: skip
     seconds["nll"] = time.perf_counter() - t0
-    results = [_score(i, run, examples[run[0]], items, preds, logprobs) for i, run in enumerate(runs)]
+    results = [_score(i, run, examples[run[0]], items, preds if score else {}, logprobs) for i, run in enumerate(runs)]
+    if not score:
+        results = [replace(r, predictions=preds.get(i, [])) for i, r in enumerate(results)]
     return EvalResults(results, split, limit, seconds)
 
 

@@ -147,3 +147,18 @@ def test_bad_input(llm, data_dir, tmp_path, tiny_llama_dir):
     foreign = make_peft_adapter(other, tmp_path / "foreign", 2, ["q_proj"], seed=5)
     with pytest.raises(IncompatibleAdapterError, match="another base"):
         LLM(model=str(tiny_llama_dir), adapters={"math_gsm": str(foreign)}, device="cpu")
+
+
+def test_deferred_metrics_rescored_from_json_equal_scoring_in_place(llm, data_dir):
+    import json
+
+    from inlaid.tasks.evaluate import EvalResults, evaluate_runs
+
+    runs = [("math_gsm", None), ("definitions", None)]
+    scored = evaluate_runs(llm, runs, data_dir=data_dir, nll=False)
+    deferred = evaluate_runs(llm, runs, data_dir=data_dir, nll=False, score=False)
+    assert all(math.isnan(r.metric) for r in deferred.runs)
+    back = EvalResults.from_json(json.loads(json.dumps(deferred.to_json(with_predictions=True))))
+    rescored = back.rescored(data_dir)
+    assert [r.metric for r in rescored.runs] == [r.metric for r in scored.runs]
+    assert [r.predictions for r in rescored.runs] == [r.predictions for r in scored.runs]
