@@ -67,20 +67,21 @@ class TPWorkerGroup:
         self.check_alive()
         self.ctx.broadcast_control(message)
 
-    def shutdown(self) -> None:
-        """Stop the workers (politely if all are alive) and leave the group; idempotent."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers (with a shutdown message if ``graceful`` and all are alive, else terminate them) and
+        leave the group; idempotent. Use ``graceful=False`` when the ranks may be inside different collectives."""
         if self.closed:
             return
         self.closed = True
         try:
-            if all(p.is_alive() for p in self.procs):
+            if graceful and all(p.is_alive() for p in self.procs):
                 self.ctx.broadcast_control(("shutdown",))
         except Exception:  # a broken group: fall through to terminate
             logger.warning("tensor-parallel shutdown message failed; terminating workers")
         for p in self.procs:
-            p.join(JOIN_TIMEOUT_S)
+            p.join(JOIN_TIMEOUT_S if graceful else 0)
+        self._finalizer()  # terminate whatever is still running
         destroy_tp(self.ctx)
-        self._finalizer()
 
 
 def _terminate(procs: list[Any], store_dir: str) -> None:
@@ -141,7 +142,7 @@ class TPDriverRunner:
             self.broken = f"{dead}; {self.broken}"
 
     def shutdown(self) -> None:
-        self.group.shutdown()
+        self.group.shutdown(graceful=self.broken is None)
 
 
 def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:

@@ -255,7 +255,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (no-op at TP=1); idempotent."""
         if self.parts.tp_group is not None:
-            self.parts.tp_group.shutdown()
+            self.runner.shutdown()  # TPDriverRunner: terminates (no message) once a step has failed
 
     def stats(self) -> dict[str, Any]:
         """Queue, KV and adapter residency figures (for /metrics and benchmarks)."""

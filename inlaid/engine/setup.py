@@ -77,7 +77,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         rank = build_rank(config, tp.device if tp else device, dtype, lambda n: registry_box[0].get(n), tp)
     except BaseException:
         if group is not None:
-            group.shutdown()
+            group.shutdown(graceful=False)
         raise
     model, arch, pool, num_blocks = rank.model, rank.arch, rank.pool, rank.num_blocks
     registry = AdapterRegistry(arch.lora_module_shapes(), arch.num_layers, config.lora.max_lora_rank)
