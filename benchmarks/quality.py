@@ -228,11 +228,34 @@ def evaluate(llm: Any, tasks: list[TaskSpec], args: argparse.Namespace, data_dir
     nll = evaluate_runs(llm, runs, limit=args.limit, generate=False, data_dir=data_dir)
     out = {r.task: {"metric": float("nan"), "nll": r.nll} for r in nll.runs}
     if not args.nll_only:
+        score = _metric_packages_installed()
         gen = evaluate_runs(llm, runs, limit=args.gen_limit, nll=False, data_dir=data_dir,
-                            max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
+                            max_new_tokens_cap=args.max_new_tokens_cap, score=score)  # fmt: skip
         for r in gen.runs:
             out[r.task]["metric"] = r.metric
+            if not score:  # scored later, where sacrebleu / rouge-score are installed (--from-json)
+                out[r.task]["predictions"] = r.predictions
     return out
+
+
+def _metric_packages_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("sacrebleu", "rouge_score"))
+
+
+def rescore_cells(cells: dict[str, dict[str, Any]]) -> None:
+    """Score, in place, the cells whose predictions were saved unscored (the device has no metric packages)."""
+    from inlaid.tasks.dataset import load_split
+    from inlaid.tasks.metrics import compute_metric
+    from inlaid.tasks.registry import get_task
+
+    for key, cell in cells.items():
+        preds = cell.pop("predictions", None)
+        if preds:
+            task = get_task(key.split("|")[2])
+            refs = [e.completion for e in load_split(task.name, "test", len(preds))]
+            cell["metric"] = compute_metric(task.metric, preds, refs)
 
 
 def swap_in(llm: Any, packed: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -440,6 +463,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
+        rescore_cells(data["cells"])
     else:
         json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
         run = Run({**vars(args), "command": "PYTHONPATH=. python benchmarks/quality.py " + " ".join(sys.argv[1:])},
