@@ -267,9 +267,10 @@ class Scheduler:
                 continue  # preempting would not give it a slot (all pinned)
             need = bm.blocks_for_tokens(min(w.num_tokens - w.num_computed_tokens, self.cfg.max_num_batched_tokens))
             while pool and (seats <= 0 or need > free):
-                victim = self.policy.pick_victim(pool)
-                if not self.policy.outranks(w, victim):
+                outranked = [r for r in pool if self.policy.outranks(w, r)]
+                if not outranked:
                     return
+                victim = self.policy.pick_victim(outranked)
                 pool.remove(victim)
                 free += len(bm.block_table(victim.request_id))
                 seats += 1

@@ -53,9 +53,11 @@ def test_fifo_slot_eviction_stays_lru():
     assert set(sched.resident_adapters()) == {"a", "c"}  # b was least recently used
 
 
-def _mlfq_sched(clock, priority_preemption=True, max_num_seqs=1):
+def _mlfq_sched(clock, priority_preemption=True, max_num_seqs=1, **guards):
+    """Unguarded (FastServe's iteration-level) preemption unless ``guards`` are given."""
     cfg = SchedulerConfig(policy="mlfq", max_num_seqs=max_num_seqs, aging_s=1000.0)
-    pol = MlfqPolicy(base_quantum=2, starvation_s=1000.0, priority_preemption=priority_preemption)
+    guards = guards or {"preempt_level_gap": 1, "min_run_tokens": 0}
+    pol = MlfqPolicy(base_quantum=2, starvation_s=1000.0, priority_preemption=priority_preemption, **guards)
     return Scheduler(cfg, num_blocks=64, block_size=4, num_adapter_slots=2, max_model_len=256, clock=clock,
                      policy=pol), pol
 
@@ -95,6 +97,46 @@ def test_mlfq_high_priority_arrival_preempts_by_recompute_and_everyone_finishes(
     run_to_completion(sched)
     assert long.is_finished and long.num_output_tokens == 12 and sched.stats.preemptions == 1
     assert long.output_token_ids == [7] * 12  # the preempted request's tokens are kept, not re-sampled
+
+
+def _preempted_at(sched, clock, steps):
+    return [bool(_step(sched, clock).preempted_ids) for _ in range(steps)]
+
+
+def test_mlfq_default_guards_need_two_levels_and_a_used_quantum():
+    # quanta 2, 4, 8: "long" is level 1 after 2 tokens, level 2 after 6, level 3 after 14
+    clock = FakeClock()
+    sched, pol = _mlfq_sched(clock, preempt_level_gap=2, min_run_tokens=None)
+    long = make_req("long", max_tokens=30)
+    sched.add_request(long)
+    for _ in range(4):
+        _step(sched, clock)
+    sched.add_request(make_req("new", max_tokens=2, arrival=clock.t))
+    # level 1 vs 0 is one level apart: no preemption; at level 2 (6 tokens) it must first use its
+    # level-2 quantum (8 tokens since admission): preempted by the schedule after its 8th token
+    assert _preempted_at(sched, clock, 5) == [False, False, False, False, True]
+    assert long.num_output_tokens == 8 and long.status == RequestStatus.WAITING
+    run_to_completion(sched)
+    assert long.num_output_tokens == 30 and sched.stats.preemptions == 1
+
+
+def test_mlfq_min_run_tokens_protects_a_readmitted_request():
+    clock = FakeClock()
+    sched, pol = _mlfq_sched(clock, preempt_level_gap=1, min_run_tokens=3)
+    long = make_req("long", max_tokens=30)
+    sched.add_request(long)
+    assert _preempted_at(sched, clock, 3) == [False] * 3
+    sched.add_request(make_req("n1", max_tokens=1, arrival=clock.t))
+    assert _preempted_at(sched, clock, 1) == [True]  # level 1 with 3 tokens since admission
+    assert _preempted_at(sched, clock, 1) == [False]  # n1 finished; long readmitted (recompute + 1 token)
+    assert long.status == RequestStatus.RUNNING and long.num_output_tokens == 4
+    sched.add_request(make_req("n2", max_tokens=1, arrival=clock.t))
+    assert _preempted_at(sched, clock, 3) == [False, False, True]  # 1 and 2 tokens since readmission: protected
+    assert long.num_output_tokens == 6 and sched.stats.preemptions == 2
+    run_to_completion(sched)
+    assert long.num_output_tokens == 30
+    with pytest.raises(ValueError, match="preempt_level_gap"):
+        MlfqPolicy(preempt_level_gap=0)
 
 
 def test_mlfq_no_preemption_between_equal_levels_or_when_switched_off():
