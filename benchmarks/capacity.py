@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inlaid.model.arch import ModelArch  # noqa: E402
-from inlaid.model.llama import LlamaForCausalLM  # noqa: E402
-from inlaid.model.loader import resolve_model_path  # noqa: E402
-from inlaid.worker.model_runner import kv_bytes_per_block  # noqa: E402
+from inlaid.model.arch import ModelArch
+from inlaid.model.llama import LlamaForCausalLM
+from inlaid.model.loader import resolve_model_path
+from inlaid.worker.model_runner import kv_bytes_per_block
 
 logger = logging.getLogger("capacity")
 GB = 1024**3

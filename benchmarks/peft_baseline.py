@@ -34,12 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inlaid.bench.policy_sweep import EngineSpec, build_engine, device_sync  # noqa: E402
-from inlaid.bench.workload import WorkloadConfig, generate_workload  # noqa: E402
-from inlaid.config import SchedulerConfig  # noqa: E402
-from inlaid.model.loader import resolve_model_path  # noqa: E402
-from inlaid.sampling import SamplingParams  # noqa: E402
-from inlaid.sim.simulator import RequestSpec  # noqa: E402
+from inlaid.bench.policy_sweep import EngineSpec, build_engine, device_sync
+from inlaid.bench.workload import WorkloadConfig, generate_workload
+from inlaid.config import SchedulerConfig
+from inlaid.model.loader import resolve_model_path
+from inlaid.sampling import SamplingParams
+from inlaid.sim.simulator import RequestSpec
 
 logger = logging.getLogger("peft_baseline")
 TARGETS = ["q_proj", "v_proj"]
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             rows.append(bench_point(a, n, hf))
-        except Exception as exc:  # noqa: BLE001  (one failing point must not lose the others)
+        except Exception as exc:
             logger.exception("%d adapters failed", n)
             skipped.append(f"{n} adapters ({type(exc).__name__}: {str(exc)[:120]})")
     note = (f"{Path(a.model).name} config, dummy random weights, {'fp16' if a.device != 'cpu' else 'fp32'} on "

@@ -39,15 +39,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from inlaid.bench.serving_page import write_page  # noqa: E402
-from inlaid.cli import main as inlaid_main  # noqa: E402
+from inlaid.bench.serving_page import write_page
+from inlaid.cli import main as inlaid_main
 
 logger = logging.getLogger("serving_matrix")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -123,7 +122,7 @@ class ServerProcess:
         self.log, self.start_timeout = log, start_timeout
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self._fh = self.log.open("w")

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from inlaid.bench.metrics import RequestRecord
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from inlaid.core.outputs import RunnerOutput, SchedulerOutput
 from inlaid.core.policies import Policy
 from inlaid.core.predictor import LengthPredictor
@@ -46,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 def build_bench_engine(model: str, device: str = "cpu", slots: int = 4, num_adapters: int = 8, rank: int = 16,
                        num_blocks: int = 256, sched: SchedulerConfig | None = None,
-                       dummy: bool = True, name_prefix: str = "t") -> "LLMEngine":  # noqa: F821
+                       dummy: bool = True, name_prefix: str = "t") -> LLMEngine:  # noqa: F821
     """An engine over ``model`` (dummy weights unless ``dummy=False``) with random adapters
     ``{name_prefix}0..{name_prefix}{n-1}`` on the host (all 7 projections, rank ``rank``)."""
     from inlaid.engine.llm_engine import LLMEngine
@@ -124,7 +130,7 @@ PolicyFactory = Callable[[LengthPredictor], Policy]
 """Builds a policy around the scheduler's length predictor (ablation variants, see ``policy_sweep``)."""
 
 
-def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable[[], float],  # noqa: F821
+def fresh_scheduler(engine: LLMEngine, sched: SchedulerConfig, clock: Callable[[], float],  # noqa: F821
                     policy_factory: PolicyFactory | None = None) -> Scheduler:
     """A new scheduler with the engine's capacity and ``sched``'s policy/limits, installed in the engine.
 
@@ -139,7 +145,7 @@ def fresh_scheduler(engine: "LLMEngine", sched: SchedulerConfig, clock: Callable
     return engine.scheduler
 
 
-def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerConfig, vocab: int = 1000,  # noqa: F821
+def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConfig, vocab: int = 1000,  # noqa: F821
            sync: Callable[[], None] = lambda: None, desc: str = "replay",
            timer: Callable[[], float] = time.perf_counter,
            step_cost: Callable[[list[float]], float] | None = None,
@@ -202,27 +208,27 @@ def replay(engine: "LLMEngine", specs: Sequence[RequestSpec], sched: SchedulerCo
     return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete)
 
 
-def _abort_all(engine: "LLMEngine", request_ids: list[str]) -> None:  # noqa: F821
+def _abort_all(engine: LLMEngine, request_ids: list[str]) -> None:  # noqa: F821
     """Abort ``request_ids`` and step the engine until it holds nothing (a replay cut short)."""
     engine.abort_request(request_ids)
     while engine.has_unfinished_requests():
         engine.step()
 
 
-def _inject(engine: "LLMEngine", spec: RequestSpec, vocab: int) -> None:  # noqa: F821
+def _inject(engine: LLMEngine, spec: RequestSpec, vocab: int) -> None:  # noqa: F821
     prompt = [3 + (31 * j + 7 * len(spec.request_id)) % (vocab - 3) for j in range(spec.prompt_len)]
     engine.add_request(spec.request_id, prompt, SamplingParams(max_tokens=spec.max_tokens), spec.adapter)
     engine.scheduler.requests[spec.request_id].arrival_time = spec.arrival
 
 
-def _record(o: "RequestOutput", spec: RequestSpec) -> RequestRecord:  # noqa: F821
+def _record(o: RequestOutput, spec: RequestSpec) -> RequestRecord:  # noqa: F821
     if o.error:
         raise RuntimeError(f"request {o.request_id} failed in the engine: {o.error}")
     return RequestRecord(spec.arrival, o.first_token_time or o.finished_time or 0.0, o.finished_time or 0.0,
                          len(o.token_ids), spec.job_id)
 
 
-def offline_throughput(engine: "LLMEngine", prompts: Sequence[list[int] | str], params: SamplingParams,  # noqa: F821
+def offline_throughput(engine: LLMEngine, prompts: Sequence[list[int] | str], params: SamplingParams,  # noqa: F821
                        adapters: Sequence[str | None] | None = None) -> dict[str, float]:
     """Submit every prompt at once, run to completion; requests/s and output tokens/s of wall time."""
     adapters = list(adapters) if adapters is not None else [None] * len(prompts)

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,13 @@ import torch
 from inlaid.bench.engine_driver import PolicyFactory, replay
 from inlaid.bench.metrics import RequestRecord, summarize
 from inlaid.bench.workload import WorkloadConfig, generate_workload
-from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from inlaid.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from inlaid.sim.simulator import RequestSpec
 
 logger = logging.getLogger(__name__)
@@ -276,7 +283,7 @@ def run_point(engine: Any, wl: WorkloadConfig, variant: str, iso: IsolatedModel 
 def _clean(obj: Any) -> Any:
     """NaN/inf -> None (strict JSON)."""
     if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -74,8 +74,9 @@ def ratio_rows(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def ratio_table(results: list[Result], ours: str, other: str) -> list[str]:
     """``ours`` vs ``other`` at every point where both ran."""
-    rows = [f"| model | quant | adapters | driver | rate | throughput {ours}/{other} | latency {other}/{ours} | "
-            f"JCT {other}/{ours} | SLO {ours}/{other} |", "|---" * 9 + "|"]
+    head = (f"| model | quant | adapters | driver | rate | throughput {ours}/{other} | latency {other}/{ours} | "
+            f"JCT {other}/{ours} | SLO {ours}/{other} |")
+    rows = [head, "|---" * 9 + "|"]
     for (model, quant, n, drv, rate), pol in sorted(by_point(results).items()):
         if ours in pol and other in pol:
             cells = ratio_rows(pol[ours]["summary"], pol[other]["summary"])
@@ -148,8 +149,9 @@ def capacity_section(path: Path) -> list[str]:
     if not path.is_file():
         return ["## Adapter capacity", "", f"(not run: no {path.name})", ""]
     obj = json.loads(path.read_text())
-    rows = ["| model | quant | budget GB | weights GB | slot MB | KV reserve GB | max adapters (accounting) | "
-            "verified at N | N+step fails with | peak GB at N |", "|---" * 10 + "|"]
+    head = ("| model | quant | budget GB | weights GB | slot MB | KV reserve GB | max adapters (accounting) | "
+            "verified at N | N+step fails with | peak GB at N |")
+    rows = [head, "|---" * 10 + "|"]
     for r in obj["rows"]:
         rows.append(f"| {r['model']} | {r['quant']} | {_f(r['budget_gb'])} | {_f(r['weights_gb'])} | "
                     f"{_f(r['slot_mb'])} | {_f(r['kv_gb'])} | {r['max_adapters']} | {_f(r.get('verified'))} | "

@@ -8,8 +8,15 @@ import time
 import pytest
 import torch
 
-from inlaid.bench.policy_sweep import (VARIANTS, EngineSpec, SweepPlan, build_engine, dummy_w4_weights,
-                                       policy_factory, run_sweep)
+from inlaid.bench.policy_sweep import (
+    VARIANTS,
+    EngineSpec,
+    SweepPlan,
+    build_engine,
+    dummy_w4_weights,
+    policy_factory,
+    run_sweep,
+)
 from inlaid.bench.workload import WorkloadConfig
 from inlaid.config import SchedulerConfig
 from inlaid.core.inlaid_policy import InlaidPolicy
