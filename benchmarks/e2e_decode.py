@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_baseline import MODELS, decode_tps, hf_model, run_hf, run_inlaid  # noqa: E402
 from decode_baseline import build_engine as baseline_engine  # noqa: E402
 
+from inlaid.bench.hardware import peak_bandwidth_tbps  # noqa: E402
 from inlaid.engine.llm_engine import LLMEngine  # noqa: E402
 from inlaid.model.layers import ParallelLinear  # noqa: E402
 from inlaid.quant.linear import GPTQLinearMethod, replace_linears  # noqa: E402
@@ -185,7 +186,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=1024)
-    ap.add_argument("--peak-tbps", type=float, default=3.0)
+    ap.add_argument("--peak-tbps", type=float, default=None, help="roofline (default: by device name, inlaid.bench.hardware)")
     ap.add_argument("--budget-s", type=float, default=270.0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-7b", action="store_true")
@@ -193,6 +194,9 @@ def main() -> int:
                     help="short run: only the W4 g128 Llama-2-7B-shaped model at batch 1 (graphs, then eager)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
     args = ap.parse_args()
+    if args.peak_tbps is None:
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else ""
+        args.peak_tbps = peak_bandwidth_tbps(name)
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
     rows: list = []

@@ -39,12 +39,13 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 
 import torch
 
+from inlaid.bench.hardware import peak_bandwidth_tbps
 from inlaid.kernels import gptq_dequant
 from inlaid.kernels import w4a16_configs as wc
 from inlaid.kernels import w4a16_gemm as wk
 from inlaid.kernels.w4a16_gemv import GemvConfig, gemv_block_m
 
-PEAK_BW = 3.0e12
+PEAK_BW = peak_bandwidth_tbps(torch.cuda.get_device_name() if torch.cuda.is_available() else "") * 1e12
 GS = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (1536, 576)]  # (K, N)
 FUSED_MS = [32, 64, 128, 256]
@@ -200,10 +201,10 @@ def sweep_shape(k: int, n: int, partial: dict, args, deadline: float, log: dict)
         best_per_m[str(mb)] = best[1]
         bw = w4_bytes(k, n, mb) / (best[0] * 1e-6) / 1e12
         row = {"shape": f"{k}x{n}", "M": mb, "cublas_fp16_us": cublas, "best_us": best[0], "ratio_vs_cublas":
-               cublas / best[0], "TBps": bw, "frac_of_3TBps": bw * 1e12 / PEAK_BW, "config": best[1].to_dict()}
+               cublas / best[0], "TBps": bw, "frac_of_peak": bw * 1e12 / PEAK_BW, "config": best[1].to_dict()}
         log["best"].append(row)
         print(f"{k}x{n} M={mb:2d}: cuBLAS {cublas:7.1f}us  gemv {best[0]:7.1f}us  {cublas / best[0]:5.2f}x  "
-              f"{bw:5.2f} TB/s ({bw * 1e12 / PEAK_BW:.0%} of 3.0)  {best[1]}", flush=True)
+              f"{bw:5.2f} TB/s ({bw * 1e12 / PEAK_BW:.0%} of {PEAK_BW / 1e12:.1f})  {best[1]}", flush=True)
     return best_per_m
 
 
