@@ -3,13 +3,15 @@
 Owns: ``StudySetup`` (engine shape, cost model, scheduler limits shared by every
 policy of a study), ``run_policy`` (workload + policy -> metrics dict),
 ``sweep`` (policies x rates x task counts), ``saturation_rate`` (the rate FIFO
-saturates at, so rates scale with the cost model), ``ratios`` and
+saturates at, so rates scale with the cost model), ``ratios`` (an SLO ratio is
+``inf``/NaN, never a floored division, when the baseline attains 0) and
 ``markdown_table``. Used by ``benchmarks/scheduling_study.py``, ``inlaid bench
 sim`` and the tests. Pure Python.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -145,11 +147,32 @@ def ratios(rows: Sequence[dict], rate: float) -> list[dict]:
                         "bound_x": i.get("throughput_bound", float("nan")) / b["throughput_rps"],
                         "latency_reduction": 1 - i["latency_mean"] / b["latency_mean"],
                         "jct_reduction": 1 - i["jct_mean"] / b["jct_mean"],
-                        "slo_x": i["slo_attainment"] / max(b["slo_attainment"], 1e-9)})
+                        "slo_x": slo_ratio(i["slo_attainment"], b["slo_attainment"]),
+                        "slo_inlaid": i["slo_attainment"], "slo_base": b["slo_attainment"]})
     return out
 
 
+def slo_ratio(ours: float, base: float) -> float:
+    """``ours / base`` SLO attainment; ``inf`` when only the baseline attained 0, NaN when both did."""
+    if base > 0:
+        return ours / base
+    return math.inf if ours > 0 else math.nan
+
+
+def fmt_ratio(x: float) -> str:
+    """A ratio for a report: "inf (baseline 0 attained)" / "n/a (both 0 attained)" instead of a huge number."""
+    if math.isinf(x):
+        return "inf (baseline 0 attained)"
+    if math.isnan(x):
+        return "n/a (both 0 attained)"
+    return f"{x:.2f}x"
+
+
 def _fmt(v: object) -> str:
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 

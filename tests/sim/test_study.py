@@ -29,3 +29,20 @@ def test_saturation_rate_scales_with_the_cost_model():
                                                                       adapter_load=0.012)})
     slow = saturation_rate(slow_setup, 3, n=80)
     assert slow == pytest.approx(fast / 2, rel=0.05)  # every coefficient doubled -> half the throughput
+
+
+def test_slo_ratio_is_honest_when_the_baseline_attains_nothing():
+    import math
+
+    from inlaid.sim.study import fmt_ratio, slo_ratio
+
+    assert slo_ratio(0.5, 0.25) == 2.0
+    assert math.isinf(slo_ratio(0.3, 0.0)) and math.isnan(slo_ratio(0.0, 0.0))
+    assert fmt_ratio(slo_ratio(0.3, 0.0)) == "inf (baseline 0 attained)"
+    assert fmt_ratio(slo_ratio(0.0, 0.0)) == "n/a (both 0 attained)"
+    assert fmt_ratio(2.0) == "2.00x"
+    rows = [{"tasks": 1, "rate": 1.0, "policy": p, "throughput_rps": 1.0, "latency_mean": 1.0, "jct_mean": 1.0,
+             "slo_attainment": a} for p, a in (("fifo", 0.0), ("mlfq", 0.0), ("inlaid", 0.4))]
+    r = ratios(rows, 1.0)
+    assert all(math.isinf(x["slo_x"]) and x["slo_base"] == 0.0 for x in r)
+    assert "| inf |" in markdown_table(r, ["vs"], ("slo_x",)) and "e+08" not in markdown_table(r, ["vs"], ("slo_x",))
