@@ -9,6 +9,7 @@
 #   3. benchmarks/dynamic.py       3 old tasks + 1 new, mlgptq-diag, load test before/during/after
 # Results under $OUT (7 files): quality_gpu.{json,md}, quant_memory_gpu.{json,md}, dynamic_gpu.{json,md},
 # logs.tar.gz. Regenerate the pages locally with the commands in docs/quantize.md.
+# STEPS="quality" (or "quant_memory dynamic") runs a subset, e.g. one per GPU in parallel.
 # CPU end-to-end check of this script (tiny model, synthetic data, minutes): QUICK=1 benchmarks/device/quality.sh
 set -uo pipefail
 SMOL="${1:-${SMOL_DIR:-}}"
@@ -32,7 +33,6 @@ if [ "$SMOL" != tiny ] && { [ -z "$SMOL" ] || [ ! -f "$SMOL/config.json" ]; }; t
 fi
 OUT="${OUT:-/tmp/quality_out}"
 LOGS="$OUT/logs"
-rm -rf /tmp/inlaid_quality /tmp/inlaid_dynamic /tmp/inlaid_quant_memory
 mkdir -p "$LOGS"
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
@@ -51,10 +51,12 @@ step() {  # step NAME TIMEOUT_S CMD...
   grep -v "it/s\]\|s/it\]\|layer/s\]\|s/layer\]\|batch/s\]" "$LOGS/$name.log" | tail -n 6
 }
 
-step quality 215 python3 benchmarks/quality.py --device "$DEV" "${QA[@]}" --work /tmp/inlaid_quality \
+want() { [[ " ${STEPS:-quality quant_memory dynamic} " == *" $1 "* ]]; }  # STEPS="..." runs a subset
+for s in quality quant_memory dynamic; do want $s && rm -rf "/tmp/inlaid_$s"; done
+want quality && step quality 215 python3 benchmarks/quality.py --device "$DEV" "${QA[@]}" --work /tmp/inlaid_quality \
   --json "$OUT/quality_gpu.json" --out "$OUT/quality_gpu.md"
-step quant_memory 75 python3 benchmarks/quant_memory.py --device "$DEV" "${MA[@]}" --out "$OUT/quant_memory_gpu.json"
-step dynamic 120 python3 benchmarks/dynamic.py --device "$DEV" --method mlgptq-diag "${DA[@]}" \
+want quant_memory && step quant_memory 75 python3 benchmarks/quant_memory.py --device "$DEV" "${MA[@]}" --out "$OUT/quant_memory_gpu.json"
+want dynamic && step dynamic 120 python3 benchmarks/dynamic.py --device "$DEV" --method mlgptq-diag "${DA[@]}" \
   --work /tmp/inlaid_dynamic --out "$OUT/dynamic_gpu.md"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 echo "== done in $(( $(date +%s) - T0 )) s; files:"
