@@ -70,7 +70,8 @@ class InlaidPolicy(Policy):
         self.adaptive_aging = adaptive_aging
         self.aging_factor = aging_factor
         self._finish_times: deque[float] = deque(maxlen=rate_window)
-        self._deadline: dict[str, float] = {}
+        self._bound: dict[str, float] = {}
+        """request id -> its aging bound (seconds after arrival), fixed when it arrived."""
         self._arrivals = 0
         self._demand_of: dict[str | None, tuple[float, int]] = {}
         self.group_min_queue = group_min_queue
@@ -100,13 +101,17 @@ class InlaidPolicy(Policy):
             return self.aging_s
         return max(self.aging_s, self.aging_factor * queue_len / rate)
 
-    def deadline_of(self, request_id: str) -> float | None:
-        """When the waiting request ``request_id`` becomes starving (None when unknown)."""
-        return self._deadline.get(request_id)
+    def deadline_of(self, req: Request) -> float:
+        """When the waiting request ``req`` becomes starving: its arrival time + the bound fixed when it arrived.
+
+        The bound (a duration) is stored, not the deadline, so a driver that sets ``arrival_time``
+        after ``add_request`` (the engine replay) still gets deadlines relative to the real arrival.
+        """
+        return req.arrival_time + self._bound.get(req.request_id, self.aging_s)
 
     def starving(self, req: Request, now: float) -> bool:
         """Waiting past its deadline (fixed when it arrived, so the wait of every request is bounded)."""
-        return self.use_aging and now > self._deadline.get(req.request_id, req.arrival_time + self.aging_s)
+        return self.use_aging and now > self.deadline_of(req)
 
     def _on_device(self, adapter: str | None) -> bool:
         if adapter is None or not self.use_grouping:
@@ -128,13 +133,13 @@ class InlaidPolicy(Policy):
             self._arrivals += 1
             self._demand_of[req.adapter] = (self._demand(req.adapter) + 1.0, self._arrivals)
             self._queue_len += 1
-            self._deadline[req.request_id] = req.arrival_time + self.aging_bound(self._queue_len)
+            self._bound[req.request_id] = self.aging_bound(self._queue_len)
         if self.predictor is not None and req.predicted_output_len == self._first_stage(req):
             self._refreshable.add(req.request_id)
 
     def on_finish(self, req: Request) -> None:
         self._refreshable.discard(req.request_id)
-        self._deadline.pop(req.request_id, None)
+        self._bound.pop(req.request_id, None)
         if req.finished_time is not None:
             self._finish_times.append(req.finished_time)
 

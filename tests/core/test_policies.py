@@ -161,7 +161,7 @@ def test_no_starvation_over_long_adversarial_run(policy):
         if step == 20:
             sched.add_request(victim)
             if policy == "inlaid":  # adaptive aging: the deadline is fixed at arrival, >= aging_s
-                bound = sched.policy.deadline_of("cold") - victim.arrival_time
+                bound = sched.policy.deadline_of(sched.requests["cold"]) - victim.arrival_time
                 assert 2.0 <= bound < 30.0
         for k in range(2):
             if sched.num_waiting < 20:

@@ -206,10 +206,12 @@ def test_adaptive_aging_deadline_scales_with_queue_and_service_rate_and_is_fixed
     pol._queue_len = 49
     r = make_req("x", arrival=3.0)
     pol.on_add(r, 3.0)
-    assert pol.deadline_of("x") == pytest.approx(23.0)
+    assert pol.deadline_of(r) == pytest.approx(23.0)
     pol._queue_len = 1000  # a longer queue later does not move an existing deadline
-    assert pol.deadline_of("x") == pytest.approx(23.0)
+    assert pol.deadline_of(r) == pytest.approx(23.0)
     assert not pol.starving(r, 22.0) and pol.starving(r, 23.5)
+    r.arrival_time = 5.0  # a replay driver sets the true arrival after add_request: the deadline follows it
+    assert pol.deadline_of(r) == pytest.approx(25.0) and not pol.starving(r, 24.0)
     fixed = _inlaid(aging_s=1.0, adaptive_aging=False)
     fixed._finish_times.extend([0.0, 1.0])
     assert fixed.aging_bound(1000) == 1.0
