@@ -65,8 +65,18 @@ def trace(args: argparse.Namespace) -> list[RequestSpec]:
                                             job_size=2))
 
 
-def ranking(rows: dict[str, dict[str, float]], metric: str) -> list[str]:
-    return sorted(rows, key=lambda p: rows[p][metric], reverse=metric in HIGHER_IS_BETTER)
+def ranking(rows: dict[str, dict[str, float]], metric: str, rel_tol: float = 1e-9) -> list[str]:
+    """Policies best first; policies whose values are equal (within ``rel_tol``) share a rank: "fifo = mlfq"."""
+    order = sorted(rows, key=lambda p: rows[p][metric], reverse=metric in HIGHER_IS_BETTER)
+    out: list[str] = []
+    for p in order:
+        prev = out[-1].split(" = ")[-1] if out else None
+        a, b = (rows[prev][metric], rows[p][metric]) if prev else (None, None)
+        if prev and abs(a - b) <= rel_tol * max(abs(a), abs(b), 1e-12):
+            out[-1] += f" = {p}"
+        else:
+            out.append(p)
+    return out
 
 
 def engine_rows(specs: list[RequestSpec], args: argparse.Namespace, cost,  # noqa: ANN001
