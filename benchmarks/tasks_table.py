@@ -113,7 +113,7 @@ def to_markdown(r: dict[str, Any], args: argparse.Namespace, command: str) -> st
         f"{args.gen_limit} test examples per task, max new tokens capped at {args.max_new_tokens_cap} "
         "(translations and long answers are truncated, for base and adapter alike), generation stopped at any "
         "special token. With so few examples the metric columns are an indication only; the NLL is the "
-        "stable measure. Adapter bytes and GPU (H100) training seconds come from "
+        "stable measure. Adapter bytes and GPU (H100) training seconds (6 training processes sharing the GPU) come from "
         "`benchmarks/results/adapter_training_log.json`.", "",
         f"Wall time: load {s['load']:.0f} s, NLL {s['nll']:.0f} s, generation {s['generate']:.0f} s.", "",
     ]  # fmt: skip
