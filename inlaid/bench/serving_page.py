@@ -79,7 +79,10 @@ def ratio_table(results: list[Result], ours: str, other: str) -> list[str]:
     rows = [head, "|---" * 9 + "|"]
     for (model, quant, n, drv, rate), pol in sorted(by_point(results).items()):
         if ours in pol and other in pol:
-            cells = ratio_rows(pol[ours]["summary"], pol[other]["summary"])
+            cut = [lbl for lbl in (ours, other) if not pol[lbl]["config"].get("complete", True)]
+            # a run stopped by its wall cap served fewer requests: its ratios would compare different work
+            cells = ratio_rows(pol[ours]["summary"], pol[other]["summary"]) if not cut else \
+                [f"n/a ({', '.join(cut)} incomplete)"] * 4
             rows.append(f"| {model} | {quant} | {n} | {drv} | {rate:g} | " + " | ".join(cells) + " |")
     return rows + [""] if len(rows) > 2 else ["(no pairs)", ""]
 
