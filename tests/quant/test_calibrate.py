@@ -95,11 +95,20 @@ def _full_forward_hessians(model, arch, samples, adapter, chunk_tokens):
     """Reference: hook every layer and run whole-model forwards (not layer by layer)."""
     accs = {i: {g: HessianAccumulator(n) for g, n in (("qkv", 64), ("o", 64), ("gate_up", 64), ("down", 128))}
             for i in range(arch.num_layers)}  # fmt: skip
-    handles = []
+    # The model calls ParallelLinear.forward_local (module hooks would not fire): wrap each linear's
+    # quant_method.apply, the one call every forward path makes, and restore it afterwards.
+    wrapped = []
     for i, layer in enumerate(model.model.layers):
         for group, (sub, proj) in HOOK_POINTS.items():
-            handles.append(getattr(getattr(layer, sub), proj).register_forward_pre_hook(
-                lambda _m, args, acc=accs[i][group]: acc.add(args[0])))
+            method = getattr(getattr(layer, sub), proj).quant_method
+            inner = method.apply
+
+            def apply(lin, x, acc=accs[i][group], inner=inner):
+                acc.add(x)
+                return inner(lin, x)
+
+            method.apply = apply
+            wrapped.append(method)
     pool = single_adapter_pool(adapter, arch, CPU, torch.float32) if adapter else None
     model.set_lora_hook(pool)
     try:
@@ -110,8 +119,8 @@ def _full_forward_hessians(model, arch, samples, adapter, chunk_tokens):
             model(batch, caches)
     finally:
         model.set_lora_hook(None)
-        for h in handles:
-            h.remove()
+        for method in wrapped:
+            method.__dict__.pop("apply", None)
     return accs
 
 
