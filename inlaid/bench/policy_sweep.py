@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ import torch
 
 from inlaid.bench.engine_driver import PolicyFactory, replay
 from inlaid.bench.metrics import RequestRecord, summarize
+from inlaid.bench.serve_client import strict_json
 from inlaid.bench.workload import WorkloadConfig, generate_workload
 from inlaid.config import (
     CacheConfig,
@@ -276,19 +276,8 @@ def run_point(engine: Any, wl: WorkloadConfig, variant: str, iso: IsolatedModel 
     records = [{"request_id": rid, "task": by_id[rid].adapter, "prompt_len": by_id[rid].prompt_len,
                 "scheduled": by_id[rid].arrival, **dataclasses.asdict(res.records[rid])}
                for rid in sorted(res.records, key=lambda x: int(x[1:]))]
-    return _clean({"config": cfg, "server": None, "isolated": dataclasses.asdict(iso) if iso else None,
+    return strict_json({"config": cfg, "server": None, "isolated": dataclasses.asdict(iso) if iso else None,
                    "summary": summary, "records": records})
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf -> None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------- the sweep
@@ -330,7 +319,7 @@ def run_sweep(engine: Any, plan: SweepPlan, out_dir: Path, name: str, device: st
         if plan.calibrate else None
     info = {"probe": probe, "isolated": dataclasses.asdict(iso) if iso else None, "extra": extra}
     written = [out_dir / f"{name}_probe.json"]
-    written[0].write_text(json.dumps(_clean(info), indent=1))
+    written[0].write_text(json.dumps(strict_json(info), indent=1))
     logger.info("%s: saturation %.2f req/s (%.0f tok/s, mean output %.1f)", name, probe["rps"], probe["tps"],
                 probe["mean_output"])
     for variant, rate in plan.runs(probe["rps"]):

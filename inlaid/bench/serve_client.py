@@ -370,7 +370,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         logger.info("sending %d requests to %s over %d task(s) (rate %.3g req/s, cv %.3g)", len(recs), cfg.url,
                     len(set(names)), cfg.workload.rate, cfg.workload.cv)
         wall = await drive(client, cfg, recs)
-    return _clean({"config": config_dict(cfg), "server": asdict(info), "isolated": asdict(iso) if iso else None,
+    return strict_json({"config": config_dict(cfg), "server": asdict(info), "isolated": asdict(iso) if iso else None,
                    "summary": summarize_records(cfg, recs, wall), "records": [asdict(r) for r in recs]})
 
 
@@ -379,14 +379,14 @@ def bench_serve(cfg: ServeBenchConfig) -> dict[str, Any]:
     return asyncio.run(run_serve_bench(cfg))
 
 
-def _clean(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
     """NaN/inf -> None and tuples -> lists, so the result is strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [strict_json(v) for v in obj]
     return obj
 
 
