@@ -33,7 +33,6 @@ from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, trito
 from .w4_dequant import dequantize_w4
 from .w4_layout import (
     PackedW4,
-    check_w4,
     kernel_group_size,
     pack4_rows,
     prepare_act_order,
@@ -42,7 +41,13 @@ from .w4_layout import (
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
-from .w4a16_gemv import GEMV_MAX_M, GemvConfig, default_gemv_config, w4a16_gemv
+from .w4a16_gemv import (
+    GEMV_MAX_M,
+    GemvConfig,
+    check_kernel_inputs,
+    default_gemv_config,
+    w4a16_gemv,
+)
 
 __all__ = [
     "DEFAULT_FUSED_MAX_M",
@@ -162,19 +167,6 @@ if HAS_TRITON:
             tl.atomic_add(out_ptrs, acc, mask=mask)
 
 
-def _check_kernel_inputs(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                         group_size: int, name: str) -> int:
-    check_w4(x, qweight, qzeros, scales, group_size)
-    if not triton_usable(x):
-        raise ValueError(f"{name} needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
-    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
-        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
-    gs = kernel_group_size(group_size, x.shape[1])
-    if gs % 8:
-        raise ValueError(f"the W4A16 kernels need group_size % 8 == 0 (or one group), got {group_size}")
-    return gs
-
-
 def w4a16_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -190,7 +182,7 @@ def w4a16_gemm(
     ``perm``: act-order permutation from ``prepare_w4`` (None when g_idx is
     monotone). ``out`` (optional, [M, N] x.dtype) is fully overwritten and returned.
     """
-    gs = _check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemm")
+    gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemm")
     if perm is not None:
         x = x.index_select(1, perm)
     (m, k), n = x.shape, qweight.shape[1]

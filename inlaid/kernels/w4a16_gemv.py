@@ -243,6 +243,20 @@ def _split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     return -(-k_tiles // per), per * cfg.block_k
 
 
+def check_kernel_inputs(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                        group_size: int, name: str) -> int:
+    """The checks both W4A16 Triton kernels need; returns the kernel's group size (K when one group)."""
+    check_w4(x, qweight, qzeros, scales, group_size)
+    if not triton_usable(x):
+        raise ValueError(f"{name} needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
+    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
+    gs = kernel_group_size(group_size, x.shape[1])
+    if gs % 8:
+        raise ValueError(f"the W4A16 kernels need group_size % 8 == 0 (or one group), got {group_size}")
+    return gs
+
+
 def w4a16_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -260,11 +274,7 @@ def w4a16_gemv(
     contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
     "fixup" mode and is left zeroed; without it a zeroed buffer is allocated per call.
     """
-    check_w4(x, qweight, qzeros, scales, group_size)
-    if not triton_usable(x):
-        raise ValueError("w4a16_gemv needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
-    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
-        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
+    gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemv")
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
     (m, k), n = x.shape, qweight.shape[1]
     cfg = config or default_gemv_config(m, n, k)
@@ -275,9 +285,6 @@ def w4a16_gemv(
                          f"{tuple(out.shape)}")  # fmt: skip
     if m == 0:
         return out
-    gs = kernel_group_size(group_size, k)
-    if gs % 8:
-        raise ValueError(f"the W4A16 kernels need group_size % 8 == 0 (or one group), got {group_size}")
     split, k_per = _split(k, cfg)
     block_m = gemv_block_m(m, cfg.use_dot)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
