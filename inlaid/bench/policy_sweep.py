@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import torch
 
 from inlaid.bench.engine_driver import PolicyFactory, replay
 from inlaid.bench.metrics import RequestRecord, summarize
-from inlaid.bench.serve_client import strict_json
+from inlaid.bench.serve_client import IsolatedFit, strict_json
 from inlaid.bench.workload import WorkloadConfig, generate_workload
 from inlaid.config import (
     CacheConfig,
@@ -217,20 +216,7 @@ def saturation_probe(engine: Any, wl: WorkloadConfig, device: str, repeats: int 
             "mean_output": toks / max(len(res.records), 1)}
 
 
-@dataclass(frozen=True)
-class IsolatedModel:
-    """Isolated run time: ttft = a + b * prompt_len; latency = ttft + tpot * (out - 1) (as the HTTP client)."""
-
-    ttft_a: float
-    ttft_b: float
-    tpot: float
-    probes: int
-
-    def time(self, prompt_len: int, output_len: int) -> float:
-        return max(self.ttft_a + self.ttft_b * prompt_len, 0.0) + self.tpot * max(output_len - 1, 0)
-
-
-def calibrate_isolated(engine: Any, specs: Sequence[RequestSpec], device: str, k: int = 4) -> IsolatedModel:
+def calibrate_isolated(engine: Any, specs: Sequence[RequestSpec], device: str, k: int = 4) -> IsolatedFit:
     """Run ``k`` requests (spread quantiles of (prompt, output)) alone through the engine and fit."""
     pairs = sorted(specs, key=lambda s: (s.prompt_len, s.output_len))
     picks = [pairs[round(j * (len(pairs) - 1) / max(k - 1, 1))] for j in range(k)]
@@ -244,14 +230,10 @@ def calibrate_isolated(engine: Any, specs: Sequence[RequestSpec], device: str, k
         ttfts.append(rec.first_token - rec.arrival)
         if rec.output_len > 1:
             tpots.append((rec.finish - rec.first_token) / (rec.output_len - 1))
-    if len(set(xs)) >= 2:
-        b, a = statistics.linear_regression(xs, ttfts)
-    else:
-        a, b = statistics.fmean(ttfts), 0.0
-    return IsolatedModel(a, max(b, 0.0), statistics.median(tpots) if tpots else 0.0, len(picks))
+    return IsolatedFit.from_samples(xs, ttfts, tpots)
 
 
-def run_point(engine: Any, wl: WorkloadConfig, variant: str, iso: IsolatedModel | None, device: str,
+def run_point(engine: Any, wl: WorkloadConfig, variant: str, iso: IsolatedFit | None, device: str,
               slo_scale: float = 5.0, max_wall_s: float | None = None,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One (variant, workload) replay as a ``bench serve``-schema result dict."""

@@ -263,6 +263,15 @@ class IsolatedFit:
     def time(self, prompt_len: int, output_len: int) -> float:
         return max(self.ttft_a + self.ttft_b * prompt_len, 0.0) + self.tpot * max(output_len - 1, 0)
 
+    @classmethod
+    def from_samples(cls, prompt_lens: list[float], ttfts: list[float], tpots: list[float]) -> IsolatedFit:
+        """Least-squares ttft line over the probes (flat when every prompt has one length), median tpot."""
+        if len(set(prompt_lens)) >= 2:
+            b, a = statistics.linear_regression(prompt_lens, ttfts)
+        else:
+            a, b = statistics.fmean(ttfts), 0.0
+        return cls(a, max(b, 0.0), statistics.median(tpots) if tpots else 0.0, len(ttfts))
+
 
 def _fit(recs: list[ClientRecord]) -> IsolatedFit:
     ok = [r for r in recs if r.status == "ok" and r.sent is not None and r.first_token is not None]
@@ -270,13 +279,9 @@ def _fit(recs: list[ClientRecord]) -> IsolatedFit:
         raise ValueError(f"all {len(recs)} isolated probe requests failed: {recs[0].error if recs else ''}")
     xs = [float(r.prompt_len) for r in ok]
     ys = [r.first_token - r.sent for r in ok]  # type: ignore[operator]
-    if len(set(xs)) >= 2:
-        b, a = statistics.linear_regression(xs, ys)
-    else:
-        a, b = statistics.fmean(ys), 0.0
     tpots = [(r.finish - r.first_token) / (r.completion_tokens - 1)  # type: ignore[operator]
              for r in ok if r.completion_tokens > 1]
-    return IsolatedFit(a, max(b, 0.0), statistics.median(tpots) if tpots else 0.0, len(ok))
+    return IsolatedFit.from_samples(xs, ys, tpots)
 
 
 async def calibrate_isolated(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str,
