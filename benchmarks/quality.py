@@ -246,16 +246,12 @@ def _metric_packages_installed() -> bool:
 
 def rescore_cells(cells: dict[str, dict[str, Any]]) -> None:
     """Score, in place, the cells whose predictions were saved unscored (the device has no metric packages)."""
-    from inlaid.tasks.dataset import load_split
-    from inlaid.tasks.metrics import compute_metric
-    from inlaid.tasks.registry import get_task
+    from inlaid.tasks.evaluate import score_predictions
 
     for key, cell in cells.items():
         preds = cell.pop("predictions", None)
         if preds:
-            task = get_task(key.split("|")[2])
-            refs = [e.completion for e in load_split(task.name, "test", len(preds))]
-            cell["metric"] = compute_metric(task.metric, preds, refs)
+            cell["metric"] = score_predictions(key.split("|")[2], preds)
 
 
 def swap_in(llm: Any, packed: dict[str, dict[str, torch.Tensor]]) -> None:

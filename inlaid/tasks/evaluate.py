@@ -88,8 +88,7 @@ class EvalResults:
         for r in self.runs:
             if not r.predictions:
                 raise ValueError(f"run ({r.task!r}, {r.adapter!r}) has no saved predictions to score")
-            refs = [e.completion for e in load_split(r.task, self.split, len(r.predictions), data_dir)]
-            runs.append(replace(r, metric=compute_metric(r.metric_name, r.predictions, refs)))
+            runs.append(replace(r, metric=score_predictions(r.task, r.predictions, self.split, data_dir)))
         return EvalResults(runs, self.split, self.limit, dict(self.seconds))
 
     def to_json(self, with_predictions: bool = False) -> dict[str, Any]:
@@ -120,6 +119,12 @@ class _Item:
     run: int
     prompt_ids: list[int]
     answer_ids: list[int]
+
+
+def score_predictions(task: str, predictions: list[str], split: str = "test", data_dir: Path | None = None) -> float:
+    """The task's metric for predictions of the first ``len(predictions)`` examples of ``split``."""
+    refs = [e.completion for e in load_split(task, split, len(predictions), data_dir)]
+    return compute_metric(get_task(task).metric, predictions, refs)
 
 
 # ---- public entry points ----------------------------------------------------------
@@ -179,9 +184,7 @@ def evaluate_runs(
     logprobs = answer_logprobs(llm, [(it.prompt_ids, it.answer_ids, runs[it.run][1]) for it in items],
                                max_batch_tokens, max_pool_slots) if nll else None  # fmt: skip
     seconds["nll"] = time.perf_counter() - t0
-    results = [_score(i, run, examples[run[0]], items, preds if score else {}, logprobs) for i, run in enumerate(runs)]
-    if not score:
-        results = [replace(r, predictions=preds.get(i, [])) for i, r in enumerate(results)]
+    results = [_score(i, run, examples[run[0]], items, preds, logprobs, score) for i, run in enumerate(runs)]
     return EvalResults(results, split, limit, seconds)
 
 
@@ -200,11 +203,11 @@ def _check_runs(llm: Any, runs: Sequence[Run]) -> list[Run]:
 
 
 def _score(i: int, run: Run, examples: list[Example], items: list[_Item], preds: dict[int, list[str]],
-           logprobs: list[list[float]] | None) -> RunResult:  # fmt: skip
+           logprobs: list[list[float]] | None, score: bool) -> RunResult:  # fmt: skip
     task = get_task(run[0])
     mine = [k for k, it in enumerate(items) if it.run == i]
     metric = float("nan")
-    if preds:
+    if preds and score:
         metric = compute_metric(task.metric, preds[i], [e.completion for e in examples])
     value = answer_nll([logprobs[k] for k in mine]) if logprobs is not None else float("nan")
     n_tok = sum(len(items[k].answer_ids) for k in mine)
