@@ -194,9 +194,9 @@ def main() -> int:
                     help="short run: only the W4 g128 Llama-2-7B-shaped model at batch 1 (graphs, then eager)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
     args = ap.parse_args()
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if args.peak_tbps is None:
-        name = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else ""
-        args.peak_tbps = peak_bandwidth_tbps(name)
+        args.peak_tbps = peak_bandwidth_tbps(dev)
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
     rows: list = []
@@ -205,7 +205,6 @@ def main() -> int:
         bench_small(args, rows, skipped, t0 + 0.35 * args.budget_s)
     if not args.skip_7b:
         bench_7b(args, rows, skipped, deadline)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     res = {"device": dev, "peak_tbps": args.peak_tbps, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "hf_new_tokens": args.hf_new_tokens, "rows": [r for r in rows if r], "skipped": skipped,
            "elapsed_s": time.monotonic() - t0}
