@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -125,12 +126,13 @@ def tiny_tasks(work: Path, limit: int) -> tuple[Path, Path, list[TaskSpec]]:
 def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max_seq_len: int,
                 device: torch.device) -> tuple[Any, Path]:  # fmt: skip
     """Calibrate every task once (fp32, with its adapter) into ``work/hessians``; returns (store, model dir)."""
+    from transformers import AutoTokenizer
+
     from inlaid.config import ModelConfig
     from inlaid.lora.adapter import load_adapter
     from inlaid.model.loader import load_model
     from inlaid.quant.calibrate import calibrate_task, load_calibration
     from inlaid.quant.hessian import HessianStore
-    from transformers import AutoTokenizer
 
     fp, arch, src = load_model(ModelConfig(model=model), device, torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -371,7 +373,7 @@ def _device_name(device: torch.device) -> str:
 # ---- the page ------------------------------------------------------------------------------------
 def _rel_drop(base: dict, q: dict, key: str) -> float:
     b, v = base[key], q[key]
-    if b != b or v != v:
+    if math.isnan(b) or math.isnan(v):
         return float("nan")
     if key == "metric":
         return (b - v) / b if b > 0 else float("nan")
@@ -381,7 +383,7 @@ def _rel_drop(base: dict, q: dict, key: str) -> float:
 def _mean_drop(cells: dict, cfg: str, method: str, tasks: list[str], key: str) -> str:
     d = [_rel_drop(cells[f"fp|unquantized|{t}"], cells[f"{cfg}|{method}|{t}"], key)
          for t in tasks if f"{cfg}|{method}|{t}" in cells and f"fp|unquantized|{t}" in cells]  # fmt: skip
-    d = [x for x in d if x == x]
+    d = [x for x in d if not math.isnan(x)]
     return f"{100 * sum(d) / len(d):+.1f}% ({len(d)})" if d else "n/a"
 
 
@@ -391,13 +393,13 @@ def to_markdown(data: dict[str, Any]) -> str:
     tasks = sorted({k.split("|")[2] for k in cells})
     methods = ["unquantized", *[m for m in args["methods"].split(",")]]
     info = data.get("info", {})
-    lines = ["# Quantized shared base: per-task quality", "", f"Command: `{args['command']}`", "",
-             f"Device: {info.get('device', '?')}. Each cell: task metric (0-100, greedy, first {args['gen_limit']} "
-             f"test examples, generation capped at {args['max_new_tokens_cap']} new tokens) / answer-token NLL "
-             f"(nats, teacher forcing, first {args['limit']} test examples). `mean rel. drop` averages "
-             "(unquantized - q) / unquantized of the metric over tasks with a non-zero unquantized metric, and "
-             "(q - unquantized) / unquantized of the NLL; the count of tasks averaged is in brackets. "
-             "gptq-single is one model per task, each evaluated on its own task only.", ""]  # fmt: skip
+    legend = (f"Device: {info.get('device', '?')}. Each cell: task metric (0-100, greedy, first {args['gen_limit']} "
+              f"test examples, generation capped at {args['max_new_tokens_cap']} new tokens) / answer-token NLL "
+              f"(nats, teacher forcing, first {args['limit']} test examples). `mean rel. drop` averages "
+              "(unquantized - q) / unquantized of the metric over tasks with a non-zero unquantized metric, and "
+              "(q - unquantized) / unquantized of the NLL; the count of tasks averaged is in brackets. "
+              "gptq-single is one model per task, each evaluated on its own task only.")
+    lines = ["# Quantized shared base: per-task quality", "", f"Command: `{args['command']}`", "", legend, ""]
     no_adapter = [t for t, has in info.get("tasks", {}).items() if not has]
     if no_adapter:
         lines += [f"Tasks without an adapter (bare base): {', '.join(no_adapter)}.", ""]
@@ -422,6 +424,30 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines += ["Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()) + ". Memory: "
               + ", ".join(f"{k} {v:.0f}" for k, v in info.items() if k.startswith("peak")) + ".", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from several (e.g. configs split over two GPUs): cells and configs united, timings labelled.
+
+    A cell present in several runs (the unquantized model is evaluated by each) keeps the first run's value;
+    timings of run k > 0 are prefixed with its configs so both stay visible.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    merged = {"args": dict(first["args"]), "cells": {}, "seconds": {}, "dropped": [], "info": dict(first["info"])}
+    configs: list[str] = []
+    for k, r in enumerate(runs):
+        for key, cell in r["cells"].items():
+            merged["cells"].setdefault(key, cell)
+        label = "" if k == 0 else f"[{r['args']['configs']}] "
+        merged["seconds"].update({label + name: v for name, v in r["seconds"].items()})
+        merged["dropped"] += r.get("dropped", [])
+        merged["info"].update({label + name: v for name, v in r["info"].items() if name.startswith("peak")})
+        configs += [c for c in r["args"]["configs"].split(",") if c not in configs]
+    merged["args"]["configs"] = ",".join(configs)
+    merged["args"]["command"] = " ; ".join(r["args"]["command"] for r in runs)
+    return merged
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -449,7 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/inlaid_quality")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     p.add_argument("--json", default=None, help="results JSON (default: --out with .json)")
-    p.add_argument("--from-json", default=None, help="only regenerate --out from this results JSON")
+    p.add_argument("--from-json", default=None,
+                   help="only regenerate --out from this results JSON (comma-separated: merge several runs)")
     p.add_argument("--note", default="", help="a paragraph written above the table (scope, caveats)")
     return p.parse_args(argv)
 
@@ -458,7 +485,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
+        data = merge_runs([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
         rescore_cells(data["cells"])
     else:
         json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
