@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 POLICIES = ("fifo", "mlfq", "inlaid")
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def default_cache_dir() -> Path:
@@ -106,8 +107,15 @@ class LoRAConfig:
     """Largest adapter rank accepted (slots are allocated at this rank)."""
     max_loras: int = 8
     """Adapter slots resident on the device at once."""
+    lora_target_modules: str = "all"
+    """Projections each device slot holds, comma-separated (e.g. "q_proj,v_proj"), or "all"; adapters that target others are refused."""
 
     def __post_init__(self) -> None:
+        names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
+        if self.lora_target_modules.strip().lower() != "all" and (
+                not names or any(n not in LORA_PROJECTIONS for n in names)):
+            raise ValueError(f"lora_target_modules must be 'all' or a comma-separated subset of "
+                             f"{','.join(LORA_PROJECTIONS)}, got {self.lora_target_modules!r}")
         if not 1 <= self.max_lora_rank <= 256:
             raise ValueError(f"max_lora_rank must be in [1, 256], got {self.max_lora_rank}")
         if self.max_loras < 1:

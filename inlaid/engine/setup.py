@@ -80,7 +80,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             group.shutdown(graceful=False)
         raise
     model, arch, pool, num_blocks = rank.model, rank.arch, rank.pool, rank.num_blocks
-    registry = AdapterRegistry(arch.lora_module_shapes(), arch.num_layers, config.lora.max_lora_rank)
+    registry = AdapterRegistry(arch.lora_module_shapes(), arch.num_layers, config.lora.max_lora_rank, pool.slot_modules)
     registry_box.append(registry)
     runner: Any = rank.runner
     if group is not None:

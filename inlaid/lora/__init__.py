@@ -1,6 +1,6 @@
 """inlaid.lora: PEFT adapter loading/validation (host), the device slot pool and its batch metadata."""
 
-from inlaid.lora.adapter import LoRAAdapter, LoRAWeights, load_adapter, validate_adapter
+from inlaid.lora.adapter import LoRAAdapter, LoRAWeights, check_fits, load_adapter, validate_adapter
 from inlaid.lora.errors import (
     AdapterError,
     DuplicateAdapterError,
@@ -17,6 +17,7 @@ __all__ = [
     "LoRAAdapter",
     "LoRAWeights",
     "UnknownAdapterError",
+    "check_fits",
     "load_adapter",
     "validate_adapter",
 ]

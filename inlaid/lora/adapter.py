@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,3 +297,19 @@ def validate_adapter(
                 f"(lora_A [r, {d_in}], lora_B [{d_out}, r]) but the adapter has lora_A {tuple(w.a.shape)}, "
                 f"lora_B {tuple(w.b.shape)}; it was trained for another base model"
             )
+
+
+def check_fits(adapter: LoRAAdapter, slot_modules: Sequence[str], max_rank: int) -> None:
+    """Raise ``IncompatibleAdapterError`` when ``adapter`` needs a projection or rank the slots were not sized for."""
+    missing = sorted(set(adapter.target_modules) - set(slot_modules))
+    if missing:
+        raise IncompatibleAdapterError(
+            f"adapter {adapter.name!r} targets {', '.join(missing)}, but the device adapter slots hold only "
+            f"{', '.join(slot_modules)}; restart with --lora-target-modules including "
+            f"{', '.join(missing)} (or 'all')"
+        )
+    if adapter.rank > max_rank:
+        raise IncompatibleAdapterError(
+            f"adapter {adapter.name!r}: rank {adapter.rank} exceeds max_lora_rank {max_rank}; "
+            f"restart with --max-lora-rank {adapter.rank}"
+        )

@@ -14,6 +14,19 @@ Invariants:
 Which adapter goes in which slot is decided elsewhere (``core.adapter_slots``);
 this class only copies weights in and out and computes the batched deltas.
 
+Slot sizing: a slot holds only the projections in ``target_modules`` (default:
+every projection the base has), each at ``max_rank``. A pool for q,v-only
+adapters therefore uses 2/7 of the all-projection memory (less on GQA bases,
+where k/v are narrow). ``slot_spec(adapters)`` gives the union of the adapters'
+targets and their largest rank, to size a pool for a known set of adapters.
+The pool does not grow: an adapter that targets a projection the slots do not
+hold, or has a larger rank, is refused (``IncompatibleAdapterError`` naming the
+option to change) by ``check_fits`` — which the engine's registry also runs at
+registration, so such an adapter never reaches the scheduler. Growing instead
+would reallocate buffers that captured CUDA graphs point at and eat memory the
+KV cache was sized around. ``apply`` on a projection the slots do not hold adds
+nothing (no resident adapter can have weights there).
+
 Tensor parallelism (S-LoRA / vLLM layout; ``shards`` from
 ``inlaid.distributed.sharding.lora_shards``): for a column-parallel projection
 A is replicated (the shrink reads the full, replicated x) and B holds this
@@ -45,14 +58,14 @@ undefined behaviour on the device, like an out-of-range embedding id).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from inlaid.kernels import lora_sgmv_triton as lt
 from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
 from inlaid.distributed.sharding import Shard
-from inlaid.lora.adapter import LoRAAdapter, validate_adapter
+from inlaid.lora.adapter import LoRAAdapter, check_fits, validate_adapter
 from inlaid.model.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -83,6 +96,7 @@ class LoRAPool:
         dtype: torch.dtype = torch.float32,
         triton_decode: bool | None = None,
         shards: Mapping[str, Shard] | None = None,
+        target_modules: str | Sequence[str] | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1 or num_layers < 1:
             raise ValueError(
@@ -91,7 +105,9 @@ class LoRAPool:
         if not module_shapes:
             raise ValueError("module_shapes must name at least one projection, e.g. {'q_proj': (in, out)}")
         self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, num_layers
-        self.full_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
+        self.base_shapes = {m: (int(i), int(o)) for m, (i, o) in module_shapes.items()}
+        self.slot_modules = resolve_target_modules(target_modules, self.base_shapes)
+        self.full_shapes = {m: self.base_shapes[m] for m in self.slot_modules}
         self.shards = {m: sh for m, sh in (shards or {}).items() if m in self.full_shapes and not sh.is_whole}
         self.module_shapes = {m: _local_shape(io, self.shards.get(m)) for m, io in self.full_shapes.items()}
         self.device, self.dtype = torch.device(device), dtype
@@ -124,6 +140,10 @@ class LoRAPool:
         """Device bytes held by the weight buffers."""
         return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
 
+    def check_fits(self, adapter: LoRAAdapter) -> None:
+        """Raise ``IncompatibleAdapterError`` unless ``adapter`` fits a slot (targets held, rank <= max_rank)."""
+        check_fits(adapter, self.slot_modules, self.max_rank)
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range: the pool has slots 0..{self.num_slots - 1}")
@@ -142,7 +162,8 @@ class LoRAPool:
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy ``adapter`` into ``slot`` (replacing what was there); untargeted modules are zeroed."""
         self._check_slot(slot)
-        validate_adapter(adapter, self.full_shapes, self.num_layers, self.max_rank)
+        validate_adapter(adapter, self.base_shapes, self.num_layers, self.max_rank)
+        self.check_fits(adapter)
         self.clear(slot)
         for (layer, module), w in adapter.weights.items():
             r = w.rank
@@ -176,7 +197,9 @@ class LoRAPool:
     ) -> torch.Tensor:
         """Add each token's adapter delta for (layer, module) to ``out`` in place and return it."""
         if module not in self.a:
-            raise ValueError(f"LoRA pool has no module {module!r}; it was built for {', '.join(self.a)}")
+            if module in self.base_shapes:
+                return out  # the slots do not hold this projection: no resident adapter targets it
+            raise ValueError(f"LoRA pool has no module {module!r}; the base has {', '.join(self.base_shapes)}")
         if batch.lora_meta is None:
             self.prepare(batch)
         if isinstance(batch.lora_meta, DecodeMeta):
@@ -206,6 +229,29 @@ class LoRAPool:
             partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
+
+
+def resolve_target_modules(spec: str | Sequence[str] | None,
+                           base_shapes: Mapping[str, tuple[int, int]]) -> tuple[str, ...]:
+    """The projections a slot holds, in the base's order: ``None``/"all" = all of them, else a list or "q_proj,v_proj"."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return tuple(base_shapes)
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in base_shapes]
+    if unknown or not names:
+        raise ValueError(f"lora_target_modules: {', '.join(map(repr, unknown)) or 'empty list'} is not a projection "
+                         f"of the base; give a comma-separated subset of {', '.join(base_shapes)}, or 'all'")
+    return tuple(m for m in base_shapes if m in names)
+
+
+def slot_spec(adapters: Iterable[LoRAAdapter]) -> tuple[tuple[str, ...], int]:
+    """(union of target modules, largest rank) of ``adapters``: the smallest slot that holds each of them."""
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("slot_spec needs at least one adapter to size the slots for")
+    targets = sorted({m for a in adapters for m in a.target_modules})
+    return tuple(targets), max(a.rank for a in adapters)
 
 
 def _local_shape(io: tuple[int, int], shard: Shard | None) -> tuple[int, int]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from inlaid.lora.adapter import LoRAAdapter, load_adapter, validate_adapter
+from inlaid.lora.adapter import LoRAAdapter, check_fits, load_adapter, validate_adapter
 from inlaid.lora.errors import DuplicateAdapterError, UnknownAdapterError
 
 logger = logging.getLogger(__name__)
@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 class AdapterRegistry:
     """Host-memory store of validated adapters for one base model."""
 
-    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], num_layers: int, max_rank: int) -> None:
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], num_layers: int, max_rank: int,
+                 slot_modules: Sequence[str] | None = None) -> None:
         if num_layers < 1 or max_rank < 1:
             raise ValueError(f"num_layers and max_rank must be >= 1, got {num_layers} and {max_rank}")
         self.module_shapes = dict(module_shapes)
+        self.slot_modules = tuple(slot_modules) if slot_modules is not None else None
         self.num_layers = num_layers
         self.max_rank = max_rank
         self._adapters: dict[str, LoRAAdapter] = {}
@@ -35,6 +37,8 @@ class AdapterRegistry:
     def add(self, adapter: LoRAAdapter) -> LoRAAdapter:
         """Validate and register ``adapter``; a taken name raises ``DuplicateAdapterError``."""
         validate_adapter(adapter, self.module_shapes, self.num_layers, self.max_rank)
+        if self.slot_modules is not None:
+            check_fits(adapter, self.slot_modules, self.max_rank)
         with self._lock:
             if adapter.name in self._adapters:
                 raise DuplicateAdapterError(

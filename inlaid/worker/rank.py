@@ -77,7 +77,7 @@ def build_rank(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     model, arch, model_dir = load_model(config.model, device, dtype, tp=tp)
     shards = lora_shards(arch, tp.rank, tp.world_size) if tp.world_size > 1 else None
     pool = LoRAPool(config.lora.max_loras, config.lora.max_lora_rank, arch.num_layers, arch.lora_module_shapes(),
-                    device, dtype, shards=shards)
+                    device, dtype, shards=shards, target_modules=config.lora.lora_target_modules)
     model.set_lora_hook(pool)
     num_blocks = tp.min_int(num_kv_blocks(config, arch, device, dtype, tp.world_size))
     runner = ModelRunner(model, arch, pool, get_adapter, num_blocks, config.cache.block_size, device, dtype, tp=tp)
