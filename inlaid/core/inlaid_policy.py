@@ -28,8 +28,15 @@ Invariants:
   statistics (one lookup per task and prompt bucket), so requests that arrived
   before their task was learned are not stuck behind a cold-start prior.
 - Preemption victim: the running request with the longest predicted remaining.
-- The ablation switches (``use_prediction``, ``use_grouping``, ``use_aging``)
-  turn each ingredient off; without prediction the order uses ``max_tokens``.
+- Prefill batching (``prefill_batching``, see ``prefill_batching.py``): the
+  policy measures, from the scheduler clock, how much more a step that admits
+  anyone costs than a decode-only step; while that overhead is worth more than
+  the waiting requests' accumulated wait (ski rental), nobody is admitted this
+  step, so one prefill step serves many arrivals. Off by itself when the measured
+  overhead is ~0; never holds a starving request or seats the queue would fill.
+- The ablation switches (``use_prediction``, ``use_grouping``, ``use_aging``,
+  ``prefill_batching``) turn each ingredient off; without prediction the order
+  uses ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from inlaid.core.policies import Policy
+from inlaid.core.prefill_batching import PrefillBatcher
 from inlaid.request import Request
 
 if TYPE_CHECKING:
@@ -52,7 +60,8 @@ class InlaidPolicy(Policy):
 
     def __init__(self, max_adapters_per_step: int = 10, aging_s: float = 10.0, use_prediction: bool = True, use_grouping: bool = True, use_aging: bool = True,
                  use_policy_eviction: bool = True, group_min_queue: int = 8, demand_window: int = 256,
-                 adaptive_aging: bool = True, aging_factor: float = 4.0, rate_window: int = 128, predictor: LengthPredictor | None = None) -> None:
+                 adaptive_aging: bool = True, aging_factor: float = 4.0, rate_window: int = 128, predictor: LengthPredictor | None = None,
+                 prefill_batching: bool = True) -> None:
         if max_adapters_per_step < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1, got {max_adapters_per_step}")
         if aging_s <= 0:
@@ -79,6 +88,10 @@ class InlaidPolicy(Policy):
         self._refreshable: set[str] = set()
         self._queue_len = 0
         self._waiting_by_adapter: Counter = Counter()
+        self.batcher = PrefillBatcher() if prefill_batching else None
+        self._hold = False
+        self._resident_before: set[str] = set()
+        """True for a step in which prefill batching admits nobody."""
 
     def remaining(self, req: Request) -> float:
         """Predicted output tokens still to come (``max_tokens`` bound without prediction)."""
@@ -177,7 +190,24 @@ class InlaidPolicy(Policy):
             return (2, -value[r.adapter], self.remaining(r))
 
         self._waiting_by_adapter = Counter(r.adapter for r in waiting)
-        return sorted(waiting, key=key)
+        ordered = sorted(waiting, key=key)
+        self._hold = self._defer_prefill(ordered, now)
+        return ordered
+
+    def _defer_prefill(self, ordered: Sequence[Request], now: float) -> bool:
+        """Prefill batching's hold decision for this step (the candidates: the first free seats' worth)."""
+        if self.batcher is None:
+            return False
+        free = max(self.max_num_seqs - len(self.running), 0)
+        starving = bool(ordered) and self.starving(ordered[0], now)  # starving requests sort first
+        return self.batcher.defer(ordered[:free], len(self.running), now, starving)
+
+    def on_step(self, scheduled: Sequence[Request], now: float) -> None:
+        if self.batcher is not None:
+            resident = set(self.slots.resident())
+            loads = len(resident - self._resident_before)
+            self._resident_before = resident
+            self.batcher.on_step(scheduled, now, len(self.running), loads)
 
     def _grouped_supply(self) -> int:
         """Waiting requests that can join without a new adapter (base model or a running adapter)."""
@@ -185,6 +215,8 @@ class InlaidPolicy(Policy):
         return counts.get(None, 0) + sum(counts.get(a, 0) for a in self.running_adapters)
 
     def can_admit(self, req: Request, now: float) -> bool:
+        if self._hold:
+            return False
         ok = self._can_admit(req, now)
         if ok and self._waiting_by_adapter.get(req.adapter, 0) > 0:
             self._waiting_by_adapter[req.adapter] -= 1
