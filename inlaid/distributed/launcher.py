@@ -10,7 +10,10 @@ Process model (vLLM's multiproc executor, in small):
   ``broadcast_object_list`` on the gloo control group), where ``adapters`` maps
   every adapter name of ``adapter_loads`` to its host ``LoRAAdapter`` (so every
   rank loads identical weights into the same slot; slot state stays
-  replicated); then all ranks run the same forward.
+  replicated); then all ranks run the same forward;
+- between steps rank 0 may broadcast ``("swap_layer", idx, full_layer)`` (a
+  re-quantized layer, ``inlaid.distributed.requant``): every rank cuts its
+  shard and swaps it, all or none; ``("shutdown",)`` ends the workers.
 
 Failure: before every step rank 0 checks that every worker process is alive;
 collectives time out after ``ParallelConfig.distributed_timeout_s``. Any error
@@ -24,10 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -39,6 +43,7 @@ from inlaid.distributed.errors import TPWorkerError
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -124,16 +129,23 @@ class TPDriverRunner:
         return getattr(self.runner, name)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        adapters = {name: self.get_adapter(name) for name in set(out.adapter_loads.values())}
+        return self.run_on_all(("step", out, adapters), lambda: self.runner.execute(out), "step")
+
+    def run_on_all(self, message: tuple[Any, ...], local: Callable[[], T], what: str = "command") -> T:
+        """Broadcast ``message`` to the workers, then run ``local()`` here (the same work as rank 0).
+
+        Any exception breaks the group for good (the ranks may have diverged) and raises ``TPWorkerError``.
+        """
         if self.broken is not None:
             raise TPWorkerError(f"tensor-parallel group is broken ({self.broken}); rebuild the engine")
         try:
-            adapters = {name: self.get_adapter(name) for name in set(out.adapter_loads.values())}
-            self.group.send(("step", out, adapters))
-            return self.runner.execute(out)
+            self.group.send(message)
+            return local()
         except Exception as exc:
             self.broken = f"{type(exc).__name__}: {exc}"
             self._diagnose()
-            raise TPWorkerError(f"tensor-parallel step failed: {self.broken}") from exc
+            raise TPWorkerError(f"tensor-parallel {what} failed: {self.broken}") from exc
 
     def _diagnose(self) -> None:
         try:
@@ -162,6 +174,7 @@ def worker_main(rank: int, world: int, init_method: str, config: EngineConfig, d
     from inlaid.worker.rank import build_rank, resolve_dtype  # spawned process: import on demand
 
     logging.basicConfig(level=os.environ.get("INLAID_TP_LOG", "WARNING"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     _exit_with_parent(os.getppid())
     dev = rank_device(torch.device(device), rank)
     if dev.type == "cpu":
@@ -174,6 +187,9 @@ def worker_main(rank: int, world: int, init_method: str, config: EngineConfig, d
             message = ctx.broadcast_control()
             if message[0] == "shutdown":
                 break
+            if message[0] == "swap_layer":
+                _swap_layer(parts, ctx, message[1], message[2], config)
+                continue
             _, sched_out, loads = message
             adapters.clear()
             adapters.update(loads)
@@ -181,3 +197,13 @@ def worker_main(rank: int, world: int, init_method: str, config: EngineConfig, d
             adapters.clear()
     finally:
         destroy_tp(ctx)
+
+
+def _swap_layer(parts: Any, ctx: TPContext, idx: int, full: Any, config: EngineConfig) -> None:
+    """A worker's side of a re-quantization swap (``inlaid.distributed.requant``); a refusal is agreed, not fatal."""
+    from inlaid.distributed.requant import swap_layer_shard
+    from inlaid.worker.rank import resolve_dtype
+
+    error = swap_layer_shard(parts.model, parts.arch, ctx, idx, full, resolve_dtype(config.model.dtype, ctx.device))
+    if error is not None:
+        logger.error("layer %d swap refused on every rank: %s", idx, error)

@@ -71,15 +71,12 @@ class LLMEngine:
         """Load and validate a PEFT adapter into host memory; servable at once.
 
         With ``calibration`` (a JSONL path or inline rows) the quantized base is then re-quantized for the new
-        task in the background (``inlaid.engine.requant_hook``); ``adapter_status(name)`` reports progress.
+        task in the background (``inlaid.engine.requant_hook``; under TP rank 0 quantizes and every rank swaps its
+        shard); ``adapter_status(name)`` reports progress.
         """
         if calibration is None:
             self.registry.add_path(name, path)
             return
-        if self.config.parallel.tensor_parallel_size > 1:
-            raise ValueError("re-quantization (add_adapter with calibration) is not supported under tensor "
-                             "parallelism yet; add the adapter without calibration, or serve with "
-                             "tensor_parallel_size=1")
         from inlaid.engine.requant_hook import add_adapter_with_calibration
 
         add_adapter_with_calibration(self, name, path, calibration)
@@ -255,6 +252,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (no-op at TP=1); idempotent."""
         if self.parts.tp_group is not None:
+            if self.requantizer is not None:  # its swaps could not reach the workers any more
+                self.requantizer.close()
             self.runner.shutdown()  # TPDriverRunner: terminates (no message) once a step has failed
 
     def stats(self) -> dict[str, Any]:

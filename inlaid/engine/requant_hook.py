@@ -12,6 +12,10 @@ fails the adapter is unregistered again, so a bad request changes nothing.
 Invariants: everything here runs on the engine's thread (``LLMEngine`` is not
 thread-safe); only the requantizer's worker runs elsewhere, and it touches the
 served model only through the swaps drained in ``between_steps``.
+
+Tensor parallelism: this process (rank 0) runs the requantizer exactly as at
+TP=1 (full layers, checkpoint and store written once, here); its swaps go to
+every rank through ``inlaid.distributed.requant.TPSwapTarget``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ def attach_requantizer(engine: "LLMEngine", **options: Any) -> "Requantizer":
                          "re-quantizes a base written by `inlaid quantize`; serve that checkpoint, or add the "
                          "adapter without calibration")  # fmt: skip
     parts = engine.parts
+    if parts.tp_group is not None and "swap_target" not in options:  # rank 0 quantizes; every rank swaps its shard
+        from inlaid.distributed.requant import TPSwapTarget
+
+        options["swap_target"] = TPSwapTarget(path, parts.arch, parts.model, engine.runner, parts.dtype)
     rq = Requantizer(path, parts.arch, parts.model, device=parts.device, serve_dtype=parts.dtype,
                      on_ready=lambda: engine.waker() if engine.waker is not None else None, **options)  # fmt: skip
     engine.between_steps.append(rq.apply_ready_swaps)

@@ -14,6 +14,12 @@ Invariants:
   step boundary (on the engine thread): all seven linears of a layer are
   replaced together between two forwards, so a forward sees layer i all-old or
   all-new. Different layers may be on different bases during a job.
+- Where a layer goes is a ``swap_target`` (``check`` / ``snapshot`` /
+  ``install`` of the FULL packed layer). Default: the local served model.
+  Under tensor parallelism ``inlaid.distributed.requant.TPSwapTarget`` sends
+  the full layer to every rank, which cuts its shard with the loader's code;
+  the GPTQ itself always runs here on the full layer, so the result is the
+  same at every world size.
 - The old tensors of every swapped layer are kept until the job ends; a
   failure (any exception, at any phase) drops the job's queued swaps, queues
   the old tensors back (rollback) and removes the task's Hessians: the old
@@ -165,7 +171,7 @@ class Requantizer:
                  serve_dtype: torch.dtype = torch.float32, fp_source: str | Path | None = None,
                  load_format: str = "auto", dummy_seed: int = 0, num_threads: int | None = None,
                  duty_cycle: float = 1.0, max_batch_tokens: int = 4096,
-                 on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 on_ready: Callable[[], None] | None = None, swap_target: Any = None) -> None:  # fmt: skip
         if not 0 < duty_cycle <= 1:
             raise ValueError(f"duty_cycle must be in (0, 1], got {duty_cycle}")
         if num_threads is not None and num_threads < 1:
@@ -186,6 +192,9 @@ class Requantizer:
         self.source = FpSource(fp_source if fp_source is not None else self.report["model"], load_format, dummy_seed)
         self.num_threads, self.duty_cycle, self.max_batch_tokens = num_threads, duty_cycle, max_batch_tokens
         self.on_ready = on_ready
+        self.swap_target = swap_target
+        """None: swap into ``model`` here; else an object with ``check(idx, packed)``, ``snapshot(idx) -> packed``
+        and ``install(idx, packed)`` over full (unsharded) layers, e.g. the tensor-parallel one."""
         self._lock = threading.Lock()
         self._jobs: dict[str, RequantJob] = {}
         self._queue: queue.Queue[RequantJob | None] = queue.Queue()
@@ -289,9 +298,30 @@ class Requantizer:
                 except Exception as exc:  # a tensor that does not fit: fail the job, keep serving
                     logger.exception("swapping layer %d of task %r failed", idx, job.name)
                     self._fail_locked(job, f"swap of layer {idx} failed: {exc}")
+                    if rollback:  # a rollback that cannot land (e.g. a broken TP group) must not block waiters
+                        job.old.pop(idx, None)
+                        if not job.old:
+                            job.done.set()
             applied += 1
 
     def _swap_layer(self, job: RequantJob, idx: int, packed: Packed, rollback: bool) -> None:
+        assert self.model is not None
+        if self.swap_target is not None:
+            self.swap_target.check(idx, packed)
+            if not rollback:
+                job.old.setdefault(idx, self.swap_target.snapshot(idx))
+            self.swap_target.install(idx, packed)
+        else:
+            self._swap_local(job, idx, packed, rollback)
+        if rollback:
+            job.old.pop(idx, None)
+            if not job.old:
+                job.done.set()
+        else:
+            job.layers_swapped += 1
+            self._maybe_finish_locked(job)
+
+    def _swap_local(self, job: RequantJob, idx: int, packed: Packed, rollback: bool) -> None:
         assert self.model is not None
         linears = _linears(self.model, idx)
         for rel, lin in linears.items():  # check all seven first: the layer changes whole or not at all
@@ -303,13 +333,6 @@ class Requantizer:
             job.old.setdefault(idx, _snapshot(self.model, idx))
         for rel, lin in linears.items():
             swap_linear(lin, packed[rel], self.serve_dtype)
-        if rollback:
-            job.old.pop(idx, None)
-            if not job.old:
-                job.done.set()
-        else:
-            job.layers_swapped += 1
-            self._maybe_finish_locked(job)
 
     def _maybe_finish_locked(self, job: RequantJob) -> None:
         if job.state == "running" and job.persisted and (self.model is None or job.layers_swapped == job.num_layers):
