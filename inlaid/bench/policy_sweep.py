@@ -171,7 +171,8 @@ def build_engine(spec: EngineSpec) -> Any:
     dtype = "float32" if spec.device == "cpu" else "float16"
     cfg = EngineConfig(model=ModelConfig(model=spec.model, load_format="dummy", dtype=dtype),
                        cache=CacheConfig(num_blocks=spec.num_blocks), scheduler=spec.sched,
-                       lora=LoRAConfig(max_loras=spec.slots, max_lora_rank=max(spec.ranks)), device=spec.device)
+                       lora=LoRAConfig(max_loras=spec.slots, max_lora_rank=max(spec.ranks),
+                                       lora_target_modules=",".join(spec.targets)), device=spec.device)
     with dummy_w4_weights() if spec.quant == "w4" else contextlib.nullcontext():
         eng = LLMEngine(cfg)
     arch = eng.parts.arch

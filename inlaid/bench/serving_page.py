@@ -152,15 +152,24 @@ def capacity_section(path: Path) -> list[str]:
     if not path.is_file():
         return ["## Adapter capacity", "", f"(not run: no {path.name})", ""]
     obj = json.loads(path.read_text())
-    head = ("| model | quant | budget GB | weights GB | slot MB | KV reserve GB | max adapters (accounting) | "
-            "verified at N | N+step fails with | peak GB at N |")
-    rows = [head, "|---" * 10 + "|"]
-    for r in obj["rows"]:
-        rows.append(f"| {r['model']} | {r['quant']} | {_f(r['budget_gb'])} | {_f(r['weights_gb'])} | "
-                    f"{_f(r['slot_mb'])} | {_f(r['kv_gb'])} | {r['max_adapters']} | {_f(r.get('verified'))} | "
-                    f"{r.get('fail_error') or '-'} | {_f(r.get('peak_gb'))} |")
-    return ["## Adapter capacity (device slots at one memory budget)", "", obj.get("note", ""), ""] + rows + [""] \
-        + obj.get("summary_lines", []) + [""]
+    body = ["## Adapter capacity (device slots at one memory budget)", "", obj.get("note", ""), ""]
+    body += _capacity_rows(obj["rows"]) + [""] + obj.get("summary_lines", []) + [""]
+    if obj.get("verified_earlier"):
+        body += ["Verified earlier on the GPU (engines built at N and N+step under the budget), with the slot layout "
+                 "of that run (targets column):", ""] + _capacity_rows(obj["verified_earlier"]) + [""]
+    return body
+
+
+def _capacity_rows(rows: list[dict]) -> list[str]:
+    out = ["| model | quant | slot holds | budget GB | weights GB | slot MB | KV reserve GB | max adapters (accounting) | "
+           "verified at N | N+step fails with | peak GB at N |", "|---" * 11 + "|"]
+    for r in rows:
+        targets = r.get("targets", "all 7")
+        held = "all 7" if targets.count(",") == 6 else targets.replace("_proj", "").replace(",", "+")
+        out.append(f"| {r.get('model', '-')} | {r['quant']} | {held} | {_f(r.get('budget_gb'))} | "
+                   f"{_f(r.get('weights_gb'))} | {_f(r.get('slot_mb'))} | {_f(r.get('kv_gb'))} | {r['max_adapters']} | "
+                   f"{_f(r.get('verified'))} | {r.get('fail_error') or '-'} | {_f(r.get('peak_gb'))} |")
+    return out
 
 
 def make_plots(results: list[Result], plot_dir: Path, md_dir: Path) -> list[str]:

@@ -39,7 +39,9 @@ def test_page_ratios_cross_check_and_sections(tmp_path) -> None:
                                                          "weights_gb": 6.8, "slot_mb": 478.0, "kv_gb": 3.1,
                                                          "max_adapters": 62, "verified": 62,
                                                          "fail_error": "N+3: OutOfMemoryError", "peak_gb": 39.0}],
-                                               "note": "cap", "summary_lines": ["At 40 GB: W4 holds 62"]})
+                                               "note": "cap", "summary_lines": ["At 40 GB: W4 holds 62"],
+                                               "verified_earlier": [{"quant": "fp16", "max_adapters": 24,
+                                                                     "verified": 24, "targets": "q_proj,v_proj"}]})
     results, probes = load_dir(j)
     assert len(results) == 6 and len(probes) == 1
     md = tmp_path / "serving.md"
@@ -51,7 +53,8 @@ def test_page_ratios_cross_check_and_sections(tmp_path) -> None:
     assert "| m7 | w4 | 100 | engine | 8 | 1.33x | 2.00x | 2.00x | 2.00x |" in text  # vs inlaid-nopred
     assert "| m7 | w4 | 100 | inlaid | 8 | http | 190 |" in text and "| m7 | w4 | 100 | inlaid | 8 | engine | 200 |" in text
     assert "| 8 | 64 | 5 | 50 | 500 | 10.00x |" in text and "Skipped: 100 adapters" in text
-    assert "| m13 | w4 | 40 | 6.8 | 478 | 3.1 | 62 | 62 | N+3: OutOfMemoryError | 39 |" in text
+    assert "| m13 | w4 | all 7 | 40 | 6.8 | 478 | 3.1 | 62 | 62 | N+3: OutOfMemoryError | 39 |" in text
+    assert "Verified earlier" in text and "| - | fp16 | q+v | - | - | - | - | 24 | 24 | - | - |" in text
     assert "| m7_probe |" not in text and "| m | 5.3 | 400 | 75 |" in text
     assert "![" in text and (tmp_path / "res" / "plots").is_dir()  # rate plots for the engine group
 
