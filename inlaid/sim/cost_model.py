@@ -28,6 +28,12 @@ from typing import Any
 from inlaid.core.outputs import SchedulerOutput
 
 
+NUM_FEATURES = 5
+"""Length of ``StepCostModel.features`` (the linear, least-squares-fitted part)."""
+OPTIONAL_COEFFICIENTS = frozenset({"prefill_step"})
+"""Coefficients a cost-model file may omit (0 then): files written before they existed."""
+
+
 @dataclass(frozen=True)
 class StepCostModel:
     """Seconds per step as a linear function of the step's features."""
@@ -42,6 +48,10 @@ class StepCostModel:
     """Per distinct adapter in the step (LoRA kernel segments)."""
     adapter_load: float = 0.006
     """Per adapter copied host -> device before the step."""
+    prefill_step: float = 0.0
+    """Extra fixed cost of a step that has any prefill tokens (CUDA: decode replays a captured graph,
+    prefill runs eagerly). Not one of ``features`` (``fit_cost_model`` leaves it 0); fitted from a
+    serving run by ``inlaid.sim.serving_replay``."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -57,7 +67,9 @@ class StepCostModel:
         return [1.0, float(prefill), float(decode), float(distinct), float(len(out.adapter_loads))]
 
     def cost(self, feats: Sequence[float]) -> float:
-        return sum(c * x for c, x in zip(astuple(self), feats))
+        """Seconds of a step with ``features`` (+ ``prefill_step`` when it has prefill tokens)."""
+        linear = sum(c * x for c, x in zip(astuple(self), feats[:NUM_FEATURES]))
+        return linear + (self.prefill_step if len(feats) > 1 and feats[1] > 0 else 0.0)
 
     def step_time(self, out: SchedulerOutput) -> float:
         """Predicted seconds for the step ``out``."""
@@ -107,13 +119,13 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: floa
     (active-set NNLS), so the others are not biased by a clipped one.
     Features that never vary make the fit singular: a ``ValueError`` says which.
     """
-    k = len(fields(StepCostModel))
+    k = NUM_FEATURES
     if len(samples) < k:
         raise ValueError(f"need at least {k} samples to fit {k} coefficients, got {len(samples)}")
     for x, _ in samples:
         if len(x) != k:
             raise ValueError(f"each sample needs {k} features, got {len(x)}")
-    names = [f.name for f in fields(StepCostModel)]
+    names = [f.name for f in fields(StepCostModel)][:k]
     for i in range(1, k):
         if all(x[i] == 0 for x, _ in samples):
             raise ValueError(f"cost-model fit is singular: feature {names[i]!r} is 0 in every sample; "
@@ -158,8 +170,9 @@ def load_cost_model(path: str | Path) -> tuple[StepCostModel, dict[str, Any]]:
         raise ValueError(f"cost-model file {path} is not valid JSON: {exc}") from exc
     coef = data.get("coefficients") if isinstance(data, dict) else None
     names = {f.name for f in fields(StepCostModel)}
-    if not isinstance(coef, dict) or set(coef) != names:
-        raise ValueError(f"cost-model file {path} needs a 'coefficients' object with exactly the keys {sorted(names)}")
+    if not isinstance(coef, dict) or not names - OPTIONAL_COEFFICIENTS <= set(coef) <= names:
+        raise ValueError(f"cost-model file {path} needs a 'coefficients' object with the keys "
+                         f"{sorted(names - OPTIONAL_COEFFICIENTS)} (optional: {sorted(OPTIONAL_COEFFICIENTS)})")
     meta = {k: v for k, v in data.items() if k != "coefficients"}
     return StepCostModel(**{k: float(v) for k, v in coef.items()}), meta
 

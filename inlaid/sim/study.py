@@ -93,7 +93,8 @@ def throughput_bound(specs: Sequence[RequestSpec], setup: StudySetup) -> float:
     Makespan >= max(arrival span, work), where work = every prompt token's prefill cost
     + one load per distinct adapter + the fewest steps that fit every sampled token
     (``max_num_seqs`` per step) and every token (``max_num_batched_tokens`` per step)
-    at ``base`` each + every decode's ``decode_seq`` cost. Policies only change batching
+    at ``base`` each + every decode's ``decode_seq`` cost + the fewest prefill steps (every request
+    prefills once, at most ``max_num_seqs`` / ``max_num_batched_tokens`` per step) at ``prefill_step``. Policies only change batching
     and loads, so none can beat it; it shows how much room FIFO leaves.
     """
     c = setup.cost
@@ -101,7 +102,9 @@ def throughput_bound(specs: Sequence[RequestSpec], setup: StudySetup) -> float:
     out = sum(s.output_len for s in specs)
     adapters = len({s.adapter for s in specs if s.adapter is not None})
     steps = max(-(-out // setup.max_num_seqs), -(-(prompt + out) // setup.max_num_batched_tokens))
-    work = prompt * c.prefill_token + adapters * c.adapter_load + steps * c.base + (out - len(specs)) * c.decode_seq
+    prefill_steps = max(-(-len(specs) // setup.max_num_seqs), -(-prompt // setup.max_num_batched_tokens))
+    work = (prompt * c.prefill_token + adapters * c.adapter_load + steps * c.base + (out - len(specs)) * c.decode_seq
+            + prefill_steps * c.prefill_step)
     span = max(s.arrival for s in specs) - min(s.arrival for s in specs)
     return len(specs) / max(span, work, 1e-9)
 

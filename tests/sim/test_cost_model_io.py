@@ -44,7 +44,11 @@ def test_json_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_cost_model(tmp_path / "missing.json")
     f.write_text('{"coefficients": {"base": 1}}')
-    with pytest.raises(ValueError, match="exactly the keys"):
+    with pytest.raises(ValueError, match="needs a 'coefficients' object with the keys"):
+        load_cost_model(f)
+    f.write_text('{"coefficients": {"base": 1, "prefill_token": 0, "decode_seq": 0, "distinct_adapter": 0, '
+                 '"adapter_load": 0, "bogus": 1}}')
+    with pytest.raises(ValueError, match="needs a 'coefficients' object"):
         load_cost_model(f)
     f.write_text("{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -57,3 +61,18 @@ def test_gpu_like_adapter_load_is_bytes_over_bandwidth():
     assert gpu_like_cost_model(160e6, link_gb_s=10.0).adapter_load == pytest.approx(2 * m.adapter_load)
     with pytest.raises(ValueError):
         gpu_like_cost_model(0)
+
+
+def test_prefill_step_is_optional_in_files_and_charged_once_per_prefill_step(tmp_path):
+    f = tmp_path / "old.json"  # a file written before prefill_step existed
+    f.write_text('{"coefficients": {"base": 0.01, "prefill_token": 0.001, "decode_seq": 0.0, '
+                 '"distinct_adapter": 0.0, "adapter_load": 0.0}}')
+    old, _ = load_cost_model(f)
+    assert old.prefill_step == 0.0
+    m = StepCostModel(base=0.01, prefill_token=0.001, decode_seq=0.0, distinct_adapter=0.0, adapter_load=0.0,
+                      prefill_step=0.09)
+    assert m.cost([1.0, 10.0, 3.0, 1.0, 0.0]) == pytest.approx(0.01 + 0.01 + 0.09)
+    assert m.cost([1.0, 0.0, 3.0, 1.0, 0.0]) == pytest.approx(0.01)  # decode-only: no prefill overhead
+    assert m.isolated_time(100, 3, chunk=64) == pytest.approx(2 * (0.01 + 0.09) + 0.1 + 2 * 0.01)
+    f.write_text(cost_model_to_json(m))
+    assert load_cost_model(f)[0] == m

@@ -1,0 +1,134 @@
+"""Replay a serving-sweep run (``inlaid.bench.policy_sweep`` JSON) in the simulator, with a refitted cost model.
+
+Owns: regenerating a run's trace from its recorded workload config (checked
+against the recorded arrivals/lengths), grid-fitting a ``StepCostModel``
+(base, prefill_step, decode_seq, prefill_token, adapter_load) so the simulator
+reproduces one engine run's per-request first-token and finish times, and
+simulating every policy variant on that model to compare with the engine.
+
+The JSONs hold per-request timelines, not step logs, so the fit matches
+timelines (mean absolute error of first-token + finish times). Pure Python.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inlaid.bench.workload import WorkloadConfig, generate_workload
+from inlaid.config import SchedulerConfig
+from inlaid.core.inlaid_policy import InlaidPolicy
+from inlaid.core.predictor import LengthPredictor
+from inlaid.sim.cost_model import StepCostModel
+from inlaid.sim.simulator import EngineShape, RequestSpec, SimResult, simulate
+
+
+@dataclass(frozen=True)
+class ServingRun:
+    """One recorded engine run: its trace, per-request records and summary."""
+
+    variant: str
+    specs: list[RequestSpec]
+    records: dict[str, dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def load_run(path: str | Path) -> ServingRun:
+    """Read a sweep JSON and regenerate its trace; ``ValueError`` when the trace does not match the records."""
+    d = json.loads(Path(path).read_text())
+    w = dict(d["config"]["workload"])
+    w["output_range"], w["prompt_range"] = tuple(w["output_range"]), tuple(w["prompt_range"])
+    specs = generate_workload(WorkloadConfig(**w))
+    recs = {r["request_id"]: r for r in d["records"]}
+    for s in specs:
+        r = recs.get(s.request_id)
+        if r is not None and (abs(r["arrival"] - s.arrival) > 1e-6 or r["prompt_len"] != s.prompt_len
+                              or r["output_len"] != s.output_len or r["task"] != s.adapter):
+            raise ValueError(f"{path}: regenerated request {s.request_id} differs from the recorded one")
+    return ServingRun(d["config"]["label"], specs, recs, d["summary"])
+
+
+def sched_for(variant: str, max_num_seqs: int, max_num_batched_tokens: int, beta: int = 10,
+              aging_s: float = 10.0) -> tuple[SchedulerConfig, InlaidPolicy | None, LengthPredictor]:
+    """Scheduler config, explicit policy (inlaid ablations) and predictor of a sweep variant."""
+    switches = {"inlaid-nopred": {"use_prediction": False}, "inlaid-nogroup": {"use_grouping": False},
+                "inlaid-noaging": {"use_aging": False}, "inlaid-nobatch": {"prefill_batching": False}}
+    policy = "inlaid" if variant.startswith("inlaid") else variant
+    cfg = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          max_adapters_per_step=beta, aging_s=aging_s, max_queue_len=1_000_000)
+    pred = LengthPredictor()
+    pol = InlaidPolicy(max_adapters_per_step=beta, aging_s=aging_s, predictor=pred, **switches[variant]) \
+        if variant in switches else None
+    return cfg, pol, pred
+
+
+def run_variant(specs: Sequence[RequestSpec], variant: str, shape: EngineShape, cost: StepCostModel,
+                max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> SimResult:
+    cfg, pol, pred = sched_for(variant, max_num_seqs, max_num_batched_tokens)
+    return simulate(specs, cfg, shape, cost, policy=pol, predictor=pred)
+
+
+def timeline_error(res: SimResult, records: dict[str, dict[str, Any]]) -> float:
+    """Mean absolute difference (s) of first-token and finish times, simulated vs recorded."""
+    errs = [abs((r.first_token_time or 0.0) - records[r.request_id]["first_token"])
+            + abs((r.finished_time or 0.0) - records[r.request_id]["finish"])
+            for r in res.requests if r.request_id in records]
+    return sum(errs) / (2 * max(len(errs), 1))
+
+
+DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "base": (0.008, 0.012, 0.016, 0.020, 0.024), "prefill_step": (0.0, 0.06, 0.08, 0.09, 0.10, 0.11),
+    "decode_seq": (0.0, 0.0002), "prefill_token": (0.0, 2e-5, 4.8e-4), "adapter_load": (0.0, 0.01)}
+
+
+def fit_to_runs(runs: Iterable[ServingRun], shape: EngineShape, grid: dict[str, Sequence[float]] = DEFAULT_GRID,
+                max_num_seqs: int = 64) -> tuple[StepCostModel, float]:
+    """The grid point whose simulation best reproduces ``runs`` (summed timeline error), and that error."""
+    runs = list(runs)
+    best: tuple[float, StepCostModel] | None = None
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        cost = StepCostModel(distinct_adapter=0.0, **dict(zip(keys, values)))
+        err = sum(timeline_error(run_variant(r.specs, r.variant, shape, cost, max_num_seqs), r.records)
+                  for r in runs)
+        if best is None or err < best[0]:
+            best = (err, cost)
+    assert best is not None
+    return best[1], best[0] / max(len(runs), 1)
+
+
+def gpu_point_report(json_dir: str | Path, prefix: str, fit_variant: str = "fifo", slots: int = 32,
+                     max_num_seqs: int = 64) -> tuple[str, dict[str, Any]]:
+    """Markdown + data: fit on ``fit_variant``'s run, simulate every recorded variant and the new policy."""
+    runs = {}
+    for p in sorted(Path(json_dir).glob(f"{prefix}_*_r*.json")):
+        r = load_run(p)
+        if r.summary.get("unfinished", 0) == 0:
+            runs[r.variant] = r
+    shape = EngineShape(num_blocks=100_000, block_size=16, num_adapter_slots=slots, max_model_len=4096)
+    cost, err = fit_to_runs([runs[fit_variant]], shape, max_num_seqs=max_num_seqs)
+    rows, specs = [], runs[fit_variant].specs
+    for v in ("fifo", "mlfq", "inlaid-nobatch", "inlaid-nopred", "inlaid"):
+        res = run_variant(specs, v, shape, cost, max_num_seqs)
+        lat = sum((r.finished_time or 0.0) - r.arrival_time for r in res.requests) / len(res.requests)
+        eng = runs.get("inlaid" if v == "inlaid-nobatch" else v)
+        rows.append({"variant": v, "sim_makespan": res.makespan, "sim_latency": lat, "sim_steps": res.stats.steps,
+                     "engine_makespan": eng.summary["makespan"] if eng else None,
+                     "engine_latency": eng.summary["latency_mean"] if eng else None,
+                     "engine_steps": eng.summary["steps"] if eng else None,
+                     "timeline_err": timeline_error(res, eng.records) if eng else None})
+    f = next(r for r in rows if r["variant"] == "fifo")
+    md = [f"Cost model fitted on the engine's `{fit_variant}` run: {cost} (mean |first-token, finish| error "
+          f"{err * 1000:.0f} ms).", "",
+          "| variant | sim makespan | engine makespan | sim steps | engine steps | sim latency | engine latency "
+          "| timeline err (s) | sim thr / fifo | sim latency reduction vs fifo |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = (lambda k: "" if r[k] is None else f"{r[k]:.3g}")
+        md.append(f"| {r['variant']} | {r['sim_makespan']:.2f} | {e('engine_makespan')} | {r['sim_steps']} | "
+                  f"{e('engine_steps')} | {r['sim_latency']:.3f} | {e('engine_latency')} | {e('timeline_err')} | "
+                  f"{f['sim_makespan'] / r['sim_makespan']:.2f} | {1 - r['sim_latency'] / f['sim_latency']:.2f} |")
+    return "\n".join(md) + "\n", {"cost": cost.__dict__, "fit_error_s": err, "rows": rows}
