@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    llm = LLM.from_config(engine_config_from_args(args), parse_adapters(args.adapter))
-    if args.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, args.use_adapter)
-    else:
-        outs = llm.generate(args.prompt, params, args.use_adapter)
+    with LLM.from_config(engine_config_from_args(args), parse_adapters(args.adapter)) as llm:  # stops TP workers
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, args.use_adapter)
+        else:
+            outs = llm.generate(args.prompt, params, args.use_adapter)
     for prompt, out in zip(args.prompt, outs):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,

@@ -87,6 +87,7 @@ class TPWorkerGroup:
             p.join(JOIN_TIMEOUT_S if graceful else 0)
         self._finalizer()  # terminate whatever is still running
         destroy_tp(self.ctx)
+        logger.info("tensor-parallel workers stopped (exit codes %s)", [p.exitcode for p in self.procs])
 
 
 def _terminate(procs: list[Any], store_dir: str) -> None:

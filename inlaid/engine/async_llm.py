@@ -19,7 +19,13 @@ Invariants:
 - ``remove_adapter`` rejects new requests of the adapter at once, waits for its
   in-flight requests up to a timeout, aborts the ones still running (they end
   with finish_reason "abort", never an exception), then unloads it.
-- After ``shutdown`` starts, new requests raise ``EngineShutdownError``.
+- After ``shutdown`` starts, new requests raise ``EngineShutdownError``;
+  ``close`` (the end of ``shutdown``) also calls ``engine.shutdown()``, which
+  stops the worker processes of a tensor-parallel engine.
+- A tensor-parallel engine whose rank group broke (``TPWorkerError``: a worker
+  died or timed out) is dead for good: the requests in flight fail with
+  ``EngineStepError`` naming the cause, later ones with ``EngineDeadError``
+  (HTTP 503), and ``accepting`` turns False (``/health`` 503). Nothing hangs.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class EngineStepError(RuntimeError):
     """``LLMEngine.step`` itself raised; the requests in flight were failed."""
 
 
+class EngineDeadError(EngineShutdownError):
+    """The engine cannot serve any more (a tensor-parallel rank died); the server must be restarted."""
+
+
 def queue_full_error_types() -> tuple[type[BaseException], ...]:
     """Exception types meaning "waiting queue full" (the scheduler's, when it exists)."""
     try:
@@ -67,6 +77,13 @@ def queue_full_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         return (EngineOverloadedError,)
     return (QueueFullError, EngineOverloadedError)
+
+
+def _is_tp_failure(exc: BaseException) -> bool:
+    """A broken tensor-parallel group (imported lazily: ``inlaid.distributed`` is light, but keep this module so)."""
+    from inlaid.distributed.errors import TPWorkerError
+
+    return isinstance(exc, TPWorkerError)
 
 
 @dataclass
@@ -134,7 +151,10 @@ class AsyncLLM:
         self._draining_adapters: set[str] = set()
         self._stats: dict[str, Any] = dict(engine.stats())
         self._accepting = True
+        self._dead: str | None = None
+        """Why the engine is dead (a broken tensor-parallel group), None while it serves."""
         self._stop = False
+        self._engine_closed = False
         self.loop_iterations = 0
         """Engine-thread loop passes (tests check it stays flat while idle)."""
         self._queue_full = queue_full_error_types()
@@ -171,12 +191,19 @@ class AsyncLLM:
     def _step_once(self) -> bool:
         """One engine step (if there is work); returns whether work remains."""
         engine = self.engine
+        if self._dead is not None:
+            return False
         if engine.has_unfinished_requests():
             try:
                 self._dispatch(engine.step())
             except Exception as exc:  # an engine bug must not kill the thread
                 logger.exception("engine step failed; failing the requests in flight")
+                if _is_tp_failure(exc):
+                    self._dead = f"{type(exc).__name__}: {exc}"
+                    logger.error("the engine is dead (%s); restart the server", self._dead)
                 self._fail_all(EngineStepError(f"engine step failed: {exc}"))
+                if self._dead is not None:
+                    return False
         self._stats = dict(engine.stats())
         return bool(engine.has_unfinished_requests())
 
@@ -246,6 +273,7 @@ class AsyncLLM:
         adapter: str | None = None,
     ) -> RequestStream:
         """Admit a request; raise its error here (ValueError, ModelNotFoundError, overload, shutdown)."""
+        self._check_alive()
         if not self._accepting:
             raise EngineShutdownError("the server is shutting down; not accepting new requests")
         stream = _Stream(request_id, adapter, asyncio.get_running_loop())
@@ -392,8 +420,17 @@ class AsyncLLM:
 
     @property
     def accepting(self) -> bool:
-        """False once shutdown has begun."""
-        return self._accepting
+        """False once shutdown has begun, or once the engine is dead."""
+        return self._accepting and self._dead is None
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine can no longer serve (a broken tensor-parallel group), else None."""
+        return self._dead
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead ({self._dead}); no request can be served, restart the server")
 
     def begin_shutdown(self) -> None:
         """Stop accepting new requests (thread-safe, idempotent; in-flight ones continue)."""
@@ -424,6 +461,21 @@ class AsyncLLM:
             self._streams.clear()
         for s in streams:
             _deliver(s, EngineShutdownError("the engine stopped"))
+        self._shutdown_engine()
+
+    def _shutdown_engine(self) -> None:
+        """``engine.shutdown()`` once (stops tensor-parallel workers); after the engine thread stopped."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is None or self._engine_closed:
+            return
+        if self._thread.is_alive():  # stuck in a step: never race it; the workers end with this process
+            logger.warning("engine thread did not stop; not shutting the engine down from another thread")
+            return
+        self._engine_closed = True
+        try:
+            shutdown()
+        except Exception:
+            logger.exception("engine shutdown failed")
 
     def abort_ids(self, request_ids: Iterable[str]) -> None:
         """Abort several requests without waiting (thread-safe)."""
