@@ -95,3 +95,25 @@ def test_lora_slices_follow_the_layer_role():
     assert ca is a and torch.equal(cb, b[16:])
     ra, rb = _slice_lora(torch.randn(4, 64), b, Shard(1, 32, 32, 64))
     assert ra.shape == (4, 32) and rb is b
+
+
+def test_requant_cut_keeps_all_groups_when_the_served_shard_does():
+    """A re-quantized layer swapped into a row shard loaded from an act-order layer (every group kept) is cut the
+    same way even when its own g_idx is in order; the shards still sum to the full linear."""
+    from inlaid.distributed.requant import cut_linear
+    from inlaid.distributed.sharding import Shard
+
+    torch.manual_seed(2)
+    w, x = torch.randn(48, 128), torch.randn(4, 128)
+    t = pack(rtn_quantize(w, 4, 32, sym=False))
+    full = gptq_linear(x, t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"], 4, None)
+    got = 0
+    for r in (0, 1):
+        shard = Shard(1, 64 * r, 64, 128)
+        own = cut_linear(t, shard, 4, 32)
+        keep = cut_linear(t, shard, 4, 32, keep_all_groups=True)
+        assert own["scales"].shape[0] == 2 and keep["scales"].shape[0] == 4 and keep["g_idx"].shape[0] == 64
+        assert torch.equal(own["qweight"], keep["qweight"])
+        got = got + gptq_linear(x[:, 64 * r : 64 * r + 64], keep["qweight"], keep["qzeros"], keep["scales"].float(),
+                                keep["g_idx"], 4, None)
+    assert torch.allclose(got, full, atol=1e-4)
