@@ -210,3 +210,33 @@ def test_tp2_a_swap_one_rank_refuses_changes_no_rank(added, monkeypatch):
     target.install(1, full)
     _, back = _run(llm, two["seen"])
     assert all(torch.equal(g, w) for g, w in zip(back, two["logits"]))
+
+
+def test_tp2_requant_through_async_llm_lands_between_idle_steps(added, setup):
+    """The server path: AsyncLLM's engine thread applies the swaps when the requantizer wakes it (no requests),
+    and the result equals the same addition at TP=1. Runs last: closing the AsyncLLM stops the TP=2 engine."""
+    import asyncio
+
+    from inlaid.engine.async_llm import AsyncLLM
+
+    one, two = added[1], added[2]
+    one["llm"].add_adapter("f", setup["ads"]["b"], calibration=_rows(7), wait=True)
+    allm = AsyncLLM(two["llm"].engine)
+
+    async def scenario() -> tuple[dict, list[int]]:
+        await allm.add_adapter("f", setup["ads"]["b"], calibration=_rows(7))
+        deadline = time.monotonic() + 60
+        while (status := await allm.adapter_status("f"))["quantization"] in ("pending", "running"):
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.05)
+        outs = [o async for o in allm.generate("r1", PROMPTS[0], PARAMS, adapter="f")]
+        return status, outs[-1].token_ids
+
+    try:
+        status, tokens = asyncio.run(scenario())
+    finally:
+        allm.close()
+    assert status["quantization"] == "done" and status["layers_swapped"] == 2, status
+    assert tokens == one["llm"].generate(PROMPTS[0], PARAMS, adapter="f")[0].token_ids
+    assert _split_safetensors(two["ckpt"] / "model.safetensors") == _split_safetensors(one["ckpt"] / "model.safetensors")
+    assert not any(p.is_alive() for p in two["llm"].engine.parts.tp_group.procs)  # close() stopped the workers
