@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import os
 import random
 import shutil
 import statistics
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 logger = logging.getLogger("dynamic")
 
 
@@ -165,6 +166,7 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     marks = {"start": time.perf_counter()}
     await asyncio.sleep(args.phase_seconds)
     marks["add"] = time.perf_counter()
+    rss_serving = _rss_mb()
     from inlaid.engine.requant_hook import load_samples
 
     # token ids with the same caps as the offline runs (a path would get the server's default caps)
@@ -180,7 +182,8 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     await asyncio.gather(*clients)
     await llm.shutdown(10)
     return {"phases": _phase_stats(log, marks), "status": status, "requests": len(log),
-            "all_finished": all(d for *_, d in log)}
+            "all_finished": all(d for *_, d in log), "rss_serving_mb": rss_serving,
+            "straddling": sum(1 for s, e, *_ in log if s < marks["add"] < e or s < marks["done"] < e)}
 
 
 def _load_prompts(args: argparse.Namespace, llm: Any) -> list[tuple[Any, str | None]]:
@@ -209,14 +212,17 @@ def _phase_stats(log: list, marks: dict[str, float]) -> dict[str, dict[str, floa
         lat = sorted(e - s for s, e, _, _ in log if a <= s < b)
         toks = sum(n for s, e, n, _ in log if a <= e < b)
         q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+        done = sum(1 for s, e, _, _ in log if a <= e < b)
         out[name] = {"seconds": b - a, "requests": len(lat), "p50": q[49], "p99": q[98],
+                     "mean": statistics.fmean(lat) if lat else float("nan"), "completed": done,
                      "tok_per_s": toks / (b - a) if b > a else float("nan")}  # fmt: skip
     return out
 
 
 # ---- quality -------------------------------------------------------------------------------------
-def task_nll(ckpt: Path, tasks: list[str], ads: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
-    """Answer NLL per task (teacher forcing, test split) on ``ckpt`` with each task's adapter."""
+def task_eval(ckpt: str | Path, tasks: list[str], ads: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
+    """Per task (with its adapter) on ``ckpt``: answer NLL (teacher forcing, test split) and, with
+    ``--gen-limit``, the task metric on greedy outputs of the first ``--gen-limit`` examples."""
     from inlaid import LLM
     from inlaid.tasks.evaluate import evaluate_runs
 
@@ -225,9 +231,17 @@ def task_nll(ckpt: Path, tasks: list[str], ads: dict[str, str], args: argparse.N
     gc.collect()  # the previous engine's KV cache, before this one sizes its own
     llm = LLM(model=str(ckpt), adapters={t: ads[t] for t in tasks}, device=args.device, max_model_len=2048,
               max_lora_rank=64, max_loras=len(tasks), **_kv(args))  # fmt: skip
-    res = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.eval_limit, generate=False,
-                        data_dir=Path(args.data_dir) if args.data_dir else None)  # fmt: skip
-    return {r.task: r.nll for r in res.runs}
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    res = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.eval_limit, generate=False, data_dir=data_dir)
+    out = {r.task: {"nll": r.nll, "nll_examples": r.examples} for r in res.runs}
+    if args.gen_limit > 0:
+        gen = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.gen_limit, nll=False, data_dir=data_dir,
+                            max_new_tokens_cap=args.gen_max_tokens)  # fmt: skip
+        for r in gen.runs:
+            out[r.task].update(metric=r.metric, metric_name=r.metric_name, metric_examples=r.examples)
+    del llm
+    gc.collect()
+    return out
 
 
 def _kv(args: argparse.Namespace) -> dict[str, int]:
@@ -243,33 +257,124 @@ def identical(a: Path, b: Path) -> bool:
 
 
 # ---- report -------------------------------------------------------------------------------------
-def to_markdown(args: argparse.Namespace, res: dict[str, Any]) -> str:
-    lines = [f"# Dynamic task addition ({Path(args.model).name}, {res.get('device', args.device)}, {args.bits}-bit "
-             f"g{args.group_size} sym, {args.method})",
-             "", f"Old tasks: {', '.join(args.old)}; added: **{args.new}**. Command: `{res['command']}`", ""]
-    if "nll" in res:
-        lines += ["## Quality: answer NLL (nats/token, lower is better; test split, first "
-                  f"{args.eval_limit} examples)", "", "| task | old base | re-quantized base | change |", "|---|---|---|---|"]
-        for t in args.old + [args.new]:
-            b, a = res["nll"]["before"][t], res["nll"]["after"][t]
-            lines.append(f"| {t}{' (new)' if t == args.new else ''} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
-        lines += ["", f"Incremental checkpoint bit-identical to quantizing all tasks from scratch: "
-                  f"**{res['identical']}**", ""]
-    lines += ["## Serving during the addition (closed loop, "
-              f"{args.clients} clients, {args.max_tokens} tokens/request)", "",
-              "| phase | seconds | requests | p50 latency s | p99 latency s | tokens/s |", "|---|---|---|---|---|---|"]
-    for name, s in res["load"]["phases"].items():
-        lines.append(f"| {name} | {s['seconds']:.1f} | {s['requests']} | {s['p50']:.3f} | {s['p99']:.3f} | "
-                     f"{s['tok_per_s']:.1f} |")
-    lines += ["", f"All {res['load']['requests']} requests finished: **{res['load']['all_finished']}**. "
-              f"Requant worker: {args.requant_threads} thread(s), duty cycle {args.duty_cycle}.", "",
-              "## Cost: full vs incremental (the paper's Table 4 shape)", "",
-              "| mode | seconds | peak memory MB |", "|---|---|---|"]
+def _pct(new: float, old: float) -> str:
+    return f"{100 * (new - old) / old:+.1f}%" if old and old == old and new == new else "n/a"
+
+
+def _md_header(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    ident = res.get("identical", {})
+    if isinstance(ident, bool):
+        ident = {"online": ident, "offline": ident}
+    return [f"# Dynamic task addition: {Path(args.model).name} on {res.get('device', args.device)}", "",
+            f"**Status:** measured {res.get('date', '?')} on {res.get('device', args.device)}, model `{args.model}` "
+            f"({args.load_format} weights), {args.bits}-bit g{args.group_size} sym, `{args.method}`, "
+            f"{args.calib_samples} calibration samples of at most {args.max_seq_len} tokens per task. "
+            f"Old tasks: {', '.join(args.old)}; added: **{args.new}**.", "",
+            f"Command: `{res['command']}`", "",
+            "## Equivalence: incremental == from scratch", "",
+            f"The checkpoint after adding {args.new} to the base quantized for the old tasks, compared tensor by "
+            f"tensor (`torch.equal`, every qweight/qzeros/scales/g_idx and unquantized tensor) with quantizing all "
+            f"tasks at once (same data, same settings):", "",
+            f"- online (added to the running server, layers swapped in between steps): "
+            f"**{'bit-identical' if ident.get('online') else 'DIFFERENT'}**",
+            f"- offline (`Requantizer` without a served model): "
+            f"**{'bit-identical' if ident.get('offline') else 'DIFFERENT'}**", ""]
+
+
+def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    ev = res["eval"]
+    has_fp, has_metric = "fp" in ev, any("metric" in v for v in ev["old"].values())
+    first = ev["old"][args.new]
+    lines = [f"## Quality: every task with its adapter, old base vs re-quantized base", "",
+             f"Answer NLL: nats/token of the reference answer under teacher forcing, lower is better; first "
+             f"{first['nll_examples']} test examples per task."]
+    if has_metric:
+        lines[-1] += (f" Metric: the task's own metric (0-100, higher is better) on greedy outputs of the first "
+                      f"{first.get('metric_examples')} test examples"
+                      f"{f', generation capped at {args.gen_max_tokens} tokens' if args.gen_max_tokens else ''}.")
+    head = "| task | NLL old base | NLL re-quantized | change |" + (" NLL fp base |" if has_fp else "")
+    head += " metric | old base | re-quantized |" if has_metric else ""
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for t in args.old + [args.new]:
+        o, r = ev["old"][t], ev["requantized"][t]
+        row = f"| {t}{' (new)' if t == args.new else ''} | {o['nll']:.4f} | {r['nll']:.4f} | {r['nll'] - o['nll']:+.4f} |"
+        row += f" {ev['fp'][t]['nll']:.4f} |" if has_fp else ""
+        row += f" {o.get('metric_name', '')} | {o.get('metric', float('nan')):.1f} | {r.get('metric', float('nan')):.1f} |" \
+            if has_metric else ""
+        lines.append(row)
+    return lines + [""]
+
+
+def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    load, ph = res["load"], res["load"]["phases"]
+    lines = [f"## Serving during the addition (closed loop over `AsyncLLM`, {args.clients} clients, greedy, "
+             f"{args.max_tokens} tokens/request, old tasks' test prompts)", "",
+             "| phase | seconds | requests started | completed | mean latency s | p50 s | p99 s | tokens/s | "
+             "tokens/s vs before |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, st in ph.items():
+        lines.append(f"| {name} | {st['seconds']:.1f} | {st['requests']} | {st.get('completed', '')} | "
+                     f"{st.get('mean', float('nan')):.3f} | {st['p50']:.3f} | {st['p99']:.3f} | "
+                     f"{st['tok_per_s']:.1f} | {_pct(st['tok_per_s'], ph['before']['tok_per_s'])} |")
+    lines += ["", f"All {load['requests']} requests finished normally: **{load['all_finished']}** "
+              f"({load.get('straddling', '?')} of them straddled a phase boundary; each counts in the phase it started "
+              f"in for latency and the phase it ended in for tokens/s). Re-quantization worker: "
+              f"{args.requant_threads} thread(s), duty cycle {args.duty_cycle}.",
+              f"Throughput dip during the addition: **{_pct(ph['during']['tok_per_s'], ph['before']['tok_per_s'])}**"
+              f" (paper: -10 to -13%). Before vs after, same base size and load, no re-quantization running: "
+              f"{_pct(ph['after']['tok_per_s'], ph['before']['tok_per_s'])} tokens/s, p50 "
+              f"{_pct(ph['after']['p50'], ph['before']['p50'])}: the noise floor of this machine.", ""]
+    return lines
+
+
+def _md_cost(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    lines = ["## Cost: full vs incremental (the paper's Table 4 shape)", "",
+             "| mode | seconds | peak memory MB | what it includes |", "|---|---|---|---|"]
+    what = {"old base (old tasks)": "calibrate the old tasks + quantize (the starting point, for reference)",
+            "full (all tasks, from scratch)": "load fp base, calibrate every task, quantize every layer, write",
+            "offline incremental": "calibrate the new task only (layer-by-layer fp source), re-quantize, write",
+            "online incremental (while serving)": "same as offline plus the per-layer swaps into the served "
+                                                  "model, sharing the CPU with serving"}  # fmt: skip
     for mode, c in res["cost"].items():
-        lines.append(f"| {mode} | {c['seconds']:.1f} | {c.get('peak_mb', float('nan')):.0f} |")
-    lines += ["", "Peak memory: process peak RSS on CPU (each offline mode in its own process), "
-              "`torch.cuda.max_memory_allocated` on CUDA. Online = wall time of the addition while serving.", ""]
+        lines.append(f"| {mode} | {c['seconds']:.1f} | {c.get('peak_mb', float('nan')):.0f} | {what.get(mode, '')} |")
+    on = res["cost"].get("online incremental (while serving)", {})
+    if on.get("phases"):
+        lines += ["", "Online phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in on["phases"].items()) + "."]
+    lines += ["", "Peak memory: process peak RSS on CPU (each mode in its own process: the online row is the "
+              f"serving process, {res['load'].get('rss_serving_mb', float('nan')):.0f} MB resident just before the "
+              "addition), `torch.cuda.max_memory_allocated` on CUDA.", ""]
+    return lines
+
+
+def to_markdown(args: argparse.Namespace, res: dict[str, Any]) -> str:
+    lines = _md_header(args, res)
+    if "eval" in res:
+        lines += _md_quality(args, res)
+    lines += _md_load(args, res) + _md_cost(args, res)
+    if args.notes and Path(args.notes).is_file():
+        lines += [Path(args.notes).read_text().rstrip(), ""]
     return "\n".join(lines)
+
+
+def _online(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], calib: dict[str, str]) -> dict[str, Any]:
+    """The load test in this (child) process: its peak RSS is serving plus the online re-quantization."""
+    from inlaid.quant.quantize_model import peak_memory_bytes
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = asyncio.run(load_test(args, ckpt, ads, calib))
+    out["peak_mb"] = peak_memory_bytes(torch.device(args.device)) / 2**20
+    return out
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,22 +382,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ads, calib = task_inputs(args, work)
-    res: dict[str, Any] = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "cost": {}}
-    res["device"] = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    in_subprocess("_quantize", args, ads, calib, args.old, work / "old")
-    res["cost"]["full (all tasks, from scratch)"] = in_subprocess("_quantize", args, ads, calib,
-                                                                  args.old + [args.new], work / "full")  # fmt: skip
+    res: dict[str, Any] = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "cost": {},
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "timings": {}}  # fmt: skip
+    res["device"] = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    tasks = args.old + [args.new]
+    t0 = time.perf_counter()
+    res["cost"]["old base (old tasks)"] = in_subprocess("_quantize", args, ads, calib, args.old, work / "old")
+    res["cost"]["full (all tasks, from scratch)"] = in_subprocess("_quantize", args, ads, calib, tasks, work / "full")
     shutil.copytree(work / "old", work / "offline")
     res["cost"]["offline incremental"] = in_subprocess("_incremental_offline", args, work / "offline", ads, calib)
     shutil.copytree(work / "old", work / "online")
+    res["timings"]["quantizations_s"] = time.perf_counter() - t0
     quality = args.load_format != "dummy"
     if quality:
-        res["nll"] = {"before": task_nll(work / "old", args.old + [args.new], ads, args)}
-    res["load"] = asyncio.run(load_test(args, work / "online", ads, calib))
-    res["cost"]["online incremental (while serving)"] = {"seconds": res["load"]["status"]["seconds"]["total"]}
+        res["eval"] = {"old": task_eval(work / "old", tasks, ads, args)}
+    res["load"] = in_subprocess("_online", args, work / "online", ads, calib)
+    st = res["load"]["status"]
+    res["cost"]["online incremental (while serving)"] = {"seconds": st["seconds"].get("total", float("nan")),
+                                                         "peak_mb": res["load"]["peak_mb"], "phases": st["seconds"],
+                                                         "state": st["quantization"]}  # fmt: skip
     if quality:
-        res["nll"]["after"] = task_nll(work / "online", args.old + [args.new], ads, args)
-    res["identical"] = identical(work / "online", work / "full") and identical(work / "offline", work / "full")
+        res["eval"]["requantized"] = task_eval(work / "online", tasks, ads, args)
+        if not args.no_fp_reference:
+            res["eval"]["fp"] = task_eval(args.model, tasks, ads, args)
+    res["identical"] = {"online": identical(work / "online", work / "full"),
+                        "offline": identical(work / "offline", work / "full")}  # fmt: skip
+    res["timings"]["total_s"] = time.perf_counter() - t0
     return res
 
 
@@ -311,7 +426,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--eval-limit", type=int, default=20)
+    p.add_argument("--eval-limit", type=int, default=20, help="test examples per task for the answer NLL")
+    p.add_argument("--gen-limit", type=int, default=0, help="test examples per task for the generated metric (0: none)")
+    p.add_argument("--gen-max-tokens", type=int, default=None, help="cap on generated tokens for the metric")
+    p.add_argument("--no-fp-reference", action="store_true", help="skip the unquantized base's quality row")
+    p.add_argument("--notes", default=None, help="markdown file appended to the page (hand-written reading)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--phase-seconds", type=float, default=20.0)
@@ -325,7 +444,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
-        args = argparse.Namespace(**{**vars(args), **res["args"], "out": args.out})
+        args = argparse.Namespace(**{**vars(args), **res["args"], "out": args.out, "notes": args.notes})
     else:
         res = run(args)
         res["args"] = vars(args)
