@@ -115,3 +115,63 @@ def test_cli_add_adapter_waits_for_the_new_base(srv, tmp_path, capsys):
     code = main(["add-adapter", "--server", srv.url, "--name", "c", "--path", srv.ads["c"]])
     assert code == 2 and "already registered" in capsys.readouterr().err
     assert main(["add-adapter", "--server", srv.url, "--name", "z", "--path", "p", "--calib", str(tmp_path / "no")]) == 2
+
+
+def test_more_bad_additions_leave_the_old_base_serving(srv, tmp_path):
+    """Empty calibration file and an adapter for another base: 400 naming the problem, nothing registered,
+    no job, the base unchanged and still serving."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    post = srv.client.post
+    base_before = (srv.root / "q" / "model.safetensors").read_bytes()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    r = post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": srv.ads["c"],
+                                            "calibration_path": str(empty)})  # fmt: skip
+    assert r.status_code == 400 and "no usable examples" in r.json()["error"]["message"], r.text
+    foreign = tmp_path / "foreign"  # adapter "a" as if trained for a base with twice the hidden size
+    shutil.copytree(srv.ads["a"], foreign)
+    tensors = load_file(str(foreign / "adapter_model.safetensors"))
+    save_file({k: torch.cat([t, t], 1) if "lora_A" in k else t for k, t in tensors.items()},
+              str(foreign / "adapter_model.safetensors"))  # fmt: skip
+    r = post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(foreign), "calibration_samples": ROWS})
+    assert r.status_code == 400 and "another base" in r.json()["error"]["message"], r.text
+    assert srv.client.get("/v1/adapters/x").status_code == 404
+    assert "x" not in [m["id"] for m in srv.client.get("/v1/models").json()["data"]]
+    assert (srv.root / "q" / "model.safetensors").read_bytes() == base_before
+    assert post("/v1/completions", json={"model": "a", "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_addition_while_one_is_running(srv, monkeypatch):
+    """While task y is being re-quantized (held at its first layer): y again is a 400, z queues behind it, and
+    requests keep completing; once released both finish in order and the base holds both."""
+    from inlaid.quant import requant as requant_mod
+
+    gate, entered = threading.Event(), threading.Event()
+    real = requant_mod.requantize_layer
+
+    def held(*a, **kw):
+        entered.set()
+        assert gate.wait(60), "test gate never opened"
+        return real(*a, **kw)
+
+    monkeypatch.setattr(requant_mod, "requantize_layer", held)
+    post = srv.client.post
+    r = post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": srv.ads["b"], "calibration_samples": ROWS})
+    assert r.status_code == 200, r.text
+    assert entered.wait(60) and _status(srv, "y")["quantization"] == "running"
+    r = post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": srv.ads["b"], "calibration_samples": ROWS})
+    assert r.status_code == 400 and "already" in r.json()["error"]["message"], r.text
+    r = post("/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": srv.ads["c"], "calibration_samples": ROWS})
+    assert r.status_code == 200 and _status(srv, "z")["quantization"] == "pending", r.text
+    for model in ("a", "y", "z"):  # all servable while the job is held
+        r = post("/v1/completions", json={"model": model, "prompt": "ok", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    gate.set()
+    wait_for(lambda: _status(srv, "z")["quantization"] in ("done", "failed"), timeout=120, what="both additions")
+    y, z = _status(srv, "y"), _status(srv, "z")
+    assert y["quantization"] == z["quantization"] == "done", (y, z)
+    assert z["started_at"] >= y["finished_at"] and {"y", "z"} <= set(z["base_tasks"])
