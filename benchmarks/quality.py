@@ -148,9 +148,14 @@ def build_store(model: str, tasks: list[TaskSpec], work: Path, samples: int, max
 
 
 def quantize_all(state: dict[str, torch.Tensor], store: Any, names: list[str], methods: list[str],
-                 singles: list[str], bits: int, gs: int, sym: bool,
-                 device: torch.device) -> dict[str, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
-    """``{model key: packed weights}`` for every Hessian method and ``gptq-single[task]``, plus ``rtn``."""
+                 singles: list[str], bits: int, gs: int, sym: bool, device: torch.device,
+                 timings: dict[str, float] | None = None) -> dict[str, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """``{model key: packed weights}`` for every Hessian method and ``gptq-single[task]``, plus ``rtn``.
+
+    ``timings`` (if given) accumulates seconds of "load+aggregate", "gptq" and "pack+rtn", so a slow run says
+    where its time went.
+    """
+    timings = {} if timings is None else timings
     from tqdm.auto import tqdm
 
     from inlaid.quant.quantize_model import GROUP_OF, linear_layers
@@ -163,34 +168,54 @@ def quantize_all(state: dict[str, torch.Tensor], store: Any, names: list[str], m
         for group in ("qkv", "o", "gate_up", "down"):
             rels = [r for r in layers[idx] if GROUP_OF[r] == group]
             per_key = _quantize_group(store, idx, group, [layers[idx][r] for r in rels], names, hmethods, singles,
-                                      bits, gs, sym, device)  # fmt: skip
+                                      bits, gs, sym, device, timings)  # fmt: skip
             for key, results in per_key.items():
                 for rel, packed in zip(rels, results):
                     out[key][f"model.layers.{idx}.{rel}"] = packed
+        logger.info("layer %d done; seconds so far: %s", idx, {k: round(v, 1) for k, v in timings.items()})
     return out
 
 
 def _quantize_group(store: Any, idx: int, group: str, weights: list[torch.Tensor], names: list[str],
                     hmethods: list[str], singles: list[str], bits: int, gs: int, sym: bool,
-                    device: torch.device) -> dict[str, list[dict[str, torch.Tensor]]]:  # fmt: skip
+                    device: torch.device, timings: dict[str, float]) -> dict[str, list[dict[str, torch.Tensor]]]:  # fmt: skip
     """Packed tensors of the weights sharing one Hessian group, for every method (one batched GPTQ)."""
     from inlaid.quant.gptq_batched import gptq_quantize_many, split_rows
     from inlaid.quant.pack import pack
     from inlaid.quant.quantize_model import aggregate_loaded
     from inlaid.quant.rtn import rtn_quantize
 
+    clock = _Clock(timings, device)
     loaded = {t: (h.to(device), n) for t, (h, n) in ((t, store.load(t, idx, group)) for t in names)}
     hs = [aggregate_loaded(loaded, m) for m in hmethods] + [loaded[t][0] for t in singles]
+    clock.lap("load+aggregate")
     keys = hmethods + [f"gptq-single[{t}]" for t in singles]
     w = torch.cat([x.to(device=device, dtype=torch.float32) for x in weights])
     sizes = [x.shape[0] for x in weights]
     out: dict[str, list[dict[str, torch.Tensor]]] = {}
     if hs:
         # max_retries 8: the plain max can need percdamp 100+ (a damping failure would lose the whole batch)
-        for key, res in zip(keys, gptq_quantize_many(w, torch.stack(hs), bits, gs, sym, max_retries=8)):
+        results = gptq_quantize_many(w, torch.stack(hs), bits, gs, sym, max_retries=8)
+        clock.lap("gptq")
+        for key, res in zip(keys, results):
             out[key] = [_cpu(pack(r)) for r in split_rows(res, sizes)]
     out["rtn"] = [_cpu(pack(rtn_quantize(x.to(device=device, dtype=torch.float32), bits, gs, sym))) for x in weights]
+    clock.lap("pack+rtn")
     return out
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to ``timings[name]`` (synchronizing CUDA first)."""
+
+    def __init__(self, timings: dict[str, float], device: torch.device) -> None:
+        self.timings, self.device, self.t = timings, device, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def _cpu(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,10 +350,12 @@ def _shared_phase(run: Run, args: argparse.Namespace, cfg: str, state: dict, sto
     """Quantize config ``cfg`` for every method at once; evaluate the shared (all-task) methods."""
     bits, gs = (int(v) for v in cfg.split(":"))
     t0 = time.perf_counter()
-    packed = quantize_all(state, store, names, methods, singles, bits, gs, args.sym, device)
+    parts: dict[str, float] = {}
+    packed = quantize_all(state, store, names, methods, singles, bits, gs, args.sym, device, parts)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     run.seconds[f"quantize {cfg} ({len(packed)} models, batched)"] = time.perf_counter() - t0
+    run.seconds.update({f"quantize {cfg}: {k}": v for k, v in parts.items()})
     qdir = write_checkpoint(src, state, packed["rtn"], bits, gs, args.sym, Path(args.work) / f"ckpt-{bits}-{gs}")
     llm = make_llm(qdir, tasks, args.device)
     for m in [m for m in methods if m != "gptq-single"]:

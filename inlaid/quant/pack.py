@@ -74,9 +74,10 @@ def pack(result: QuantResult) -> dict[str, torch.Tensor]:
     scales16 = result.scales.to(torch.float16)
     if not torch.equal(scales16.to(torch.float32), result.scales.to(torch.float32)):
         raise ValueError("scales are not exactly representable in fp16; quantize with inlaid.quant.gptq")
+    # Packed on the result's device (a GPU packs the many models of a quality run in ms), then moved to CPU.
     return {
-        "qweight": pack_rows(result.qweight.t().cpu(), result.bits),
-        "qzeros": pack_rows((zeros - 1).t().contiguous().cpu(), result.bits).t().contiguous(),
+        "qweight": pack_rows(result.qweight.t(), result.bits).cpu(),
+        "qzeros": pack_rows((zeros - 1).t().contiguous(), result.bits).t().contiguous().cpu(),
         "scales": scales16.cpu().contiguous(),
         "g_idx": result.g_idx.to(torch.int32).cpu().contiguous(),
     }
