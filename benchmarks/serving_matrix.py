@@ -180,10 +180,11 @@ def server_args(a: argparse.Namespace, model: str, quant: str, policy: str) -> l
     return args
 
 
-def bench_args(a: argparse.Namespace, url: str, rate: float, n: int, policy: str, extra: dict, out: Path) -> list[str]:
+def bench_args(a: argparse.Namespace, url: str, rate: float, n: int, policy: str, extra: dict, out: Path,
+               prefix: str | None = "t") -> list[str]:
     args = ["bench", "serve", "--url", url, "--num-requests", str(a.num_requests), "--rate", str(rate),
             "--cv", str(a.cv), "--popularity", a.popularity, "--alpha", str(a.alpha), "--tasks", str(n),
-            "--adapter-prefix", "t", "--lengths", a.lengths, "--max-tokens", str(a.max_tokens),
+            *(["--adapter-prefix", prefix] if prefix else []), "--lengths", a.lengths, "--max-tokens", str(a.max_tokens),
             "--max-prompt", str(a.max_prompt), "--jobs", str(a.jobs), "--max-duration", str(a.max_duration),
             "--slo-scale", str(a.slo_scale), "--calibrate", str(a.calibrate), "--label", policy, "--out", str(out)]
     for k, v in extra.items():
@@ -212,6 +213,31 @@ def run_point(a: argparse.Namespace, work: Path, model: str, quant: str, n: int,
                 rc = inlaid_main(bench_args(a, srv.url, rate, n, policy, extra, out))
                 if rc != 0:
                     logger.error("%s rate %g: bench serve failed (rc %d)", name, rate, rc)
+
+
+def run_demo(a: argparse.Namespace, work: Path) -> None:
+    """``--demo``: the bundled model with its demo adapters (real weights), one ``inlaid serve`` per policy,
+    ``bench serve`` per rate over every served adapter (tasks map to /v1/models order); ``--demo-probe N``
+    first sends N requests at once to a fifo server (saturation probe, ``saturation_probe.json``)."""
+    base = ["--model", "default", "--device", a.device, "--max-loras", str(a.slots), "--max-lora-rank", "64",
+            "--max-num-seqs", str(a.max_num_seqs)]
+    runs = [("fifo", [a.probe_rate], a.results / "saturation_probe.json")] if a.demo_probe else []
+    runs += [(pol, a.rates, None) for pol in a.policies]
+    for policy, rates, probe_out in runs:
+        tag = f"-{a.demo_tag}" if a.demo_tag else ""
+        outs = {r: probe_out or a.results / "json" / f"smollm2-demo{tag}_{policy}_r{r:g}.json" for r in rates}
+        if all(p.is_file() for p in outs.values()):
+            continue
+        log = a.results / "logs" / f"{policy}{tag}.log"
+        with ServerProcess(base + ["--policy", policy], log, a.start_timeout) as srv:
+            n = len([m for m in httpx.get(srv.url + "/v1/models").json()["data"] if m.get("parent")])
+            extra = {"model": f"smollm2-135m-demo{tag}", "quant": "fp32", "adapters": n, "policy": policy,
+                     "device": a.device, "machine": "CPU, shared 2-core"}
+            for rate, out in outs.items():
+                if not out.is_file():
+                    b = argparse.Namespace(**{**vars(a), "num_requests": a.demo_probe}) if probe_out else a
+                    rc = inlaid_main(bench_args(b, srv.url, rate, n, policy, extra, out, prefix=None))
+                    logger.info("demo %s rate %g: rc %d", policy, rate, rc)
 
 
 def resolve(model: str) -> Path:
@@ -342,10 +368,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--quick: benchmarks/results/serving_cpu_quick)")
     p.add_argument("--page", type=Path, default=None, help="results page (default <results>.md)")
     p.add_argument("--page-only", action="store_true", help="only regenerate the page from the JSONs present")
+    p.add_argument("--demo", action="store_true", help="http driver on the bundled model + its demo adapters "
+                   "(results: benchmarks/results/serving_http_cpu, shown in serving.md's CPU section)")
+    p.add_argument("--demo-probe", type=int, default=0, help="--demo: saturation probe of N requests sent at once")
+    p.add_argument("--probe-rate", type=float, default=1000.0, help="--demo: arrival rate of the probe")
+    p.add_argument("--demo-tag", default="", help="--demo: suffix of the model label and files (a repeat run)")
     a = p.parse_args(argv)
     if a.quick:
         _quick_defaults(a)
-    a.results = a.results or RESULTS / ("serving_cpu_quick" if a.quick else "serving")
+    a.results = a.results or RESULTS / ("serving_cpu_quick" if a.quick else "serving_http_cpu" if a.demo else "serving")
     a.page = a.page or a.results.with_suffix(".md")
     a.logs = None if a.quick else a.results / "logs"
     return a
@@ -362,8 +393,13 @@ def _quick_defaults(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a = parse_args(argv)
+    if a.demo:
+        if not a.page_only:
+            run_demo(a, Path(tempfile.gettempdir()))
+        write_cpu_http_section(a)
+        return 0
     if a.page_only:
-        write_page(a.results, a.page, page_header(a, a.quick))
+        write_page(a.results, a.page, page_header(a, a.quick), cpu_http=RESULTS / "serving_http_cpu")
         return 0
     with tempfile.TemporaryDirectory(prefix="serving_matrix_") as tmp:
         work = Path(tmp)
@@ -380,8 +416,15 @@ def main(argv: list[str] | None = None) -> int:
             run_engine_sweeps(a)
         else:
             run_matrix(a, work)
-    write_page(a.results, a.page, page_header(a, a.quick))
+    write_page(a.results, a.page, page_header(a, a.quick), cpu_http=None if a.quick else RESULTS / "serving_http_cpu")
     return 0
+
+
+def write_cpu_http_section(a: argparse.Namespace) -> None:
+    """Record the demo run's command line next to its JSONs (the section of serving.md reads it)."""
+    a.results.mkdir(parents=True, exist_ok=True)
+    with (a.results / "command.txt").open("a") as f:
+        f.write("PYTHONPATH=. python3 benchmarks/serving_matrix.py " + " ".join(sys.argv[1:]) + "\n")
 
 
 if __name__ == "__main__":

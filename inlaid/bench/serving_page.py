@@ -187,8 +187,35 @@ def make_plots(results: list[Result], plot_dir: Path, md_dir: Path) -> list[str]
     return lines
 
 
-def write_page(results_dir: Path, md: Path, header: list[str]) -> bool:
-    """Regenerate ``md`` from ``results_dir``; False (nothing written) when there is no result at all."""
+def cpu_http_section(cpu_dir: Path | None) -> list[str]:
+    """The HTTP runs on this (shared, 2-core) CPU: bundled model + demo adapters, every policy at each rate."""
+    if cpu_dir is None or not (cpu_dir / "json").is_dir():
+        return []
+    results, _ = load_dir(cpu_dir / "json")
+    if not results:
+        return []
+    body = ["## HTTP on CPU (shared 2-core machine): bundled SmolLM2-135M + its demo adapters", "",
+            "A real `inlaid serve` per policy (fp32 on CPU, the 12 demo adapters: real weights, ranks 8-64, "
+            "targets from q,v to all 7) driven by `inlaid bench serve`; prompts are random token ids with "
+            "task-suite lengths. The machine's 2 cores were shared with other jobs during the run, so absolute "
+            "numbers are distorted and noisy; ratios between policies are from single runs (a `-repeat` group is a second run "
+            "of the same point: the spread between the two is the noise). Not a GPU result."]
+    probe = cpu_dir / "saturation_probe.json"
+    if probe.is_file():
+        s = json.loads(probe.read_text())["summary"]
+        body += ["", f"Saturation probe (fifo, {s.get('sent')} requests sent at once): "
+                 f"{_f(s.get('throughput_rps'))} req/s, {_f(s.get('throughput_tps'))} tok/s."]
+    cmd = cpu_dir / "command.txt"
+    cmds = cmd.read_text().split("\n") if cmd.is_file() else []
+    body += ["", "Commands (in order):", ""] + [f"    {c}" for c in cmds if c.strip()] + [""] if cmds else [""]
+    body += ["Inlaid vs fifo:", ""] + ratio_table(results, "inlaid", "fifo")
+    body += ["Inlaid vs mlfq:", ""] + ratio_table(results, "inlaid", "mlfq")
+    return body + group_tables(results)
+
+
+def write_page(results_dir: Path, md: Path, header: list[str], cpu_http: Path | None = None) -> bool:
+    """Regenerate ``md`` from ``results_dir`` (+ the CPU HTTP section of ``cpu_http``); False (nothing
+    written) when there is no result at all."""
     results, probes = load_dir(results_dir / "json")
     extra = [results_dir / "peft_baseline.json", results_dir / "capacity.json"]
     if not results and not any(p.is_file() for p in extra):
@@ -200,7 +227,7 @@ def write_page(results_dir: Path, md: Path, header: list[str]) -> bool:
     for abl in ("inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"):
         body += [f"**{abl}**", ""] + ratio_table(results, "inlaid", abl)
     body += ["## HTTP (client-measured) vs in-process driver at the same point", ""] + cross_check(results)
-    body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1])
+    body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1]) + cpu_http_section(cpu_http)
     body += ["## All points", ""] + group_tables(results)
     body += ["## Plots", ""] + make_plots(results, results_dir / "plots", md.parent)
     md.write_text("\n".join(body) + "\n")

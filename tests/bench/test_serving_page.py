@@ -63,3 +63,24 @@ def test_page_not_written_without_results(tmp_path) -> None:
     (tmp_path / "json").mkdir()
     assert not write_page(tmp_path, tmp_path / "x.md", ["# T"])
     assert not (tmp_path / "x.md").exists()
+
+
+def test_cpu_http_section_from_its_own_dir(tmp_path) -> None:
+    res, cpu = tmp_path / "res", tmp_path / "cpu"
+    (res / "json").mkdir(parents=True)
+    (cpu / "json").mkdir(parents=True)
+    _write(res / "json", "a.json", _res("inlaid", 8.0, "engine", 200.0, 1.0, 0.9))
+    for label, tps, lat in (("inlaid", 30.0, 2.0), ("fifo", 20.0, 3.0), ("mlfq", 25.0, 4.0)):
+        r = _res(label, 0.5, "http", tps, lat, 0.5)
+        r["config"]["extra"].update(model="demo", quant="fp32", adapters=12)
+        _write(cpu / "json", f"{label}.json", r)
+    _write(cpu, "saturation_probe.json", {"summary": {"sent": 24, "throughput_rps": 1.17, "throughput_tps": 17.9}})
+    (cpu / "command.txt").write_text("python3 benchmarks/serving_matrix.py --demo\n")
+    md = tmp_path / "serving.md"
+    assert write_page(res, md, ["# T", ""], cpu_http=cpu)
+    text = md.read_text()
+    assert "## HTTP on CPU (shared 2-core machine)" in text and "1.17 req/s" in text and "    python3 benchmarks/serving_matrix.py --demo" in text
+    assert "| demo | fp32 | 12 | http | 0.5 | 1.50x | 1.50x | 1.50x | 1.00x |" in text  # vs fifo
+    assert "| demo | fp32 | 12 | http | 0.5 | 1.20x | 2.00x | 2.00x | 1.00x |" in text  # vs mlfq
+    assert write_page(res, md, ["# T", ""], cpu_http=tmp_path / "absent")
+    assert "HTTP on CPU" not in md.read_text()
