@@ -170,7 +170,8 @@ def point_name(model: str, quant: str, n: int, policy: str) -> str:
 
 def server_args(a: argparse.Namespace, model: str, quant: str, policy: str) -> list[str]:
     args = ["--model", model, "--policy", policy, "--device", a.device, "--max-loras", str(a.slots),
-            "--max-lora-rank", str(max(a.ranks)), "--max-num-seqs", str(a.max_num_seqs)]
+            "--max-lora-rank", str(max(a.ranks)), "--lora-target-modules", ",".join(a.targets),
+            "--max-num-seqs", str(a.max_num_seqs)]
     if quant == "fp16":
         args += ["--load-format", "dummy"]
     if a.device != "cpu":
