@@ -69,7 +69,7 @@ def task_inputs(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], d
         return ads, calib
     from inlaid.tasks.dataset import split_path
 
-    return ({t: str(ROOT / "inlaid" / "adapters" / t) for t in tasks},
+    return ({t: str(Path(args.adapters_dir) / t) for t in tasks},
             {t: str(split_path(t, "train")) for t in tasks})  # fmt: skip
 
 
@@ -114,20 +114,48 @@ def _tokenizer(path: Path) -> Any:
         return None
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``: torch intra-op threads of this process (0 keeps torch's default)."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+
+
 def _child(fn_name: str, conn: Any, *a: Any) -> None:
     logging.basicConfig(level=logging.WARNING)
+    _set_threads(a[0])
     conn.send(globals()[fn_name](*a))
 
 
 def in_subprocess(fn_name: str, *a: Any) -> dict[str, Any]:
-    """Run ``fn_name(*a)`` in a spawned process (its own peak RSS / CUDA peak)."""
+    """Run ``fn_name(*a)`` in a spawned process (its own peak RSS / CUDA peak); RuntimeError if it dies."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_child, args=(fn_name, child, *a))
     p.start()
-    out = parent.recv()
+    child.close()  # only the child holds its end now: recv() sees EOF if the child dies
+    try:
+        out = parent.recv()
+    except EOFError:
+        p.join()
+        raise RuntimeError(f"{fn_name} failed in its subprocess (exit code {p.exitcode}); see its traceback above")
     p.join()
     return out
+
+
+def cache_dequantized(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Turn on the GPTQ linears' dequantized-weight cache (``GPTQLinearMethod.cache_dequantized``) of a served
+    model: CPU steps then skip the unpacking, and each hot-swap re-dequantizes its layer. Returns the count."""
+    from inlaid.quant.linear import GPTQLinearMethod
+
+    n = 0
+    for layer in model.model.layers:
+        for mod in layer.modules():
+            method = getattr(mod, "quant_method", None)
+            if isinstance(method, GPTQLinearMethod):
+                method.cache_dequantized = True
+                method.finalize(mod, dtype)
+                n += 1
+    return n
 
 
 # ---- online: load test during the addition -------------------------------------------------
@@ -159,6 +187,10 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(
         eng, num_threads=args.requant_threads, duty_cycle=args.duty_cycle,
         calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format)))
+    n = 0
+    if args.cache_dequantized:
+        n = await llm._call(lambda eng: cache_dequantized(eng.parts.model, eng.parts.dtype))
+        logger.info("dequantized-weight cache on for %d GPTQ linears", n)
     prompts = _load_prompts(args, llm)
     log: list = []
     stop = asyncio.Event()
@@ -182,7 +214,7 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     await asyncio.gather(*clients)
     await llm.shutdown(10)
     return {"phases": _phase_stats(log, marks), "status": status, "requests": len(log),
-            "all_finished": all(d for *_, d in log), "rss_serving_mb": rss_serving,
+            "all_finished": all(d for *_, d in log), "rss_serving_mb": rss_serving, "cached_linears": n,
             "straddling": sum(1 for s, e, *_ in log if s < marks["add"] < e or s < marks["done"] < e)}
 
 
@@ -308,7 +340,8 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
 def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     load, ph = res["load"], res["load"]["phases"]
     lines = [f"## Serving during the addition (closed loop over `AsyncLLM`, {args.clients} clients, greedy, "
-             f"{args.max_tokens} tokens/request, old tasks' test prompts)", "",
+             f"{args.max_tokens} tokens/request, old tasks' test prompts; dequantized-weight cache "
+             f"{'on' if getattr(args, 'cache_dequantized', False) else 'off (the default)'})", "",
              "| phase | seconds | requests started | completed | mean latency s | p50 s | p99 s | tokens/s | "
              "tokens/s vs before |", "|---|---|---|---|---|---|---|---|---|"]
     for name, st in ph.items():
@@ -420,6 +453,7 @@ def main() -> None:
     p.add_argument("--new", default="translate_en_fr")
     p.add_argument("--method", default="mlgptq-diag", help="mlgptq-diag (default) | mlgptq | mlgptq-psd | gptq-mixed")
     p.add_argument("--tiny", action="store_true", help="tiny random model, random adapters, synthetic data")
+    p.add_argument("--adapters-dir", default=str(ROOT / "inlaid" / "adapters"), help="PEFT adapters, one dir per task")
     p.add_argument("--data-dir", default=None, help="task data root (default: the package's; --tiny sets it)")
     p.add_argument("--from-json", default=None, help="only regenerate --out from this results JSON")
     p.add_argument("--bits", type=int, default=4)
@@ -435,7 +469,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--phase-seconds", type=float, default=20.0)
     p.add_argument("--requant-threads", type=int, default=1)
+    p.add_argument("--cache-dequantized", action="store_true",
+                   help="load test: serve with the GPTQ linears' dequantized-weight cache (faster CPU steps)")
     p.add_argument("--duty-cycle", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads per process (0: torch's default). On a shared CPU, 1 avoids "
+                        "OpenMP oversubscription, which made GPTQ's small ops 10-15x slower on 2 busy cores")
     p.add_argument("--work", default="/tmp/inlaid_dynamic")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.md"))
     args = p.parse_args()
@@ -446,6 +485,7 @@ def main() -> None:
         res = json.loads(Path(args.from_json).read_text())
         args = argparse.Namespace(**{**vars(args), **res["args"], "out": args.out, "notes": args.notes})
     else:
+        _set_threads(args)
         res = run(args)
         res["args"] = vars(args)
         Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
