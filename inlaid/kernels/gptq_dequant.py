@@ -89,10 +89,16 @@ def dequantize_gptq(
     codes = unpack_rows(qweight, bits)  # [K, N]
     zeros = unpack_rows(qzeros.t().contiguous(), bits).t() + 1  # [G, N], v1: stored = zero - 1
     g = g_idx.long()
-    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
+    # The range check reads values back to the host, which a CUDA graph capture forbids (the engine captures
+    # decode steps that run this path for 3/8-bit layers); the same tensors were checked outside capture.
+    if g.numel() and not _capturing(g) and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
         raise ValueError(f"g_idx values must lie in [0, {scales.shape[0]})")
     w = (codes - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]
     return w.to(scales.dtype)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def gptq_linear(

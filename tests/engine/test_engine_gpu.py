@@ -74,3 +74,20 @@ def test_half_precision_prefill_logits_close_to_fp32_reference(
         rel = ((got - ref).norm() / ref.norm()).item()
         assert rel < 3e-2, f"{dtype} adapter {name}: rel err {rel:.3e}"
         assert got[-1].argmax() == ref[-1].argmax() or (ref[-1].topk(2).values.diff().abs() < 0.05).item()
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_non_w4_gptq_decode_under_cuda_graphs_equals_eager(bits: int, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """3/8-bit layers take the dequantize+matmul path inside captured decode graphs; it must not read values
+    back to the host (that broke capture in the H200 quality run) and must decode exactly like eager."""
+    from inlaid.quant.quantize_model import quantize_model
+
+    quantize_model(str(tiny_llama_dir), {}, {}, "rtn", bits, 32, tmp_path / "q")
+    prompts = PROMPTS[:3]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    graphs = LLM(model=str(tmp_path / "q"), device="cuda", dtype="float16", block_size=4, num_blocks=256)
+    assert graphs.engine.parts.runner.graphs is not None
+    with_graphs = [o.token_ids for o in graphs.generate(prompts, params)]
+    eager = LLM(model=str(tmp_path / "q"), device="cuda", dtype="float16", block_size=4, num_blocks=256)
+    eager.engine.parts.runner.graphs = None
+    assert with_graphs == [o.token_ids for o in eager.generate(prompts, params)]
