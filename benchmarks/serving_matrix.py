@@ -324,7 +324,13 @@ def page_header(a: argparse.Namespace, quick: bool) -> list[str]:
             f"(alpha {a.alpha}), lengths {a.lengths} (prompt <= {a.max_prompt}, output <= {a.max_tokens}), "
             f"jobs of {a.jobs}, max duration {a.max_duration}s, SLO: latency <= {a.slo_scale} x isolated time "
             f"({a.calibrate} isolated probes per run). Adapter ranks {a.ranks} on {a.targets}; {a.slots} device "
-            f"slots; device {a.device}.", ""]
+            f"slots; device {a.device}.", "", *_notes(a)]
+
+
+def _notes(a: argparse.Namespace) -> list[str]:
+    """The hand-written reading of the results (``--notes FILE``), placed under the header."""
+    notes = getattr(a, "notes", None)
+    return [Path(notes).read_text().rstrip(), ""] if notes else []
 
 
 # ---------------------------------------------------------------- command line
@@ -332,6 +338,7 @@ def page_header(a: argparse.Namespace, quick: bool) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke run on a tiny model (see the docstring)")
+    p.add_argument("--notes", default=None, help="markdown file with the reading of the results, put under the header")
     p.add_argument("--driver", default="http", choices=["http", "engine"],
                    help="http: one `inlaid serve` per point, `bench serve` per rate; engine: in-process sweep "
                         "(one engine per model/quant/adapters, every policy, ablation and --rate-x on it)")

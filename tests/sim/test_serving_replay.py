@@ -10,7 +10,7 @@ from inlaid.sim.cost_model import StepCostModel
 from inlaid.sim.serving_replay import load_run, run_variant, timeline_error
 from inlaid.sim.simulator import EngineShape
 
-RUN = Path(__file__).resolve().parents[2] / "benchmarks/results/serving/json/llama2-7b-shapes_w4_100a_engine_fifo_r72.625.json"
+RUN = Path(__file__).resolve().parents[2] / "benchmarks/results/serving/json_session2/llama2-7b-shapes_w4_100a_engine_fifo_r72.625.json"
 
 
 @pytest.mark.skipif(not RUN.exists(), reason="serving sweep results not in this checkout")
