@@ -505,6 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-json", default=None,
                    help="only regenerate --out from this results JSON (comma-separated: merge several runs)")
     p.add_argument("--note", default="", help="a paragraph written above the table (scope, caveats)")
+    p.add_argument("--notes", default=None, help="markdown file with the reading of the results, put above the tables")
     return p.parse_args(argv)
 
 
@@ -521,7 +522,11 @@ def main() -> None:
         run_all(args, run)
         data = json.loads(json_path.read_text())
     note = args.note or data["args"].get("note", "")
-    Path(args.out).write_text((f"> {note}\n\n" if note else "") + to_markdown(data))
+    page = to_markdown(data)
+    if args.notes:  # after the title, command and legend (the first three paragraphs)
+        head, _, tables = page.partition("\n## ")
+        page = f"{head}\n{Path(args.notes).read_text().rstrip()}\n\n## {tables}"
+    Path(args.out).write_text((f"> {note}\n\n" if note else "") + page)
     logger.info("wrote %s", args.out)
 
 
