@@ -137,6 +137,8 @@ def _add_model_routes(app: FastAPI, llm: AsyncLLM, unload_timeout: float) -> Non
 def _add_ops_routes(app: FastAPI, llm: AsyncLLM, metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health() -> Response:
+        if llm.dead is not None:
+            return error_response(503, f"the engine is dead ({llm.dead}); restart the server", "engine_dead")
         if not llm.accepting:
             return error_response(503, "the server is shutting down", "shutting_down")
         return JSONResponse({"status": "ok"})

@@ -163,7 +163,8 @@ def test_dead_worker_fails_requests_with_a_clear_error_not_a_hang(tiny_llama_dir
                 client.chat.completions.create(model=llm.model_name, max_tokens=4,
                                                messages=[{"role": "user", "content": "hi"}])
             assert later.value.status_code == 503 and "engine is dead" in later.value.message
-            assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
+            health = httpx.get(srv.url + "/health", timeout=5)
+            assert health.status_code == 503 and "engine is dead" in health.json()["error"]["message"]
     finally:
         llm.close()
     assert not any(p.is_alive() for p in procs)
