@@ -253,10 +253,12 @@ def _phase_stats(log: list, marks: dict[str, float]) -> dict[str, dict[str, floa
 
 # ---- quality -------------------------------------------------------------------------------------
 def task_eval(ckpt: str | Path, tasks: list[str], ads: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
-    """Per task (with its adapter) on ``ckpt``: answer NLL (teacher forcing, test split) and, with
-    ``--gen-limit``, the task metric on greedy outputs of the first ``--gen-limit`` examples."""
+    """Per task (with its adapter) on ``ckpt``: answer NLL (teacher forcing, test split; pooled over answer
+    tokens, plus each example's ``[sum of -log p, tokens]`` for paired statistics) and, with ``--gen-limit``,
+    the task metric on greedy outputs of the first ``--gen-limit`` examples."""
     from inlaid import LLM
-    from inlaid.tasks.evaluate import evaluate_runs
+    from inlaid.tasks.evaluate import answer_logprobs, evaluate_runs
+    from inlaid.tasks.metrics import answer_nll
 
     import gc
 
@@ -264,8 +266,14 @@ def task_eval(ckpt: str | Path, tasks: list[str], ads: dict[str, str], args: arg
     llm = LLM(model=str(ckpt), adapters={t: ads[t] for t in tasks}, device=args.device, max_model_len=2048,
               max_lora_rank=64, max_loras=len(tasks), **_kv(args))  # fmt: skip
     data_dir = Path(args.data_dir) if args.data_dir else None
-    res = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.eval_limit, generate=False, data_dir=data_dir)
-    out = {r.task: {"nll": r.nll, "nll_examples": r.examples} for r in res.runs}
+    items = {t: _encoded(llm, t, args.eval_limit, data_dir) for t in tasks}
+    flat = [(p, a, t) for t in tasks for p, a in items[t]]
+    lps = iter(answer_logprobs(llm, flat))
+    out = {}
+    for t in tasks:
+        mine = [next(lps) for _ in items[t]]
+        out[t] = {"nll": answer_nll(mine), "nll_examples": len(mine),
+                  "per_example": [[-sum(x), len(x)] for x in mine]}  # fmt: skip
     if args.gen_limit > 0:
         gen = evaluate_runs(llm, [(t, t) for t in tasks], limit=args.gen_limit, nll=False, data_dir=data_dir,
                             max_new_tokens_cap=args.gen_max_tokens)  # fmt: skip
@@ -274,6 +282,34 @@ def task_eval(ckpt: str | Path, tasks: list[str], ads: dict[str, str], args: arg
     del llm
     gc.collect()
     return out
+
+
+def _encoded(llm: Any, task: str, limit: int, data_dir: Path | None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of the first ``limit`` test examples, exactly as ``evaluate_runs`` encodes them."""
+    from inlaid.tasks.dataset import load_split
+    from inlaid.tasks.prompting import encode_example
+    from inlaid.tasks.registry import get_task
+
+    return [encode_example(llm.tokenizer, get_task(task), e.prompt, e.completion)
+            for e in load_split(task, "test", limit, data_dir)]  # fmt: skip
+
+
+def paired_change(before: list[list[float]], after: list[list[float]], reps: int = 2000,
+                  seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Change of the pooled NLL (after - before) over the same examples, with a paired bootstrap 95% interval
+    (examples resampled with replacement, the same resample for both bases)."""
+    if len(before) != len(after) or any(b[1] != a[1] for b, a in zip(before, after)):
+        raise ValueError("paired_change needs the same examples (same token counts) on both bases")
+    rng = random.Random(seed)
+
+    def delta(idx: list[int]) -> float:
+        n = sum(before[i][1] for i in idx)
+        return (sum(after[i][0] for i in idx) - sum(before[i][0] for i in idx)) / n
+
+    k = len(before)
+    boots = sorted(delta([rng.randrange(k) for _ in range(k)]) for _ in range(reps))
+    return {"delta": delta(list(range(k))), "lo": boots[int(0.025 * reps)], "hi": boots[int(0.975 * reps) - 1],
+            "examples": k}  # fmt: skip
 
 
 def _kv(args: argparse.Namespace) -> dict[str, int]:
@@ -319,17 +355,21 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     first = ev["old"][args.new]
     lines = [f"## Quality: every task with its adapter, old base vs re-quantized base", "",
              f"Answer NLL: nats/token of the reference answer under teacher forcing, lower is better; first "
-             f"{first['nll_examples']} test examples per task."]
+             f"{first['nll_examples']} test examples per task" + ("; the interval is a paired bootstrap over those "
+             "examples (2000 resamples): a change whose interval contains 0 is within the noise of this "
+             "sample." if "paired" in res else ".")]
     if has_metric:
         lines[-1] += (f" Metric: the task's own metric (0-100, higher is better) on greedy outputs of the first "
                       f"{first.get('metric_examples')} test examples"
                       f"{f', generation capped at {args.gen_max_tokens} tokens' if args.gen_max_tokens else ''}.")
-    head = "| task | NLL old base | NLL re-quantized | change |" + (" NLL fp base |" if has_fp else "")
+    head = "| task | NLL old base | NLL re-quantized | change" + (" [95% CI] |" if "paired" in res else " |") + (" NLL fp base |" if has_fp else "")
     head += " metric | old base | re-quantized |" if has_metric else ""
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for t in args.old + [args.new]:
         o, r = ev["old"][t], ev["requantized"][t]
-        row = f"| {t}{' (new)' if t == args.new else ''} | {o['nll']:.4f} | {r['nll']:.4f} | {r['nll'] - o['nll']:+.4f} |"
+        pc = res.get("paired", {}).get(t)
+        ci = f" [{pc['lo']:+.3f}, {pc['hi']:+.3f}]" if pc else ""
+        row = f"| {t}{' (new)' if t == args.new else ''} | {o['nll']:.4f} | {r['nll']:.4f} | {r['nll'] - o['nll']:+.4f}{ci} |"
         row += f" {ev['fp'][t]['nll']:.4f} |" if has_fp else ""
         row += f" {o.get('metric_name', '')} | {o.get('metric', float('nan')):.1f} | {r.get('metric', float('nan')):.1f} |" \
             if has_metric else ""
@@ -438,6 +478,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["eval"]["requantized"] = task_eval(work / "online", tasks, ads, args)
         if not args.no_fp_reference:
             res["eval"]["fp"] = task_eval(args.model, tasks, ads, args)
+    if quality:
+        ev = res["eval"]
+        res["paired"] = {t: paired_change(ev["old"][t]["per_example"], ev["requantized"][t]["per_example"])
+                         for t in tasks}  # fmt: skip
     res["identical"] = {"online": identical(work / "online", work / "full"),
                         "offline": identical(work / "offline", work / "full")}  # fmt: skip
     res["timings"]["total_s"] = time.perf_counter() - t0
