@@ -2,17 +2,22 @@
 
 Regenerates ``benchmarks/results/scheduling.md`` and its PNGs with one command:
 
-    PYTHONPATH=. python benchmarks/scheduling_study.py [--requests 1000] [--quick]
-        [--cost-model benchmarks/results/cost_model.json] [--gpu-cost-model FILE]
+    PYTHONPATH=. python benchmarks/scheduling_study.py [--requests 1500] [--quick]
+        [--cost-model benchmarks/results/cost_model.json]
+        [--gpu-cost-model benchmarks/results/cost_model_h200_w4_7b.json]
+        [--h100-cost-model benchmarks/results/cost_model_cuda.json]
     PYTHONPATH=. python benchmarks/scheduling_study.py --engine-sections-only   # after engine_vs_sim.py
 
-Two cost models are studied: the one fitted on this machine's CPU
-(``fit_cost_model.py``) and a GPU one -- fitted from ``--gpu-cost-model`` when
-that file exists, else an ASSUMED GPU-like model (labelled as such in the
-report). Request rates are fractions of FIFO's saturation throughput under each
-cost model, so the sweep covers light load to overload whatever the speed.
-Everything runs through ``inlaid.sim`` (the real ``core`` Scheduler + fake
-runner + step-cost model).
+Three cost models, one section each: the GPU one (``gpu``, fitted by
+``inlaid.sim.serving_replay`` to the H200 W4 7B serving sweep, with its
+prefill-step term; the study's engine shape and workload job size follow that
+sweep's engine and workload), the older H100 SmolLM2 fit (``h100``, no
+prefill-step term: what the policy does without that overhead) and the one
+fitted on this machine's CPU (``fit_cost_model.py``). A missing GPU file falls
+back to an ASSUMED GPU-like model (labelled as such). Request rates are
+fractions of FIFO's saturation throughput under each cost model, so the sweep
+covers light load to overload whatever the speed. Everything runs through
+``inlaid.sim`` (the real ``core`` Scheduler + fake runner + step-cost model).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ POLICIES = ("fifo", "mlfq", "inlaid")
 LOADS = (0.5, 0.8, 1.0, 1.3, 1.8)
 """Request rates as multiples of FIFO's saturation throughput."""
 SHAPE = EngineShape(num_blocks=512, block_size=16, num_adapter_slots=16, max_model_len=4096)
+"""Engine shape of the CPU and H100 sections (the GPU section takes its shape from its cost-model file)."""
 AGING_REQUESTS = 2000
 """Starvation bound of mlfq and inlaid, in requests: aging_s = AGING_REQUESTS / (FIFO saturation rate at
 100 tasks), i.e. the time to serve that many requests at capacity, so the bound scales with the cost
@@ -72,6 +78,7 @@ def ablation(setup: StudySetup, n: int, rate: float, tasks: int) -> list[dict]:
     variants = {"inlaid (full)": {}, "no prediction": {"use_prediction": False},
                 "no grouping": {"use_grouping": False}, "no aging": {"use_aging": False},
                 "fixed aging (aging_s, not adaptive)": {"adaptive_aging": False},
+                "no prefill batching": {"prefill_batching": False},
                 "LRU slot eviction (policy-aware off)": {"use_policy_eviction": False}, "oracle lengths": {}}
     rows = [{"variant": "fifo", **run_policy(specs, setup.sched_cfg("fifo"), setup.shape, setup.cost)}]
     mlfq_cfg = setup.sched_cfg("mlfq")
@@ -184,19 +191,49 @@ def plot(rows: list[dict], tasks: list[int], metric: str, path: Path, label: str
     plt.close(fig)
 
 
-def cost_models(args: argparse.Namespace) -> list[tuple[str, str, StepCostModel, str]]:
-    """(key, label, model, provenance) for the CPU fit and the GPU (fitted or assumed)."""
-    out = []
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One cost model's part of the study: its model, where it came from, engine shape and workload job size."""
+
+    key: str
+    label: str
+    cost: StepCostModel
+    prov: str
+    shape: EngineShape = SHAPE
+    job_size: int = 1
+
+
+def _gpu_section(path: Path) -> Section:
+    """The H200 fit of the serving sweep (engine shape and job size from its metadata), or the assumed model."""
+    if not path.is_file():
+        return Section("gpu", "GPU-like (ASSUMED)", gpu_like_cost_model(ADAPTER_BYTES_7B_R16),
+                       "**assumed, not measured** (7B-on-one-GPU magnitudes; adapter load = 80 MB / 12 GB/s); "
+                       "write `cost_model_h200_w4_7b.json` with `python -m inlaid.sim.serving_replay`")
+    gpu, gm = load_cost_model(path)
+    eng, wl = gm.get("engine", {}), gm.get("workload", {})
+    shape = EngineShape(num_blocks=int(eng.get("num_blocks", 2048)), block_size=int(eng.get("block_size", 16)),
+                        num_adapter_slots=int(eng.get("slots", 32)), max_model_len=4096)
+    prov = (f"`{path.name}`: fitted on {gm.get('device')} to {len(gm.get('fitted_on', []))} recorded runs "
+            f"({', '.join(gm.get('fitted_on', []))}; `{gm.get('source')}`), mean |first-token, finish| error "
+            f"{1000 * gm.get('fit_error_s', float('nan')):.0f} ms; engine {eng.get('model')} {eng.get('quant')}, "
+            f"{eng.get('adapters')} adapters, {shape.num_adapter_slots} slots, {shape.num_blocks} KV blocks; "
+            f"workload job size {wl.get('job_size', 1)} as in that sweep")
+    return Section("gpu", "GPU-fitted (H200, W4 Llama-2-7B shapes, with prefill-step term)", gpu, prov, shape,
+                   int(wl.get("job_size", 1)))
+
+
+def cost_models(args: argparse.Namespace) -> list[Section]:
+    """The sections of the study: GPU (H200 fit), H100 SmolLM2 fit (if present), CPU fit."""
+    out = [_gpu_section(args.gpu_cost_model)]
+    if args.h100_cost_model is not None and args.h100_cost_model.is_file():
+        h, hm = load_cost_model(args.h100_cost_model)
+        out.append(Section("h100", "H100 SmolLM2-135M fit (no prefill-step term)", h,
+                           f"`{args.h100_cost_model.name}`: fitted on {hm.get('device')} from {hm.get('samples')} "
+                           f"engine steps ({hm.get('model')}), R² = {hm.get('r2', float('nan')):.3f}; no "
+                           "prefill-step term, so inlaid's prefill batching stays off"))
     cpu, meta = load_cost_model(args.cost_model)
-    out.append(("cpu", "CPU-fitted", cpu, f"fitted on {meta.get('device')} from {meta.get('samples')} engine steps "
-                f"({meta.get('model')}, {meta.get('dtype')}), R² = {meta.get('r2', float('nan')):.3f}"))
-    if args.gpu_cost_model is not None and args.gpu_cost_model.is_file():
-        gpu, gm = load_cost_model(args.gpu_cost_model)
-        out.append(("gpu", "GPU-fitted", gpu, f"fitted on {gm.get('device')}, R² = {gm.get('r2', float('nan')):.3f}"))
-    else:
-        out.append(("gpu", "GPU-like (ASSUMED)", gpu_like_cost_model(ADAPTER_BYTES_7B_R16),
-                    "**assumed, not measured** (7B-on-one-GPU magnitudes; adapter load = 80 MB / 12 GB/s); "
-                    "replace with `fit_cost_model.py --device cuda` output via `--gpu-cost-model`"))
+    out.append(Section("cpu", "CPU-fitted", cpu, f"fitted on {meta.get('device')} from {meta.get('samples')} engine "
+                       f"steps ({meta.get('model')}, {meta.get('dtype')}), R² = {meta.get('r2', float('nan')):.3f}"))
     return out
 
 
@@ -229,8 +266,9 @@ def targets(ratio_rows: list[dict]) -> list[dict]:
     return out
 
 
-def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict], abl: list[dict],
+def section(sec: Section, setup: StudySetup, rows: list[dict], abl: list[dict],
             jobs: list[dict], sat: float, loads: tuple[float, ...], guards: list[dict]) -> list[str]:
+    key, label, prov = sec.key, sec.label, sec.prov
     hi = [r for r in rows if r["load"] == loads[-1]]
     ratio_rows = []
     for t in sorted({r["tasks"] for r in hi}):
@@ -244,6 +282,9 @@ def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict]
     return [
         f"## Cost model: {label}\n",
         f"- Coefficients (s): {dataclasses.asdict(setup.cost)}; {prov}.",
+        f"- Engine shape: {setup.shape}; max_num_seqs {setup.max_num_seqs}, max_num_batched_tokens "
+        f"{setup.max_num_batched_tokens}, β = {setup.beta}; requests per job in the sweep: {setup.job_size} "
+        "(JCT = latency when 1).",
         f"- inlaid aging: adaptive, floor aging_s = {setup.sched_cfg('inlaid').aging_s} s (config default); "
         f"mlfq starvation threshold = {setup.mlfq_starvation_s} s.",
         f"- FIFO saturation throughput at 100 tasks: {sat:.3g} req/s. Loads swept: {loads} x that (per task count).\n",
@@ -262,7 +303,7 @@ def section(key: str, label: str, prov: str, setup: StudySetup, rows: list[dict]
         "\n### Full sweep\n", markdown_table(rows, ["tasks", "load", "rate", "policy"], KEYS + ("throughput_bound",)), "\n" + figs,
         f"### Jobs (bursts of 8 requests of one task), load {loads[-2]}x, 100 tasks\n",
         markdown_table(jobs, ["policy"], KEYS),
-        f"\n### Ablation (load {loads[-2]}x, 100 tasks)\n", markdown_table(abl, ["variant"], KEYS), "",
+        "\n### Ablation (100 tasks, same trace per load)\n", markdown_table(abl, ["load", "variant"], KEYS), "",
         "\n### MLFQ preemption guards (MLFQ / FIFO: throughput `thr`, mean latency `lat`; same trace per point)\n",
         "Recompute preemption needs a guard that FastServe (KV swap) does not; `gap` = how many levels more "
         "urgent the waiting request must be, `min run` = output tokens the victim must have generated since it "
@@ -276,7 +317,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--quick", action="store_true", help="fewer loads, tasks and requests (smoke run)")
     ap.add_argument("--cost-model", type=Path, default=OUT / "cost_model.json")
-    ap.add_argument("--gpu-cost-model", type=Path, default=OUT / "cost_model_cuda.json")
+    ap.add_argument("--gpu-cost-model", type=Path, default=OUT / "cost_model_h200_w4_7b.json",
+                    help="GPU fit with the prefill-step term (python -m inlaid.sim.serving_replay writes it)")
+    ap.add_argument("--h100-cost-model", type=Path, default=OUT / "cost_model_cuda.json",
+                    help="older H100 SmolLM2 fit without the prefill-step term; a missing file skips its section")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--engine-sections-only", action="store_true",
                     help="only replace the engine-vs-simulator sections of an existing scheduling.md with the "
@@ -292,17 +336,16 @@ def main() -> None:
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     md = header(n, tasks)
-    for key, label, cost, prov in cost_models(args):
-        probe = StudySetup(shape=SHAPE, cost=cost)
-        setup = StudySetup(shape=SHAPE, cost=cost,
-                           mlfq_starvation_s=round(AGING_REQUESTS / saturation_rate(probe, 100), 1))
+    for sec in cost_models(args):
+        probe = StudySetup(shape=sec.shape, cost=sec.cost, job_size=sec.job_size)
+        setup = dataclasses.replace(probe, mlfq_starvation_s=round(AGING_REQUESTS / saturation_rate(probe, 100), 1))
         rows, sat = study_one(setup, n, tasks, loads)
-        abl = ablation(setup, n, sat * loads[-2], 100)
+        abl = [{"load": x, **r} for x in (1.0, loads[-1]) for r in ablation(setup, n, sat * x, 100)]
         jobs = jobs_study(setup, n, sat * loads[-2], 100)
         guards = mlfq_guard_sweep(setup, min(n, 600), [(10, 1.0), (100, 1.0), (100, loads[-1])])
         for metric in ("throughput_rps", "latency_mean", "slo_attainment", "jct_mean"):
-            plot(rows, tasks, metric, args.out / f"scheduling_{key}_{metric}.png", label)
-        md += section(key, label, prov, setup, rows, abl, jobs, sat, loads, guards)
+            plot(rows, tasks, metric, args.out / f"scheduling_{sec.key}_{metric}.png", sec.label)
+        md += section(sec, setup, rows, abl, jobs, sat, loads, guards)
     pq = [predictor_quality(max(n, 1000), t) for t in tasks]
     md += ["## Length predictor quality (online predict-then-observe, task-suite lengths)\n",
            markdown_table(pq, ["tasks"], ("mae_predictor", "mae_oblivious", "spearman_predictor", "spearman_oblivious")),
@@ -373,11 +416,13 @@ def header(n: int, tasks: list[int]) -> list[str]:
         "# Scheduling study (simulated)\n",
         "Generated by `PYTHONPATH=. python benchmarks/scheduling_study.py` ({secs} s on this machine). "
         "Real `inlaid.core` Scheduler, fake runner (true lengths hidden from the scheduler), step-cost model.\n",
-        f"- Engine shape: {SHAPE}; max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens "
+        f"- Engine shape: per section (the GPU section: the serving sweep's engine; CPU and H100: {SHAPE}); "
+        f"max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens "
         f"{cfg.max_num_batched_tokens}, β = {cfg.max_adapters_per_step}; mlfq starvation threshold = "
         f"the time to serve {AGING_REQUESTS} requests at FIFO's saturation rate (per cost model, below); inlaid "
         "aging adaptive (default floor).",
-        f"- Workload: {n} requests per point, Gamma arrivals (CV 1), power-law (α=1) popularity over {tasks} tasks; "
+        f"- Workload: {n} requests per point (jobs of 4 requests in the GPU section, as in the serving sweep; "
+        f"single requests elsewhere), Gamma arrivals (CV 1), power-law (α=1) popularity over {tasks} tasks; "
         f"lengths sampled from the task suite ({len(suite)} tasks, tokens counted with {counter}; task i uses suite "
         "task i mod 12; output = completion + EOS), max_tokens 512.",
         "- SLO: latency ≤ 5 × the request's isolated run time (same cost model).",

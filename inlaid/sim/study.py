@@ -42,6 +42,8 @@ class StudySetup:
     """Overrides ``aging_s`` for mlfq only (FastServe's fixed starvation threshold)."""
     lengths: str = "auto"
     slo_scale: float = 5.0
+    job_size: int = 1
+    """Requests per job (a burst for one task) of the study's workloads, unless a caller overrides it."""
 
     def sched_cfg(self, policy: str) -> SchedulerConfig:
         aging = self.mlfq_starvation_s if policy == "mlfq" and self.mlfq_starvation_s is not None else self.aging_s
@@ -83,6 +85,7 @@ def run_policy(specs: Sequence[RequestSpec], sched_cfg: SchedulerConfig, shape: 
 
 
 def workload(n: int, rate: float, tasks: int, setup: StudySetup, seed: int = 1, **kw: object) -> list[RequestSpec]:
+    kw.setdefault("job_size", setup.job_size)
     return generate_workload(WorkloadConfig(num_requests=n, rate=rate, num_tasks=tasks, seed=seed,
                                             lengths=setup.lengths, **kw))  # type: ignore[arg-type]
 
