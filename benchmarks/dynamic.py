@@ -333,7 +333,8 @@ def _md_header(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     ident = res.get("identical", {})
     if isinstance(ident, bool):
         ident = {"online": ident, "offline": ident}
-    return [f"# Dynamic task addition: {Path(args.model).name} on {res.get('device', args.device)}", "",
+    model = "SmolLM2-135M-Instruct (bundled `default`)" if args.model == "default" else Path(args.model).name
+    return [f"# Dynamic task addition: {model} on {res.get('device', args.device)}", "",
             f"**Status:** measured {res.get('date', '?')} on {res.get('device', args.device)}, model `{args.model}` "
             f"({args.load_format} weights), {args.bits}-bit g{args.group_size} sym, `{args.method}`, "
             f"{args.calib_samples} calibration samples of at most {args.max_seq_len} tokens per task. "
@@ -363,7 +364,7 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
                       f"{first.get('metric_examples')} test examples"
                       f"{f', generation capped at {args.gen_max_tokens} tokens' if args.gen_max_tokens else ''}.")
     head = "| task | NLL old base | NLL re-quantized | change" + (" [95% CI] |" if "paired" in res else " |") + (" NLL fp base |" if has_fp else "")
-    head += " metric | old base | re-quantized |" if has_metric else ""
+    head += " metric | old base | re-quantized |" + (" fp base |" if has_fp else "") if has_metric else ""
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for t in args.old + [args.new]:
         o, r = ev["old"][t], ev["requantized"][t]
@@ -373,6 +374,7 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
         row += f" {ev['fp'][t]['nll']:.4f} |" if has_fp else ""
         row += f" {o.get('metric_name', '')} | {o.get('metric', float('nan')):.1f} | {r.get('metric', float('nan')):.1f} |" \
             if has_metric else ""
+        row += f" {ev['fp'][t].get('metric', float('nan')):.1f} |" if has_metric and has_fp else ""
         lines.append(row)
     return lines + [""]
 
