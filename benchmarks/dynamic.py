@@ -3,18 +3,22 @@
 1. Quantize the base for the OLD tasks (MLGPTQ, ``--bits``/``--group-size``) -> ``old/``.
 2. Cost (the paper's Table 4 shape), each in a fresh subprocess so peak RSS / CUDA peak is its own:
    full re-quantization of OLD+NEW from scratch; offline incremental (``Requantizer`` without a served model).
-3. Online incremental: an ``AsyncLLM`` serves ``old/`` while closed-loop clients stream requests of the old
-   tasks; the NEW adapter is added with calibration; latency p50/p99 and throughput before/during/after.
-4. Quality: answer NLL (teacher forcing, task test split) of every task on ``old/`` vs the re-quantized base;
-   the incremental checkpoint is compared tensor by tensor with the full one (bit-identity).
+3. Online incremental (its own subprocess too): an ``AsyncLLM`` serves ``old/`` while closed-loop clients
+   stream requests of the old tasks; the NEW adapter is added with calibration; latency p50/p99 and
+   throughput before/during/after.
+4. Quality: answer NLL (teacher forcing, test split; paired bootstrap interval of the change) and, with
+   ``--gen-limit``, the task metric, of every task on ``old/``, the re-quantized base and the fp base; both
+   incremental checkpoints are compared tensor by tensor with the full one (bit-identity).
 
-CPU, bundled SmolLM2 + demo adapters (a few minutes on 2 cores):
+CPU, bundled SmolLM2 + demo adapters (about 10 minutes on 2 shared cores; see results/dynamic.md):
 
-    PYTHONPATH=. python benchmarks/dynamic.py --out benchmarks/results/dynamic.md
+    PYTHONPATH=. python benchmarks/dynamic.py --threads 1 --cache-dequantized --calib-samples 8 \
+        --max-seq-len 128 --eval-limit 20 --gen-limit 10 --gen-max-tokens 32 --phase-seconds 90 --clients 4 \
+        --notes benchmarks/results/dynamic_notes.md --out benchmarks/results/dynamic.md
 
 GPU, 7B shapes with dummy weights (no quality table; token-id calibration):
 
-    PYTHONPATH=. python benchmarks/dynamic.py --device cuda --model llama2-7b-shapes --load-format dummy \\
+    PYTHONPATH=. python benchmarks/dynamic.py --device cuda --model llama2-7b-shapes --load-format dummy \
         --calib-samples 32 --max-seq-len 512 --clients 16 --out benchmarks/results/dynamic_gpu.md
 """
 
@@ -490,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
@@ -523,7 +527,11 @@ def main() -> None:
                         "OpenMP oversubscription, which made GPTQ's small ops 10-15x slower on 2 busy cores")
     p.add_argument("--work", default="/tmp/inlaid_dynamic")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.md"))
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.tiny:
         args.old, args.new = ["definitions", "math_gsm"], "trivia_qa"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
