@@ -67,7 +67,7 @@ def task_inputs(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], d
             ads[t] = str(save_peft(random_adapter(t, arch.lora_module_shapes(), arch.num_layers, 16, seed=k),
                                    work / "adapters" / t))  # fmt: skip
             calib[t] = str(work / f"{t}.jsonl")
-            rows = [{"input_ids": [rng.randrange(32000) for _ in range(args.max_seq_len)]}
+            rows = [{"input_ids": [rng.randrange(arch.vocab_size) for _ in range(args.max_seq_len)]}
                     for _ in range(args.calib_samples)]  # fmt: skip
             Path(calib[t]).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return ads, calib
@@ -184,9 +184,10 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     from inlaid.engine.async_llm import AsyncLLM
     from inlaid.engine.requant_hook import attach_requantizer
 
+    # The served checkpoint is real (written by quantize_model) even for a dummy base: load it as such; only
+    # the requantizer's unquantized source is dummy (its load_format below).
     config = EngineConfig.from_kwargs(model=str(ckpt), device=args.device, max_loras=len(args.old) + 1,
-                                      max_lora_rank=64, max_model_len=1024, load_format=args.load_format,
-                                      **_kv(args))  # fmt: skip
+                                      max_lora_rank=64, max_model_len=1024, **_kv(args))  # fmt: skip
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(
         eng, num_threads=args.requant_threads, duty_cycle=args.duty_cycle,
@@ -224,8 +225,12 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
 
 def _load_prompts(args: argparse.Namespace, llm: Any) -> list[tuple[Any, str | None]]:
     if args.load_format == "dummy":
+        from inlaid.model.arch import ModelArch
+        from inlaid.model.loader import resolve_model_path
+
+        vocab = ModelArch.from_dir(resolve_model_path(args.model)).vocab_size
         rng = random.Random(1)
-        return [([rng.randrange(32000) for _ in range(64)], args.old[i % len(args.old)]) for i in range(16)]
+        return [([rng.randrange(vocab) for _ in range(64)], args.old[i % len(args.old)]) for i in range(16)]
     from inlaid.tasks.dataset import load_split
 
     out = []

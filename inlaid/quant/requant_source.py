@@ -62,9 +62,13 @@ class FpSource:
         for file in sorted(self.path.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
                 self.files.update((k, file) for k in f.keys())
-        self.dummy = load_format == "dummy" or (load_format == "auto" and not self.files)
-        if load_format not in ("auto", "dummy") and not self.files:
-            raise RequantError(f"{self.path}: no *.safetensors weights of the unquantized base")
+        # A .bin-only base is read through a memory map (pages are loaded only for the tensors used).
+        self.bin: dict[str, torch.Tensor] = {} if self.files or load_format == "dummy" else _load_bins(self.path)
+        # Dummy values only when asked, or for a config-only directory (a `dummy` base has no weight files);
+        # never as a silent stand-in for weights that exist.
+        self.dummy = load_format == "dummy" or (load_format == "auto" and not self.files and not self.bin)
+        if load_format not in ("auto", "dummy") and not self.files and not self.bin:
+            raise RequantError(f"{self.path}: no weights (*.safetensors or pytorch_model*.bin) of the unquantized base")
         self.seed = dummy_seed
 
     def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -77,10 +81,13 @@ class FpSource:
             gen = torch.Generator(device=device)
             gen.manual_seed(self.seed + (hash_name(name) % 1_000_003))
             return torch.empty(*shape, dtype=dtype, device=device).normal_(0.0, DUMMY_STD, generator=gen)
-        if name not in self.files:
+        if name in self.bin:
+            t = self.bin[name]
+        elif name in self.files:
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                t = f.get_tensor(name)
+        else:
             raise RequantError(f"{self.path}: the unquantized base has no tensor {name!r}")
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            t = f.get_tensor(name)
         if tuple(t.shape) != tuple(shape):
             raise RequantError(f"{self.path}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t.to(device=device, dtype=dtype)
@@ -93,6 +100,16 @@ class FpSource:
             d_in, d_out = shapes[rel.split(".")[1]]
             out[rel] = self.tensor(f"model.layers.{idx}.{rel}.weight", (d_out, d_in), dtype, device)
         return out
+
+
+def _load_bins(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        try:
+            out.update(torch.load(str(file), map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # torch raises several types for truncated or foreign pickles
+            raise RequantError(f"{file}: cannot read the unquantized base's weights ({e})") from e
+    return out
 
 
 def lazy_fp_model(arch: ModelArch, source: FpSource, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:

@@ -155,11 +155,8 @@ def test_served_model_of_another_checkpoint_is_refused(base, tmp_path, tiny_llam
         Requantizer(base["q"], llm.engine.parts.arch, llm.engine.parts.model)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: FpSource(load_format='auto') falls back to dummy weights when the "
-                   "unquantized base has only pytorch_model.bin, so the re-quantized base is built from random "
-                   "weights and reported 'done' (fix in inlaid/quant/requant_source.py; see benchmarks/results/"
-                   "dynamic.md). Remove this marker once fixed.")  # fmt: skip
-def test_a_bin_only_base_is_requantized_from_its_real_weights_or_refused(tiny_llama_dir, tmp_path):
+def test_a_bin_only_base_is_requantized_from_its_real_weights(tiny_llama_dir, tmp_path):
+    """A base with only pytorch_model.bin is read (memory-mapped), not replaced by dummy weights."""
     from safetensors.torch import load_file as load_st
 
     from inlaid.model.arch import ModelArch
@@ -175,16 +172,10 @@ def test_a_bin_only_base_is_requantized_from_its_real_weights_or_refused(tiny_ll
         calib[n].write_text("".join(json.dumps(x) + "\n" for x in r))
     quantize_model(str(fp), {}, {"a": str(calib["a"])}, "mlgptq", 4, 32, tmp_path / "a")
     quantize_model(str(fp), {}, {n: str(p) for n, p in calib.items()}, "mlgptq", 4, 32, tmp_path / "ab")
-    try:
-        rq = Requantizer(tmp_path / "a", ModelArch.from_dir(fp))
-        rq.submit("b", None, [r["input_ids"] for r in rows["b"]])
-        assert rq.wait("b", timeout=120)
-    except RequantError as e:  # refusing clearly is also correct
-        assert "safetensors" in str(e) or ".bin" in str(e)
-        return
-    status = rq.status("b")
-    if status["quantization"] == "failed":
-        assert "safetensors" in status["error"] or ".bin" in status["error"], status["error"]
-        return
+    rq = Requantizer(tmp_path / "a", ModelArch.from_dir(fp))
+    assert not rq.source.dummy and rq.source.bin
+    rq.submit("b", None, [r["input_ids"] for r in rows["b"]])
+    assert rq.wait("b", timeout=120)
+    assert rq.status("b")["quantization"] == "done", rq.status("b")
     got, want = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "ab" / "model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
