@@ -499,6 +499,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the first N configs get their shared methods AND per-task models before later configs start")
     p.add_argument("--min-config-seconds", type=float, default=60, help="start a config only with this much left")
     p.add_argument("--min-cell-seconds", type=float, default=12, help="start an evaluation only with this much left")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default; 1 avoids OpenMP oversubscription on a busy CPU)")
     p.add_argument("--work", default="/tmp/inlaid_quality")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     p.add_argument("--json", default=None, help="results JSON (default: --out with .json)")
@@ -516,6 +518,8 @@ def main() -> None:
         data = merge_runs([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
         rescore_cells(data["cells"])
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
         run = Run({**vars(args), "command": "PYTHONPATH=. python benchmarks/quality.py " + " ".join(sys.argv[1:])},
                   json_path)  # fmt: skip
