@@ -15,6 +15,9 @@ Invariants:
   ``forward_local`` gives this rank's partial sum and ``reduce`` all-reduces it
   (``forward`` = both). Callers that add to the partial output first (the LoRA
   hook) call the two halves, so a row layer costs one collective in total.
+  The model itself always goes through ``llama._project`` (``forward_local`` then ``reduce``), never
+  ``ParallelLinear.forward``, so module forward hooks on a linear do not fire; code that must see a
+  linear's input (calibration) wraps its ``quant_method.apply`` instead (``inlaid.quant.calibrate``).
 - ``VocabParallelEmbedding`` (world > 1 only): masked lookup of the rank's
   vocab rows, then one all-reduce.
 - The MLP here has no LoRA awareness; ``llama.py`` calls the LoRA hook after
