@@ -23,9 +23,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="task adapter, PEFT dir (repeatable)")
     p.add_argument("--calib", action="append", metavar="NAME=FILE",
                    help="task calibration JSONL: prompt/completion, text or input_ids rows (repeatable)")
-    p.add_argument("--method", choices=_METHODS, default="mlgptq-diag",
-                   help="Hessian of the shared base (default mlgptq-diag: the repaired max, best measured; "
-                        "mlgptq = the paper's plain element-wise max, not positive definite)")
+    p.add_argument("--method", choices=_METHODS, default="gptq-mixed",
+                   help="Hessian of the shared base: gptq-mixed (default; the sample-weighted mean over tasks, the "
+                        "best shareable method measured, benchmarks/results/quality.md), mlgptq (the paper's "
+                        "element-wise max: not positive definite, measured worst), mlgptq-diag (mean + the max's "
+                        "diagonal excess), mlgptq-psd, gptq-single (--task), rtn")
     p.add_argument("--task", default=None, help="gptq-single: the task whose Hessian is used")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=128, help="-1 (per channel), 32, 64 or 128")

@@ -252,3 +252,19 @@ def test_worker_thread_limits_and_bad_options(setup, ckpt):
     assert seen and all(s == ("inlaid-requant", 1) for s in seen)
     assert torch.get_num_threads() >= 1 and rq.committed_tasks() == ["a", "b", "c"]
     rq.close()
+
+
+def test_adding_a_task_to_a_gptq_mixed_base_equals_quantizing_all_tasks_at_once(setup, tmp_path):
+    """The CLI default method (the sample-weighted mean) keeps the bit-identity guarantee of task addition."""
+    root, ads, calib = tmp_path, setup["ads"], setup["calib"]
+    quantize_model(str(setup["base"]), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "gptq-mixed", 4, 32,
+                   root / "ab")  # fmt: skip
+    quantize_model(str(setup["base"]), ads, calib, "gptq-mixed", 4, 32, root / "abc")
+    llm = _llm(root / "ab", setup)
+    llm.add_adapter("c", ads["c"], calibration=str(calib["c"]))
+    assert llm.wait_requant("c", timeout=120)["quantization"] == "done"
+    want = load_file(str(root / "abc" / "model.safetensors"))
+    for key, t in _served(llm).items():
+        assert torch.equal(t, want[key]), key
+    mlgptq = load_file(str(setup["abc"] / "model.safetensors"))  # the same tasks under the max: a different base
+    assert any(not torch.equal(want[k], mlgptq[k]) for k in want if k.endswith("qweight"))
