@@ -40,8 +40,13 @@ class ModelConfig:
     """Context limit in tokens; default: the model's max_position_embeddings."""
     dummy_seed: int = 0
     """Seed of the random weights when load_format is "dummy"."""
+    gptq_dequant_cache: str = "auto"
+    """GPTQ bases: keep the weights dequantized in the activation dtype ("on": fast steps, dense-weight memory;
+    "off": unpack every step). "auto": on for CPU (no fused kernels there), off on CUDA."""
 
     def __post_init__(self) -> None:
+        if self.gptq_dequant_cache not in ("auto", "on", "off"):
+            raise ValueError(f"gptq_dequant_cache must be auto|on|off, got {self.gptq_dequant_cache!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):

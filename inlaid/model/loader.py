@@ -165,7 +165,9 @@ def load_model(model_config: ModelConfig, device: torch.device, dtype: torch.dty
         from inlaid.quant.linear import is_gptq_dir, load_gptq_model  # lazy: quant builds on model
 
         if is_gptq_dir(path):
-            return load_gptq_model(path, arch, device, dtype, lora_hook, max_positions, tp=tp), arch, path
+            cache = model_config.gptq_dequant_cache == "on" or (
+                model_config.gptq_dequant_cache == "auto" and device.type == "cpu")
+            return load_gptq_model(path, arch, device, dtype, lora_hook, max_positions, cache, tp=tp), arch, path
     model = build_model(arch, device, dtype, lora_hook, max_positions=max_positions, tp=tp)
     if model_config.load_format == "dummy":
         logger.info("dummy weights for %s (%s shapes, seed %d)", arch.name, arch.architecture,

@@ -235,3 +235,19 @@ def test_max_aggregate_is_indefinite_and_the_repairs_are_psd(tmp_path):
     h_a = store.load("a", 0, "qkv")[0]
     assert torch.equal(aggregate_group(store, 0, "qkv", "mlgptq", ["a"]), h_a)
     assert torch.equal(aggregate_group(store, 0, "qkv", "gptq-single", ["a", "b"], task="a"), h_a)
+
+
+@pytest.mark.parametrize("setting, cached", [("auto", True), ("on", True), ("off", False)])
+def test_dequantized_weight_cache_setting_on_cpu(qdirs, setting, cached):
+    """CPU has no fused kernels: "auto" keeps GPTQ weights dequantized (same logits as unpacking every step)."""
+    model, _, _ = load_model(ModelConfig(model=str(qdirs[4]), gptq_dequant_cache=setting), CPU, F32)
+    q = model.model.layers[0].self_attn.q_proj
+    assert (q._buffers.get("dq_weight") is not None) == cached
+    ref, _, _ = load_model(ModelConfig(model=str(qdirs[4]), gptq_dequant_cache="off"), CPU, F32)
+    x = torch.randn(3, q.in_features)
+    assert torch.equal(q.forward_local(x), ref.model.layers[0].self_attn.q_proj.forward_local(x))
+
+
+def test_dequantized_weight_cache_setting_is_validated():
+    with pytest.raises(ValueError, match="gptq_dequant_cache"):
+        ModelConfig(gptq_dequant_cache="yes")
