@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from inlaid.core.linsolve import SingularSystem, solve
 from inlaid.request import Request
 
 _K = 4
@@ -69,8 +70,10 @@ class PrefillCostEstimator:
             return None
         a = [[self._xx[i][j] + (self.ridge * max(self._xx[i][i], 1.0) if i == j else 0.0) for j in range(_K)]
              for i in range(_K)]
-        sol = _solve(a, list(self._xy))
-        return tuple(sol) if sol is not None else None
+        try:
+            return tuple(solve(a, self._xy))
+        except SingularSystem:
+            return None
 
     def decode_step(self) -> float:
         """Fitted seconds of a step that admits nobody (>= 0; 0 until measured)."""
@@ -81,22 +84,6 @@ class PrefillCostEstimator:
         """Extra seconds of a step with prefill beyond its per-token cost (>= 0; 0 until measured)."""
         c = self.coefficients()
         return max(c[1], 0.0) if c is not None else 0.0
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
-    for col in range(n):
-        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[piv][col]) < 1e-12:
-            return None
-        m[col], m[piv] = m[piv], m[col]
-        for r in range(n):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 class PrefillBatcher:

@@ -25,8 +25,8 @@ from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from inlaid.core.linsolve import SingularSystem, solve
 from inlaid.core.outputs import SchedulerOutput
-
 
 NUM_FEATURES = 5
 """Length of ``StepCostModel.features`` (the linear, least-squares-fitted part)."""
@@ -87,28 +87,15 @@ class StepCostModel:
         return t + max(output_len - 1, 0) * self.cost([1.0, 0.0, 1.0, a, 0.0])
 
 
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve the square system a x = b by Gaussian elimination with partial pivoting."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
-    scale = max(abs(a[i][i]) for i in range(n)) or 1.0
-    for col in range(n):
-        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[piv][col]) < 1e-12 * scale:
-            raise ValueError(f"cost-model fit is singular: feature {col} never varies in the samples")
-        m[col], m[piv] = m[piv], m[col]
-        for r in range(n):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    return [m[i][n] / m[i][i] for i in range(n)]
-
-
 def _lstsq(samples: Sequence[tuple[Sequence[float], float]], active: list[int], ridge: float) -> list[float]:
     """Least squares over the ``active`` feature indices (others fixed at 0)."""
     ata = [[sum(x[i] * x[j] for x, _ in samples) + (ridge if i == j else 0.0) for j in active] for i in active]
     atb = [sum(x[i] * y for x, y in samples) for i in active]
-    return _solve(ata, atb)
+    scale = max(abs(ata[i][i]) for i in range(len(active))) or 1.0
+    try:
+        return solve(ata, atb, tol=1e-12 * scale)
+    except SingularSystem as e:
+        raise ValueError(f"cost-model fit is singular: feature {e.column} never varies in the samples") from e
 
 
 def fit_cost_model(samples: Sequence[tuple[Sequence[float], float]], ridge: float = 0.0) -> StepCostModel:

@@ -130,16 +130,21 @@ def gpu_point_report(json_dir: str | Path, prefix: str, fit_variant: str = "fifo
                      "engine_steps": eng.summary["steps"] if eng else None,
                      "timeline_err": timeline_error(res, eng.records) if eng else None})
     f = next(r for r in rows if r["variant"] == "fifo")
-    md = [f"Cost model fitted on the engine's `{fit_variant}` run: {cost} (mean |first-token, finish| error "
-          f"{err * 1000:.0f} ms).", "",
-          "| variant | sim makespan | engine makespan | sim steps | engine steps | sim latency | engine latency "
-          "| timeline err (s) | sim thr / fifo | sim latency reduction vs fifo |", "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [(f"Cost model fitted on the engine's `{fit_variant}` run: {cost} (mean |first-token, finish| error "
+           f"{err * 1000:.0f} ms)."), "",
+          ("| variant | sim makespan | engine makespan | sim steps | engine steps | sim latency | engine latency "
+           "| timeline err (s) | sim thr / fifo | sim latency reduction vs fifo |"),
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        e = (lambda k: "" if r[k] is None else f"{r[k]:.3g}")
-        md.append(f"| {r['variant']} | {r['sim_makespan']:.2f} | {e('engine_makespan')} | {r['sim_steps']} | "
-                  f"{e('engine_steps')} | {r['sim_latency']:.3f} | {e('engine_latency')} | {e('timeline_err')} | "
-                  f"{f['sim_makespan'] / r['sim_makespan']:.2f} | {1 - r['sim_latency'] / f['sim_latency']:.2f} |")
+        md.append(f"| {r['variant']} | {r['sim_makespan']:.2f} | {_g(r['engine_makespan'])} | {r['sim_steps']} | "
+                  f"{_g(r['engine_steps'])} | {r['sim_latency']:.3f} | {_g(r['engine_latency'])} | "
+                  f"{_g(r['timeline_err'])} | {f['sim_makespan'] / r['sim_makespan']:.2f} | "
+                  f"{1 - r['sim_latency'] / f['sim_latency']:.2f} |")
     return "\n".join(md) + "\n", {"cost": cost.__dict__, "fit_error_s": err, "rows": rows}
+
+
+def _g(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
 
 
 log = logging.getLogger(__name__)
@@ -240,7 +245,7 @@ def prediction_check(json_dir: str | Path, prefix: str, models: dict[str, StepCo
         fifo = runs.get(f"fifo_r{rate}")
         if fifo is None:
             continue
-        m = (lambda r: (r.summary["makespan"], r.summary["latency_mean"], r.summary["jct_mean"]))  # noqa: E731
+        m = (lambda r: (r.summary["makespan"], r.summary["latency_mean"], r.summary["jct_mean"]))
         sims = {name: _sim_triple(fifo, "fifo", shape, c) for name, c in models.items()}
         for v in variants:
             run = runs.get(f"{v}_r{rate}")
