@@ -82,23 +82,23 @@ def _check(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
 
 
 def dequantize_gptq(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """Dequantize packed GPTQ tensors to ``W [in, out]`` in ``scales.dtype``."""
+    """Dequantize packed GPTQ tensors to ``W [in, out]`` in ``scales.dtype``.
+
+    ``check_values=False`` skips the g_idx range check, which reads values back to the host: for tensors
+    already validated (``inlaid.quant.pack.validate_layer`` at load and swap), so a served forward does no
+    host sync and can be captured in a CUDA graph.
+    """
     _check(qweight, qzeros, scales, g_idx, bits)
     codes = unpack_rows(qweight, bits)  # [K, N]
     zeros = unpack_rows(qzeros.t().contiguous(), bits).t() + 1  # [G, N], v1: stored = zero - 1
     g = g_idx.long()
-    # The range check reads values back to the host, which a CUDA graph capture forbids (the engine captures
-    # decode steps that run this path for 3/8-bit layers); the same tensors were checked outside capture.
-    if g.numel() and not _capturing(g) and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
+    if check_values and g.numel() and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
         raise ValueError(f"g_idx values must lie in [0, {scales.shape[0]})")
     w = (codes - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]
     return w.to(scales.dtype)
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def gptq_linear(
@@ -109,9 +109,10 @@ def gptq_linear(
     g_idx: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """``x [..., in] @ W [in, out] (+ bias)`` with ``W`` dequantized from the packed layout; result in x.dtype."""
-    w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits).to(x.dtype)
+    w = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, check_values).to(x.dtype)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {w.shape[0]}")
     y = x @ w

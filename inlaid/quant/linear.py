@@ -130,8 +130,9 @@ class GPTQLinearMethod:
         if w is not None and w.dtype == x.dtype:
             y = x @ w
             return y if layer.bias is None else y + layer.bias.to(y.dtype)
+        # validated at load / swap (validate_layer): no per-forward host read-back of g_idx
         return gptq_linear(x, snap["qweight"], snap["qzeros"], snap["scales"].float(), snap["g_idx"], self.bits,
-                           layer.bias)  # fmt: skip
+                           layer.bias, check_values=False)  # fmt: skip
 
     def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
         """After loading: build the dequantized cache if enabled (idempotent)."""

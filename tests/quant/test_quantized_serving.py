@@ -206,13 +206,18 @@ def _corrupt(src, dst, how):
         tensors = load_file(str(st))
         tensors["model.norm.weight"] = torch.ones(7)
         save_file(tensors, str(st))
+    elif how == "g_idx":  # served forwards skip this check (no host sync): loading must catch it
+        tensors = load_file(str(st))
+        tensors["model.layers.0.mlp.up_proj.g_idx"][0] = 10_000
+        save_file(tensors, str(st))
     elif how == "bits":
         (dst / "quantize_config.json").write_text(json.dumps({"bits": 5, "group_size": 32}))
     return dst
 
 
 @pytest.mark.parametrize("how, match", [("truncate", "corrupt or truncated"), ("missing", "missing tensors"),
-                                        ("shape", "model expects"), ("bits", "bits=5 unsupported")])  # fmt: skip
+                                        ("shape", "model expects"), ("bits", "bits=5 unsupported"),
+                                        ("g_idx", "g_idx values outside")])  # fmt: skip
 def test_corrupted_checkpoint_is_a_clear_error(qdirs, tmp_path, how, match):
     bad = _corrupt(qdirs[4], tmp_path / how, how)
     with pytest.raises(CheckpointError, match=match):
