@@ -146,20 +146,9 @@ def in_subprocess(fn_name: str, *a: Any) -> dict[str, Any]:
     return out
 
 
-def cache_dequantized(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Turn on the GPTQ linears' dequantized-weight cache (``GPTQLinearMethod.cache_dequantized``) of a served
-    model: CPU steps then skip the unpacking, and each hot-swap re-dequantizes its layer. Returns the count."""
-    from inlaid.quant.linear import GPTQLinearMethod
-
-    n = 0
-    for layer in model.model.layers:
-        for mod in layer.modules():
-            method = getattr(mod, "quant_method", None)
-            if isinstance(method, GPTQLinearMethod):
-                method.cache_dequantized = True
-                method.finalize(mod, dtype)
-                n += 1
-    return n
+def _cached_linears(model: torch.nn.Module) -> int:
+    """GPTQ linears of the served model that keep their weight dequantized (``gptq_dequant_cache``)."""
+    return sum(1 for m in model.modules() if getattr(m, "_buffers", {}).get("dq_weight") is not None)
 
 
 # ---- online: load test during the addition -------------------------------------------------
@@ -186,16 +175,16 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
 
     # The served checkpoint is real (written by quantize_model) even for a dummy base: load it as such; only
     # the requantizer's unquantized source is dummy (its load_format below).
+    cache = "on" if args.cache_dequantized else "off"  # explicit either way: the engine's "auto" depends on the device
     config = EngineConfig.from_kwargs(model=str(ckpt), device=args.device, max_loras=len(args.old) + 1,
-                                      max_lora_rank=64, max_model_len=1024, **_kv(args))  # fmt: skip
+                                      max_lora_rank=64, max_model_len=1024, gptq_dequant_cache=cache,
+                                      **_kv(args))  # fmt: skip
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(
         eng, num_threads=args.requant_threads, duty_cycle=args.duty_cycle,
         calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format)))
-    n = 0
-    if args.cache_dequantized:
-        n = await llm._call(lambda eng: cache_dequantized(eng.parts.model, eng.parts.dtype))
-        logger.info("dequantized-weight cache on for %d GPTQ linears", n)
+    n = await llm._call(lambda eng: _cached_linears(eng.parts.model))
+    logger.info("dequantized-weight cache %s (%d GPTQ linears)", cache, n)
     prompts = _load_prompts(args, llm)
     log: list = []
     stop = asyncio.Event()
@@ -392,7 +381,7 @@ def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     load, ph = res["load"], res["load"]["phases"]
     lines = [f"## Serving during the addition (closed loop over `AsyncLLM`, {args.clients} clients, greedy, "
              f"{args.max_tokens} tokens/request, old tasks' test prompts; dequantized-weight cache "
-             f"{'on' if getattr(args, 'cache_dequantized', False) else 'off (the default)'})", "",
+             f"{'on' if getattr(args, 'cache_dequantized', False) else 'off'})", "",
              "| phase | seconds | requests started | completed | mean latency s | p50 s | p99 s | tokens/s | "
              "tokens/s vs before |", "|---|---|---|---|---|---|---|---|---|"]
     for name, st in ph.items():
@@ -525,7 +514,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phase-seconds", type=float, default=20.0)
     p.add_argument("--requant-threads", type=int, default=1)
     p.add_argument("--cache-dequantized", action="store_true",
-                   help="load test: serve with the GPTQ linears' dequantized-weight cache (faster CPU steps)")
+                   help="load test: serve with gptq_dequant_cache on (faster CPU steps); without it, off")
     p.add_argument("--duty-cycle", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads per process (0: torch's default). On a shared CPU, 1 avoids "
