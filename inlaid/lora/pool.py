@@ -16,8 +16,8 @@ this class only copies weights in and out and computes the batched deltas.
 
 Slot sizing: a slot holds only the projections in ``target_modules`` (default:
 every projection the base has), each at ``max_rank``. A pool for q,v-only
-adapters therefore uses 2/7 of the all-projection memory (less on GQA bases,
-where k/v are narrow). ``slot_spec(adapters)`` gives the union of the adapters'
+adapters therefore uses (in + out of q and v) / (in + out of all seven) of the all-projection memory
+(Llama-2-13B at rank 64: 100 MB vs 478 MB per slot, ``benchmarks/results/serving/capacity.json``). ``slot_spec(adapters)`` gives the union of the adapters'
 targets and their largest rank, to size a pool for a known set of adapters.
 The pool does not grow: an adapter that targets a projection the slots do not
 hold, or has a larger rank, is refused (``IncompatibleAdapterError`` naming the

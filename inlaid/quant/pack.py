@@ -74,7 +74,8 @@ def pack(result: QuantResult) -> dict[str, torch.Tensor]:
     scales16 = result.scales.to(torch.float16)
     if not torch.equal(scales16.to(torch.float32), result.scales.to(torch.float32)):
         raise ValueError("scales are not exactly representable in fp16; quantize with inlaid.quant.gptq")
-    # Packed on the result's device (a GPU packs the many models of a quality run in ms), then moved to CPU.
+    # Packed on the result's device, then moved to CPU: the H200 quality run packs 16 models x 210 linears in
+    # 5-11 s per config this way (benchmarks/results/quality.md timings); packing on the host took > 11 min.
     return {
         "qweight": pack_rows(result.qweight.t(), result.bits).cpu(),
         "qzeros": pack_rows((zeros - 1).t().contiguous(), result.bits).t().contiguous().cpu(),
