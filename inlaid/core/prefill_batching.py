@@ -52,6 +52,9 @@ class PrefillCostEstimator:
         self._xy = [0.0] * _K
         self.seen = [0, 0]
         """Samples seen without / with prefill."""
+        self._fit: tuple[float, ...] | None = None
+        self._fit_stale = True
+        """The solved coefficients are cached until the next ``observe`` (the policy reads them twice a step)."""
 
     def observe(self, seconds: float, prefill: bool, new_tokens: float, loads: int = 0) -> None:
         """One step: its duration, whether it admitted anyone, their prompt tokens, adapters loaded for it."""
@@ -63,9 +66,15 @@ class PrefillCostEstimator:
             for j in range(_K):
                 self._xx[i][j] = self._xx[i][j] * self.decay + x[i] * x[j]
         self.seen[1 if prefill else 0] += 1
+        self._fit_stale = True
 
     def coefficients(self) -> tuple[float, ...] | None:
         """(seconds per step, extra per prefill step, per new prompt token, per adapter load), or None."""
+        if self._fit_stale:
+            self._fit, self._fit_stale = self._solve(), False
+        return self._fit
+
+    def _solve(self) -> tuple[float, ...] | None:
         if min(self.seen) < self.min_samples:
             return None
         a = [[self._xx[i][j] + (self.ridge * max(self._xx[i][i], 1.0) if i == j else 0.0) for j in range(_K)]
