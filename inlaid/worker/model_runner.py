@@ -27,13 +27,14 @@ from typing import Callable
 
 import torch
 
-from inlaid.core.outputs import RunnerOutput, SchedulerOutput
+from inlaid.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import local_heads
 from inlaid.kernels.paged_attention import allocate_kv_caches
 from inlaid.lora.adapter import LoRAAdapter
 from inlaid.lora.pool import LoRAPool
 from inlaid.model.arch import ModelArch
+from inlaid.model.batch import ForwardBatch
 from inlaid.worker.cuda_graphs import CAPTURE_SIZES, CudaGraphRunner
 from inlaid.worker.forward_batch import build_forward_batch
 from inlaid.worker.sampler import sample
@@ -113,16 +114,25 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput()
         batch = build_forward_batch(out, self.block_size, self.device)
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
-        else:
-            hidden = self.model(batch, self.kv_caches)
+        hidden = self._forward(batch)
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
             return RunnerOutput()
+        tokens = self._sample(hidden, batch, sampling)
+        if tokens is None:
+            return RunnerOutput()
+        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states of the step: a CUDA graph replay for decode-only batches that fit, else eager."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self.model(batch, self.kv_caches)
+
+    def _sample(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list[ScheduledSeq]) -> list[int] | None:
+        """Logits of the sampling rows and one token per row, copied to the host once (None on TP workers)."""
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         if not self.tp.is_driver:
-            return RunnerOutput()
+            return None
         gens = [self._generator(s.request_id, s.sampling_params.seed) for s in sampling]
-        tokens = sample(logits, [s.sampling_params for s in sampling], gens).tolist()
-        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})
+        return sample(logits, [s.sampling_params for s in sampling], gens).tolist()
