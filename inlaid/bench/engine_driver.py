@@ -19,6 +19,12 @@ Replay semantics (virtual clock, ``VirtualClock``):
   scheduler ever seeing the true length.
 - The engine's scheduler is replaced by a fresh one per replay (same capacity,
   the given policy), so several policies can share one loaded model.
+- Step log (``ReplayResult.step_log``, columns ``inlaid.bench.step_log.COLUMNS``):
+  per ``engine.step()`` its measured time, the runner's execute time (the
+  model-clock cost with ``step_cost``), and what the step's ``SchedulerOutput``
+  and the scheduler's counters/queues say (prefill/decode sequences, prefill
+  tokens, distinct adapters, adapter loads, preemptions, waiting/running).
+  Read from outside the engine; nothing in the engine changes.
 Imports torch and the engine; the pure-Python ``core`` never imports this.
 """
 
@@ -27,11 +33,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from inlaid.bench.metrics import RequestRecord
+from inlaid.bench.step_log import COLUMNS as STEP_COLUMNS
+from inlaid.bench.step_log import step_fields
 from inlaid.config import (
     CacheConfig,
     EngineConfig,
@@ -95,6 +103,8 @@ class ReplayResult:
     """(``StepCostModel.features`` of the step, its measured seconds) per executed step."""
     complete: bool = True
     """False when ``max_wall_s`` stopped the replay: unfinished requests were aborted and have no record."""
+    step_log: list[list[float]] = field(default_factory=list)
+    """One row per ``engine.step()`` in the columns of ``inlaid.bench.step_log.COLUMNS``."""
 
 
 class _Runner:
@@ -109,9 +119,11 @@ class _Runner:
         self.stops = {eos}
         self.advanced = 0.0
         self.last_features: list[float] | None = None
+        self.last_out: SchedulerOutput | None = None
 
     def __call__(self, out: SchedulerOutput) -> RunnerOutput:
         self.last_features = StepCostModel.features(out)
+        self.last_out = out
         t0 = self.timer()
         res = self.execute(out)
         self.sync()
@@ -172,6 +184,7 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
     by_id = {s.request_id: s for s in specs}
     done: dict[str, RequestRecord] = {}
     step_times: list[float] = []
+    step_log: list[list[float]] = []
     samples: list[tuple[list[float], float]] = []
     i, t_wall = 0, time.perf_counter()
     complete = True
@@ -189,14 +202,16 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                     clock.t = pending[i].arrival
                     continue
                 sync()
-                t0, before = timer(), wrapped.advanced
-                wrapped.last_features = None
+                t0, before, preempted = timer(), wrapped.advanced, sch.stats.preemptions
+                wrapped.last_features, wrapped.last_out = None, None
                 outs = engine.step()
                 sync()
                 dt = timer() - t0
                 if step_cost is None:
                     clock.t += dt - (wrapped.advanced - before)  # the rest of the step (schedule, update)
                 step_times.append(dt)
+                step_log.append(_log_row(clock.t, dt, wrapped.advanced - before, wrapped.last_out,
+                                         sch.stats.preemptions - preempted, sch))
                 if wrapped.last_features is not None and wrapped.last_features[1:] != [0.0] * 4:
                     samples.append((wrapped.last_features, dt))
                 for o in outs:
@@ -205,7 +220,17 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                         bar.update(1)
     finally:
         engine.runner.execute = runner_execute  # type: ignore[method-assign]
-    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete)
+    return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete,
+                        step_log)
+
+
+def _log_row(t_end: float, step_s: float, exec_s: float, out: SchedulerOutput | None, preemptions: int,
+             sch: Scheduler) -> list[float]:
+    """One step-log row (``STEP_COLUMNS``): times rounded to 10 us, then counts."""
+    row = [round(t_end, 5), round(step_s, 5), round(exec_s, 5), *step_fields(out), preemptions,
+           len(sch.waiting), len(sch.running)]
+    assert len(row) == len(STEP_COLUMNS)
+    return row
 
 
 def _abort_all(engine: LLMEngine, request_ids: list[str]) -> None:  # noqa: F821

@@ -35,6 +35,7 @@ import torch
 from inlaid.bench.engine_driver import PolicyFactory, replay
 from inlaid.bench.metrics import RequestRecord, summarize
 from inlaid.bench.serve_client import IsolatedFit, strict_json
+from inlaid.bench.step_log import COLUMNS as STEP_COLUMNS
 from inlaid.bench.workload import WorkloadConfig, generate_workload
 from inlaid.config import (
     CacheConfig,
@@ -260,7 +261,8 @@ def run_point(engine: Any, wl: WorkloadConfig, variant: str, iso: IsolatedFit | 
                 "scheduled": by_id[rid].arrival, **dataclasses.asdict(res.records[rid])}
                for rid in sorted(res.records, key=lambda x: int(x[1:]))]
     return strict_json({"config": cfg, "server": None, "isolated": dataclasses.asdict(iso) if iso else None,
-                   "summary": summary, "records": records})
+                        "summary": summary, "records": records,
+                        "step_log": {"columns": list(STEP_COLUMNS), "rows": res.step_log}})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -284,6 +286,10 @@ class SweepPlan:
     """Cap on one run's wall time."""
     fixed_rates: tuple[float, ...] = ()
     """Absolute rates (req/s) instead of ``rate_x`` (no saturation probe beyond warm-up)."""
+    warmup: bool = True
+    """Run the first variant once at the first rate before measuring (same trace; written to
+    ``<out_dir>/warmup/``, not a result): first-run costs (Triton compiles of new prefill shapes, lazy
+    allocations) then fall on no measured run, and its step log against the measured one shows them."""
 
     def runs(self, sat_rps: float) -> list[tuple[str, float]]:
         rates = list(self.fixed_rates) or [round(x * sat_rps, 3) for x in self.rate_x]
@@ -305,7 +311,16 @@ def run_sweep(engine: Any, plan: SweepPlan, out_dir: Path, name: str, device: st
     written[0].write_text(json.dumps(strict_json(info), indent=1))
     logger.info("%s: saturation %.2f req/s (%.0f tok/s, mean output %.1f)", name, probe["rps"], probe["tps"],
                 probe["mean_output"])
-    for variant, rate in plan.runs(probe["rps"]):
+    runs = plan.runs(probe["rps"])
+    if plan.warmup and runs and time.monotonic() < deadline:
+        variant, rate = runs[0]
+        wl = dataclasses.replace(plan.workload, rate=rate)
+        res = run_point(engine, wl, variant, iso, device, plan.slo_scale,
+                        min(plan.max_wall_s, max(deadline - time.monotonic(), 1.0)), {**extra, "warmup": True})
+        (out_dir / "warmup").mkdir(exist_ok=True)
+        (out_dir / "warmup" / f"{name}_{variant}_r{rate:g}.json").write_text(json.dumps(res, indent=1))
+        logger.info("%s warm-up %s r%g: %.0f tok/s", name, variant, rate, res["summary"].get("throughput_tps") or 0)
+    for variant, rate in runs:
         if time.monotonic() > deadline:
             logger.warning("%s: deadline reached, skipping %s at %g req/s and the rest", name, variant, rate)
             break

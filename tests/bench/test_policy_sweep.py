@@ -17,6 +17,7 @@ from inlaid.bench.policy_sweep import (
     policy_factory,
     run_sweep,
 )
+from inlaid.bench.step_log import COLUMNS as STEP_COLUMNS
 from inlaid.bench.workload import WorkloadConfig
 from inlaid.config import SchedulerConfig
 from inlaid.core.inlaid_policy import InlaidPolicy
@@ -84,6 +85,24 @@ def test_sweep_writes_serve_schema_json_with_identical_traces(tiny_llama_dir, tm
     key = [[(x["request_id"], x["arrival"], x["task"], x["prompt_len"], x["output_len"]) for x in r["records"]]
            for r in runs[:3]]
     assert key[0] == key[1] == key[2]
+    # the step log: one row per engine step, its counts add up to the run's work
+    for r in runs:
+        log, s = r["step_log"], r["summary"]
+        rows = [dict(zip(log["columns"], row)) for row in log["rows"]]
+        assert list(log["columns"]) == list(STEP_COLUMNS) and len(rows) == s["steps"]
+        assert sum(x["prefill_seqs"] for x in rows) >= s["ok"]  # every request prefills at least once
+        assert sum(x["adapter_loads"] for x in rows) == s["adapter_loads"]
+        assert sum(x["preemptions"] for x in rows) == s["preemptions"]
+        assert all(x["step_s"] >= x["exec_s"] >= 0 for x in rows)
+        assert [x["t_end"] for x in rows] == sorted(x["t_end"] for x in rows)
+        assert rows[-1]["waiting"] == rows[-1]["running"] == 0
+        assert rows[-1]["t_end"] >= max(x["finish"] for x in r["records"]) - 1e-5  # the last step ends last
+    # the warm-up: the first run's variant and trace, written aside (not among the results)
+    warm = json.loads((tmp_path / "warmup" / files[1].name).read_text())
+    assert warm["config"]["extra"]["warmup"] is True and warm["config"]["label"] == "inlaid"
+    assert [(x["request_id"], x["arrival"], x["output_len"]) for x in warm["records"]] == \
+        [(x["request_id"], x["arrival"], x["output_len"]) for x in runs[0]["records"]]
+    assert not any(f.parent.name == "warmup" for f in files)
 
 
 def test_deadline_skips_runs_and_wall_cap_marks_incomplete(tiny_llama_dir, tmp_path) -> None:
@@ -97,5 +116,6 @@ def test_deadline_skips_runs_and_wall_cap_marks_incomplete(tiny_llama_dir, tmp_p
     assert not eng.has_unfinished_requests()
     files = run_sweep(eng, plan, tmp_path / "late", "late", "cpu", time.monotonic() - 1, {"adapters": 5})
     assert len(files) == 1  # only the probe: the deadline had passed
+    assert not (tmp_path / "late" / "warmup").exists()  # nor a warm-up
     assert set(VARIANTS) >= {"inlaid", "fifo", "mlfq", "inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"}
     assert torch.get_num_threads() >= 1
