@@ -316,8 +316,11 @@ def run_all(args: argparse.Namespace, run: Run) -> None:
     t0 = time.perf_counter()
     store, src = build_store(model, tasks, work, args.calib_samples, args.max_seq_len, device)
     run.seconds["calibrate"] = time.perf_counter() - t0
-    _eval_cell(run, make_llm(src, tasks, args.device), tasks, "fp", "unquantized", args, data_dir)
-    _release()
+    if args.skip_unquantized:  # its cells come from an earlier run, merged in with --from-json
+        logger.info("fp model not evaluated (--skip-unquantized): merge with a run that has it")
+    else:
+        _eval_cell(run, make_llm(src, tasks, args.device), tasks, "fp", "unquantized", args, data_dir)
+        _release()
     state = {k: v for k, v in load_weights(src)}
     names = sorted(t.name for t in tasks)
     single = [t for t in names if t in set(args.single_tasks.split(","))] if args.single_tasks else names
@@ -454,25 +457,31 @@ def to_markdown(data: dict[str, Any]) -> str:
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One run from several (e.g. configs split over two GPUs): cells and configs united, timings labelled.
+    """One run from several (e.g. configs split over two GPUs): cells, configs and methods united (first run's
+    order first), timings labelled.
 
     A cell present in several runs (the unquantized model is evaluated by each) keeps the first run's value;
-    timings of run k > 0 are prefixed with its configs so both stay visible.
+    timings of run k > 0 are prefixed with its configs (its methods if the configs are the same) so both stay
+    visible.
     """
     if len(runs) == 1:
         return runs[0]
     first = runs[0]
     merged = {"args": dict(first["args"]), "cells": {}, "seconds": {}, "dropped": [], "info": dict(first["info"])}
     configs: list[str] = []
+    methods: list[str] = []
     for k, r in enumerate(runs):
         for key, cell in r["cells"].items():
             merged["cells"].setdefault(key, cell)
-        label = "" if k == 0 else f"[{r['args']['configs']}] "
+        same = r["args"]["configs"] == first["args"]["configs"]
+        label = "" if k == 0 else f"[{r['args']['methods' if same else 'configs']}] "
         merged["seconds"].update({label + name: v for name, v in r["seconds"].items()})
         merged["dropped"] += r.get("dropped", [])
         merged["info"].update({label + name: v for name, v in r["info"].items() if name.startswith("peak")})
         configs += [c for c in r["args"]["configs"].split(",") if c not in configs]
+        methods += [m for m in r["args"]["methods"].split(",") if m not in methods]
     merged["args"]["configs"] = ",".join(configs)
+    merged["args"]["methods"] = ",".join(methods)
     merged["args"]["command"] = " ; ".join(r["args"]["command"] for r in runs)
     return merged
 
@@ -492,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="mlgptq-diag,gptq-mixed,rtn,mlgptq,gptq-single")
     p.add_argument("--single-tasks", default=None, help="gptq-single only for these tasks (default: every task)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--skip-unquantized", action="store_true",
+                   help="do not evaluate the fp model (merge with --from-json with a run that did)")
     p.add_argument("--nll-only", action="store_true", help="skip generation (metric columns become nan)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + random adapters + synthetic data")
     p.add_argument("--deadline", type=float, default=0, help="seconds for the whole run (0: none); drops the rest")

@@ -14,7 +14,9 @@ import argparse
 import json
 import sys
 
-_METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "gptq-mixed", "gptq-single", "rtn")
+# kept here so the CLI parser builds without importing torch; a test checks it equals quantize_model.METHODS
+_METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "mlgptq-norm", "mlgptq-normdiag", "mlgptq-rowmax",
+            "gptq-mixed", "gptq-single", "rtn")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -27,7 +29,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="Hessian of the shared base: gptq-mixed (default; the sample-weighted mean over tasks, the "
                         "best shareable method measured, benchmarks/results/quality.md), mlgptq (the paper's "
                         "element-wise max: not positive definite, measured worst), mlgptq-diag (mean + the max's "
-                        "diagonal excess), mlgptq-psd, gptq-single (--task), rtn")
+                        "diagonal excess), mlgptq-psd, mlgptq-norm / mlgptq-normdiag / mlgptq-rowmax (per-task "
+                        "scale-normalized aggregates, docs/quantize.md), gptq-single (--task), rtn")
     p.add_argument("--task", default=None, help="gptq-single: the task whose Hessian is used")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=128, help="-1 (per channel), 32, 64 or 128")

@@ -2,7 +2,9 @@
 
 Owns: ``HessianAccumulator`` (H = (2/N)·Σ x xᵀ over N input rows, fp32),
 ``aggregate``/``update_aggregate`` (``max`` = MLGPTQ, ``mean`` = sample-weighted
-mix, ``single`` = one task), ``ensure_pd`` and ``HessianStore``.
+mix, ``single`` = one task), the scale-normalized aggregates
+(``aggregate_normalized``: ``norm-mean`` | ``norm-diag`` | ``rowmax``), ``ensure_pd``
+and ``HessianStore``.
 
 Invariants:
 - ``N`` counts input *rows* (tokens), so tasks with different prompt lengths
@@ -11,6 +13,12 @@ Invariants:
   split of the same rows into batches gives the same H up to fp32 summation order.
 - ``max`` is exact and order-free: ``max(aggregate(A, B), C)`` is bit-identical
   to ``aggregate(A, B, C)``; this is what makes adding a task incremental.
+- The normalized aggregates divide each task's H by its mean diagonal
+  (``normalize``) so no task owns the aggregate by the scale of its activations;
+  they are symmetric PSD whenever every H_t is (sums and congruences of PSD
+  matrices), and a deterministic function of the per-task Hessians taken in
+  sorted task order (fp64), so re-aggregating from the store after adding a
+  task is bit-identical to aggregating all tasks at once.
 - Store keys are (task, layer index, input group); groups are ``GROUPS``
   (q/k/v share one input, gate/up share one). One file per (task, layer),
   so loading one group costs one layer's worth of memory. Writes are atomic
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 GROUPS = ("qkv", "o", "gate_up", "down")
 METHODS = ("max", "mean", "single")
+NORMALIZED = ("norm-mean", "norm-diag", "rowmax")
 _TASK_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -111,6 +120,65 @@ def update_aggregate(
     if method not in ("max", "mean"):
         raise ValueError(f"update_aggregate supports 'max' and 'mean', got {method!r}")
     return _reduce([new] if current is None else [current, new], method)
+
+
+def normalize(h: torch.Tensor) -> torch.Tensor:
+    """``H / mean(diag H)`` in fp64 (unit mean diagonal); a zero-diagonal H is returned unchanged."""
+    h = h.to(torch.float64)
+    scale = float(torch.diagonal(h).mean())
+    return h / scale if scale > 0 else h.clone()
+
+
+def _correlation(h: torch.Tensor) -> torch.Tensor:
+    """``D⁻¹ H D⁻¹`` with ``D² = diag H`` (fp64); dead channels (zero diagonal) get a zero row/col."""
+    d = torch.diagonal(h).clamp(min=0).sqrt()
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return h * inv[:, None] * inv[None, :]
+
+
+def aggregate_normalized(hessians: Mapping[str, tuple[torch.Tensor, int]], method: str) -> torch.Tensor:
+    """Equal-weight aggregates of the per-task Hessians after scale normalization (fp32 result).
+
+    With ``Ĥ_t = H_t / mean(diag H_t)`` and T tasks (sample counts are ignored: each task counts once):
+
+    - ``norm-mean``: ``(1/T) Σ_t Ĥ_t``, proportional to ``Σ_t Ĥ_t``, which is ``>= Ĥ_s`` for every task s in
+      the Loewner order: the PSD upper bound of every normalized task objective (GPTQ is invariant to the
+      scale of H, so the 1/T does not matter);
+    - ``norm-diag``: ``norm-mean`` plus the diagonal excess of the element-wise max of the ``Ĥ_t``;
+    - ``rowmax``: per-input-channel scaling, ``D (1/T Σ_t C_t) D`` with ``C_t`` the correlation matrix of
+      ``H_t`` and ``D² = max_t diag Ĥ_t``: every channel weighted by its largest normalized energy over
+      tasks, the correlations averaged.
+
+    One task gives ``Ĥ_t`` symmetrized (``(Ĥ + Ĥᵀ)/2``; exactly for ``norm-mean``/``norm-diag``, up to rounding
+    for ``rowmax``).
+    Tasks are taken in sorted name order and reduced in fp64.
+    """
+    if method not in NORMALIZED:
+        raise ValueError(f"normalized method must be one of {NORMALIZED}, got {method!r}")
+    names = sorted(hessians)
+    if not names:
+        raise ValueError("no Hessians to aggregate")
+    acc: torch.Tensor | None = None
+    top: torch.Tensor | None = None
+    for t in names:
+        h, n = hessians[t]
+        if n <= 0:
+            raise ValueError(f"n_samples must be positive, got {n} for task {t!r}")
+        if acc is not None and h.shape != acc.shape:
+            raise ValueError(f"Hessian shapes differ: {tuple(acc.shape)} vs {tuple(h.shape)} (task {t!r})")
+        hn = normalize(h)
+        part = _correlation(hn) if method == "rowmax" else hn
+        acc = part.clone() if acc is None else acc.add_(part)
+        dg = torch.diagonal(hn)
+        top = dg.clone() if top is None else torch.maximum(top, dg)
+    assert acc is not None and top is not None
+    acc = acc / len(names)
+    if method == "norm-diag":
+        acc = acc + torch.diag((top - torch.diagonal(acc)).clamp(min=0))
+    elif method == "rowmax":
+        d = top.clamp(min=0).sqrt()
+        acc = acc * d[:, None] * d[None, :]
+    return ((acc + acc.t()) / 2).to(torch.float32)  # exactly symmetric (fp32 X^T X need not be)
 
 
 def ensure_pd(h: torch.Tensor, percdamp: float = 0.01, max_retries: int = 5) -> tuple[torch.Tensor, float]:

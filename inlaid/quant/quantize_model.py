@@ -14,9 +14,16 @@ model its smallest eigenvalue reaches -0.4x the mean diagonal, so GPTQ's
 damping retries end at percdamp 10 and the Hessian is mostly identity):
 ``mlgptq-psd`` projects the max onto the PSD cone (eigenvalues clipped at 0)
 and ``mlgptq-diag`` is the mean plus the diagonal excess of the max
-(``mean + diag(max_t diag H_t - diag mean)``, PSD by construction). Both are
-deterministic functions of the stored per-task Hessians, so they keep the
-bit-identical incremental property.
+(``mean + diag(max_t diag H_t - diag mean)``, PSD by construction). Three
+scale-normalized aggregates (``hessian.aggregate_normalized``; each task's H
+divided by its mean diagonal, every task counted once): ``mlgptq-norm`` (the
+equal-weight mean of the normalized H_t, proportional to their sum, the PSD
+Loewner upper bound of every normalized task Hessian), ``mlgptq-normdiag``
+(that plus the diagonal excess of the normalized max) and ``mlgptq-rowmax``
+(per-input-channel scaling: mean correlation matrix, each channel scaled by
+its largest normalized diagonal over tasks). All are deterministic functions of
+the stored per-task Hessians, so they keep the bit-identical incremental
+property.
 
 Invariants:
 - ``requantize_layer`` is a pure, deterministic function of (fp weights, the
@@ -46,14 +53,16 @@ from tqdm.auto import tqdm
 
 from inlaid.quant.gptq import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, gptq_quantize
 from inlaid.quant.gptq_batched import gptq_quantize_many, split_rows
-from inlaid.quant.hessian import HessianStore, aggregate
+from inlaid.quant.hessian import HessianStore, aggregate, aggregate_normalized
 from inlaid.quant.linear import PROJECTIONS
 from inlaid.quant.pack import pack, quantization_config, save_quantized_checkpoint
 from inlaid.quant.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "gptq-mixed", "gptq-single", "rtn")
+METHODS = ("mlgptq", "mlgptq-psd", "mlgptq-diag", "mlgptq-norm", "mlgptq-normdiag", "mlgptq-rowmax",
+           "gptq-mixed", "gptq-single", "rtn")
+NORMALIZED_OF = {"mlgptq-norm": "norm-mean", "mlgptq-normdiag": "norm-diag", "mlgptq-rowmax": "rowmax"}
 AGGREGATORS = {"mlgptq": "max", "gptq-mixed": "mean", "gptq-single": "single"}
 GROUP_OF = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
             "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up", "mlp.down_proj": "down"}
@@ -117,6 +126,8 @@ def aggregate_loaded(loaded: Mapping[str, tuple[torch.Tensor, int]], method: str
     items = {t: loaded[t] for t in sorted(loaded)}
     if method in AGGREGATORS:
         return aggregate(items, AGGREGATORS[method], task=task)
+    if method in NORMALIZED_OF:
+        return aggregate_normalized(items, NORMALIZED_OF[method])
     if method == "mlgptq-psd":
         h = aggregate(items, "max").double()
         vals, vecs = torch.linalg.eigh((h + h.t()) / 2)
