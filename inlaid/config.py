@@ -43,8 +43,20 @@ class ModelConfig:
     gptq_dequant_cache: str = "auto"
     """GPTQ bases: keep the weights dequantized in the activation dtype ("on": fast steps, dense-weight memory;
     "off": unpack every step). "auto": on for CPU (no fused kernels there), off on CUDA."""
+    requant_duty_cycle: float = 0.5
+    """Background re-quantization of a GPTQ base (task addition): the worker's largest share of wall time, in
+    (0, 1]; after each layer it sleeps (1/duty - 1) x the time it worked. 0.5 by default: on the CPU with the
+    bundled model (benchmarks/results/dynamic.md) duty 1.0 cut serving throughput by 27-48% while it ran,
+    duty 0.5 by 7.5%, for an addition about 1.2-2x longer. 1.0: as fast as possible."""
+    requant_threads: int | None = None
+    """Intra-op threads of the re-quantization worker thread (the engine's are unchanged); default: torch's."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.requant_duty_cycle <= 1:
+            raise ValueError(f"requant_duty_cycle must be in (0, 1] (the worker's share of wall time), "
+                             f"got {self.requant_duty_cycle}")
+        if self.requant_threads is not None and self.requant_threads < 1:
+            raise ValueError(f"requant_threads must be >= 1 (or unset for torch's default), got {self.requant_threads}")
         if self.gptq_dequant_cache not in ("auto", "on", "off"):
             raise ValueError(f"gptq_dequant_cache must be auto|on|off, got {self.gptq_dequant_cache!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

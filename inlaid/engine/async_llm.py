@@ -370,6 +370,14 @@ class AsyncLLM:
         rq = getattr(self.engine, "requantizer", None)
         return rq.statuses() if rq is not None else []
 
+    def requant_settings(self) -> dict[str, Any]:
+        """The re-quantization worker's bounds in effect (``duty_cycle``, ``requant_threads``); {} if unknown."""
+        if getattr(self.engine, "config", None) is None:  # an engine without EngineConfig (test doubles)
+            return {}
+        from inlaid.engine.requant_hook import requant_settings
+
+        return requant_settings(self.engine)
+
     async def remove_adapter(self, name: str, timeout: float = 30.0) -> int:
         """Unload an adapter: reject new requests, wait for in-flight ones, abort leftovers.
 

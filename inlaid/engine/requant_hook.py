@@ -46,7 +46,11 @@ def load_samples(calibration: Calibration, tokenizer: Any, max_samples: int = 12
 
 
 def attach_requantizer(engine: "LLMEngine", **options: Any) -> "Requantizer":
-    """Create the engine's requantizer for its served checkpoint and drain its swaps between steps."""
+    """Create the engine's requantizer for its served checkpoint and drain its swaps between steps.
+
+    ``duty_cycle`` and ``num_threads`` default to the engine's ``requant_duty_cycle`` / ``requant_threads``
+    (``ModelConfig``); ``options`` override them and pass anything else to ``Requantizer``.
+    """
     from inlaid.model.loader import resolve_model_path
     from inlaid.quant.linear import is_gptq_dir
     from inlaid.quant.requant import Requantizer
@@ -56,6 +60,8 @@ def attach_requantizer(engine: "LLMEngine", **options: Any) -> "Requantizer":
         raise ValueError(f"model {engine.config.model.model!r} is not a quantized checkpoint: calibration data "
                          "re-quantizes a base written by `inlaid quantize`; serve that checkpoint, or add the "
                          "adapter without calibration")  # fmt: skip
+    options.setdefault("duty_cycle", engine.config.model.requant_duty_cycle)
+    options.setdefault("num_threads", engine.config.model.requant_threads)
     parts = engine.parts
     if parts.tp_group is not None and "swap_target" not in options:  # rank 0 quantizes; every rank swaps its shard
         from inlaid.distributed.requant import TPSwapTarget
@@ -93,4 +99,13 @@ def adapter_status(engine: "LLMEngine", name: str) -> dict[str, Any]:
     status["loaded"] = registered
     if engine.requantizer is not None:
         status["base_tasks"] = engine.requantizer.committed_tasks()
+    status.update(requant_settings(engine))
     return status
+
+
+def requant_settings(engine: "LLMEngine") -> dict[str, Any]:
+    """The re-quantization worker's bounds in effect: the requantizer's, else what the next one will get."""
+    rq, model_cfg = engine.requantizer, engine.config.model
+    if rq is not None:
+        return {"duty_cycle": rq.duty_cycle, "requant_threads": rq.num_threads}
+    return {"duty_cycle": model_cfg.requant_duty_cycle, "requant_threads": model_cfg.requant_threads}

@@ -38,7 +38,10 @@ Invariants:
   starts plus its own, so two additions in a row compose.
 - Resource bound: the worker may set its own intra-op thread count
   (``num_threads``; OpenMP thread counts are per thread) and sleeps after each
-  layer so it uses at most ``duty_cycle`` of wall time.
+  layer so it uses at most ``duty_cycle`` of wall time (``DutyCycle``). On CUDA
+  a job's calibration and GPTQ run on its own stream (``WorkerStream``, created
+  once per job), which is synchronized before each layer is queued for the swap:
+  the engine never sees a tensor the worker is still writing.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ from inlaid.quant.linear import PROJECTIONS, GPTQLinearMethod
 from inlaid.quant.linear import swap as swap_linear
 from inlaid.quant.pack import WEIGHTS_NAME, _unshared_cpu, load_quantized_checkpoint, validate_layer
 from inlaid.quant.quantize_model import HESSIAN_DIR, REPORT_NAME, QuantConfig, requantize_layer
-from inlaid.quant.requant_source import FpSource, RequantError, lazy_fp_model, samples_from_rows
+from inlaid.quant.requant_source import (DutyCycle, FpSource, RequantError, WorkerStream, lazy_fp_model,
+                                         samples_from_rows)
 
 __all__ = ["FpSource", "RequantError", "RequantJob", "Requantizer", "committed_tasks", "lazy_fp_model",
            "read_report", "samples_from_rows"]
@@ -102,6 +106,7 @@ class RequantJob:
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     packed: Packed = field(default_factory=dict, repr=False)
     old: dict[int, Packed] = field(default_factory=dict, repr=False)
+    stream: WorkerStream | None = field(default=None, repr=False)
 
     def status(self) -> dict[str, Any]:
         """``{"name", "quantization": pending|running|done|failed, "phase", "layer", "num_layers", ...}``."""
@@ -163,7 +168,8 @@ class Requantizer:
     """FIFO background re-quantization of one GPTQ checkpoint, hot-swapping layers into ``model``.
 
     ``model`` is the served GPTQ model (None: only the stored checkpoint is updated). ``on_ready`` is called
-    (from the worker thread) whenever swaps are queued, so an idle engine can drain them.
+    (from the worker thread) whenever swaps are queued, so an idle engine can drain them. ``clock`` and
+    ``sleep`` pace the worker (``DutyCycle``; default: ``time.perf_counter`` and a wait on the stop event).
     """
 
     def __init__(self, checkpoint: str | Path, arch: ModelArch, model: torch.nn.Module | None = None, *,
@@ -171,9 +177,10 @@ class Requantizer:
                  serve_dtype: torch.dtype = torch.float32, fp_source: str | Path | None = None,
                  load_format: str = "auto", dummy_seed: int = 0, num_threads: int | None = None,
                  duty_cycle: float = 1.0, max_batch_tokens: int = 4096,
-                 on_ready: Callable[[], None] | None = None, swap_target: Any = None) -> None:  # fmt: skip
-        if not 0 < duty_cycle <= 1:
-            raise ValueError(f"duty_cycle must be in (0, 1], got {duty_cycle}")
+                 on_ready: Callable[[], None] | None = None, swap_target: Any = None,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], object] | None = None) -> None:  # fmt: skip
+        self._stop = threading.Event()
+        self.pacer = DutyCycle(duty_cycle, clock or time.perf_counter, sleep or self._stop.wait)
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.ckpt = Path(checkpoint)
@@ -199,7 +206,6 @@ class Requantizer:
         self._jobs: dict[str, RequantJob] = {}
         self._queue: queue.Queue[RequantJob | None] = queue.Queue()
         self._swaps: deque[tuple[RequantJob, int, Packed, bool]] = deque()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._check_serving_model()
         self.recover()
@@ -379,8 +385,10 @@ class Requantizer:
         job.state, job.started_at = "running", time.time()
         try:
             job.tasks = sorted(set(self.committed_tasks()) | {job.name})
-            self._timed(job, "calibrate", self._calibrate)
-            self._timed(job, "quantize", self._quantize)
+            job.stream = WorkerStream(self.device)
+            with job.stream.context():  # the engine keeps the default stream
+                self._timed(job, "calibrate", self._calibrate)
+                self._timed(job, "quantize", self._quantize)
             self._timed(job, "swap_wait", self._wait_swapped)
             self._timed(job, "persist", self._persist)
         except Exception as exc:
@@ -402,10 +410,6 @@ class Requantizer:
         fn(job)
         job.seconds[phase] = time.perf_counter() - t0
 
-    def _throttle(self, busy_seconds: float) -> None:
-        if self.duty_cycle < 1:
-            self._stop.wait(busy_seconds * (1 / self.duty_cycle - 1))
-
     def _notify(self) -> None:
         if self.on_ready is not None:
             try:
@@ -424,13 +428,12 @@ class Requantizer:
         fp = lazy_fp_model(self.arch, self.source, self.device, self.calib_dtype)
         if job.name in self.store.tasks():
             self.store.remove_task(job.name)
-        last = [time.perf_counter()]
+        self.pacer.start()
 
         def sink(idx: int, accs: dict[str, HessianAccumulator]) -> None:
             n = accs["qkv"].n_samples
             self.store.write_layer(job.name, idx, {g: a.hessian for g, a in accs.items()}, n)
-            self._throttle(time.perf_counter() - last[0])
-            last[0] = time.perf_counter()
+            self.pacer.rest()
 
         capture_task_hessians(fp, self.arch, job.samples, job.adapter, self.device, self.calib_dtype,
                               self.max_batch_tokens, sink=sink, desc=f"requant calibrate {job.name}")  # fmt: skip
@@ -439,10 +442,12 @@ class Requantizer:
         for idx in range(self.arch.num_layers):
             if self._stop.is_set():
                 raise RequantError("the server shut down before re-quantization finished")
-            t0 = time.perf_counter()
+            self.pacer.start()
             fp_w = self.source.layer_weights(self.arch, idx, self.calib_dtype, self.device)
             packed = {rel: {k: t.cpu() for k, t in d.items()}
                       for rel, d in requantize_layer(idx, fp_w, self.store, job.tasks, self.qcfg).items()}  # fmt: skip
+            if job.stream is not None:
+                job.stream.synchronize()  # every tensor of the layer is written before the engine can see it
             with self._lock:
                 if job.state != "running":
                     raise RequantError(job.error or "job stopped")
@@ -451,7 +456,7 @@ class Requantizer:
                 if self.model is not None:
                     self._swaps.append((job, idx, packed, False))
             self._notify()
-            self._throttle(time.perf_counter() - t0)
+            self.pacer.rest()
 
     def _wait_swapped(self, job: RequantJob) -> None:
         while self.model is not None and job.layers_swapped < job.num_layers:

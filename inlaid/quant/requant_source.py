@@ -6,12 +6,20 @@ tensor at a time from its safetensors, or regenerated exactly like
 ``init_dummy_weights`` for dummy models) and ``lazy_fp_model`` (the fp model
 with only the embeddings resident; each decoder layer is loaded when it runs
 and the previous one released). Used by ``inlaid.quant.requant``.
+
+Also the worker's two resource bounds (kept here so ``requant.py`` stays one
+screenful of job logic): ``DutyCycle`` (after each unit of work, sleep so the
+worker uses at most ``duty`` of wall time; clock and sleep injectable for
+tests) and ``WorkerStream`` (the job's own CUDA stream, created once per job;
+on CPU ``stream`` is None and every method is a no-op).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,6 +34,63 @@ from inlaid.quant.linear import PROJECTIONS
 
 class RequantError(ValueError):
     """A task addition that cannot be re-quantized (the message names what to fix)."""
+
+
+# ---- resource bounds of the worker ---------------------------------------------------------
+class DutyCycle:
+    """Pace a worker to at most ``duty`` of wall time: ``start()`` before a unit of work, ``rest()`` after it.
+
+    ``rest()`` sleeps ``busy * (1/duty - 1)`` where ``busy`` is the ``clock()`` time since ``start()``, so
+    busy / (busy + sleep) = duty. ``sleep`` may return early (a stop event's ``wait``); duty 1 never sleeps.
+    """
+
+    def __init__(self, duty: float, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], object] = time.sleep) -> None:  # fmt: skip
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty_cycle must be in (0, 1], got {duty}")
+        self.duty, self.clock, self.sleep = duty, clock, sleep
+        self._t0: float | None = None
+        self.busy_s = 0.0
+        """Total measured work (seconds of ``clock``)."""
+        self.slept_s = 0.0
+        """Total requested sleep."""
+
+    def start(self) -> None:
+        self._t0 = self.clock()
+
+    def rest(self) -> float:
+        """Sleep for the work since ``start()`` (then restart the count); returns the seconds asked for."""
+        now = self.clock()
+        busy = 0.0 if self._t0 is None else max(now - self._t0, 0.0)
+        pause = busy * (1 / self.duty - 1)
+        self.busy_s += busy
+        if pause > 0:
+            self.slept_s += pause
+            self.sleep(pause)
+        self._t0 = self.clock()
+        return pause
+
+
+class WorkerStream:
+    """The re-quantization job's own CUDA stream on ``device`` (None on CPU: ``context`` and ``synchronize``
+    are no-ops).
+
+    A new stream has the default priority, which is CUDA's lowest, so serving kernels on the default stream
+    are not queued behind the worker's. Tensors the worker hands to the engine must be complete: call
+    ``synchronize()`` before a layer goes on the swap queue.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+    def context(self) -> ContextManager[Any]:
+        """Make the stream current for this thread (``torch.cuda.stream``); a null context on CPU."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait until all work queued on the stream has finished."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
 # ---- calibration samples ------------------------------------------------------------------

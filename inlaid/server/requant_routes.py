@@ -9,6 +9,7 @@ own, so nothing can drift from the requantizer's view):
 - ``inlaid_requant_layers_done{adapter}`` / ``inlaid_requant_layers_total{adapter}``: layers re-quantized
 - ``inlaid_requant_layers_swapped{adapter}``: layers installed into the served model
 - ``inlaid_requant_phase_seconds{adapter,phase}``: time per phase (calibrate, quantize, swap_wait, persist, total)
+- ``inlaid_requant_duty_cycle``: the worker's largest share of wall time in effect (``requant_duty_cycle``)
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class RequantCollector(Collector):
             for phase, value in s["seconds"].items():
                 secs.add_metric([s["name"], phase], value)
         yield from (done, swapped, total, secs)
+        duty = self.llm.requant_settings().get("duty_cycle")
+        if duty is not None:
+            yield GaugeMetricFamily("inlaid_requant_duty_cycle", "Re-quantization worker's largest share of wall "
+                                    "time (requant_duty_cycle)", value=float(duty))  # fmt: skip
 
 
 def add_requant_routes(app: FastAPI, llm: AsyncLLM) -> None:

@@ -24,20 +24,11 @@ CPU = torch.device("cpu")
 F32 = torch.float32
 
 
-def _calib(root, names):
-    out = {}
-    for k, n in enumerate(names):
-        rows = [{"prompt": f"Translate: cat {i} {n}", "completion": "chat " * (i % 4 + k + 1)} for i in range(12)]
-        out[n] = root / f"{n}.jsonl"
-        out[n].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 @pytest.fixture(scope="module")
-def qdirs(tiny_llama_dir, tiny_adapters, tmp_path_factory):
+def qdirs(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
     """8-bit and 4-bit MLGPTQ checkpoints of the tiny model for adapters a, b."""
     root = tmp_path_factory.mktemp("quant")
-    calib = _calib(root, ["a", "b"])
+    calib = write_calib(root, ["a", "b"], n=12)
     ads = {n: str(tiny_adapters[n]) for n in ("a", "b")}
     dirs = {}
     for bits, gs in ((8, 32), (4, 32)):
@@ -103,8 +94,8 @@ def test_engine_serves_quantized_base_with_adapters(qdirs, tiny_llama_dir, tiny_
     assert outs[0] == outs[1]
 
 
-def test_adding_a_task_through_the_store_is_bit_identical(tiny_llama_dir, tiny_adapters, tmp_path):
-    calib = _calib(tmp_path, ["a", "b", "c"])
+def test_adding_a_task_through_the_store_is_bit_identical(tiny_llama_dir, tiny_adapters, tmp_path, write_calib):
+    calib = write_calib(tmp_path, ["a", "b", "c"], n=12)
     ads = {n: str(tiny_adapters[n]) for n in ("a", "b", "c")}
     two = tmp_path / "ab"
     quantize_model(str(tiny_llama_dir), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "mlgptq", 4, 32, two)
@@ -167,8 +158,8 @@ def test_bad_quantization_settings():
         QuantConfig(method="gptq-single")
 
 
-def test_bad_inputs_to_quantize_model(tiny_llama_dir, tiny_adapters, tmp_path, qdirs):
-    calib = _calib(tmp_path, ["a"])
+def test_bad_inputs_to_quantize_model(tiny_llama_dir, tiny_adapters, tmp_path, qdirs, write_calib):
+    calib = write_calib(tmp_path, ["a"], n=12)
     base = str(tiny_llama_dir)
     with pytest.raises(ValueError, match="no calibration file"):
         quantize_model(base, {"b": str(tiny_adapters["b"])}, calib, "mlgptq", 4, 32, tmp_path / "o1")

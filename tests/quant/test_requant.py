@@ -24,23 +24,11 @@ from inlaid.quant.requant import TASKS_KEY, RequantError, Requantizer, committed
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _rows(k: int) -> list[dict]:
-    return [{"prompt": f"Translate: cat {i} t{k}", "completion": "chat " * (i % 4 + k + 1)} for i in range(8)]
-
-
-def _write_calib(root, names):
-    out = {}
-    for k, n in enumerate(names):
-        out[n] = root / f"{n}.jsonl"
-        out[n].write_text("".join(json.dumps(r) + "\n" for r in _rows(k)))
-    return out
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_llama_dir, tiny_adapters, tmp_path_factory):
+def setup(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
     """A 4-bit g32 MLGPTQ base for {a, b} (kept pristine), and the from-scratch {a, b, c} checkpoint."""
     root = tmp_path_factory.mktemp("requant")
-    calib = _write_calib(root, ["a", "b", "c"])
+    calib = write_calib(root, ["a", "b", "c"])
     ads = {n: str(tiny_adapters[n]) for n in "abc"}
     ab = root / "ab"
     quantize_model(str(tiny_llama_dir), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "mlgptq", 4, 32, ab)
@@ -159,7 +147,7 @@ def test_a_failure_keeps_the_old_base_serving_and_stored(setup, ckpt, monkeypatc
     assert len(out[0].token_ids) == 3  # the adapter stays servable on the old base
 
 
-def test_bad_input_is_a_clear_error_and_changes_nothing(setup, ckpt, tmp_path, tiny_llama_dir):
+def test_bad_input_is_a_clear_error_and_changes_nothing(setup, ckpt, tmp_path, tiny_llama_dir, calib_rows):
     llm = _llm(ckpt, setup)
     ad = setup["ads"]["c"]
     with pytest.raises(CalibrationError, match="does not exist"):
@@ -176,25 +164,25 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(setup, ckpt, tmp_path, t
     tensors = {k: torch.cat([t, t], 1) if "lora_A" in k else t for k, t in tensors.items()}
     save_file(tensors, str(foreign / "adapter_model.safetensors"))
     with pytest.raises(IncompatibleAdapterError, match="another base"):
-        llm.add_adapter("f", str(foreign), calibration=_rows(0))
+        llm.add_adapter("f", str(foreign), calibration=calib_rows(0))
     with pytest.raises(RequantError, match="already part of the quantized base"):
         llm.engine.requantizer.submit("a", None, [[1, 2, 3]])
     assert "c" not in llm.engine.list_adapters() and "f" not in llm.engine.list_adapters()
-    llm.add_adapter("c", ad, calibration=_rows(2))
+    llm.add_adapter("c", ad, calibration=calib_rows(2))
     with pytest.raises(ValueError, match="already registered|already being added"):
-        llm.add_adapter("c", ad, calibration=_rows(2))
+        llm.add_adapter("c", ad, calibration=calib_rows(2))
     assert llm.wait_requant("c", timeout=120)["quantization"] == "done"
     # a full-precision base has no quantized weights to re-quantize
     fp = LLM(model=str(tiny_llama_dir), device="cpu", num_blocks=16)
     with pytest.raises(ValueError, match="not a quantized checkpoint"):
-        fp.add_adapter("c", ad, calibration=_rows(0))
+        fp.add_adapter("c", ad, calibration=calib_rows(0))
     assert "c" not in fp.engine.list_adapters()
 
 
-def test_two_additions_queue_in_order_and_compose(setup, ckpt, tiny_adapters):
+def test_two_additions_queue_in_order_and_compose(setup, ckpt, tiny_adapters, calib_rows):
     llm = _llm(ckpt, setup)
     llm.add_adapter("c", setup["ads"]["c"], calibration=str(setup["calib"]["c"]))
-    llm.add_adapter("d", str(tiny_adapters["a"]), calibration=_rows(5))
+    llm.add_adapter("d", str(tiny_adapters["a"]), calibration=calib_rows(5))
     assert llm.adapter_status("d")["quantization"] in ("pending", "running")
     llm.wait_requant(timeout=240)
     c, d = llm.adapter_status("c"), llm.adapter_status("d")

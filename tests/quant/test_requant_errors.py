@@ -21,15 +21,11 @@ from inlaid.quant.hessian import HessianStore
 from inlaid.quant.quantize_model import HESSIAN_DIR, quantize_model
 from inlaid.quant.requant import RequantError, Requantizer, samples_from_rows
 
-ROWS = [{"prompt": f"Translate: cat {i}", "completion": "chat " * (i % 3 + 1)} for i in range(6)]
-
-
 @pytest.fixture(scope="module")
-def base(tiny_llama_dir, tiny_adapters, tmp_path_factory):
+def base(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
     """A 4-bit g32 MLGPTQ checkpoint for task {a} (kept pristine; tests copy it)."""
     root = tmp_path_factory.mktemp("requant_errors")
-    calib = root / "a.jsonl"
-    calib.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    calib = write_calib(root, ["a"], n=6)["a"]
     quantize_model(str(tiny_llama_dir), {"a": str(tiny_adapters["a"])}, {"a": str(calib)}, "mlgptq", 4, 32, root / "q")
     return {"root": root, "q": root / "q", "calib": calib, "ads": {n: str(p) for n, p in tiny_adapters.items()}}
 
@@ -65,11 +61,11 @@ def test_bad_samples_are_rejected_before_anything_is_queued(ckpt, tiny_llama_dir
     rq.close()
 
 
-def test_malformed_calibration_file_names_the_line(base, ckpt, tmp_path):
+def test_malformed_calibration_file_names_the_line(base, ckpt, tmp_path, calib_rows):
     llm = LLM(model=str(ckpt), adapters={"a": base["ads"]["a"]}, device="cpu", num_blocks=32)
     stored = (ckpt / "model.safetensors").read_bytes()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    bad.write_text(json.dumps(calib_rows()[0]) + "\n{not json\n")
     with pytest.raises(CalibrationError, match=r"bad\.jsonl:2: not valid JSON"):
         llm.add_adapter("c", base["ads"]["c"], calibration=str(bad))
     bad.write_text("[1, 2, 3]\n")

@@ -27,7 +27,7 @@ def srv(tiny_llama_dir, tiny_adapters, tmp_path_factory):
     calib.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     ads = {n: str(tiny_adapters[n]) for n in "abc"}
     quantize_model(str(tiny_llama_dir), {"a": ads["a"]}, {"a": str(calib)}, "mlgptq", 4, 32, root / "q")
-    config = EngineConfig.from_kwargs(model=str(root / "q"), device="cpu", num_blocks=128)
+    config = EngineConfig.from_kwargs(model=str(root / "q"), device="cpu", num_blocks=128, requant_duty_cycle=0.75)
     llm = AsyncLLM.from_config(config, adapters={"a": ads["a"]})
     with ServerThread(build_app(llm)) as server:
         server.llm, server.ads, server.root = llm, ads, root
@@ -41,6 +41,8 @@ def _status(srv, name):
 
 
 def test_streams_all_complete_while_a_task_is_added(srv):
+    assert _status(srv, "a")["duty_cycle"] == 0.75  # the configured bound, before any re-quantization
+    assert "inlaid_requant_duty_cycle 0.75" in srv.client.get("/metrics").text
     results: list[str] = []
     stop = threading.Event()
 
@@ -72,6 +74,7 @@ def test_streams_all_complete_while_a_task_is_added(srv):
     assert status["quantization"] == "done", status
     assert status["tasks"] == ["a", "b"] and status["layers_swapped"] == status["num_layers"] == 2
     assert status["loaded"] and status["base_tasks"] == ["a", "b"] and status["seconds"]["total"] > 0
+    assert status["duty_cycle"] == 0.75 and status["requant_threads"] is None
     assert len(results) >= n_during >= 1
     for text in results:  # every request completed normally
         events = parse_sse(text)[:-1]
@@ -81,6 +84,7 @@ def test_streams_all_complete_while_a_task_is_added(srv):
     assert 'inlaid_requant_jobs{state="done"} 1.0' in metrics
     assert 'inlaid_requant_layers_swapped{adapter="b"} 2.0' in metrics
     assert 'inlaid_requant_phase_seconds{adapter="b",phase="quantize"}' in metrics
+    assert "inlaid_requant_duty_cycle 0.75" in metrics
     assert _status(srv, "a")["quantization"] == "none"
 
 
