@@ -195,7 +195,7 @@ def bench_args(a: argparse.Namespace, url: str, rate: float, n: int, policy: str
 
 def run_point(a: argparse.Namespace, work: Path, model: str, quant: str, n: int, policy: str) -> None:
     name = point_name(model, quant, n, policy)
-    outs = {r: a.results / "json" / f"{name}_r{r:g}.json" for r in a.rates}
+    outs = {r: a.results / a.run_name / f"{name}_r{r:g}.json" for r in a.rates}
     if all(p.is_file() for p in outs.values()):
         logger.info("%s: done already", name)
         return
@@ -277,9 +277,11 @@ def run_engine_sweeps(a: argparse.Namespace) -> None:
                                 alpha=a.alpha, job_size=a.jobs, max_tokens=a.max_tokens, max_prompt=a.max_prompt,
                                 lengths=a.lengths)
             plan = SweepPlan(wl, tuple(a.rate_x), tuple(a.policies), tuple(a.ablations), a.probe_requests,
-                             a.calibrate, a.slo_scale, a.max_duration)
-            extra = {"model": Path(model).name, "quant": quant, "adapters": n, "build_s": round(build_s, 1)}
-            run_sweep(eng, plan, a.results / "json", name, a.device, now + (end - now) / (len(configs) - k), extra)
+                             a.calibrate, a.slo_scale, a.max_duration, warmup=not a.no_warmup)
+            extra = {"model": Path(model).name, "quant": quant, "adapters": n, "build_s": round(build_s, 1),
+                     "slots": a.slots, "max_num_seqs": a.max_num_seqs, "part": a.part}
+            run_sweep(eng, plan, a.results / a.run_name, name, a.device, now + (end - now) / (len(configs) - k),
+                      extra)
         except Exception:  # one failing configuration (e.g. OOM) must not end the sweep
             logger.exception("configuration %s failed", name)
         eng = None
@@ -376,6 +378,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--quick: benchmarks/results/serving_cpu_quick)")
     p.add_argument("--page", type=Path, default=None, help="results page (default <results>.md)")
     p.add_argument("--page-only", action="store_true", help="only regenerate the page from the JSONs present")
+    p.add_argument("--no-page", action="store_true", help="write the JSONs only (a part of a parallel run: the "
+                   "launcher builds the page once at the end)")
+    p.add_argument("--run-name", default="json", help="run directory under --results that this run's JSONs go to "
+                   "and the page's tables read (earlier sessions: --history)")
+    p.add_argument("--history", nargs="*", default=[], help="earlier run directories under --results, shown at the "
+                   "end of the page (targets, ratios), never mixed into this run's tables")
+    p.add_argument("--cost-model", type=Path, default=RESULTS / "cost_model_h200_w4_7b.json",
+                   help="step-cost model of the page's simulator predictions (none: skip that section)")
+    p.add_argument("--no-warmup", action="store_true", help="engine driver: no warm-up run before measuring")
+    p.add_argument("--part", default="", help="label of the device part that ran this (recorded in config.extra)")
     p.add_argument("--demo", action="store_true", help="http driver on the bundled model + its demo adapters "
                    "(results: benchmarks/results/serving_http_cpu, shown in serving.md's CPU section)")
     p.add_argument("--demo-probe", type=int, default=0, help="--demo: saturation probe of N requests sent at once")
@@ -407,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         write_cpu_http_section(a)
         return 0
     if a.page_only:
-        write_page(a.results, a.page, page_header(a, a.quick), cpu_http=RESULTS / "serving_http_cpu")
+        build_page(a, cpu_http=RESULTS / "serving_http_cpu")
         return 0
     with tempfile.TemporaryDirectory(prefix="serving_matrix_") as tmp:
         work = Path(tmp)
@@ -424,8 +436,15 @@ def main(argv: list[str] | None = None) -> int:
             run_engine_sweeps(a)
         else:
             run_matrix(a, work)
-    write_page(a.results, a.page, page_header(a, a.quick), cpu_http=None if a.quick else RESULTS / "serving_http_cpu")
+    if not a.no_page:
+        build_page(a, cpu_http=None if a.quick else RESULTS / "serving_http_cpu")
     return 0
+
+
+def build_page(a: argparse.Namespace, cpu_http: Path | None) -> bool:
+    """The results page from ``a.results/a.run_name`` (+ ``a.history`` run dirs, simulator predictions)."""
+    return write_page(a.results, a.page, page_header(a, a.quick), cpu_http=cpu_http, run=a.run_name,
+                      history=tuple(a.history), cost_model=a.cost_model)
 
 
 def write_cpu_http_section(a: argparse.Namespace) -> None:

@@ -6,9 +6,15 @@ Owns: ``write_page`` and its sections. Inputs, all under one results directory:
   ``config``/``summary`` (the sweep's ``*_probe.json``) feed the saturation table instead.
 - ``peft_baseline.json`` (``benchmarks/peft_baseline.py``) and ``capacity.json``
   (``benchmarks/capacity.py``), when present.
-Sections: inlaid vs fifo / vs mlfq ratios per point, ablations (inlaid without prediction / grouping /
-aging, relative to inlaid), HTTP vs in-process cross-check, every point, the PEFT baseline, adapter
-capacity, plots (``inlaid.bench.plot``). A point is keyed by (model, quant, adapters, driver, rate).
+The run directory is ``json/`` by default (``run=``: e.g. ``json_s4``); ``<run>/warmup/`` holds the
+sweep's warm-up runs (step-log comparison only); ``history=`` names earlier sessions' run directories,
+shown at the end (targets and ratios), never mixed into this run's tables.
+Sections: issue 9's targets met / not met per configuration (``page_targets``), inlaid vs fifo / vs mlfq
+ratios per point, ablations (inlaid without prediction / grouping / aging, relative to inlaid), the
+per-policy step-log analysis (``step_log``), the simulator's prediction of every measured point
+(``sim_predict``, with ``cost_model=``), HTTP vs in-process cross-check, every point, the PEFT baseline,
+adapter capacity, plots (``inlaid.bench.plot``), history. A point is keyed by (model, quant, adapters,
+driver, rate).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from inlaid.bench.page_targets import targets_section
 from inlaid.bench.plot import plot_results
+from inlaid.bench.step_log import step_analysis
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("throughput_tps", "latency_mean", "jct_mean", "ttft_mean", "tpot_mean", "slo_attainment")
@@ -213,23 +221,72 @@ def cpu_http_section(cpu_dir: Path | None) -> list[str]:
     return body + group_tables(results)
 
 
-def write_page(results_dir: Path, md: Path, header: list[str], cpu_http: Path | None = None) -> bool:
-    """Regenerate ``md`` from ``results_dir`` (+ the CPU HTTP section of ``cpu_http``); False (nothing
-    written) when there is no result at all."""
-    results, probes = load_dir(results_dir / "json")
+def _load_warmups(run_dir: Path) -> dict[tuple, dict[str, dict[str, Any]]]:
+    results, _ = load_dir(run_dir / "warmup") if (run_dir / "warmup").is_dir() else ([], [])
+    return by_point(results)
+
+
+def sim_section(results: list[Result], cost_model: Path | None) -> list[str]:
+    """The simulator's prediction of every measured engine-driver point (``inlaid.bench.sim_predict``)."""
+    title = ["## Simulator prediction vs GPU measurement (every engine-driver point)", ""]
+    if cost_model is None or not cost_model.is_file():
+        return title + [f"(not computed: no cost model {cost_model})", ""]
+    from inlaid.bench.sim_predict import prediction_rows, prediction_table
+    from inlaid.sim.cost_model import load_cost_model
+    from inlaid.sim.simulator import EngineShape
+
+    cost, meta = load_cost_model(cost_model)
+    blocks = int(meta.get("engine", {}).get("num_blocks", 15352))
+    points: dict[tuple, dict[str, tuple[Path, dict[str, Any]]]] = {}
+    for p, r in results:
+        points.setdefault(_point(r), {})[r["config"]["label"]] = (p, r)
+    slots = {int(r["config"]["extra"].get("slots", 32)) for _, r in results} or {32}
+    shape = EngineShape(num_blocks=blocks, block_size=16, num_adapter_slots=max(slots), max_model_len=4096)
+    return title + prediction_table(prediction_rows(points, cost, shape), cost_model.name)
+
+
+def history_section(results_dir: Path, runs: tuple[str, ...], capacity: Path) -> list[str]:
+    """Earlier sessions' run directories: their targets and ratio tables (kept, not re-measured)."""
+    body: list[str] = []
+    for name in runs:
+        results, _ = load_dir(results_dir / name) if (results_dir / name).is_dir() else ([], [])
+        if not results:
+            continue
+        body += [f"### History: `{results_dir.name}/{name}/`", "", "Targets at that run's highest load:", ""]
+        body += targets_section(by_point(results)) + ["Inlaid vs fifo:", ""] + ratio_table(results, "inlaid", "fifo")
+        body += ["Inlaid vs mlfq:", ""] + ratio_table(results, "inlaid", "mlfq")
+        for abl in ("inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"):
+            body += [f"Inlaid vs {abl}:", ""] + ratio_table(results, "inlaid", abl)
+    return (["## Earlier sessions (history)", ""] + body) if body else []
+
+
+def write_page(results_dir: Path, md: Path, header: list[str], cpu_http: Path | None = None, run: str = "json",
+               history: tuple[str, ...] = (), cost_model: Path | None = None) -> bool:
+    """Regenerate ``md`` from ``results_dir/run`` (+ ``history`` run dirs, the CPU HTTP section of
+    ``cpu_http``, the simulator's predictions with ``cost_model``); False (nothing written) when there is no
+    result at all."""
+    run_dir = results_dir / run
+    results, probes = load_dir(run_dir) if run_dir.is_dir() else ([], [])
     extra = [results_dir / "peft_baseline.json", results_dir / "capacity.json"]
-    if not results and not any(p.is_file() for p in extra):
+    hist = [h for h in history if (results_dir / h).is_dir() and any((results_dir / h).glob("*.json"))]
+    if not results and not hist and not any(p.is_file() for p in extra):
         logger.warning("no results in %s: page not written", results_dir)
         return False
-    body = header + ["## Inlaid vs fifo (S-LoRA's policy)", ""] + ratio_table(results, "inlaid", "fifo")
+    points = by_point(results)
+    body = header + [f"## Targets (issue 9), this run (`{results_dir.name}/{run}/`)", ""]
+    body += targets_section(points, extra[1])
+    body += ["## Inlaid vs fifo (S-LoRA's policy)", ""] + ratio_table(results, "inlaid", "fifo")
     body += ["## Inlaid vs mlfq (FastServe's policy)", ""] + ratio_table(results, "inlaid", "mlfq")
     body += ["## Ablations (inlaid vs inlaid without one ingredient; > 1 means the ingredient helps)", ""]
     for abl in ("inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"):
         body += [f"**{abl}**", ""] + ratio_table(results, "inlaid", abl)
+    body += ["## Where the step time goes (per-policy step logs)", ""] + step_analysis(points, _load_warmups(run_dir))
+    body += sim_section(results, cost_model)
     body += ["## HTTP (client-measured) vs in-process driver at the same point", ""] + cross_check(results)
     body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1]) + cpu_http_section(cpu_http)
     body += ["## All points", ""] + group_tables(results)
     body += ["## Plots", ""] + make_plots(results, results_dir / "plots", md.parent)
+    body += history_section(results_dir, tuple(hist), extra[1])
     md.write_text("\n".join(body) + "\n")
     logger.info("wrote %s (%d result files)", md, len(results))
     return True

@@ -77,8 +77,8 @@ def _f(x: Any, scale: float = 1.0, fmt: str = ".3g") -> str:
 
 
 def analysis_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown rows (one per variant) of step summaries; inlaid first, then the rest by name."""
-    order = sorted(summaries, key=lambda v: (v != "inlaid", v))
+    """Markdown rows (one per variant) of step summaries; inlaid and its warm-up first, then the rest by name."""
+    order = sorted(summaries, key=lambda v: (0 if v == "inlaid" else 1 if v.startswith("inlaid (") else 2, v))
     out = []
     for v in order:
         s = summaries[v]
