@@ -19,7 +19,11 @@ CPU, bundled SmolLM2 + demo adapters (about 10 minutes on 2 shared cores; see re
 GPU, 7B shapes with dummy weights (no quality table; token-id calibration):
 
     PYTHONPATH=. python benchmarks/dynamic.py --device cuda --model llama2-7b-shapes --load-format dummy \
-        --calib-samples 32 --max-seq-len 512 --clients 16 --out benchmarks/results/dynamic_gpu.md
+        --calib-samples 32 --max-seq-len 512 --clients 16 --out benchmarks/results/dynamic_gpu_7b.md
+
+Each run writes its page and a JSON beside it; ``--from-json A.json,B.json --out page.md`` puts several runs
+on one page (``dynamic_page.py``; the re-quantization worker runs at the engine's default duty cycle unless
+``--duty-cycle`` says otherwise).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+from dynamic_page import load_run, merge_page, paired_change, parse_args, phase_stats  # noqa: E402 (after sys.path)
+
 logger = logging.getLogger("dynamic")
 
 
@@ -178,11 +183,11 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     cache = "on" if args.cache_dequantized else "off"  # explicit either way: the engine's "auto" depends on the device
     config = EngineConfig.from_kwargs(model=str(ckpt), device=args.device, max_loras=len(args.old) + 1,
                                       max_lora_rank=64, max_model_len=1024, gptq_dequant_cache=cache,
+                                      requant_duty_cycle=args.duty_cycle, requant_threads=args.requant_threads,
                                       **_kv(args))  # fmt: skip
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
-    await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(
-        eng, num_threads=args.requant_threads, duty_cycle=args.duty_cycle,
-        calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format)))
+    await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(  # duty/threads: from the config
+        eng, calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format)))
     n = await llm._call(lambda eng: _cached_linears(eng.parts.model))
     logger.info("dequantized-weight cache %s (%d GPTQ linears)", cache, n)
     prompts = _load_prompts(args, llm)
@@ -207,7 +212,7 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     stop.set()
     await asyncio.gather(*clients)
     await llm.shutdown(10)
-    return {"phases": _phase_stats(log, marks), "status": status, "requests": len(log),
+    return {"phases": phase_stats(log, marks), "status": status, "requests": len(log),
             "all_finished": all(d for *_, d in log), "rss_serving_mb": rss_serving, "cached_linears": n,
             "straddling": sum(1 for s, e, *_ in log if s < marks["add"] < e or s < marks["done"] < e)}
 
@@ -232,21 +237,6 @@ def _load_prompts(args: argparse.Namespace, llm: Any) -> list[tuple[Any, str | N
 def _chat_text(llm: Any, messages: list[dict]) -> str:
     tok = llm.engine.tokenizer
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _phase_stats(log: list, marks: dict[str, float]) -> dict[str, dict[str, float]]:
-    spans = {"before": (marks["start"], marks["add"]), "during": (marks["add"], marks["done"]),
-             "after": (marks["done"], marks["end"])}  # fmt: skip
-    out = {}
-    for name, (a, b) in spans.items():
-        lat = sorted(e - s for s, e, _, _ in log if a <= s < b)
-        toks = sum(n for s, e, n, _ in log if a <= e < b)
-        q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
-        done = sum(1 for s, e, _, _ in log if a <= e < b)
-        out[name] = {"seconds": b - a, "requests": len(lat), "p50": q[49], "p99": q[98],
-                     "mean": statistics.fmean(lat) if lat else float("nan"), "completed": done,
-                     "tok_per_s": toks / (b - a) if b > a else float("nan")}  # fmt: skip
-    return out
 
 
 # ---- quality -------------------------------------------------------------------------------------
@@ -292,24 +282,6 @@ def _encoded(llm: Any, task: str, limit: int, data_dir: Path | None) -> list[tup
             for e in load_split(task, "test", limit, data_dir)]  # fmt: skip
 
 
-def paired_change(before: list[list[float]], after: list[list[float]], reps: int = 2000,
-                  seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """Change of the pooled NLL (after - before) over the same examples, with a paired bootstrap 95% interval
-    (examples resampled with replacement, the same resample for both bases)."""
-    if len(before) != len(after) or any(b[1] != a[1] for b, a in zip(before, after)):
-        raise ValueError("paired_change needs the same examples (same token counts) on both bases")
-    rng = random.Random(seed)
-
-    def delta(idx: list[int]) -> float:
-        n = sum(before[i][1] for i in idx)
-        return (sum(after[i][0] for i in idx) - sum(before[i][0] for i in idx)) / n
-
-    k = len(before)
-    boots = sorted(delta([rng.randrange(k) for _ in range(k)]) for _ in range(reps))
-    return {"delta": delta(list(range(k))), "lo": boots[int(0.025 * reps)], "hi": boots[int(0.975 * reps) - 1],
-            "examples": k}  # fmt: skip
-
-
 def _kv(args: argparse.Namespace) -> dict[str, int]:
     """A fixed KV cache on CUDA (the default takes 90% of free memory, leaving none to the next engine)."""
     return {"num_blocks": 2048} if args.device == "cuda" else {}
@@ -320,112 +292,6 @@ def identical(a: Path, b: Path) -> bool:
 
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
-
-
-# ---- report -------------------------------------------------------------------------------------
-def _pct(new: float, old: float) -> str:
-    return f"{100 * (new - old) / old:+.1f}%" if old and old == old and new == new else "n/a"
-
-
-def _md_header(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
-    ident = res.get("identical", {})
-    if isinstance(ident, bool):
-        ident = {"online": ident, "offline": ident}
-    model = "SmolLM2-135M-Instruct (bundled `default`)" if args.model == "default" else Path(args.model).name
-    return [f"# Dynamic task addition: {model} on {res.get('device', args.device)}", "",
-            f"**Status:** measured {res.get('date', '?')} on {res.get('device', args.device)}, model `{args.model}` "
-            f"({args.load_format} weights), {args.bits}-bit g{args.group_size} sym, `{args.method}`, "
-            f"{args.calib_samples} calibration samples of at most {args.max_seq_len} tokens per task. "
-            f"Old tasks: {', '.join(args.old)}; added: **{args.new}**.", "",
-            f"Command: `{res['command']}`", "",
-            "## Equivalence: incremental == from scratch", "",
-            f"The checkpoint after adding {args.new} to the base quantized for the old tasks, compared tensor by "
-            f"tensor (`torch.equal`, every qweight/qzeros/scales/g_idx and unquantized tensor) with quantizing all "
-            f"tasks at once (same data, same settings):", "",
-            f"- online (added to the running server, layers swapped in between steps): "
-            f"**{'bit-identical' if ident.get('online') else 'DIFFERENT'}**",
-            f"- offline (`Requantizer` without a served model): "
-            f"**{'bit-identical' if ident.get('offline') else 'DIFFERENT'}**", ""]
-
-
-def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
-    ev = res["eval"]
-    has_fp, has_metric = "fp" in ev, any("metric" in v for v in ev["old"].values())
-    first = ev["old"][args.new]
-    lines = [f"## Quality: every task with its adapter, old base vs re-quantized base", "",
-             f"Answer NLL: nats/token of the reference answer under teacher forcing, lower is better; first "
-             f"{first['nll_examples']} test examples per task" + ("; the interval is a paired bootstrap over those "
-             "examples (2000 resamples): a change whose interval contains 0 is within the noise of this "
-             "sample." if "paired" in res else ".")]
-    if has_metric:
-        lines[-1] += (f" Metric: the task's own metric (0-100, higher is better) on greedy outputs of the first "
-                      f"{first.get('metric_examples')} test examples"
-                      f"{f', generation capped at {args.gen_max_tokens} tokens' if args.gen_max_tokens else ''}.")
-    head = "| task | NLL old base | NLL re-quantized | change" + (" [95% CI] |" if "paired" in res else " |") + (" NLL fp base |" if has_fp else "")
-    head += " metric | old base | re-quantized |" + (" fp base |" if has_fp else "") if has_metric else ""
-    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
-    for t in args.old + [args.new]:
-        o, r = ev["old"][t], ev["requantized"][t]
-        pc = res.get("paired", {}).get(t)
-        ci = f" [{pc['lo']:+.3f}, {pc['hi']:+.3f}]" if pc else ""
-        row = f"| {t}{' (new)' if t == args.new else ''} | {o['nll']:.4f} | {r['nll']:.4f} | {r['nll'] - o['nll']:+.4f}{ci} |"
-        row += f" {ev['fp'][t]['nll']:.4f} |" if has_fp else ""
-        row += f" {o.get('metric_name', '')} | {o.get('metric', float('nan')):.1f} | {r.get('metric', float('nan')):.1f} |" \
-            if has_metric else ""
-        row += f" {ev['fp'][t].get('metric', float('nan')):.1f} |" if has_metric and has_fp else ""
-        lines.append(row)
-    return lines + [""]
-
-
-def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
-    load, ph = res["load"], res["load"]["phases"]
-    lines = [f"## Serving during the addition (closed loop over `AsyncLLM`, {args.clients} clients, greedy, "
-             f"{args.max_tokens} tokens/request, old tasks' test prompts; dequantized-weight cache "
-             f"{'on' if getattr(args, 'cache_dequantized', False) else 'off'})", "",
-             "| phase | seconds | requests started | completed | mean latency s | p50 s | p99 s | tokens/s | "
-             "tokens/s vs before |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, st in ph.items():
-        lines.append(f"| {name} | {st['seconds']:.1f} | {st['requests']} | {st.get('completed', '')} | "
-                     f"{st.get('mean', float('nan')):.3f} | {st['p50']:.3f} | {st['p99']:.3f} | "
-                     f"{st['tok_per_s']:.1f} | {_pct(st['tok_per_s'], ph['before']['tok_per_s'])} |")
-    lines += ["", f"All {load['requests']} requests finished normally: **{load['all_finished']}** "
-              f"({load.get('straddling', '?')} of them straddled a phase boundary; each counts in the phase it started "
-              f"in for latency and the phase it ended in for tokens/s). Re-quantization worker: "
-              f"{args.requant_threads} thread(s), duty cycle {args.duty_cycle}.",
-              f"Throughput dip during the addition: **{_pct(ph['during']['tok_per_s'], ph['before']['tok_per_s'])}**"
-              f" (paper: -10 to -13%). Before vs after, same base size and load, no re-quantization running: "
-              f"{_pct(ph['after']['tok_per_s'], ph['before']['tok_per_s'])} tokens/s, p50 "
-              f"{_pct(ph['after']['p50'], ph['before']['p50'])}: the noise floor of this machine.", ""]
-    return lines
-
-
-def _md_cost(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
-    lines = ["## Cost: full vs incremental (the paper's Table 4 shape)", "",
-             "| mode | seconds | peak memory MB | what it includes |", "|---|---|---|---|"]
-    what = {"old base (old tasks)": "calibrate the old tasks + quantize (the starting point, for reference)",
-            "full (all tasks, from scratch)": "load fp base, calibrate every task, quantize every layer, write",
-            "offline incremental": "calibrate the new task only (layer-by-layer fp source), re-quantize, write",
-            "online incremental (while serving)": "same as offline plus the per-layer swaps into the served "
-                                                  "model, sharing the CPU with serving"}  # fmt: skip
-    for mode, c in res["cost"].items():
-        lines.append(f"| {mode} | {c['seconds']:.1f} | {c.get('peak_mb', float('nan')):.0f} | {what.get(mode, '')} |")
-    on = res["cost"].get("online incremental (while serving)", {})
-    if on.get("phases"):
-        lines += ["", "Online phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in on["phases"].items()) + "."]
-    lines += ["", "Peak memory: process peak RSS on CPU (each mode in its own process: the online row is the "
-              f"serving process, {res['load'].get('rss_serving_mb', float('nan')):.0f} MB resident just before the "
-              "addition), `torch.cuda.max_memory_allocated` on CUDA.", ""]
-    return lines
-
-
-def to_markdown(args: argparse.Namespace, res: dict[str, Any]) -> str:
-    lines = _md_header(args, res)
-    if "eval" in res:
-        lines += _md_quality(args, res)
-    lines += _md_load(args, res) + _md_cost(args, res)
-    if args.notes and Path(args.notes).is_file():
-        lines += [Path(args.notes).read_text().rstrip(), ""]
-    return "\n".join(lines)
 
 
 def _online(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], calib: dict[str, str]) -> dict[str, Any]:
@@ -478,7 +344,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["eval"]["requantized"] = task_eval(work / "online", tasks, ads, args)
         if not args.no_fp_reference:
             res["eval"]["fp"] = task_eval(args.model, tasks, ads, args)
-    if quality:
         ev = res["eval"]
         res["paired"] = {t: paired_change(ev["old"][t]["per_example"], ev["requantized"][t]["per_example"])
                          for t in tasks}  # fmt: skip
@@ -488,56 +353,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--old", nargs="+", default=["translate_en_de", "math_gsm", "trivia_qa"])
-    p.add_argument("--new", default="translate_en_fr")
-    p.add_argument("--method", default="mlgptq-diag", help="mlgptq-diag (default) | mlgptq | mlgptq-psd | gptq-mixed")
-    p.add_argument("--tiny", action="store_true", help="tiny random model, random adapters, synthetic data")
-    p.add_argument("--adapters-dir", default=str(ROOT / "inlaid" / "adapters"), help="PEFT adapters, one dir per task")
-    p.add_argument("--data-dir", default=None, help="task data root (default: the package's; --tiny sets it)")
-    p.add_argument("--from-json", default=None, help="only regenerate --out from this results JSON")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--eval-limit", type=int, default=20, help="test examples per task for the answer NLL")
-    p.add_argument("--gen-limit", type=int, default=0, help="test examples per task for the generated metric (0: none)")
-    p.add_argument("--gen-max-tokens", type=int, default=None, help="cap on generated tokens for the metric")
-    p.add_argument("--no-fp-reference", action="store_true", help="skip the unquantized base's quality row")
-    p.add_argument("--notes", default=None, help="markdown file appended to the page (hand-written reading)")
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--phase-seconds", type=float, default=20.0)
-    p.add_argument("--requant-threads", type=int, default=1)
-    p.add_argument("--cache-dequantized", action="store_true",
-                   help="load test: serve with gptq_dequant_cache on (faster CPU steps); without it, off")
-    p.add_argument("--duty-cycle", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads per process (0: torch's default). On a shared CPU, 1 avoids "
-                        "OpenMP oversubscription, which made GPTQ's small ops 10-15x slower on 2 busy cores")
-    p.add_argument("--work", default="/tmp/inlaid_dynamic")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.md"))
-    return p.parse_args()
-
-
 def main() -> None:
     args = parse_args()
     if args.tiny:
         args.old, args.new = ["definitions", "math_gsm"], "trivia_qa"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.from_json:
-        res = json.loads(Path(args.from_json).read_text())
-        args = argparse.Namespace(**{**vars(args), **res["args"], "out": args.out, "notes": args.notes})
+        runs = [load_run(path, args) for path in args.from_json.split(",") if path]
     else:
         _set_threads(args)
         res = run(args)
         res["args"] = vars(args)
         Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    Path(args.out).write_text(to_markdown(args, res))
+        runs = [(args, res)]
+    Path(args.out).write_text(merge_page(runs, args.notes))
     logger.info("wrote %s", args.out)
 
 
