@@ -208,16 +208,17 @@ class Scheduler:
             logger.warning("adapter %r is pinned by running requests; its slot stays", name)
 
     # ---------------------------------------------------------------- schedule
-    def _seq(self, req: Request, n: int, slot: int) -> ScheduledSeq:
+    def _seq(self, req: Request, n: int, slot: int, total: int | None = None) -> ScheduledSeq:
+        """``total``: ``req.num_tokens`` when the caller has it (saves recomputing it per sequence per step)."""
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start : start + n]
+        tokens = _token_slice(req, start, start + n)
         return ScheduledSeq(
             request_id=req.request_id,
             token_ids=tokens,
             start_pos=start,
             block_ids=list(self.block_manager.block_table(req.request_id)),
             adapter_slot=slot,
-            sample=start + n == req.num_tokens,
+            sample=start + n == (req.num_tokens if total is None else total),
             sampling_params=req.sampling_params,
             num_output_tokens=req.num_output_tokens,
         )
@@ -241,8 +242,10 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if budget <= 0 or len(out.scheduled) >= self.cfg.max_num_seqs:
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(req, n):
+            total = req.num_tokens
+            n = min(total - req.num_computed_tokens, budget)
+            need = self.block_manager.num_new_blocks(req, n)  # depends on req's own table only
+            while need > self.block_manager.num_free_blocks:
                 candidates = [r for r in self.running if r.request_id not in done]
                 victim = self.policy.pick_victim(candidates)
                 self._preempt(victim, out)
@@ -250,8 +253,9 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 continue
-            self.block_manager.allocate_for(req, n)
-            out.scheduled.append(self._seq(req, n, self.slots.slot_of(req.adapter)))  # type: ignore[arg-type]
+            if need:  # a decode step usually fits the last block: nothing to allocate
+                self.block_manager.allocate_for(req, n)
+            out.scheduled.append(self._seq(req, n, self.slots.slot_of(req.adapter), total))  # type: ignore[arg-type]
             done.add(req.request_id)
             budget -= n
         return budget
@@ -392,3 +396,14 @@ class Scheduler:
             changed.append(req)
         self.policy.on_step(ran, now)
         return changed
+
+
+def _token_slice(req: Request, lo: int, hi: int) -> list[int]:
+    """``req.all_token_ids[lo:hi]`` without building prompt + outputs (a decode step needs one token, and
+    concatenating the whole sequence per request per step made scheduling O(length))."""
+    p = req.num_prompt_tokens
+    if lo >= p:
+        return req.output_token_ids[lo - p : hi - p]
+    if hi <= p:
+        return req.prompt_token_ids[lo:hi]
+    return req.prompt_token_ids[lo:] + req.output_token_ids[: hi - p]

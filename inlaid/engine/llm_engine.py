@@ -200,9 +200,12 @@ class LLMEngine:
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             logger.exception("step failed; failing its %d requests", len(sched_out.scheduled))
             return outputs + self._fail_step(sched_out, f"step failed: {exc}")
-        for req in self.scheduler.update(sched_out, result):
-            outputs.append(self._progress_output(req))
+        outputs.extend(self._process_outputs(sched_out, result))
         return outputs
+
+    def _process_outputs(self, sched_out: Any, result: Any) -> list[RequestOutput]:
+        """The step's output processing: scheduler update (tokens, stop checks), then detokenize each request."""
+        return [self._progress_output(req) for req in self.scheduler.update(sched_out, result)]
 
     def _fail_step(self, sched_out: Any, message: str) -> list[RequestOutput]:
         failed = []
@@ -233,6 +236,8 @@ class LLMEngine:
 
     def _make_output(self, req: Request, delta: str, new_ids: list[int]) -> RequestOutput:
         detok = self._detok[req.request_id]
+        status = req.status
+        finished = status.finished
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -240,8 +245,8 @@ class LLMEngine:
             text=detok.text,
             delta_text=delta,
             delta_token_ids=list(new_ids),
-            finished=req.is_finished,
-            finish_reason=req.status.finish_reason,
+            finished=finished,
+            finish_reason=status.finish_reason if finished else None,
             adapter=req.adapter,
             error=req.error,
             arrival_time=req.arrival_time,

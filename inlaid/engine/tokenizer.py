@@ -5,14 +5,23 @@ Invariants:
   the newest tokens decode to U+FFFD at the end, that tail is held back.
 - Once a stop string appears, the text is cut before it and ``stopped`` is True;
   later tokens are ignored.
+- Host cost per token (issue 8): one decode of a window of at most 2 * ``_WINDOW``
+  ids (plus one more each time the window moves), through the Rust tokenizer
+  directly where that is what ``tokenizer.decode`` would run (``fast_decoder``).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+try:  # transformers >= 5: fast tokenizers are TokenizersBackend (decode -> _decode -> Rust decode)
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+except ImportError:  # pragma: no cover - older transformers: always use tokenizer.decode
+    TokenizersBackend = None  # type: ignore[assignment,misc]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -39,6 +48,22 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``.
+
+    For a transformers ``TokenizersBackend`` that overrides neither ``decode`` nor ``_decode`` this is exactly
+    the Rust tokenizer's ``decode`` (what ``_decode`` calls when no clean-up is asked), skipping transformers'
+    per-call argument conversion (which checks every id in Python: most of the per-token cost). Any other
+    tokenizer gets its own ``decode``.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (TokenizersBackend is not None and isinstance(tokenizer, TokenizersBackend)
+            and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+            and type(tokenizer)._decode is TokenizersBackend._decode and backend is not None):
+        return partial(backend.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 # Decoding the whole output every step is O(n^2); decoding only a window of the
 # newest tokens keeps it O(n) while still joining multi-token characters.
 _WINDOW = 8
@@ -56,6 +81,7 @@ class IncrementalDetokenizer:
         self._prefix_len = 0  # tokens whose text is final and included in self.text
         self._prefix_text = ""  # decoded text of ids[window_start:_prefix_len]
         self._window_start = 0
+        self._decode_fn = fast_decoder(tokenizer) if tokenizer is not None else None
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +91,7 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:  # token-id-only model: no text
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._decode_fn(ids)
 
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; return the text delta they add (possibly empty)."""
@@ -76,15 +102,20 @@ class IncrementalDetokenizer:
         if full.endswith("\ufffd"):
             return ""  # wait for the rest of the character
         new_text = full[len(self._prefix_text) :]
-        self._advance_window()
+        self._advance_window(full)
         return self._append(new_text)
 
-    def _advance_window(self) -> None:
+    def _advance_window(self, full: str) -> None:
+        """``full`` is the decoded current window: reused unless the window moves (one decode per token)."""
         if len(self._ids) - self._window_start > 2 * _WINDOW:
             self._window_start = len(self._ids) - _WINDOW
-        self._prefix_text = self._decode(self._ids[self._window_start :])
+            full = self._decode(self._ids[self._window_start :])
+        self._prefix_text = full
 
     def _append(self, new_text: str) -> str:
+        if not self.stop:
+            self.text += new_text
+            return new_text
         before = len(self.text)
         candidate = self.text + new_text
         cut = self._first_stop(candidate, max(0, before - max((len(s) for s in self.stop), default=0)))

@@ -39,7 +39,8 @@ validated against the full shapes and sliced on ``load``; every rank loads the
 same slots (slot state is replicated).
 
 Per forward, ``prepare(batch)`` groups the tokens by slot once
-(``batch.lora_meta``); each ``apply`` then runs the SGMV op of
+(``batch.lora_meta``; from the runner's host copy of the slots when it passes
+one, so the eager path needs no device read-back); each ``apply`` then runs the SGMV op of
 ``inlaid.kernels.lora_sgmv`` — a loop over the distinct slots present, never
 over sequences.
 
@@ -60,6 +61,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from inlaid.kernels import lora_sgmv_triton as lt
@@ -133,7 +135,14 @@ class LoRAPool:
         self.triton_decode = auto if triton_decode is None else (triton_decode and lt.triton_usable(
             torch.empty(0, device=self.device)))
         self.slot_names: list[str | None] = [None] * num_slots
+        self._num_loaded = 0  # slots holding an adapter (kept by load/clear: read on every step)
+        self._host_prepared: tuple[torch.Tensor, LoRASegments] | None = None  # last segments built from host slots
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+
+    @property
+    def has_adapters(self) -> bool:
+        """True when at least one slot holds an adapter (O(1): the runner asks on every step)."""
+        return self._num_loaded > 0
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +164,8 @@ class LoRAPool:
             self.a[m][:, slot].zero_()
             self.b[m][:, slot].zero_()
             self.scalings[m][:, slot] = 0.0
+        if self.slot_names[slot] is not None:
+            self._num_loaded -= 1
         self.slot_names[slot] = None
         self._slot_modules[slot] = frozenset()
 
@@ -172,6 +183,7 @@ class LoRAPool:
             self.b[module][layer, slot, :, :r].copy_(b, non_blocking=True)
             self.scalings[module][layer, slot] = w.scaling
         self.slot_names[slot] = adapter.name
+        self._num_loaded += 1
         self._slot_modules[slot] = frozenset(adapter.target_modules)
         logger.debug("loaded adapter %r into slot %d", adapter.name, slot)
 
@@ -179,12 +191,22 @@ class LoRAPool:
         """True when ``batch`` runs on the sync-free Triton path (decode-only, kernels usable)."""
         return self.triton_decode and batch.is_decode_only
 
-    def prepare(self, batch: ForwardBatch) -> None:
-        """Group tokens by adapter slot once per batch into ``batch.lora_meta`` (device path: no host sync)."""
+    def prepare(self, batch: ForwardBatch, host_slots: np.ndarray | None = None) -> None:
+        """Group tokens by adapter slot once per batch into ``batch.lora_meta`` (device path: no host sync).
+
+        ``host_slots`` (the runner's host copy of ``batch.lora_slots``) builds the segments without reading
+        the device tensor back; the model's own ``prepare`` at the start of the forward then keeps them (only
+        while the batch still holds that very ``lora_slots`` tensor and those segments).
+        """
         if self.uses_device_path(batch):
-            batch.lora_meta = DecodeMeta(batch.lora_slots, any(n is not None for n in self.slot_names))
+            batch.lora_meta = DecodeMeta(batch.lora_slots, self.has_adapters)
             return
-        segments = build_segments(batch.lora_slots)
+        last = self._host_prepared
+        if host_slots is None and last is not None and last[0] is batch.lora_slots and last[1] is batch.lora_meta:
+            return
+        segments = (build_segments(batch.lora_slots) if host_slots is None
+                    else host_segments(host_slots, batch.lora_slots.device))
+        self._host_prepared = (batch.lora_slots, segments) if host_slots is not None else None
         for slot in segments.slots:
             if slot >= self.num_slots:
                 raise ValueError(f"lora_slots holds slot {slot} but the pool has slots 0..{self.num_slots - 1}")
@@ -229,6 +251,30 @@ class LoRAPool:
             partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
+
+
+def host_segments(token_slots: np.ndarray, device: torch.device) -> LoRASegments:
+    """``build_segments`` (same fields, same values) from a host int array [T]: no device read-back."""
+    slots = np.asarray(token_slots, dtype=np.int64)
+    if slots.ndim != 1:
+        raise ValueError(f"token_slots must be 1-D [T], got shape {slots.shape}")
+    order = np.argsort(slots, kind="stable").astype(np.int64)
+    sorted_slots = slots[order]
+    keep = sorted_slots >= 0
+    order, sorted_slots = order[keep], sorted_slots[keep]
+    bounds = [0, *(np.flatnonzero(np.diff(sorted_slots)) + 1).tolist(), int(order.size)] if order.size else [0]
+    order_list = order.tolist()
+    contiguous = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        first = order_list[lo]
+        contiguous.append(first if order_list[hi - 1] - first == hi - lo - 1 else -1)
+    return LoRASegments(
+        token_order=torch.from_numpy(order).to(device),
+        slots=tuple(sorted_slots[bounds[:-1]].tolist()) if order.size else (),
+        starts=tuple(bounds),
+        contiguous=tuple(contiguous),
+        num_tokens=int(slots.shape[0]),
+    )
 
 
 def resolve_target_modules(spec: str | Sequence[str] | None,

@@ -12,6 +12,8 @@ Invariants:
   scratch block ``scratch_block`` (never handed to the scheduler), ``seq_len``
   0 (attention returns 0 for that row), LoRA slot -1 (no delta), an all-scratch
   block-table row. Padding rows therefore never touch a real sequence's cache.
+  ``fill`` re-pads only rows a previous step may have filled (host cost: no
+  padding launches while the batch size stays put).
 - ``block_tables`` are padded to ``max_blocks`` columns and attention is told
   ``max_seq_len = max_blocks * block_size`` (its split count depends only on
   that bound), so no shape depends on the step's data.
@@ -63,6 +65,8 @@ class StaticDecodeBuffers:
         self.query_start_loc = torch.arange(max_size + 1, device=device, dtype=torch.int32)
         self.seq_lens = torch.zeros(max_size, device=device, dtype=torch.int32)
         self.block_tables = torch.full((max_size, max_blocks), scratch_block, device=device, dtype=torch.int32)
+        self._dirty = 0
+        """Every row >= this holds padding (rows below may hold a sequence): ``fill`` pads only rows it must."""
 
     @property
     def max_seq_len(self) -> int:
@@ -85,6 +89,7 @@ class StaticDecodeBuffers:
         self.lora_slots.fill_(-1)
         self.seq_lens.zero_()
         self.block_tables.fill_(self.scratch_block)
+        self._dirty = 0
 
     def fill(self, batch: ForwardBatch, size: int) -> ForwardBatch:
         """Copy a decode batch of B <= size sequences into rows 0..B-1, pad rows B..size-1; returns ``view(size)``."""
@@ -101,13 +106,15 @@ class StaticDecodeBuffers:
         self.lora_slots[:b].copy_(batch.lora_slots)
         self.seq_lens[:b].copy_(batch.seq_lens)
         self.block_tables[:b, :w].copy_(batch.block_tables)
-        if b < size:  # pad: rows from a previous, larger step must not leak into this one
-            self.input_ids[b:size].zero_()
-            self.positions[b:size].zero_()
-            self.slot_mapping[b:size].fill_(self.scratch_block * self.block_size)
-            self.lora_slots[b:size].fill_(-1)
-            self.seq_lens[b:size].zero_()
-            self.block_tables[b:size].fill_(self.scratch_block)
+        hi = min(size, self._dirty)
+        if b < hi:  # pad: rows from a previous, larger step must not leak into this one
+            self.input_ids[b:hi].zero_()
+            self.positions[b:hi].zero_()
+            self.slot_mapping[b:hi].fill_(self.scratch_block * self.block_size)
+            self.lora_slots[b:hi].fill_(-1)
+            self.seq_lens[b:hi].zero_()
+            self.block_tables[b:hi].fill_(self.scratch_block)
+        self._dirty = self._dirty if self._dirty > size else b
         return self.view(size)
 
 

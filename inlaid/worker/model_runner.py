@@ -8,6 +8,8 @@ samples.
 Invariants:
 - Adapter copies listed in ``SchedulerOutput.adapter_loads`` happen before the
   forward, so a step never sees a half-loaded slot.
+- A step's inputs reach the device in two ``non_blocking`` copies from pinned staging buffers (CUDA); the
+  only device->host copy of a step is the sampled token ids (``_sample``), the engine's one synchronisation.
 - Per-request generators exist only for seeded requests and are dropped when
   the scheduler reports the request finished.
 - With CUDA graphs (default on CUDA for fp16/bf16) one extra KV block past ``num_blocks`` is
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import numpy as np
 import torch
 
 from inlaid.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
@@ -36,7 +39,7 @@ from inlaid.lora.pool import LoRAPool
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.worker.cuda_graphs import CAPTURE_SIZES, CudaGraphRunner
-from inlaid.worker.forward_batch import build_forward_batch
+from inlaid.worker.forward_batch import HostStaging, build_forward_inputs
 from inlaid.worker.sampler import sample
 
 logger = logging.getLogger(__name__)
@@ -81,13 +84,14 @@ class ModelRunner:
             arch.num_layers, num_blocks + int(use_graphs), block_size, kv_heads, arch.head_dim, dtype, device
         )
         self._generators: dict[str, torch.Generator] = {}
+        self._staging = HostStaging(device) if device.type == "cuda" else None
         self.graphs: CudaGraphRunner | None = None
         if use_graphs:
             bound = max_seq_len or arch.max_position_embeddings
             versioned = [m.quant_method for m in model.modules() if hasattr(getattr(m, "quant_method", None), "version")]
             self.graphs = CudaGraphRunner(
                 model, self.kv_caches, -(-bound // block_size), block_size, num_blocks, device, CAPTURE_SIZES,
-                lora_active=lambda: any(n is not None for n in lora_pool.slot_names),
+                lora_active=lambda: lora_pool.has_adapters,
                 weights_version=lambda: sum(q.version for q in versioned),
             )
 
@@ -113,8 +117,8 @@ class ModelRunner:
         self.load_adapters(out.adapter_loads)
         if out.is_empty:
             return RunnerOutput()
-        batch = build_forward_batch(out, self.block_size, self.device)
-        hidden = self._forward(batch)
+        batch, host_slots = build_forward_inputs(out, self.block_size, self.device, self._staging)
+        hidden = self._forward(batch, host_slots)
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
             return RunnerOutput()
@@ -123,10 +127,13 @@ class ModelRunner:
             return RunnerOutput()
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Hidden states of the step: a CUDA graph replay for decode-only batches that fit, else eager."""
+    def _forward(self, batch: ForwardBatch, host_slots: np.ndarray | None = None) -> torch.Tensor:
+        """Hidden states of the step: a CUDA graph replay for decode-only batches that fit, else eager
+        (the LoRA segments built first from the host copy of the slots, so the forward reads nothing back)."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
+        if host_slots is not None and not self.lora_pool.uses_device_path(batch):
+            self.lora_pool.prepare(batch, host_slots)
         return self.model(batch, self.kv_caches)
 
     def _sample(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list[ScheduledSeq]) -> list[int] | None:
