@@ -88,7 +88,7 @@ def targets_section(points: dict[tuple, dict[str, dict[str, Any]]], capacity: Pa
     rows = target_rows(points)
     if not rows:
         return ["(no configuration with complete inlaid and fifo runs)", ""]
-    head = "| model | quant | adapters | driver | rate (highest) | " + " | ".join(
+    head = "| model | quant | adapters | driver | highest complete rate | " + " | ".join(
         f"{lbl} >= {g:g}x" for _, lbl, g in TARGETS) + " | SLO fifo / inlaid | better than mlfq everywhere |"
     out = [head, "|---" * (5 + len(TARGETS) + 2) + "|"]
     for r in rows:

@@ -5,8 +5,8 @@ Owns:
   (``inlaid.sim``: the SAME core scheduler, a fake runner, a step-cost model) on the run's own trace
   (regenerated from its recorded workload config and checked against its records);
 - ``prediction_rows`` / ``prediction_table``: for every measured point (model, quant, adapters, rate) the
-  simulated inlaid/fifo and inlaid/mlfq ratios next to the measured ones, whether the simulator ranks the
-  policies as the GPU did, and the error of each ratio;
+  simulated inlaid/fifo, inlaid/mlfq and inlaid/ablation ratios next to the measured ones, whether the
+  simulator ranks the policies as the GPU did (same best; same full order), and the error of each ratio;
 - ``rate_choice``: the simulated FIFO and inlaid SLO attainment of the sweep's workload at several
   multiples of the measured saturation rate (how the sweep's top load was chosen), and ``main``, which
   writes it as JSON + markdown.
@@ -95,8 +95,9 @@ def prediction_rows(points: dict[tuple, dict[str, tuple[Path, dict[str, Any]]]],
                 logger.warning("no simulation of %s: %s", p.name, e)
         if "inlaid" not in sim or "fifo" not in sim:
             continue
-        row: dict[str, Any] = {"point": key, "measured": meas, "simulated": sim, "ratios": {}, "rank_agrees": {}}
-        for other in ("fifo", "mlfq"):
+        row: dict[str, Any] = {"point": key, "measured": meas, "simulated": sim, "ratios": {}, "rank_agrees": {},
+                               "best_agrees": {}}
+        for other in ("fifo", "mlfq", *sorted(v for v in sim if v.startswith("inlaid-"))):
             if other in sim:
                 for m in METRICS:
                     mr = _ratio(m, meas["inlaid"].get(m), meas[other].get(m))
@@ -105,7 +106,9 @@ def prediction_rows(points: dict[tuple, dict[str, tuple[Path, dict[str, Any]]]],
                     row["ratios"][f"{m}/{other}"] = {"measured": mr, "simulated": sr, "rel_error": err}
         base = {v: meas[v] for v in ("fifo", "mlfq", "inlaid") if v in sim}
         for m in METRICS:
-            row["rank_agrees"][m] = _rank(base, m) == _rank({v: sim[v] for v in base}, m)
+            meas_rank, sim_rank = _rank(base, m), _rank({v: sim[v] for v in base}, m)
+            row["rank_agrees"][m] = meas_rank == sim_rank
+            row["best_agrees"][m] = meas_rank[0] == sim_rank[0]
         rows.append(row)
     return rows
 
@@ -123,25 +126,40 @@ def prediction_table(rows: list[dict[str, Any]], cost_name: str) -> list[str]:
     if not rows:
         return ["(no engine-driver point with both inlaid and fifo runs to simulate)", ""]
     head = ("| model | quant | adapters | rate | metric | inlaid/fifo measured | simulated | error | "
-            "inlaid/mlfq measured | simulated | error | ranking fifo/mlfq/inlaid agrees |")
+            "inlaid/mlfq measured | simulated | error | same best | same order fifo/mlfq/inlaid |")
     out = [f"Simulator: the same core scheduler on each run's own trace, step costs from `{cost_name}`, SLO "
            "deadlines from the run's recorded isolated-time fit (same definition as measured). Ratios > 1 favour "
-           "inlaid; error = (simulated - measured) / measured.", "", head, "|---" * 12 + "|"]
-    agree = total = 0
+           "inlaid; error = (simulated - measured) / measured.", "", head, "|---" * 13 + "|"]
+    agree = best = total = 0
     for r in rows:
         model, quant, n, _, rate = r["point"]
         for m in METRICS:
             f, g = r["ratios"].get(f"{m}/fifo", {}), r["ratios"].get(f"{m}/mlfq", {})
-            ok = r["rank_agrees"][m]
-            agree, total = agree + ok, total + 1
+            ok, top = r["rank_agrees"][m], r["best_agrees"][m]
+            agree, best, total = agree + ok, best + top, total + 1
             out.append(f"| {model} | {quant} | {n} | {rate:g} | {m} | {_x(f.get('measured'))} | "
                        f"{_x(f.get('simulated'))} | {_pct(f.get('rel_error'))} | {_x(g.get('measured'))} | "
-                       f"{_x(g.get('simulated'))} | {_pct(g.get('rel_error'))} | {'yes' if ok else 'no'} |")
+                       f"{_x(g.get('simulated'))} | {_pct(g.get('rel_error'))} | {'yes' if top else 'no'} | "
+                       f"{'yes' if ok else 'no'} |")
     errs = [abs(v["rel_error"]) for r in rows for k, v in r["ratios"].items()
             if k.endswith("/fifo") and v.get("rel_error") is not None]
     mean = f"{100 * sum(errs) / len(errs):.0f}%" if errs else "-"
-    return out + ["", f"Ranking agreement: {agree}/{total} (point, metric) pairs; mean |error| of the inlaid/fifo "
-                      f"ratios: {mean} over {len(errs)} ratios.", ""]
+    return out + ["", f"Ranking agreement over (point, metric) pairs: same best policy {best}/{total}, same full "
+                      f"order of fifo/mlfq/inlaid {agree}/{total}; mean |error| of the inlaid/fifo ratios: {mean} "
+                      f"over {len(errs)} ratios.", ""] + ablation_table(rows)
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: inlaid vs each ablation, measured and simulated (> 1: the ingredient helps)."""
+    out = ["| model | quant | adapters | rate | ablation | throughput inlaid/abl measured | simulated | "
+           "latency abl/inlaid measured | simulated | SLO inlaid/abl measured | simulated |", "|---" * 11 + "|"]
+    for r in rows:
+        model, quant, n, _, rate = r["point"]
+        for k in sorted({k.split("/", 1)[1] for k in r["ratios"] if "/inlaid-" in k}):
+            c = [r["ratios"][f"{m}/{k}"] for m in ("throughput_tps", "latency_mean", "slo_attainment")]
+            out.append(f"| {model} | {quant} | {n} | {rate:g} | {k} | "
+                       + " | ".join(f"{_x(x.get('measured'))} | {_x(x.get('simulated'))}" for x in c) + " |")
+    return (["Ablations, measured vs simulated:", ""] + out + [""]) if len(out) > 2 else []
 
 
 def rate_choice(cost: StepCostModel, wl: WorkloadConfig, sat_rps: float, xs: Sequence[float],
@@ -184,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = json.loads(a.probe.read_text())
     iso = IsolatedFit(**probe["isolated"]) if probe.get("isolated") else None
     shape = EngineShape(num_blocks=a.num_blocks, block_size=16, num_adapter_slots=32, max_model_len=4096)
-    md, data = [f"Cost model `{a.cost_model}`, saturation {probe['probe']['rps']:.3f} req/s and isolated fit from "
+    import sys
+
+    cmd = "PYTHONPATH=. python -m inlaid.bench.sim_predict " + " ".join(sys.argv[1:] if argv is None else argv)
+    md, data = ["# Simulated load choice for the serving sweep (issue 9)", "", f"Generated by `{cmd}`.", "",
+                "Simulator: the core scheduler with a fake runner; SLO = latency <= 5 x isolated time (isolated-time "
+                "fit of the measured engine, as the sweep uses). Rates are multiples of the engine's measured "
+                "saturation probe (all requests at t=0 under fifo), as in the sweep.", "",
+                f"Cost model `{a.cost_model}`, saturation {probe['probe']['rps']:.3f} req/s and isolated fit from "
                 f"`{a.probe}`; workload: suite lengths, jobs of 4, power-law alpha 1, output <= 512, prompt <= 1024.", ""], []
     for n in a.num_requests:
         for t in a.adapters:
@@ -195,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             md += [f"**{n} requests, {t} adapters**", ""] + rate_choice_markdown(rows) + [""]
     a.out.write_text(json.dumps({"cost_model": str(a.cost_model), "probe": str(a.probe), "runs": data}, indent=1))
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))  # noqa: T201 (command-line output)
+    sys.stdout.write("\n".join(md) + "\n")
     return 0
 
 

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from inlaid.bench.page_targets import capacity_lines, target_rows, targets_section
-from inlaid.bench.sim_predict import prediction_rows, prediction_table, rate_choice, simulate_specs
+from inlaid.bench.sim_predict import (
+    prediction_rows,
+    prediction_table,
+    rate_choice,
+    simulate_specs,
+)
 from inlaid.bench.step_log import COLUMNS, step_analysis, step_fields, summarize_steps
 from inlaid.bench.workload import WorkloadConfig, generate_workload
 from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
@@ -103,7 +108,7 @@ def test_step_analysis_rows_per_policy_and_warmup() -> None:
     warm = _points([_res("inlaid", 8.0, 150.0, 1.0, 0.9, log=True)])
     text = "\n".join(step_analysis(pts, warm))
     assert "**m7, w4, 100 adapters, engine, 8 req/s**" in text and "4 req/s" not in text
-    lines = [ln for ln in text.splitlines() if ln.startswith("| inlaid") or ln.startswith("| fifo")]
+    lines = [ln for ln in text.splitlines() if ln.startswith(("| inlaid", "| fifo"))]
     assert [ln.split(" | ")[0] for ln in lines] == ["| inlaid", "| inlaid (warm-up)", "| fifo"]
     assert lines[0].startswith("| inlaid | 2 | 1 | 2 | 1 | 1.5 | 0 | 0 | 100 | 20 | 10 | 0.12 | 0 |")
     assert "no run with a step log" in "\n".join(step_analysis(_points([_res("fifo", 1.0, 1.0, 1.0, 1.0)])))
@@ -146,9 +151,10 @@ def test_simulator_prediction_of_recorded_runs(tmp_path: Path) -> None:
     r = rows[0]["ratios"]
     # fifo and inlaid are the simulator's own timelines: the inlaid/fifo throughput ratio is predicted exactly
     assert r["throughput_tps/fifo"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    assert r["latency_mean/fifo"]["rel_error"] == pytest.approx(0.0, abs=1e-9)
     assert r["throughput_tps/mlfq"]["simulated"] == pytest.approx(r["throughput_tps/mlfq"]["measured"] / 2)
     text = "\n".join(prediction_table(rows, "gpu.json"))
-    assert "| m | w4 | 10 | 40 | throughput_tps |" in text and "Ranking agreement:" in text
+    assert "| m | w4 | 10 | 40 | throughput_tps |" in text and "Ranking agreement over" in text
     # the rate choice: every variant at each multiple, one trace per multiple
     choice = rate_choice(cost, dataclasses.replace(wl, num_requests=40), 20.0, [1.0, 2.0], None, shape)
     assert [(c["rate"], c["variant"]) for c in choice][:3] == [(20.0, "fifo"), (20.0, "inlaid"), (20.0, "mlfq")]
