@@ -10,7 +10,8 @@
 # Results under $OUT (7 files): quality_gpu.{json,md}, quant_memory_gpu.{json,md}, dynamic_gpu.{json,md},
 # logs.tar.gz. Regenerate the pages locally with the commands in docs/quantize.md.
 # STEPS="quality" (or "quant_memory dynamic") runs a subset, e.g. one per GPU in parallel; overrides:
-#   CONFIGS, DEADLINE, LIMIT, GEN_LIMIT, QUALITY_TIMEOUT, DYNAMIC_TIMEOUT, DYN_ARGS (all dynamic.py args),
+#   CONFIGS, METHODS (quality.py --methods; e.g. only new methods: merge later with --from-json), DEADLINE,
+#   LIMIT, GEN_LIMIT, SKIP_FP=1 (do not evaluate the unquantized model again), QUALITY_TIMEOUT, DYNAMIC_TIMEOUT, DYN_ARGS (all dynamic.py args),
 #   TAG (suffix of the output names, for two runs sharing $OUT). The session-3 run (2x H200, one per GPU):
 #   CUDA_VISIBLE_DEVICES=0 TAG=_a CONFIGS=4:128,3:64 STEPS=quality ... &  CUDA_VISIBLE_DEVICES=1 TAG=_b
 #   CONFIGS=4:64,3:128 STEPS=quality ... ; merged with quality.py --from-json A.json,B.json
@@ -20,6 +21,7 @@ SMOL="${1:-${SMOL_DIR:-}}"
 if [ "${QUICK:-0}" = 1 ]; then
   DEV=cpu; SMOL=tiny
   QA=(--tiny --limit 4 --gen-limit 2 --max-new-tokens-cap 8 --calib-samples 8 --max-seq-len 64 --configs 4:32)
+  [ -n "${METHODS:-}" ] && QA+=(--methods "$METHODS")
   MA=(--quick --layers 1)
   DA=(--tiny --bits 4 --group-size 32 --calib-samples 8 --max-seq-len 64 --eval-limit 4 --clients 2 --max-tokens 4
       --phase-seconds 3)
@@ -27,7 +29,7 @@ else
   DEV=cuda
   QA=(--model "$SMOL" --deadline "${DEADLINE:-195}" --limit "${LIMIT:-32}" --gen-limit "${GEN_LIMIT:-16}"
       --max-new-tokens-cap 64 --calib-samples 32 --max-seq-len 384 --configs "${CONFIGS:-4:128,3:64,4:64,3:128}"
-      --primary-configs 4)
+      --primary-configs 4 ${METHODS:+--methods "$METHODS"})
   MA=(--layers 4 --tasks 2 --samples 32 --seq-len 512)
   DA=(--model "$SMOL" --bits 4 --group-size 64 --calib-samples 16 --max-seq-len 256 --eval-limit 32 --clients 8
       --max-tokens 32 --phase-seconds 8)
@@ -60,6 +62,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 
 want() { [[ " ${STEPS:-quality quant_memory dynamic} " == *" $1 "* ]]; }  # STEPS="..." runs a subset
 for s in quality quant_memory dynamic; do want $s && rm -rf "/tmp/inlaid_$s$TAG"; done
+[ "${SKIP_FP:-0}" = 1 ] && QA+=(--skip-unquantized)
 want quality && step quality "${QUALITY_TIMEOUT:-215}" python3 benchmarks/quality.py --device "$DEV" "${QA[@]}" --work "/tmp/inlaid_quality$TAG" \
   --json "$OUT/quality_gpu$TAG.json" --out "$OUT/quality_gpu$TAG.md"
 want quant_memory && step quant_memory 75 python3 benchmarks/quant_memory.py --device "$DEV" "${MA[@]}" --out "$OUT/quant_memory_gpu$TAG.json"
