@@ -19,7 +19,7 @@
 #              higher rate does not collapse FIFO: 2.0x gives 29% vs 67%)
 #   sweep_fp16 [~220 s, cap 360] the same on the fp16 base: inlaid/fifo/mlfq at 1.5x and 1.0x, no ablations
 #   sweep10    [~150 s, cap 240] W4, 10 adapters, inlaid/fifo/mlfq at 1.5x
-#   sweep1000  [~200 s, cap 270] W4, 1000 adapters (16 distinct weight sets under 1000 names: 1.0 GiB of host
+#   sweep1000  [~200 s, cap 360] W4, 1000 adapters (16 distinct weight sets under 1000 names: 1.0 GiB of host
 #              memory; 1000 distinct rank-8..64 q,v adapters would be ~63 GiB), inlaid/fifo/mlfq at 1.5x
 #   capacity   [~80 s, cap 150]  13B shapes, W4 vs fp16 at 40 GB: accounting + engines built at N and N+step
 #   peft       [~45 s, cap 90]   transformers+PEFT vs inlaid, SmolLM2 config, 8/32/100 adapters
@@ -48,13 +48,14 @@ M="python3 benchmarks/serving_matrix.py"
 if [ "$QUICK" = 1 ]; then
   M7="$OUT/tiny"; NA=6
   COMMON="--device cpu --num-requests 16 --lengths synthetic --max-tokens 8 --max-prompt 32 --jobs 2 --slots 2 --ranks 4 8 --max-num-seqs 16 --num-blocks 256 --probe-requests 8 --calibrate 2 --max-duration 20"
-  A10="--adapters 3"; A1000="--adapters 60 --distinct-adapters 4"
+  A10="--adapters 3"; A1000="--adapters 60 --distinct-adapters 4"; D1000=""
   CAP="--budget-gb 40"
   PEFT="--model $OUT/tiny --device cpu --adapters 2 4 --requests 8 --batch 4 --max-tokens 4 --max-prompt 16 --lengths synthetic --ranks 4 8 --num-blocks 128"
 else
   M7=llama2-7b-shapes; NA=100
   COMMON="--device cuda --num-requests 1500 --lengths suite --max-tokens 512 --max-prompt 1024 --jobs 4 --slots 32 --ranks 8 16 32 64 --max-num-seqs 64 --probe-requests 128 --calibrate 4 --max-duration 60"
   A10="--adapters 10"; A1000="--adapters 1000 --distinct-adapters 16"
+  D1000="--max-duration 90"  # adapter loads (1000 adapters, 32 slots) may slow a FIFO run past 60 s
   CAP="--verify --budget-gb 40"
   PEFT="--device cuda --adapters 8 32 100 --requests 64 --batch 32 --max-tokens 64"
 fi
@@ -62,7 +63,7 @@ SWEEP="$M --driver engine --models $M7 $COMMON --policies inlaid fifo mlfq --res
 
 default_cap() {
   case "$1" in
-    sweep100) echo 420 ;; sweep_fp16) echo 360 ;; sweep10) echo 240 ;; sweep1000) echo 270 ;;
+    sweep100) echo 420 ;; sweep_fp16) echo 360 ;; sweep10) echo 240 ;; sweep1000) echo 360 ;;
     capacity) echo 150 ;; peft) echo 90 ;; http) echo 240 ;; *) echo 0 ;;
   esac
 }
@@ -86,7 +87,7 @@ part_cmd() {  # part name, seconds -> runs the part (its stdout/stderr go to the
     sweep100)   $SWEEP --part "$p" --quants w4 --adapters "$NA" --rate-x 1.5 1.0 --budget-s "$B" ;;
     sweep_fp16) $SWEEP --part "$p" --quants fp16 --adapters "$NA" --rate-x 1.5 1.0 --ablations --budget-s "$B" ;;
     sweep10)    $SWEEP --part "$p" --quants w4 $A10 --rate-x 1.5 --ablations --budget-s "$B" ;;
-    sweep1000)  $SWEEP --part "$p" --quants w4 $A1000 --rate-x 1.5 --ablations --budget-s "$B" ;;
+    sweep1000)  $SWEEP --part "$p" --quants w4 $A1000 --rate-x 1.5 --ablations --budget-s "$B" $D1000 ;;
     capacity)   python3 benchmarks/capacity.py $CAP --out "$R" ;;
     peft)       python3 benchmarks/peft_baseline.py $PEFT --budget-s $(( T - 20 )) --out "$R" ;;
     http)
@@ -128,7 +129,7 @@ finish() {  # the page from everything present, then one tar
   git log --oneline -1 2>/dev/null || true
   echo "quick=$QUICK PART=${PART:-} PARTS=${PARTS:-} GPUS=${GPUS:-} RUN=$RUN"
 } > "$OUT/env.txt" 2>&1
-export QUICK OUT R RUN M M7 NA COMMON A10 A1000 CAP PEFT SWEEP PYTHONPATH
+export QUICK OUT R RUN M M7 NA COMMON A10 A1000 D1000 CAP PEFT SWEEP PYTHONPATH
 tiny_model
 
 if [ -n "${PART:-}" ]; then
