@@ -173,6 +173,7 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
     """
     clock = VirtualClock()
     sch = fresh_scheduler(engine, sched, clock, policy_factory)
+    sch.schedule = _Timed(sch.schedule, timer)  # type: ignore[method-assign]  (the step log's sched_s)
     eos = engine.parts.eos_token_id if engine.parts.eos_token_id is not None else 0
     runner_execute = engine.runner.execute
     wrapped = _Runner(runner_execute, {s.request_id: s.output_len for s in specs}, eos, (eos + 1) % vocab, clock,
@@ -202,6 +203,7 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                     clock.t = pending[i].arrival
                     continue
                 sync()
+                sched_before = sch.schedule.spent
                 t0, before, preempted = timer(), wrapped.advanced, sch.stats.preemptions
                 wrapped.last_features, wrapped.last_out = None, None
                 outs = engine.step()
@@ -210,8 +212,8 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                 if step_cost is None:
                     clock.t += dt - (wrapped.advanced - before)  # the rest of the step (schedule, update)
                 step_times.append(dt)
-                step_log.append(_log_row(clock.t, dt, wrapped.advanced - before, wrapped.last_out,
-                                         sch.stats.preemptions - preempted, sch))
+                step_log.append(_log_row(clock.t, dt, wrapped.advanced - before, sch.schedule.spent - sched_before,
+                                         wrapped.last_out, sch.stats.preemptions - preempted, sch))
                 if wrapped.last_features is not None and wrapped.last_features[1:] != [0.0] * 4:
                     samples.append((wrapped.last_features, dt))
                 for o in outs:
@@ -220,14 +222,29 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                         bar.update(1)
     finally:
         engine.runner.execute = runner_execute  # type: ignore[method-assign]
+        del sch.schedule  # the class's method again
     return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete,
                         step_log)
 
 
-def _log_row(t_end: float, step_s: float, exec_s: float, out: SchedulerOutput | None, preemptions: int,
-             sch: Scheduler) -> list[float]:
+class _Timed:
+    """A callable that accumulates the seconds spent in ``fn`` (by ``timer``)."""
+
+    def __init__(self, fn: Callable[[], SchedulerOutput], timer: Callable[[], float]) -> None:
+        self.fn, self.timer, self.spent = fn, timer, 0.0
+
+    def __call__(self) -> SchedulerOutput:
+        t0 = self.timer()
+        try:
+            return self.fn()
+        finally:
+            self.spent += self.timer() - t0
+
+
+def _log_row(t_end: float, step_s: float, exec_s: float, sched_s: float, out: SchedulerOutput | None,
+             preemptions: int, sch: Scheduler) -> list[float]:
     """One step-log row (``STEP_COLUMNS``): times rounded to 10 us, then counts."""
-    row = [round(t_end, 5), round(step_s, 5), round(exec_s, 5), *step_fields(out), preemptions,
+    row = [round(t_end, 5), round(step_s, 5), round(exec_s, 5), round(sched_s, 6), *step_fields(out), preemptions,
            len(sch.waiting), len(sch.running)]
     assert len(row) == len(STEP_COLUMNS)
     return row

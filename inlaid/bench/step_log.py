@@ -20,16 +20,21 @@ from typing import Any
 
 from inlaid.core.outputs import SchedulerOutput
 
-COLUMNS: tuple[str, ...] = ("t_end", "step_s", "exec_s", "prefill_seqs", "decode_seqs", "prefill_tokens",
+COLUMNS: tuple[str, ...] = ("t_end", "step_s", "exec_s", "sched_s", "prefill_seqs", "decode_seqs", "prefill_tokens",
                             "distinct_adapters", "adapter_loads", "preemptions", "waiting", "running")
 """One row per ``engine.step()``: virtual-clock time at the step's end, the step's measured seconds, the
-runner's execute seconds (0 when the step executed nothing), prefilling / decoding sequences, prefill
+runner's execute seconds (0 when the step executed nothing), the scheduler's ``schedule()`` seconds (the
+policy's host cost; 0 if the engine stops calling ``self.scheduler.schedule``), prefilling / decoding sequences, prefill
 tokens, distinct adapters in the batch, adapters copied into slots before the forward, preemptions during
 the step (scheduler counter delta), waiting and running requests after the step."""
 
+OPTIONAL = frozenset({"sched_s"})
+"""Columns a log may lack (written before they existed); their means are then None."""
+
 SUMMARY_KEYS = ("steps", "prefill_steps", "decode_only_steps", "mean_decode_batch", "mean_prefill_seqs",
                 "mean_prefill_tokens", "mean_distinct_adapters", "adapter_loads", "preemptions", "mean_step_s",
-                "mean_prefill_step_s", "mean_decode_step_s", "mean_exec_s", "mean_host_s", "total_s", "slow_steps")
+                "mean_prefill_step_s", "mean_decode_step_s", "mean_exec_s", "mean_host_s", "mean_sched_s", "total_s",
+                "slow_steps")
 
 
 def step_fields(out: SchedulerOutput | None) -> list[int]:
@@ -49,7 +54,7 @@ def summarize_steps(log: dict[str, Any]) -> dict[str, Any]:
     """Means of one run's step log (``{"columns": [...], "rows": [[...], ...]}``); ``slow_steps`` counts
     steps longer than 5x the median step of their kind (prefill / decode-only): compiles, captures, stalls."""
     cols = list(log["columns"])
-    if missing := [c for c in COLUMNS if c not in cols]:
+    if missing := [c for c in COLUMNS if c not in cols and c not in OPTIONAL]:
         raise ValueError(f"step log lacks columns {missing}; expected {list(COLUMNS)}")
     rows = [dict(zip(cols, r)) for r in log["rows"]]
     work = [r for r in rows if r["prefill_seqs"] or r["decode_seqs"]]
@@ -69,6 +74,7 @@ def summarize_steps(log: dict[str, Any]) -> dict[str, Any]:
             "mean_step_s": _mean([r["step_s"] for r in work]), "mean_prefill_step_s": _mean([r["step_s"] for r in pre]),
             "mean_decode_step_s": _mean([r["step_s"] for r in dec]), "mean_exec_s": _mean([r["exec_s"] for r in work]),
             "mean_host_s": _mean([r["step_s"] - r["exec_s"] for r in work]),
+            "mean_sched_s": _mean([r["sched_s"] for r in work if "sched_s" in r]),
             "total_s": sum(r["step_s"] for r in rows), "slow_steps": slow}
 
 
@@ -85,13 +91,14 @@ def analysis_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"| {v} | {s['steps']} | {s['prefill_steps']} | {_f(s['mean_prefill_seqs'])} | "
                    f"{_f(s['mean_decode_batch'])} | {_f(s['mean_distinct_adapters'])} | {s['adapter_loads']} | "
                    f"{s['preemptions']} | {_f(s['mean_prefill_step_s'], 1e3)} | {_f(s['mean_decode_step_s'], 1e3)} | "
-                   f"{_f(s['mean_host_s'], 1e3)} | {_f(s['total_s'])} | {s['slow_steps']} |")
+                   f"{_f(s['mean_host_s'], 1e3)} | {_f(s['mean_sched_s'], 1e3)} | {_f(s['total_s'])} | "
+                   f"{s['slow_steps']} |")
     return out
 
 
 ANALYSIS_HEAD = ("| variant | steps | prefill steps | seqs / prefill step | decode batch | distinct adapters / step | "
-                 "adapter loads | preemptions | prefill step ms | decode step ms | host ms / step | sum of steps s "
-                 "| slow steps |")
+                 "adapter loads | preemptions | prefill step ms | decode step ms | host ms / step | schedule() ms / step "
+                 "| sum of steps s | slow steps |")
 
 
 def step_analysis(points: dict[tuple, dict[str, dict[str, Any]]],
@@ -108,12 +115,13 @@ def step_analysis(points: dict[tuple, dict[str, dict[str, Any]]],
             continue
         model, quant, n, drv, rate = key
         lines += [f"**{model}, {quant}, {n} adapters, {drv}, {rate:g} req/s**", "", ANALYSIS_HEAD,
-                  "|---" * 13 + "|"] + analysis_rows(sums) + [""]
+                  "|---" * 14 + "|"] + analysis_rows(sums) + [""]
     if not lines:
         return ["(no run with a step log: runs before session 4 recorded none)", ""]
     return ["Per-step means from each run's step log (`step_log` in its JSON; what the engine already exposes: "
             "the step's SchedulerOutput, the scheduler's counters, the driver's timers). decode batch = decoding "
-            "sequences per step; host ms = step minus the runner's execute (scheduling, update, outputs); slow "
+            "sequences per step; host ms = step minus the runner's execute (scheduling, update, outputs), "
+            "schedule() ms = the scheduler's share of it (the policy's host cost); slow "
             "steps = longer than 5x the median step of their kind (compiles, graph captures, stalls). An "
             "ablation that is faster than inlaid should show here as fewer prefill steps, bigger decode batches, "
             "less host time, or inlaid's slow steps (a warm-up row on the same trace separates first-run costs).",

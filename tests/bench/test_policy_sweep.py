@@ -93,7 +93,8 @@ def test_sweep_writes_serve_schema_json_with_identical_traces(tiny_llama_dir, tm
         assert sum(x["prefill_seqs"] for x in rows) >= s["ok"]  # every request prefills at least once
         assert sum(x["adapter_loads"] for x in rows) == s["adapter_loads"]
         assert sum(x["preemptions"] for x in rows) == s["preemptions"]
-        assert all(x["step_s"] >= x["exec_s"] >= 0 for x in rows)
+        assert all(x["step_s"] >= x["exec_s"] >= 0 and x["step_s"] >= x["sched_s"] >= 0 for x in rows)
+        assert sum(x["sched_s"] for x in rows) > 0  # schedule() is timed
         assert [x["t_end"] for x in rows] == sorted(x["t_end"] for x in rows)
         assert rows[-1]["waiting"] == rows[-1]["running"] == 0
         assert rows[-1]["t_end"] >= max(x["finish"] for x in r["records"]) - 1e-5  # the last step ends last

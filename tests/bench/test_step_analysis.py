@@ -26,7 +26,7 @@ from inlaid.sim.simulator import EngineShape
 
 def _row(step_s: float, exec_s: float, pre: int, dec: int, tokens: int, distinct: int, loads: int = 0,
          preempt: int = 0) -> list[float]:
-    return [0.0, step_s, exec_s, pre, dec, tokens, distinct, loads, preempt, 0, 0]
+    return [0.0, step_s, exec_s, (step_s - exec_s) / 2, pre, dec, tokens, distinct, loads, preempt, 0, 0]
 
 
 def test_step_fields_of_a_scheduler_output() -> None:
@@ -51,7 +51,10 @@ def test_summarize_steps_means_and_slow_steps() -> None:
     assert s["adapter_loads"] == 3 and s["preemptions"] == 1 and s["slow_steps"] == 1
     assert s["mean_prefill_step_s"] == pytest.approx(0.10) and s["mean_decode_step_s"] == pytest.approx(0.08)
     assert s["mean_host_s"] == pytest.approx((0.01 + 0.005 + 0.005 + 0.01) / 4)
+    assert s["mean_sched_s"] == pytest.approx(s["mean_host_s"] / 2)
     assert s["total_s"] == pytest.approx(0.341)
+    old = summarize_steps({"columns": [c for c in COLUMNS if c != "sched_s"], "rows": [r[:3] + r[4:] for r in rows]})
+    assert old["mean_sched_s"] is None and old["mean_host_s"] == s["mean_host_s"]  # a log from before sched_s
     with pytest.raises(ValueError, match="step log lacks columns"):
         summarize_steps({"columns": ["t_end"], "rows": []})
 
@@ -110,7 +113,7 @@ def test_step_analysis_rows_per_policy_and_warmup() -> None:
     assert "**m7, w4, 100 adapters, engine, 8 req/s**" in text and "4 req/s" not in text
     lines = [ln for ln in text.splitlines() if ln.startswith(("| inlaid", "| fifo"))]
     assert [ln.split(" | ")[0] for ln in lines] == ["| inlaid", "| inlaid (warm-up)", "| fifo"]
-    assert lines[0].startswith("| inlaid | 2 | 1 | 2 | 1 | 1.5 | 0 | 0 | 100 | 20 | 10 | 0.12 | 0 |")
+    assert lines[0].startswith("| inlaid | 2 | 1 | 2 | 1 | 1.5 | 0 | 0 | 100 | 20 | 10 | 5 | 0.12 | 0 |")
     assert "no run with a step log" in "\n".join(step_analysis(_points([_res("fifo", 1.0, 1.0, 1.0, 1.0)])))
 
 
