@@ -39,8 +39,11 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +67,8 @@ PHASES = ("schedule", "prepare", "forward", "sample", "output", "other")
 class PhaseTimer:
     """Exclusive wall time per phase: entering a nested phase pauses the enclosing one."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.totals: dict[str, float] = {p: 0.0 for p in PHASES}
         self.calls = 0
         self._stack: list[list[Any]] = []  # [name, start]
@@ -76,7 +80,7 @@ class PhaseTimer:
             yield
             return
         self.calls += 1
-        now = time.perf_counter()
+        now = self.clock()
         if self._stack:
             top = self._stack[-1]
             self.totals[top[0]] += now - top[1]
@@ -84,7 +88,7 @@ class PhaseTimer:
         try:
             yield
         finally:
-            end = time.perf_counter()
+            end = self.clock()
             top = self._stack.pop()
             self.totals[top[0]] += end - top[1]
             if self._stack:
@@ -222,10 +226,11 @@ def run_config(eng: LLMEngine, timer: PhaseTimer, gpu: GpuForwardTimer, batch: i
     step_times = []
     if prof:
         prof.enable()
+    clock = timer.clock
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         eng.step()
-        step_times.append(time.perf_counter() - t0)
+        step_times.append(clock() - t0)
     if prof:
         prof.disable()
     timer.enabled, gpu.active = False, False
@@ -250,15 +255,21 @@ def run_config(eng: LLMEngine, timer: PhaseTimer, gpu: GpuForwardTimer, batch: i
     return row
 
 
-def timer_overhead_us() -> float:
-    t = PhaseTimer()
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def timer_overhead_us(clock: Callable[[], float]) -> float:
+    """Cost of one phase call, in the benchmark's clock (the minimum of 5 rounds: contention only adds)."""
+    t = PhaseTimer(clock)
     t.enabled = True
-    n = 20000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        with t.phase("prepare"):
-            pass
-    return 1e6 * (time.perf_counter() - t0) / n
+    n, best = 5000, float("inf")
+    for _ in range(5):
+        t0 = clock()
+        for _ in range(n):
+            with t.phase("prepare"):
+                pass
+        best = min(best, (clock() - t0) / n)
+    return 1e6 * best
 
 
 def aggregate(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,13 +286,15 @@ def aggregate(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """One engine (one model build) with min(max batch, --max-adapters) adapters registered; the adapter-free
+    rows run first (no slot loaded yet, so the forward has no LoRA work, as on an engine without adapters)."""
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as d:
-        for n_max in sorted({0, args.max_adapters}):
-            n_eng = min(n_max, max(args.batches))
-            eng = build_engine(args, n_eng, Path(d))
-            timer, gpu = PhaseTimer(), GpuForwardTimer(args.device.startswith("cuda"))
-            instrument(eng, timer, gpu)
+        n_eng = min(args.max_adapters, max(args.batches))
+        eng = build_engine(args, n_eng, Path(d))
+        timer, gpu = PhaseTimer(CLOCKS[args.clock]), GpuForwardTimer(args.device.startswith("cuda"))
+        instrument(eng, timer, gpu)
+        for n_max in sorted({0, n_eng}):
             for batch in args.batches:
                 n_ad = min(batch, n_max)
                 reps = [run_config(eng, timer, gpu, batch, n_ad, args, f"r{r}b{batch}a{n_ad}")
@@ -292,7 +305,7 @@ def measure_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[st
                 if args.profile:
                     profiles.append(f"### batch {batch}, adapters {n_ad} (last repeat)\n\n```\n"
                                     f"{reps[-1]['profile']}```\n")
-            del eng
+        del eng
     return rows, profiles
 
 
@@ -302,6 +315,7 @@ def to_markdown(res: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         cols.append("forward_gpu_ms")
     lines = [f"# Per-step host overhead ({res['device_name']}, model {res['model']}, {res['quant']})", "",
              f"Command: `{res['command']}`", "",
+             f"Clock: {res['clock']} ({'this thread' + chr(39) + 's CPU time' if res['clock'] == 'thread' else 'perf_counter'}). "
              f"Prompt {res['prompt_len']} tokens, {res['steps']} timed decode steps per run after "
              f"{res['warmup']} warm-up steps, median of {res['repeats']} repeats (ms per step); "
              f"`host_non_forward` = step - forward host time - the phase timer's own cost (calls per step x "
@@ -327,6 +341,72 @@ def to_markdown(res: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--load-format", args.load_format, "--quant", args.quant, "--device", args.device,
+           "--batches", *map(str, args.batches), "--clock", args.clock]
+    for k in ("max_adapters", "rank", "prompt_len", "steps", "warmup", "repeats", "num_blocks"):
+        out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return out
+
+
+def run_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate runs of the tree in ``--ab-before-tree`` (this script copied into it) and this tree, ``--rounds``
+    times each (ABAB...: both see the same load over time); per configuration the minimum and the median over
+    rounds of every per-step figure."""
+    before = Path(args.ab_before_tree).resolve()
+    shutil.copy(Path(__file__), before / "benchmarks" / "step_overhead.py")
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(args.rounds):
+            for label, root in (("before", before), ("after", ROOT)):
+                out = Path(d) / f"{label}{r}"
+                cmd = [sys.executable, str(root / "benchmarks" / "step_overhead.py"), *_child_argv(args), "--out", str(out)]
+                subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                               stdout=subprocess.DEVNULL, timeout=900)
+                runs[label].append(json.loads(out.with_suffix(".json").read_text()))
+                print(f"round {r} {label}: done", flush=True)
+    res: dict[str, Any] = {}
+    for label, reps in runs.items():
+        keys = [(row["batch"], row["adapters"]) for row in reps[0]["rows"]]
+        for stat, fn in (("min", min), ("median", statistics.median)):
+            rows = []
+            for i, key in enumerate(keys):
+                per = [rep["rows"][i] for rep in reps]
+                rows.append({"batch": key[0], "adapters": key[1],
+                             **{k: fn(p[k] for p in per) for k in per[0] if k.endswith("_ms")}})
+            res[f"{label}_{stat}"] = rows
+    res["timer_overhead_us"] = runs["after"][0]["timer_overhead_us"]
+    return res
+
+
+def ab_markdown(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    cols = ["step_ms", "host_non_forward_ms"] + [f"{p}_ms" for p in PHASES]
+    lines = [f"# Per-step host overhead: before vs after (model {args.model}, {args.device}, clock {args.clock})", "",
+             f"Command: `{command}`", "",
+             f"Before: the tree in `{args.ab_before_tree}` ({args.before_label}); after: this tree. "
+             f"{args.rounds} alternating rounds (before, after, before, ...), each {args.steps} timed decode steps "
+             f"after {args.warmup} warm-up steps, prompt {args.prompt_len}; ms per step. `host_non_forward` = step - "
+             f"forward - the phase timer's own cost ({res['timer_overhead_us']:.2f} us per phase call). "
+             "Figures per column are over rounds, so columns need not add up.", ""]
+    for stat in ("min", "median"):
+        for label in ("before", "after"):
+            lines += [f"## {label} ({stat} over rounds)", "", "| batch | adapters | " +
+                      " | ".join(c.removesuffix("_ms") for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+            lines += [f"| {r['batch']} | {r['adapters']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |"
+                      for r in res[f"{label}_{stat}"]]
+            lines.append("")
+    lines += ["## Non-forward host time per step, before / after", "",
+              "| batch | adapters | before min | after min | ratio (min) | before median | after median | ratio (median) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for bm, am, bd, ad in zip(res["before_min"], res["after_min"], res["before_median"], res["after_median"]):
+        k = "host_non_forward_ms"
+        lines.append(f"| {am['batch']} | {am['adapters']} | {bm[k]:.3f} | {am[k]:.3f} | {bm[k] / am[k]:.2f}x | "
+                     f"{bd[k]:.3f} | {ad[k]:.3f} | {bd[k] / ad[k]:.2f}x |")
+    if args.notes:
+        lines += ["", args.notes]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", help='"tiny" (random 2-layer Llama), an HF dir, or llama2-7b-shapes')
@@ -341,9 +421,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--num-blocks", type=int, default=1024)
+    ap.add_argument("--clock", default="auto", choices=("auto", "wall", "thread"),
+                    help="thread: this thread's CPU time (robust to other processes on a shared box; "
+                         "default on CPU); wall: perf_counter (default on CUDA: includes waits for the GPU)")
     ap.add_argument("--profile", action="store_true", help="cProfile top-20 of the timed steps")
     ap.add_argument("--baseline", default=None, help="JSON of an earlier run: adds a before/after table")
     ap.add_argument("--notes", default="", help="free text appended to the markdown")
+    ap.add_argument("--ab-before-tree", default=None,
+                    help="a checkout of the code before (e.g. git archive REV | tar -x -C DIR): alternate runs of it "
+                         "and of this tree, report both and the ratio")
+    ap.add_argument("--before-label", default="", help="what the before tree is (e.g. its commit)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of --ab-before-tree")
     ap.add_argument("--out", default="benchmarks/results/step_overhead_cpu")
     return ap.parse_args(argv)
 
@@ -353,18 +441,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)
     t0 = time.monotonic()
-    args.timer_us = timer_overhead_us()
+    if args.clock == "auto":
+        args.clock = "thread" if args.device == "cpu" else "wall"
+    command = "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.ab_before_tree:
+        res = run_ab(args)
+        res.update(command=command, before_tree=args.ab_before_tree, before_label=args.before_label,
+                   args=_child_argv(args), elapsed_s=time.monotonic() - t0)
+        return _write(Path(args.out), res, ab_markdown(res, args, command))
+    args.timer_us = timer_overhead_us(CLOCKS[args.clock])
     rows, profiles = measure_all(args)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (shared 2-core box, 1 torch thread)"
     res = {"device_name": dev, "model": args.model, "quant": args.quant, "prompt_len": args.prompt_len,
-           "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
+           "steps": args.steps, "warmup": args.warmup, "clock": args.clock, "repeats": args.repeats, "rows": rows,
            "timer_overhead_us": args.timer_us, "elapsed_s": time.monotonic() - t0,
-           "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command,
            "baseline_path": args.baseline, "notes": args.notes}
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     md = to_markdown(res, baseline) + ("\n## cProfile (top 20 by internal time)\n\n" + "\n".join(profiles)
                                        if profiles else "")
-    out = Path(args.out)
+    return _write(Path(args.out), res, md)
+
+
+def _write(out: Path, res: dict[str, Any], md: str) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(md)

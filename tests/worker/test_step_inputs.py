@@ -92,6 +92,8 @@ def test_host_segments_equal_build_segments() -> None:
     rng = random.Random(3)
     cases = [[], [-1, -1], [2], [0, 0, 1, 1], [1, 0, 1, 0, -1], [3, -1, 3, 3, 0]]
     cases += [[rng.choice([-1, 0, 1, 2, 5]) for _ in range(rng.randint(1, 40))] for _ in range(50)]
+    cases += [[-1] * 300, [4] * 300, sorted(rng.choice([-1, 0, 3]) for _ in range(400))]  # the numpy path (> 256)
+    cases += [[rng.choice([-1, 0, 1, 2, 5]) for _ in range(rng.randint(257, 900))] for _ in range(10)]
     for slots in cases:
         want = build_segments(torch.tensor(slots, dtype=torch.int64))
         got = host_segments(np.array(slots, dtype=np.int64), torch.device("cpu"))
