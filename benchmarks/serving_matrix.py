@@ -18,6 +18,12 @@ GPU (split over several calls within the device limits):
     PYTHONPATH=. python benchmarks/serving_matrix.py --device cuda --models llama2-7b-shapes \\
         --quants fp16 w4 --adapters 10 100 --rates 2 4 8 --budget-s 540
 
+On the device the matrix runs as parallel parts (``benchmarks/device/serving.sh``: one process per part,
+``--no-page``, JSONs under ``--run-name json_s4``), and the page is built once from all of them with
+``--page-only --run-name json_s4 --history json json_session2`` (earlier sessions shown apart, at the end).
+The page also checks issue 9's targets, analyses the runs' step logs per policy and puts the simulator's
+prediction (``--cost-model``) next to every measured engine-driver point.
+
 CPU smoke run (tiny random Llama, 2 policies, 2 rates, few requests; < 2 minutes on 2 cores):
 
     PYTHONPATH=. python benchmarks/serving_matrix.py --quick
