@@ -290,6 +290,9 @@ class SweepPlan:
     """Run the first variant once at the first rate before measuring (same trace; written to
     ``<out_dir>/warmup/``, not a result): first-run costs (Triton compiles of new prefill shapes, lazy
     allocations) then fall on no measured run, and its step log against the measured one shows them."""
+    repeat_first: bool = True
+    """After the sweep, run the first variant at the first rate once more (same trace; ``<out_dir>/repeat/``,
+    not a result): against the measured run it shows drift over the sweep (run order, clocks, allocator)."""
 
     def runs(self, sat_rps: float) -> list[tuple[str, float]]:
         rates = list(self.fixed_rates) or [round(x * sat_rps, 3) for x in self.rate_x]
@@ -312,14 +315,8 @@ def run_sweep(engine: Any, plan: SweepPlan, out_dir: Path, name: str, device: st
     logger.info("%s: saturation %.2f req/s (%.0f tok/s, mean output %.1f)", name, probe["rps"], probe["tps"],
                 probe["mean_output"])
     runs = plan.runs(probe["rps"])
-    if plan.warmup and runs and time.monotonic() < deadline:
-        variant, rate = runs[0]
-        wl = dataclasses.replace(plan.workload, rate=rate)
-        res = run_point(engine, wl, variant, iso, device, plan.slo_scale,
-                        min(plan.max_wall_s, max(deadline - time.monotonic(), 1.0)), {**extra, "warmup": True})
-        (out_dir / "warmup").mkdir(exist_ok=True)
-        (out_dir / "warmup" / f"{name}_{variant}_r{rate:g}.json").write_text(json.dumps(res, indent=1))
-        logger.info("%s warm-up %s r%g: %.0f tok/s", name, variant, rate, res["summary"].get("throughput_tps") or 0)
+    if plan.warmup and runs:
+        _check_run(engine, plan, runs[0], iso, device, deadline, extra, out_dir / "warmup", name)
     for variant, rate in runs:
         if time.monotonic() > deadline:
             logger.warning("%s: deadline reached, skipping %s at %g req/s and the rest", name, variant, rate)
@@ -334,4 +331,21 @@ def run_sweep(engine: Any, plan: SweepPlan, out_dir: Path, name: str, device: st
         s = res["summary"]
         logger.info("%s %s r%g: %s/%s ok, %.0f tok/s, latency %.3fs, SLO %.2f", name, variant, rate, s["ok"],
                     s["sent"], s.get("throughput_tps") or 0, s.get("latency_mean") or 0, s.get("slo_attainment") or 0)
+    if plan.repeat_first and runs:
+        _check_run(engine, plan, runs[0], iso, device, deadline, extra, out_dir / "repeat", name)
     return written
+
+
+def _check_run(engine: Any, plan: SweepPlan, run: tuple[str, float], iso: IsolatedFit | None, device: str,
+               deadline: float, extra: dict[str, Any], folder: Path, name: str) -> None:
+    """One unmeasured run of ``run`` (variant, rate) on the plan's trace, written to ``folder`` (warm-up before
+    the sweep, repeat after it); skipped once ``deadline`` has passed."""
+    if time.monotonic() > deadline:
+        return
+    variant, rate = run
+    wl = dataclasses.replace(plan.workload, rate=rate)
+    res = run_point(engine, wl, variant, iso, device, plan.slo_scale,
+                    min(plan.max_wall_s, max(deadline - time.monotonic(), 1.0)), {**extra, "check": folder.name})
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}_{variant}_r{rate:g}.json").write_text(json.dumps(res, indent=1))
+    logger.info("%s %s %s r%g: %.0f tok/s", name, folder.name, variant, rate, res["summary"].get("throughput_tps") or 0)

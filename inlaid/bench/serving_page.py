@@ -6,8 +6,8 @@ Owns: ``write_page`` and its sections. Inputs, all under one results directory:
   ``config``/``summary`` (the sweep's ``*_probe.json``) feed the saturation table instead.
 - ``peft_baseline.json`` (``benchmarks/peft_baseline.py``) and ``capacity.json``
   (``benchmarks/capacity.py``), when present.
-The run directory is ``json/`` by default (``run=``: e.g. ``json_s4``); ``<run>/warmup/`` holds the
-sweep's warm-up runs (step-log comparison only); ``history=`` names earlier sessions' run directories,
+The run directory is ``json/`` by default (``run=``: e.g. ``json_s4``); ``<run>/warmup/`` and ``<run>/repeat/``
+hold the sweep's unmeasured runs before and after it (step-log comparison only); ``history=`` names earlier sessions' run directories,
 shown at the end (targets and ratios), never mixed into this run's tables.
 Sections: issue 9's targets met / not met per configuration (``page_targets``), inlaid vs fifo / vs mlfq
 ratios per point, ablations (inlaid without prediction / grouping / aging, relative to inlaid), the
@@ -221,9 +221,13 @@ def cpu_http_section(cpu_dir: Path | None) -> list[str]:
     return body + group_tables(results)
 
 
-def _load_warmups(run_dir: Path) -> dict[tuple, dict[str, dict[str, Any]]]:
-    results, _ = load_dir(run_dir / "warmup") if (run_dir / "warmup").is_dir() else ([], [])
-    return by_point(results)
+def _load_checks(run_dir: Path) -> dict[str, dict[tuple, dict[str, dict[str, Any]]]]:
+    """The sweep's unmeasured runs: ``warmup/`` (before it) and ``repeat/`` (after it), as points."""
+    out = {}
+    for kind, sub in (("warm-up", "warmup"), ("repeat", "repeat")):
+        results, _ = load_dir(run_dir / sub) if (run_dir / sub).is_dir() else ([], [])
+        out[kind] = by_point(results)
+    return out
 
 
 def sim_section(results: list[Result], cost_model: Path | None) -> list[str]:
@@ -280,7 +284,7 @@ def write_page(results_dir: Path, md: Path, header: list[str], cpu_http: Path | 
     body += ["## Ablations (inlaid vs inlaid without one ingredient; > 1 means the ingredient helps)", ""]
     for abl in ("inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"):
         body += [f"**{abl}**", ""] + ratio_table(results, "inlaid", abl)
-    body += ["## Where the step time goes (per-policy step logs)", ""] + step_analysis(points, _load_warmups(run_dir))
+    body += ["## Where the step time goes (per-policy step logs)", ""] + step_analysis(points, _load_checks(run_dir))
     body += sim_section(results, cost_model)
     body += ["## HTTP (client-measured) vs in-process driver at the same point", ""] + cross_check(results)
     body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1]) + cpu_http_section(cpu_http)

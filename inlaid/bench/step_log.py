@@ -33,7 +33,7 @@ OPTIONAL = frozenset({"sched_s"})
 
 SUMMARY_KEYS = ("steps", "prefill_steps", "decode_only_steps", "mean_decode_batch", "mean_prefill_seqs",
                 "mean_prefill_tokens", "mean_distinct_adapters", "adapter_loads", "preemptions", "mean_step_s",
-                "mean_prefill_step_s", "mean_decode_step_s", "mean_exec_s", "mean_host_s", "mean_sched_s", "total_s",
+                "mean_prefill_step_s", "mean_decode_step_s", "decode_step_cv", "mean_exec_s", "mean_host_s", "mean_sched_s", "total_s",
                 "slow_steps")
 
 
@@ -50,13 +50,18 @@ def _mean(xs: Sequence[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _cv(xs: Sequence[float]) -> float | None:
+    """Coefficient of variation (jitter of one kind of step; ``sim_predict.NoisyCost`` takes it)."""
+    return statistics.pstdev(xs) / statistics.fmean(xs) if len(xs) > 1 and statistics.fmean(xs) > 0 else None
+
+
 def summarize_steps(log: dict[str, Any]) -> dict[str, Any]:
     """Means of one run's step log (``{"columns": [...], "rows": [[...], ...]}``); ``slow_steps`` counts
     steps longer than 5x the median step of their kind (prefill / decode-only): compiles, captures, stalls."""
     cols = list(log["columns"])
     if missing := [c for c in COLUMNS if c not in cols and c not in OPTIONAL]:
         raise ValueError(f"step log lacks columns {missing}; expected {list(COLUMNS)}")
-    rows = [dict(zip(cols, r)) for r in log["rows"]]
+    rows = [dict(zip(cols, r, strict=True)) for r in log["rows"]]
     work = [r for r in rows if r["prefill_seqs"] or r["decode_seqs"]]
     pre = [r for r in work if r["prefill_seqs"]]
     dec = [r for r in work if not r["prefill_seqs"]]
@@ -73,6 +78,7 @@ def summarize_steps(log: dict[str, Any]) -> dict[str, Any]:
             "adapter_loads": sum(r["adapter_loads"] for r in rows), "preemptions": sum(r["preemptions"] for r in rows),
             "mean_step_s": _mean([r["step_s"] for r in work]), "mean_prefill_step_s": _mean([r["step_s"] for r in pre]),
             "mean_decode_step_s": _mean([r["step_s"] for r in dec]), "mean_exec_s": _mean([r["exec_s"] for r in work]),
+            "decode_step_cv": _cv([r["step_s"] for r in dec]),
             "mean_host_s": _mean([r["step_s"] - r["exec_s"] for r in work]),
             "mean_sched_s": _mean([r["sched_s"] for r in work if "sched_s" in r]),
             "total_s": sum(r["step_s"] for r in rows), "slow_steps": slow}
@@ -91,31 +97,35 @@ def analysis_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"| {v} | {s['steps']} | {s['prefill_steps']} | {_f(s['mean_prefill_seqs'])} | "
                    f"{_f(s['mean_decode_batch'])} | {_f(s['mean_distinct_adapters'])} | {s['adapter_loads']} | "
                    f"{s['preemptions']} | {_f(s['mean_prefill_step_s'], 1e3)} | {_f(s['mean_decode_step_s'], 1e3)} | "
+                   f"{_f(s['decode_step_cv'], 1.0, '.2f')} | "
                    f"{_f(s['mean_host_s'], 1e3)} | {_f(s['mean_sched_s'], 1e3)} | {_f(s['total_s'])} | "
                    f"{s['slow_steps']} |")
     return out
 
 
 ANALYSIS_HEAD = ("| variant | steps | prefill steps | seqs / prefill step | decode batch | distinct adapters / step | "
-                 "adapter loads | preemptions | prefill step ms | decode step ms | host ms / step | schedule() ms / step "
+                 "adapter loads | preemptions | prefill step ms | decode step ms | decode step cv | host ms / step | "
+                 "schedule() ms / step "
                  "| sum of steps s | slow steps |")
 
 
 def step_analysis(points: dict[tuple, dict[str, dict[str, Any]]],
-                  warmups: dict[tuple, dict[str, dict[str, Any]]] | None = None) -> list[str]:
+                  checks: dict[str, dict[tuple, dict[str, dict[str, Any]]]] | None = None) -> list[str]:
     """The page section: per (model, quant, adapters, rate) point with step logs, one row per variant;
-    a warm-up run of the same trace (``json/warmup/``) is listed as ``<variant> (warm-up)``."""
+    ``checks`` (kind -> points, e.g. ``{"warm-up": ..., "repeat": ...}``: unmeasured runs of the same trace)
+    add rows ``<variant> (<kind>)``."""
     lines: list[str] = []
     for key in sorted(points):
         sums = {v: summarize_steps(r["step_log"]) for v, r in points[key].items() if r.get("step_log")}
-        for v, r in (warmups or {}).get(key, {}).items():
-            if r.get("step_log"):
-                sums[f"{v} (warm-up)"] = summarize_steps(r["step_log"])
+        for kind, pts in (checks or {}).items():
+            for v, r in pts.get(key, {}).items():
+                if r.get("step_log"):
+                    sums[f"{v} ({kind})"] = summarize_steps(r["step_log"])
         if not sums:
             continue
         model, quant, n, drv, rate = key
         lines += [f"**{model}, {quant}, {n} adapters, {drv}, {rate:g} req/s**", "", ANALYSIS_HEAD,
-                  "|---" * 14 + "|"] + analysis_rows(sums) + [""]
+                  "|---" * 15 + "|"] + analysis_rows(sums) + [""]
     if not lines:
         return ["(no run with a step log: runs before session 4 recorded none)", ""]
     return ["Per-step means from each run's step log (`step_log` in its JSON; what the engine already exposes: "
@@ -124,5 +134,7 @@ def step_analysis(points: dict[tuple, dict[str, dict[str, Any]]],
             "schedule() ms = the scheduler's share of it (the policy's host cost); slow "
             "steps = longer than 5x the median step of their kind (compiles, graph captures, stalls). An "
             "ablation that is faster than inlaid should show here as fewer prefill steps, bigger decode batches, "
-            "less host time, or inlaid's slow steps (a warm-up row on the same trace separates first-run costs).",
+            "less host time, or inlaid's slow steps; the warm-up row (same trace, before the sweep) separates "
+            "first-run costs and the repeat row (same trace, after the sweep) drift over the sweep; decode step "
+            "cv = the jitter to feed `python -m inlaid.bench.sim_predict --noise-run ... --noise-cv`.",
             ""] + lines

@@ -88,7 +88,7 @@ def test_sweep_writes_serve_schema_json_with_identical_traces(tiny_llama_dir, tm
     # the step log: one row per engine step, its counts add up to the run's work
     for r in runs:
         log, s = r["step_log"], r["summary"]
-        rows = [dict(zip(log["columns"], row)) for row in log["rows"]]
+        rows = [dict(zip(log["columns"], row, strict=True)) for row in log["rows"]]
         assert list(log["columns"]) == list(STEP_COLUMNS) and len(rows) == s["steps"]
         assert sum(x["prefill_seqs"] for x in rows) >= s["ok"]  # every request prefills at least once
         assert sum(x["adapter_loads"] for x in rows) == s["adapter_loads"]
@@ -100,7 +100,9 @@ def test_sweep_writes_serve_schema_json_with_identical_traces(tiny_llama_dir, tm
         assert rows[-1]["t_end"] >= max(x["finish"] for x in r["records"]) - 1e-5  # the last step ends last
     # the warm-up: the first run's variant and trace, written aside (not among the results)
     warm = json.loads((tmp_path / "warmup" / files[1].name).read_text())
-    assert warm["config"]["extra"]["warmup"] is True and warm["config"]["label"] == "inlaid"
+    assert warm["config"]["extra"]["check"] == "warmup" and warm["config"]["label"] == "inlaid"
+    rep = json.loads((tmp_path / "repeat" / files[1].name).read_text())  # the same run after the sweep
+    assert rep["config"]["extra"]["check"] == "repeat" and len(rep["records"]) == len(runs[0]["records"])
     assert [(x["request_id"], x["arrival"], x["output_len"]) for x in warm["records"]] == \
         [(x["request_id"], x["arrival"], x["output_len"]) for x in runs[0]["records"]]
     assert not any(f.parent.name == "warmup" for f in files)
@@ -117,6 +119,6 @@ def test_deadline_skips_runs_and_wall_cap_marks_incomplete(tiny_llama_dir, tmp_p
     assert not eng.has_unfinished_requests()
     files = run_sweep(eng, plan, tmp_path / "late", "late", "cpu", time.monotonic() - 1, {"adapters": 5})
     assert len(files) == 1  # only the probe: the deadline had passed
-    assert not (tmp_path / "late" / "warmup").exists()  # nor a warm-up
+    assert not (tmp_path / "late" / "warmup").exists() and not (tmp_path / "late" / "repeat").exists()
     assert set(VARIANTS) >= {"inlaid", "fifo", "mlfq", "inlaid-nopred", "inlaid-nogroup", "inlaid-noaging"}
     assert torch.get_num_threads() >= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,7 @@ def test_summarize_steps_means_and_slow_steps() -> None:
     assert s["mean_host_s"] == pytest.approx((0.01 + 0.005 + 0.005 + 0.01) / 4)
     assert s["mean_sched_s"] == pytest.approx(s["mean_host_s"] / 2)
     assert s["total_s"] == pytest.approx(0.341)
+    assert s["decode_step_cv"] == pytest.approx(statistics.pstdev([0.02, 0.02, 0.2]) / 0.08)
     old = summarize_steps({"columns": [c for c in COLUMNS if c != "sched_s"], "rows": [r[:3] + r[4:] for r in rows]})
     assert old["mean_sched_s"] is None and old["mean_host_s"] == s["mean_host_s"]  # a log from before sched_s
     with pytest.raises(ValueError, match="step log lacks columns"):
@@ -109,11 +111,11 @@ def test_step_analysis_rows_per_policy_and_warmup() -> None:
     pts = _points([_res("inlaid", 8.0, 200.0, 1.0, 0.9, log=True), _res("fifo", 8.0, 100.0, 2.0, 0.1, log=True),
                    _res("fifo", 4.0, 100.0, 2.0, 0.1)])  # no step log (session-3 style): no section
     warm = _points([_res("inlaid", 8.0, 150.0, 1.0, 0.9, log=True)])
-    text = "\n".join(step_analysis(pts, warm))
+    text = "\n".join(step_analysis(pts, {"warm-up": warm, "repeat": warm}))
     assert "**m7, w4, 100 adapters, engine, 8 req/s**" in text and "4 req/s" not in text
     lines = [ln for ln in text.splitlines() if ln.startswith(("| inlaid", "| fifo"))]
-    assert [ln.split(" | ")[0] for ln in lines] == ["| inlaid", "| inlaid (warm-up)", "| fifo"]
-    assert lines[0].startswith("| inlaid | 2 | 1 | 2 | 1 | 1.5 | 0 | 0 | 100 | 20 | 10 | 5 | 0.12 | 0 |")
+    assert [ln.split(" | ")[0] for ln in lines] == ["| inlaid", "| inlaid (repeat)", "| inlaid (warm-up)", "| fifo"]
+    assert lines[0].startswith("| inlaid | 2 | 1 | 2 | 1 | 1.5 | 0 | 0 | 100 | 20 | - | 10 | 5 | 0.12 | 0 |")
     assert "no run with a step log" in "\n".join(step_analysis(_points([_res("fifo", 1.0, 1.0, 1.0, 1.0)])))
 
 
@@ -162,3 +164,24 @@ def test_simulator_prediction_of_recorded_runs(tmp_path: Path) -> None:
     choice = rate_choice(cost, dataclasses.replace(wl, num_requests=40), 20.0, [1.0, 2.0], None, shape)
     assert [(c["rate"], c["variant"]) for c in choice][:3] == [(20.0, "fifo"), (20.0, "inlaid"), (20.0, "mlfq")]
     assert all(0.0 <= c["slo_attainment"] <= 1.0 for c in choice)
+
+
+def test_step_time_jitter_study_is_seeded_and_zero_jitter_is_the_plain_model() -> None:
+    from inlaid.bench.sim_predict import NoisyCost, noise_spread
+
+    cost = StepCostModel(base=0.016, prefill_token=0.0, decode_seq=0.0004, distinct_adapter=0.0, adapter_load=0.0,
+                         prefill_step=0.1)
+    shape = EngineShape(num_blocks=4096, num_adapter_slots=8)
+    specs = generate_workload(WorkloadConfig(num_requests=40, rate=60.0, num_tasks=8, job_size=2, lengths="synthetic",
+                                             max_tokens=16, max_prompt=48, output_range=(4.0, 12.0)))
+    plain = simulate_specs(specs, "inlaid", cost, shape, None)
+    none = noise_spread(specs, ["inlaid"], cost, shape, None, 0.0, [0, 1])["inlaid"]
+    assert none[0]["throughput_tps"] == none[1]["throughput_tps"] == pytest.approx(plain["throughput_tps"])
+    a = noise_spread(specs, ["inlaid", "fifo"], cost, shape, None, 0.3, [0, 1, 2])
+    b = noise_spread(specs, ["inlaid", "fifo"], cost, shape, None, 0.3, [0, 1, 2])
+    assert a == b  # seeded
+    assert len({m["latency_mean"] for m in a["fifo"]}) > 1  # the draws differ
+    factors = NoisyCost(cost, 0.2, 3)
+    xs = [factors.rng.lognormvariate(factors.mu, factors.sigma) for _ in range(20000)]
+    assert statistics.fmean(xs) == pytest.approx(1.0, abs=0.01)  # mean-1 jitter of the given cv
+    assert statistics.pstdev(xs) == pytest.approx(0.2, abs=0.01)
