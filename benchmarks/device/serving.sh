@@ -11,15 +11,15 @@
 #
 # Parts (each under its own `timeout`, cap <= 420 s, override with CAP_<part>=seconds; expected H100/H200 wall
 # in brackets, from the session-3 run times: ~1 s of wall per 1 s of engine time, engine build 16 s):
-#   sweep100   [~300 s, cap 420] in-process policy sweep (serving_matrix.py --driver engine), llama2-7b shapes,
+#   sweep100   [~320 s, cap 420] in-process policy sweep (serving_matrix.py --driver engine), llama2-7b shapes,
 #              W4 g128, 100 adapters (ranks 8-64 on q,v, power-law popularity), 32 slots, 1500 requests per
-#              run: probe, warm-up, inlaid/fifo/mlfq + the 3 ablations at 1.5x saturation, inlaid/fifo/mlfq at
-#              1.0x. Why 1500 requests at 1.5x (the SLO target): serving_rate_choice.md (the simulator with the
+#              run: probe, warm-up run, inlaid/fifo/mlfq + the 3 ablations at 1.5x saturation, inlaid/fifo/mlfq
+#              at 1.0x, a repeat of the first run (warm-up and repeat: step-log checks, not results). Why 1500 requests at 1.5x (the SLO target): serving_rate_choice.md (the simulator with the
 #              committed GPU cost model predicts FIFO 7% / inlaid 100% SLO there; with session 3's 300 requests a
 #              higher rate does not collapse FIFO: 2.0x gives 29% vs 67%)
-#   sweep_fp16 [~220 s, cap 360] the same on the fp16 base: inlaid/fifo/mlfq at 1.5x and 1.0x, no ablations
-#   sweep10    [~150 s, cap 240] W4, 10 adapters, inlaid/fifo/mlfq at 1.5x
-#   sweep1000  [~200 s, cap 360] W4, 1000 adapters (16 distinct weight sets under 1000 names: 1.0 GiB of host
+#   sweep_fp16 [~240 s, cap 360] the same on the fp16 base: inlaid/fifo/mlfq at 1.5x and 1.0x, no ablations
+#   sweep10    [~170 s, cap 240] W4, 10 adapters, inlaid/fifo/mlfq at 1.5x
+#   sweep1000  [~220 s, cap 360] W4, 1000 adapters (16 distinct weight sets under 1000 names: 1.0 GiB of host
 #              memory; 1000 distinct rank-8..64 q,v adapters would be ~63 GiB), inlaid/fifo/mlfq at 1.5x
 #   capacity   [~80 s, cap 150]  13B shapes, W4 vs fp16 at 40 GB: accounting + engines built at N and N+step
 #   peft       [~45 s, cap 90]   transformers+PEFT vs inlaid, SmolLM2 config, 8/32/100 adapters
