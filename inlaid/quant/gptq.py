@@ -26,6 +26,10 @@ Invariants:
 - Deviation from AutoGPTQ: non-static group parameters are taken from the
   *current* (error-updated) columns; the lazy block size is therefore rounded
   to a multiple of ``group_size`` so a group never straddles a block.
+- ``column_loop`` (the sequential per-column quantize + error feedback inside
+  one lazy block) is the one implementation of that loop: ``gptq_quantize``
+  runs it on a batch of one, ``gptq_batched.gptq_quantize_many`` on one item
+  per Hessian.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -234,22 +239,41 @@ class _LoopState:
 
 def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, i1: int, i2: int, st: _LoopState) -> torch.Tensor:
     """Quantize columns ``[i1, i2)`` with in-block error feedback; returns the block's scaled errors."""
-    w1 = w[:, i1:i2].clone()
-    h1 = hinv[i1:i2, i1:i2]
+    err, losses = column_loop(w[:, i1:i2].clone().unsqueeze(0), hinv[i1:i2, i1:i2].unsqueeze(0),
+                              lambda i, w1: st.params_for(i1 + i, w1[0], i), st.bits,
+                              st.codes[:, i1:i2].unsqueeze(0), st.deq[:, i1:i2].unsqueeze(0))  # fmt: skip
+    st.block_loss = float(losses[0])
+    return err[0]
+
+
+GridFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``params(i, w1) -> (scale, zero)``: the grid of column ``i`` of the block ``w1``."""
+
+
+def column_loop(w1: torch.Tensor, h1: torch.Tensor, params: GridFn, bits: int, codes: torch.Tensor,
+                deq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GPTQ's sequential column loop over one lazy block of ``B`` independent problems (``gptq_quantize`` runs
+    it with ``B = 1``, ``gptq_batched`` with one item per Hessian).
+
+    ``w1 [B, O, n]`` (updated in place) holds the block's columns, ``h1 [B, n, n]`` the block of the upper
+    Cholesky factor of ``H⁻¹``; ``params(i, w1)`` gives column ``i``'s grid (scale, zero broadcasting to
+    ``[B, O]``). Codes and dequantized values are written into ``codes``/``deq [B, O, n]`` (views of the
+    caller's buffers). Returns the scaled errors ``[B, O, n]`` and each item's loss ``[B]`` (float64).
+    """
+    diag = torch.diagonal(h1, dim1=1, dim2=2)  # [B, n]
     err = torch.zeros_like(w1)
-    losses = torch.zeros((), dtype=torch.float64, device=w.device)
-    for i in range(i2 - i1):
-        col = w1[:, i]
-        d = h1[i, i]
-        scale, zero = st.params_for(i1 + i, w1, i)
-        code, q = quantize_with(col, scale, zero, st.bits)
-        st.codes[:, i1 + i], st.deq[:, i1 + i] = code, q
+    losses = torch.zeros(w1.shape[0], dtype=torch.float64, device=w1.device)
+    for i in range(w1.shape[-1]):
+        col = w1[..., i]
+        d = diag[:, i : i + 1]
+        scale, zero = params(i, w1)
+        code, q = quantize_with(col, scale, zero, bits)
+        codes[..., i], deq[..., i] = code, q
         e = (col - q) / d
-        losses += ((col - q) ** 2 / d**2).sum().double() / 2
-        w1[:, i:] -= torch.outer(e, h1[i, i:])
-        err[:, i] = e
-    st.block_loss = float(losses)
-    return err
+        losses += ((col - q) ** 2 / d**2).sum(dim=-1).double() / 2
+        w1[..., i:] -= e.unsqueeze(-1) * h1[:, i : i + 1, i:]
+        err[..., i] = e
+    return err, losses
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -13,8 +13,10 @@ independently.
 
 Invariants:
 - Inputs are not modified; work is fp32 on ``weight``'s device.
-- Per item, the result equals ``gptq_quantize(weight, hessians[b], ...)`` up to
-  fp32 rounding of batched vs unbatched matmuls (tests bound the difference);
+- The column loop is ``inlaid.quant.gptq.column_loop``, the same code as
+  ``gptq_quantize``'s. Per item, the result equals
+  ``gptq_quantize(weight, hessians[b], ...)`` up to fp32 rounding of the batched
+  vs unbatched matmuls of the lazy block updates (tests bound the difference);
   the incremental re-quantization path keeps using ``gptq_quantize``, so its
   bit-identity guarantee does not depend on this module.
 - Damping: per item, ``percdamp`` x its mean diagonal, x10 per failed Cholesky
@@ -27,7 +29,7 @@ import logging
 
 import torch
 
-from inlaid.quant.gptq import QuantResult, find_params, quantize_with, validate_args
+from inlaid.quant.gptq import QuantResult, column_loop, find_params, validate_args
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,9 @@ def gptq_quantize_many(
     loss = torch.zeros(n_b, dtype=torch.float64, device=w.device)
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        err = _block_many(w, hinv, i1, i2, gs if group_size != -1 else 0, bits, sym, codes, deq, scales, zeros)
-        loss += (err.double() ** 2).sum(dim=(1, 2)) / 2
+        err, block_loss = _block_many(w, hinv, i1, i2, gs if group_size != -1 else 0, bits, sym, codes, deq,
+                                      scales, zeros)  # fmt: skip
+        loss += block_loss
         if i2 < n_in:
             w[..., i2:] -= torch.bmm(err, hinv[:, i1:i2, i2:])
     sc, zr = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)  # [B, G, O]
@@ -120,28 +123,20 @@ def gptq_quantize_many(
 
 def _block_many(w: torch.Tensor, hinv: torch.Tensor, i1: int, i2: int, gs: int, bits: int, sym: bool,
                 codes: torch.Tensor, deq: torch.Tensor, scales: list[torch.Tensor],
-                zeros: list[torch.Tensor]) -> torch.Tensor:  # fmt: skip
-    """Columns ``[i1, i2)`` of every item with in-block error feedback; returns the scaled errors ``[B, O, n]``."""
+                zeros: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Columns ``[i1, i2)`` of every item (``gptq.column_loop``); a new group's grid is taken from the current
+    (error-updated) columns, as in ``gptq_quantize``. Returns the scaled errors ``[B, O, n]`` and losses ``[B]``."""
     n_b, n_out = w.shape[:2]
-    w1 = w[..., i1:i2].clone()
-    h1 = hinv[:, i1:i2, i1:i2]
-    diag = torch.diagonal(h1, dim1=1, dim2=2)  # [B, n]
-    err = torch.zeros_like(w1)
-    scale = scales[-1] if scales else None
-    zero = zeros[-1] if zeros else None
-    for i in range(i2 - i1):
+
+    def params(i: int, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if gs and (i1 + i) % gs == 0:
             s, z = find_params(w1[..., i : i + gs].reshape(n_b * n_out, -1), bits, sym)
-            scale, zero = s.view(n_b, n_out), z.view(n_b, n_out)
-            scales.append(scale)
-            zeros.append(zero)
-        col = w1[..., i]
-        code, q = quantize_with(col, scale, zero, bits)
-        codes[..., i1 + i], deq[..., i1 + i] = code, q
-        e = (col - q) / diag[:, i : i + 1]
-        err[..., i] = e
-        w1[..., i:] -= e.unsqueeze(-1) * h1[:, i : i + 1, i:]
-    return err
+            scales.append(s.view(n_b, n_out))
+            zeros.append(z.view(n_b, n_out))
+        return scales[-1], zeros[-1]
+
+    return column_loop(w[..., i1:i2].clone(), hinv[:, i1:i2, i1:i2], params, bits, codes[..., i1:i2],
+                       deq[..., i1:i2])  # fmt: skip
 
 
 def split_rows(res: QuantResult, sizes: list[int]) -> list[QuantResult]:

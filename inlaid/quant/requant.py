@@ -178,7 +178,8 @@ class Requantizer:
                  load_format: str = "auto", dummy_seed: int = 0, num_threads: int | None = None,
                  duty_cycle: float = 1.0, max_batch_tokens: int = 4096,
                  on_ready: Callable[[], None] | None = None, swap_target: Any = None,
-                 clock: Callable[[], float] | None = None, sleep: Callable[[float], object] | None = None) -> None:  # fmt: skip
+                 clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], object] | None = None) -> None:  # fmt: skip
         self._stop = threading.Event()
         self.pacer = DutyCycle(duty_cycle, clock or time.perf_counter, sleep or self._stop.wait)
         if num_threads is not None and num_threads < 1:

@@ -55,7 +55,8 @@ def test_several_runs_get_a_section_each_with_their_own_status_and_command(tmp_p
         assert "\n## " not in body[3:]  # the run's own sections are one level down
     single = merge_page(runs[:1]).splitlines()  # the same run alone: the same lines, one heading level up
     merged = lines[sections[0] + 1 : sections[1]]
-    assert "\n".join(single[1:]).strip() == "\n".join(line[1:] if line.startswith("##") else line for line in merged).strip()
+    promoted = [line[1:] if line.startswith("##") else line for line in merged]
+    assert "\n".join(single[1:]).strip() == "\n".join(promoted).strip()
 
 
 def test_a_dummy_run_without_quality_renders(tmp_path):
