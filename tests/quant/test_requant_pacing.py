@@ -151,8 +151,8 @@ def test_cuda_stream_swaps_are_bit_identical_to_quantizing_from_scratch(tiny_lla
     quantize_model(str(tiny_llama_dir), {"a": ads["a"]}, {"a": str(calib["a"])}, "mlgptq", 4, 32, tmp_path / "a", **kw)
     quantize_model(str(tiny_llama_dir), ads, {n: str(p) for n, p in calib.items()}, "mlgptq", 4, 32,
                    tmp_path / "ab", **kw)  # fmt: skip
-    llm = LLM(model=str(tmp_path / "a"), adapters={"a": ads["a"]}, device="cuda", dtype="float32", num_blocks=64,
-              requant_duty_cycle=1.0)  # fmt: skip
+    llm = LLM(model=str(tmp_path / "a"), adapters={"a": ads["a"]}, device="cuda", dtype="float16", num_blocks=64,
+              requant_duty_cycle=1.0)  # serving in fp16; the worker calibrates in fp32, as quantize_model did  # fmt: skip
     llm.add_adapter("b", ads["b"], calibration=str(calib["b"]))
     params = SamplingParams(max_tokens=3, temperature=0.0)
     for _ in range(50):  # serve on the default stream while the worker runs on its own
