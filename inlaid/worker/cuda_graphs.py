@@ -143,7 +143,10 @@ class CudaGraphRunner:
         size = padded_size(batch.num_seqs, self.sizes)
         key = (size, bool(self.lora_active()), int(self.weights_version()))
         if self._version is not None and key[2] != self._version:
-            self.graphs.clear()  # weights were swapped: every graph points at old tensors
+            # Weights were swapped: every graph points at old tensors. Dropping the graphs releases their memory
+            # pool, so its handle must go too: capturing into a released pool fails an allocator assertion.
+            self.graphs.clear()
+            self.pool = None
         self._version = key[2]
         if key not in self.graphs:
             self.graphs[key] = self._capture(size)

@@ -108,3 +108,33 @@ def test_graph_replay_equals_eager_decode(tiny_llama_dir, dtype: torch.dtype) ->
         err = (outs[0] - outs[1]).abs().max().item()
         assert torch.isfinite(outs[1]).all() and err <= 1e-2 * outs[0].abs().max().item(), err
         torch.testing.assert_close(runners[0].kv_caches[1], runners[1].kv_caches[1][:, :64], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_graphs_recapture_after_a_weight_swap(tiny_llama_dir) -> None:
+    """A weights-version change drops every graph (and their memory pool); the next capture must work and see
+    the new weights. Regression: capturing into the released pool failed an allocator assertion."""
+    from inlaid.model.arch import ModelArch
+    from inlaid.model.loader import build_model, init_dummy_weights
+    from inlaid.kernels.paged_attention import allocate_kv_caches
+    from inlaid.worker.cuda_graphs import CudaGraphRunner
+
+    dev, dtype = torch.device("cuda"), torch.float16
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    model = build_model(arch, dev, dtype)
+    init_dummy_weights(model, seed=1)
+    kv = allocate_kv_caches(arch.num_layers, 65, BLOCK, arch.num_kv_heads, arch.head_dim, dtype, dev)
+    for c in kv:
+        c.normal_()
+    version = [0]
+    runner = CudaGraphRunner(model, kv, 4, BLOCK, 64, dev, (1, 2, 4), weights_version=lambda: version[0])
+    batch = build_forward_batch(_decode_step([5, 9], [-1, -1]), BLOCK, dev)
+    with torch.inference_mode():
+        for swap in range(3):
+            out = runner.run(batch).float().clone()
+            eager = model(batch, kv).float()
+            assert (out - eager).abs().max().item() <= 1e-2 * eager.abs().max().item()
+            proj = model.model.layers[0].self_attn.o_proj
+            proj.weight = torch.nn.Parameter(torch.randn_like(proj.weight) * 0.05, requires_grad=False)
+            version[0] += 1  # like a re-quantization swap: new tensors, new version
+    assert len(runner.graphs) == 1
