@@ -249,7 +249,7 @@ def sim_section(results: list[Result], cost_model: Path | None) -> list[str]:
     return title + prediction_table(prediction_rows(points, cost, shape), cost_model.name)
 
 
-def history_section(results_dir: Path, runs: tuple[str, ...], capacity: Path) -> list[str]:
+def history_section(results_dir: Path, runs: tuple[str, ...]) -> list[str]:
     """Earlier sessions' run directories: their targets and ratio tables (kept, not re-measured)."""
     body: list[str] = []
     for name in runs:
@@ -290,7 +290,7 @@ def write_page(results_dir: Path, md: Path, header: list[str], cpu_http: Path | 
     body += probe_table(probes) + peft_section(extra[0]) + capacity_section(extra[1]) + cpu_http_section(cpu_http)
     body += ["## All points", ""] + group_tables(results)
     body += ["## Plots", ""] + make_plots(results, results_dir / "plots", md.parent)
-    body += history_section(results_dir, tuple(hist), extra[1])
+    body += history_section(results_dir, tuple(hist))
     md.write_text("\n".join(body) + "\n")
     logger.info("wrote %s (%d result files)", md, len(results))
     return True

@@ -84,3 +84,25 @@ def test_cpu_http_section_from_its_own_dir(tmp_path) -> None:
     assert "| demo | fp32 | 12 | http | 0.5 | 1.20x | 2.00x | 2.00x | 1.00x |" in text  # vs mlfq
     assert write_page(res, md, ["# T", ""], cpu_http=tmp_path / "absent")
     assert "HTTP on CPU" not in md.read_text()
+
+
+def test_run_directory_and_history_are_kept_apart(tmp_path) -> None:
+    res = tmp_path / "res"
+    new, old = res / "json_s4", res / "json"
+    new.mkdir(parents=True)
+    old.mkdir()
+    _write(new, "a.json", _res("inlaid", 9.0, "engine", 300.0, 1.0, 1.0))
+    _write(new, "b.json", _res("fifo", 9.0, "engine", 100.0, 3.0, 0.05))
+    _write(old, "a.json", _res("inlaid", 7.0, "engine", 150.0, 1.0, 0.9))
+    _write(old, "b.json", _res("fifo", 7.0, "engine", 100.0, 2.0, 0.4))
+    md = tmp_path / "serving.md"
+    assert write_page(res, md, ["# T", ""], run="json_s4", history=("json", "absent"))
+    text = md.read_text()
+    main, hist = text.split("## Earlier sessions (history)")
+    assert "| m7 | w4 | 100 | engine | 9 | 3.00x | 3.00x | 3.00x | 20.00x |" in main and "| 7 |" not in main
+    assert "20.00x met" in main and "SLO inlaid/fifo >= 10x in at least one configuration: **met**" in main
+    assert "### History: `res/json/`" in hist and "| m7 | w4 | 100 | engine | 7 | 1.50x | 2.00x | 2.00x | 2.25x |" in hist
+    assert "absent" not in hist
+    # only history present: the page is still written (this run's tables say there is nothing)
+    assert write_page(res, md, ["# T", ""], run="json_s5", history=("json",))
+    assert "(no configuration with complete inlaid and fifo runs)" in md.read_text()
