@@ -14,23 +14,32 @@ Builds a real ``LLMEngine`` and runs decode steps at batch 1 / 32 / 128, with no
   (incremental detokenization, stop strings, ``RequestOutput``);
 - ``other``: the rest of ``step`` (runner glue, between-steps callbacks, bookkeeping).
 
-Phases are exclusive (a nested phase pauses its parent) and timed with ``time.perf_counter`` by wrapping the
-engine's methods from here: the engine carries no timer. The wrappers cost ~1 us per phase call (measured:
-``timer_overhead_us`` in the JSON). Nothing here adds a synchronisation the engine does not already do.
+Phases are exclusive (a nested phase pauses its parent) and timed by wrapping the engine's methods from here (the
+engine carries no timer), on ``--clock``: this thread's CPU time on CPU (other processes on a shared box do not
+inflate it), ``time.perf_counter`` on CUDA. The wrappers' own cost (~1-2 us per phase call, measured at start)
+is subtracted from ``host_non_forward``. Nothing here adds a synchronisation the engine does not already do.
 
 ``--profile`` adds a cProfile top-20 (by internal time) of the timed decode steps of each configuration.
 ``--baseline old.json`` adds a before/after table to the markdown (non-forward host time per step).
 
-CPU (default: a tiny random 2-layer Llama from ``tests/tiny.py``, forward negligible):
+CPU (default: a tiny random 2-layer Llama from ``tests/tiny.py``, forward small); before vs after, alternating:
 
-    python benchmarks/step_overhead.py --out benchmarks/results/step_overhead_cpu --repeats 3
+    git archive 225cb6b | tar -x -C /tmp/before
+    python benchmarks/step_overhead.py --ab-before-tree /tmp/before --rounds 5 --steps 40 \
+        --out benchmarks/results/step_overhead_cpu
 
-GPU (the lead; < 90 s on an H200 with model build):
+GPU (the lead; python3, no network, results under $OUT; each run builds one engine, so the model is built once):
 
-    python benchmarks/step_overhead.py --device cuda --model benchmarks/configs/smollm2-135m --load-format dummy \\
-        --out $OUT/step_overhead_smollm2
-    python benchmarks/step_overhead.py --device cuda --model llama2-7b-shapes --load-format dummy --quant w4 \\
-        --batches 1 32 --out $OUT/step_overhead_7b_w4
+    export PYTHONPATH=$PWD
+    timeout 120 python3 benchmarks/step_overhead.py --device cuda --model benchmarks/configs/smollm2-135m \
+        --load-format dummy --out $OUT/step_overhead_smollm2
+    timeout 240 python3 benchmarks/step_overhead.py --device cuda --model llama2-7b-shapes --load-format dummy \
+        --quant w4 --batches 1 32 --steps 20 --out $OUT/step_overhead_7b_w4
+
+(SmolLM2 shapes from the config dir have no tokenizer, so detokenization is skipped there; ``--model default``
+uses the bundled checkpoint with its tokenizer where it is installed.) On CUDA the clock is wall time: ``sample``
+then includes the wait for the GPU at the token copy, and ``forward_gpu`` (CUDA events) is the GPU time of the
+forward (graph replay + static-buffer fill).
 """
 
 from __future__ import annotations
@@ -368,7 +377,7 @@ def run_ab(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for label, reps in runs.items():
         keys = [(row["batch"], row["adapters"]) for row in reps[0]["rows"]]
-        for stat, fn in (("min", min), ("median", statistics.median)):
+        for stat, fn in (("min", min), ("median", statistics.median), ("max", max)):
             rows = []
             for i, key in enumerate(keys):
                 per = [rep["rows"][i] for rep in reps]
@@ -396,12 +405,15 @@ def ab_markdown(res: dict[str, Any], args: argparse.Namespace, command: str) -> 
                       for r in res[f"{label}_{stat}"]]
             lines.append("")
     lines += ["## Non-forward host time per step, before / after", "",
-              "| batch | adapters | before min | after min | ratio (min) | before median | after median | ratio (median) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for bm, am, bd, ad in zip(res["before_min"], res["after_min"], res["before_median"], res["after_median"]):
-        k = "host_non_forward_ms"
+              "| batch | adapters | before min | after min | ratio (min) | before median | after median | ratio (median) "
+              "| before min..max | after min..max | step before (median) | step after (median) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    k = "host_non_forward_ms"
+    for bm, am, bd, ad, bx, ax in zip(*(res[f"{label}_{stat}"] for stat in ("min", "median", "max")
+                                        for label in ("before", "after"))):
         lines.append(f"| {am['batch']} | {am['adapters']} | {bm[k]:.3f} | {am[k]:.3f} | {bm[k] / am[k]:.2f}x | "
-                     f"{bd[k]:.3f} | {ad[k]:.3f} | {bd[k] / ad[k]:.2f}x |")
+                     f"{bd[k]:.3f} | {ad[k]:.3f} | {bd[k] / ad[k]:.2f}x | {bm[k]:.3f}..{bx[k]:.3f} | "
+                     f"{am[k]:.3f}..{ax[k]:.3f} | {bd['step_ms']:.3f} | {ad['step_ms']:.3f} |")
     if args.notes:
         lines += ["", args.notes]
     return "\n".join(lines) + "\n"
