@@ -64,6 +64,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from inlaid.kernels import lora_segment_triton as lseg
 from inlaid.kernels import lora_sgmv_triton as lt
 from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
 from inlaid.distributed.sharding import Shard
@@ -134,6 +135,10 @@ class LoRAPool:
         auto = self.device.type == "cuda" and lt.HAS_TRITON
         self.triton_decode = auto if triton_decode is None else (triton_decode and lt.triton_usable(
             torch.empty(0, device=self.device)))
+        self.triton_prefill = auto
+        """Prefill/mixed batches on CUDA: one segmented (SGMV) Triton shrink + expand per projection instead of
+        the torch loop over slots (``lora_segment_triton``); False keeps the torch reference."""
+        self._tiles: tuple[LoRASegments, torch.Tensor] | None = None  # tiles of the last segments used
         self.slot_names: list[str | None] = [None] * num_slots
         self._num_loaded = 0  # slots holding an adapter (kept by load/clear: read on every step)
         self._host_prepared: tuple[torch.Tensor, LoRASegments] | None = None  # last segments built from host slots
@@ -229,9 +234,16 @@ class LoRAPool:
         segments: LoRASegments = batch.lora_meta
         if not any(module in self._slot_modules[s] for s in segments.slots):
             return out
-        return lora_apply(
-            x, out, self.a[module][layer_idx], self.b[module][layer_idx], self.scalings[module][layer_idx], segments
-        )
+        a, b, sc = self.a[module][layer_idx], self.b[module][layer_idx], self.scalings[module][layer_idx]
+        if self.triton_prefill and x.is_cuda:
+            return lseg.lora_apply_segments(x, out, a, b, sc, segments.token_order, self._segment_tiles(segments))
+        return lora_apply(x, out, a, b, sc, segments)
+
+    def _segment_tiles(self, segments: LoRASegments) -> torch.Tensor:
+        """The kernel's tile table of ``segments``, built once per batch (every layer and projection reuses it)."""
+        if self._tiles is None or self._tiles[0] is not segments:
+            self._tiles = (segments, lseg.segment_tiles(segments.starts, segments.slots, self.device))
+        return self._tiles[1]
 
     def _apply_device(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor,
                       meta: DecodeMeta) -> torch.Tensor:

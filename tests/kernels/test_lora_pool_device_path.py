@@ -71,3 +71,31 @@ def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.Mo
             assert torch.equal(got[1], base[1])  # slot -1 row untouched
     # one shrink for q/k/v, one for gate/up, one each for o and down
     assert len(calls) == 4 and calls[0] == (3, 24, 32), calls
+
+
+@pytest.mark.gpu
+def test_prefill_segment_kernel_matches_torch_sgmv() -> None:
+    """A prefill batch (is_decode_only False): the pool's segmented Triton path equals its torch SGMV loop."""
+    adapters = [random_adapter("a", SHAPES, 2, 4, seed=1, std=0.3),
+                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=2, std=0.3)]
+    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float16) for _ in range(2)]
+    pools[1].triton_prefill = False
+    for p in pools:
+        p.load(0, adapters[0])
+        p.load(2, adapters[1])
+    assert pools[0].triton_prefill
+    slots = [0] * 40 + [-1] * 5 + [2] * 37 + [0] * 3
+    batches = []
+    for p in pools:
+        b = _batch(slots)
+        b.max_query_len = len(slots)  # a prefill: not decode-only
+        p.prepare(b)
+        batches.append(b)
+    g = torch.Generator().manual_seed(0)
+    xs = {i: torch.randn(len(slots), i, generator=g).to(DEV, torch.float16) for i in (32, 48)}
+    for mod, (i, o) in SHAPES.items():
+        base = torch.randn(len(slots), o, generator=g).to(DEV, torch.float16)
+        got = pools[0].apply(1, mod, xs[i], base.clone(), batches[0])
+        want = pools[1].apply(1, mod, xs[i], base.clone(), batches[1])
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+        assert torch.equal(got[40:45], base[40:45])

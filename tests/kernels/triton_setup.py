@@ -27,7 +27,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 _KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_gemm", "lora_sgmv_triton",
-                   "paged_attention_triton")  # dependency order: a reload must see reloaded dependencies
+                   "lora_segment_triton", "paged_attention_triton")  # dependency order: a reload must see reloaded dependencies
 
 
 def kernel_module(name: str) -> ModuleType:
