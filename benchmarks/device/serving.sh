@@ -25,7 +25,8 @@
 #   peft       [~45 s, cap 90]   transformers+PEFT vs inlaid, SmolLM2 config, 8/32/100 adapters
 #   http       [~120 s, cap 240] one real `inlaid serve` point (client-measured TTFT/TPOT): 7B fp16, 100
 #              adapters, inlaid at the fp16 probe's 1.0x rate (its in-process twin is in sweep_fp16; waits up
-#              to 200 s for that probe when run in parallel); skipped when python3 lacks uvicorn/fastapi
+#              to 200 s for that probe when run in parallel; HTTP_RATE=<req/s> gives the rate when sweep_fp16
+#              ran in an earlier call); skipped when python3 lacks uvicorn/fastapi
 # Every part writes its own log $OUT/serving/logs/part_<part>.log and its JSONs under $OUT/serving/ (sweeps and
 # http: $OUT/serving/$RUN/ with names <model>_<quant>_<N>a_<driver/policy>..., distinct per part; capacity.json;
 # peft_baseline.json). Then: the page (serving.md, plots, from $RUN + the committed history runs) and
@@ -74,7 +75,9 @@ from pathlib import Path; from tiny import make_tiny_llama_dir; make_tiny_llama_
   return 0
 }
 
-http_rate() {  # the fp16 probe's 1.0x rate (the same rounding as policy_sweep), waiting for sweep_fp16's probe
+http_rate() {  # the fp16 probe's 1.0x rate (the same rounding as policy_sweep), waiting for sweep_fp16's probe;
+  # HTTP_RATE=<req/s> instead (sweep_fp16 ran in an earlier call: its 1.0x rate, e.g. 63.284 in session 4)
+  [ -n "${HTTP_RATE:-}" ] && { echo "$HTTP_RATE"; return 0; }
   local probe="$R/$RUN/$(basename "$M7")_fp16_${NA}a_engine_probe.json" waited=0
   while [ ! -f "$probe" ] && [ "$waited" -lt "${HTTP_WAIT_S:-200}" ]; do sleep 5; waited=$(( waited + 5 )); done
   python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print(round(1.0 * p['probe']['rps'], 3))" "$probe" \
@@ -130,6 +133,7 @@ finish() {  # the page from everything present, then one tar
   echo "quick=$QUICK PART=${PART:-} PARTS=${PARTS:-} GPUS=${GPUS:-} RUN=$RUN"
 } > "$OUT/env.txt" 2>&1
 export QUICK OUT R RUN M M7 NA COMMON A10 A1000 D1000 CAP PEFT SWEEP PYTHONPATH
+[ -n "${HTTP_RATE:-}" ] && export HTTP_RATE
 tiny_model
 
 if [ -n "${PART:-}" ]; then
