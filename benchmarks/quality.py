@@ -461,8 +461,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     order first), timings labelled.
 
     A cell present in several runs (the unquantized model is evaluated by each) keeps the first run's value;
-    timings of run k > 0 are prefixed with its configs (its methods if the configs are the same) so both stay
-    visible.
+    timings of run k > 0 are prefixed with its configs (and its methods where they differ from the first run's)
+    so all stay visible.
     """
     if len(runs) == 1:
         return runs[0]
@@ -473,8 +473,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for k, r in enumerate(runs):
         for key, cell in r["cells"].items():
             merged["cells"].setdefault(key, cell)
-        same = r["args"]["configs"] == first["args"]["configs"]
-        label = "" if k == 0 else f"[{r['args']['methods' if same else 'configs']}] "
+        same = r["args"]["methods"] == first["args"]["methods"]
+        label = "" if k == 0 else f"[{r['args']['configs']}{'' if same else '; ' + r['args']['methods']}] "
         merged["seconds"].update({label + name: v for name, v in r["seconds"].items()})
         merged["dropped"] += r.get("dropped", [])
         merged["info"].update({label + name: v for name, v in r["info"].items() if name.startswith("peak")})

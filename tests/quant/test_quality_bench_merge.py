@@ -36,7 +36,7 @@ def test_merge_adds_new_method_columns_and_keeps_first_runs_cells() -> None:
     merged = q.merge_runs([old, new])
     assert merged["args"]["methods"] == "gptq-mixed,rtn,mlgptq-norm"
     assert merged["cells"]["4:128|rtn|t"]["nll"] == 3.0  # the first run's cell wins
-    assert merged["seconds"] == {"total": 1.0, "[mlgptq-norm,rtn] total": 2.0}
+    assert merged["seconds"] == {"total": 1.0, "[4:128; mlgptq-norm,rtn] total": 2.0}
     page = q.to_markdown(merged)
     assert "| task | unquantized | gptq-mixed | rtn | mlgptq-norm |" in page
     assert "| t | 10.0 / 2.000 | 9.0 / 2.200 | 5.0 / 3.000 | 9.5 / 2.100 |" in page
