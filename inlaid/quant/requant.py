@@ -41,7 +41,17 @@ Invariants:
   layer so it uses at most ``duty_cycle`` of wall time (``DutyCycle``). On CUDA
   a job's calibration and GPTQ run on its own stream (``WorkerStream``, created
   once per job), which is synchronized before each layer is queued for the swap:
-  the engine never sees a tensor the worker is still writing.
+  the engine never sees a tensor the worker is still writing. With a served
+  CUDA-graph engine, the worker holds its capture lock (``capture_gate``,
+  ``CaptureGate``) while it issues GPU work and releases it while it rests, so
+  no graph is captured beside the worker's CUDA calls.
+- Liveness: every progress event (phase change, layer calibrated / quantized /
+  swapped) is logged at INFO with its timing and stamps the job; a watchdog
+  thread fails a job that made no progress for ``stall_timeout`` seconds
+  ("stalled at layer i/L (phase ...)") exactly like any other failure (queued
+  swaps dropped, old layers rolled back), so a wedged worker or engine never
+  leaves a job "running" forever. The commit (``os.replace``) happens only while
+  the job is still running, under the lock the watchdog takes.
 """
 
 from __future__ import annotations
@@ -70,8 +80,8 @@ from inlaid.quant.linear import PROJECTIONS, GPTQLinearMethod
 from inlaid.quant.linear import swap as swap_linear
 from inlaid.quant.pack import WEIGHTS_NAME, _unshared_cpu, load_quantized_checkpoint, validate_layer
 from inlaid.quant.quantize_model import HESSIAN_DIR, REPORT_NAME, QuantConfig, requantize_layer
-from inlaid.quant.requant_source import (DutyCycle, FpSource, RequantError, WorkerStream, lazy_fp_model,
-                                         samples_from_rows)
+from inlaid.quant.requant_source import (CaptureGate, DutyCycle, FpSource, RequantError, WorkerStream,
+                                         lazy_fp_model, samples_from_rows)
 
 __all__ = ["FpSource", "RequantError", "RequantJob", "Requantizer", "committed_tasks", "lazy_fp_model",
            "read_report", "samples_from_rows"]
@@ -94,6 +104,7 @@ class RequantJob:
     state: str = "pending"
     phase: str = "queued"
     num_layers: int = 0
+    layers_calibrated: int = 0
     layers_quantized: int = 0
     layers_swapped: int = 0
     tasks: list[str] = field(default_factory=list)
@@ -107,12 +118,16 @@ class RequantJob:
     packed: Packed = field(default_factory=dict, repr=False)
     old: dict[int, Packed] = field(default_factory=dict, repr=False)
     stream: WorkerStream | None = field(default=None, repr=False)
+    progress_at: float | None = field(default=None, repr=False)
+    """Watchdog clock time of the last progress event (None until the job starts)."""
+    last_event: str = "submitted"
 
     def status(self) -> dict[str, Any]:
         """``{"name", "quantization": pending|running|done|failed, "phase", "layer", "num_layers", ...}``."""
         return {
             "name": self.name, "quantization": self.state, "phase": self.phase,
             "layer": self.layers_quantized, "layers_swapped": self.layers_swapped, "num_layers": self.num_layers,
+            "layers_calibrated": self.layers_calibrated, "last_event": self.last_event,
             "tasks": list(self.tasks), "error": self.error, "samples": len(self.samples),
             "tokens": sum(map(len, self.samples)), "submitted_at": self.submitted_at,
             "started_at": self.started_at, "finished_at": self.finished_at, "seconds": dict(self.seconds),
@@ -170,6 +185,9 @@ class Requantizer:
     ``model`` is the served GPTQ model (None: only the stored checkpoint is updated). ``on_ready`` is called
     (from the worker thread) whenever swaps are queued, so an idle engine can drain them. ``clock`` and
     ``sleep`` pace the worker (``DutyCycle``; default: ``time.perf_counter`` and a wait on the stop event).
+    ``capture_gate``: the serving engine's CUDA-graph capture lock (``CudaGraphRunner.capture_lock``), held
+    while the worker issues GPU work. ``stall_timeout``: seconds without progress after which a job fails
+    (None: never); ``monotonic`` is the watchdog's clock (injectable for tests).
     """
 
     def __init__(self, checkpoint: str | Path, arch: ModelArch, model: torch.nn.Module | None = None, *,
@@ -179,8 +197,15 @@ class Requantizer:
                  duty_cycle: float = 1.0, max_batch_tokens: int = 4096,
                  on_ready: Callable[[], None] | None = None, swap_target: Any = None,
                  clock: Callable[[], float] | None = None,
-                 sleep: Callable[[float], object] | None = None) -> None:  # fmt: skip
+                 sleep: Callable[[float], object] | None = None, capture_gate: Any = None,
+                 stall_timeout: float | None = 900.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._stop = threading.Event()
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be > 0 seconds (or None to disable), got {stall_timeout}")
+        self.stall_timeout, self.monotonic = stall_timeout, monotonic
+        self.gate = CaptureGate(capture_gate)
+        self._watchdog: threading.Thread | None = None
         self.pacer = DutyCycle(duty_cycle, clock or time.perf_counter, sleep or self._stop.wait)
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -326,6 +351,7 @@ class Requantizer:
                 job.done.set()
         else:
             job.layers_swapped += 1
+            self._progress(job, f"swapped layer {idx + 1}/{job.num_layers}")
             self._maybe_finish_locked(job)
 
     def _swap_local(self, job: RequantJob, idx: int, packed: Packed, rollback: bool) -> None:
@@ -362,12 +388,51 @@ class Requantizer:
             job.done.set()
         logger.error("re-quantization for task %r failed (old base keeps serving): %s", job.name, message)
 
+    # ---- liveness ------------------------------------------------------------------------------
+    def _progress(self, job: RequantJob, event: str) -> None:
+        """Stamp and log one progress event of ``job`` (seconds since the job started)."""
+        job.progress_at, job.last_event = self.monotonic(), event
+        since = time.time() - (job.started_at or job.submitted_at)
+        logger.info("requant %r: %s (phase %s, %.2f s into the job)", job.name, event, job.phase, since)
+
+    def stall_message(self, job: RequantJob, idle: float) -> str:
+        done = {"calibrate": job.layers_calibrated, "quantize": job.layers_quantized,
+                "swap_wait": job.layers_swapped}.get(job.phase, job.layers_quantized)  # fmt: skip
+        return (f"stalled at layer {done}/{job.num_layers} (phase {job.phase}): no progress for {idle:.0f} s "
+                f"(last: {job.last_event}); the old base keeps serving")  # fmt: skip
+
+    def check_stalled(self) -> list[str]:
+        """Fail every running job idle for more than ``stall_timeout``; returns their names (the watchdog)."""
+        if self.stall_timeout is None:
+            return []
+        now, failed = self.monotonic(), []
+        with self._lock:
+            for job in self._jobs.values():
+                if job.state == "running" and job.progress_at is not None and now - job.progress_at > self.stall_timeout:
+                    self._fail_locked(job, self.stall_message(job, now - job.progress_at))
+                    failed.append(job.name)
+        if failed:
+            self._notify()  # an idle engine applies the rollback swaps
+        return failed
+
+    def _watch(self) -> None:
+        assert self.stall_timeout is not None
+        interval = min(max(self.stall_timeout / 4, 0.05), 5.0)
+        while not self._stop.wait(interval):
+            try:
+                self.check_stalled()
+            except Exception:  # the watchdog must outlive any one bad check
+                logger.exception("requant watchdog check failed")
+
     # ---- worker thread ----------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="inlaid-requant", daemon=True)
                 self._thread.start()
+            if self.stall_timeout is not None and (self._watchdog is None or not self._watchdog.is_alive()):
+                self._watchdog = threading.Thread(target=self._watch, name="inlaid-requant-watchdog", daemon=True)
+                self._watchdog.start()
 
     def _loop(self) -> None:
         if self.num_threads is not None:
@@ -376,7 +441,12 @@ class Requantizer:
             job = self._queue.get()
             if job is None:
                 break
-            self._run_job(job)
+            try:
+                self._run_job(job)
+            except BaseException as exc:  # _run_job records its own failures; this is the last line of defence
+                logger.exception("requant worker: unexpected error in job %r", job.name)
+                with self._lock:
+                    self._fail_locked(job, f"{type(exc).__name__}: {exc}")
         with self._lock:  # jobs still queued at shutdown
             for job in self._jobs.values():
                 if job.state in ("pending", "running"):
@@ -384,8 +454,10 @@ class Requantizer:
 
     def _run_job(self, job: RequantJob) -> None:
         job.state, job.started_at = "running", time.time()
+        self._progress(job, "started")
         try:
             job.tasks = sorted(set(self.committed_tasks()) | {job.name})
+            logger.info("requant %r: quantizing for tasks %s, %d layers", job.name, job.tasks, job.num_layers)
             job.stream = WorkerStream(self.device)
             with job.stream.context():  # the engine keeps the default stream
                 self._timed(job, "calibrate", self._calibrate)
@@ -407,9 +479,11 @@ class Requantizer:
         if self._stop.is_set():
             raise RequantError("the server shut down before re-quantization finished")
         job.phase = phase
+        self._progress(job, f"phase {phase} begins")
         t0 = time.perf_counter()
         fn(job)
         job.seconds[phase] = time.perf_counter() - t0
+        self._progress(job, f"phase {phase} done in {job.seconds[phase]:.2f} s")
 
     def _notify(self) -> None:
         if self.on_ready is not None:
@@ -430,25 +504,38 @@ class Requantizer:
         if job.name in self.store.tasks():
             self.store.remove_task(job.name)
         self.pacer.start()
+        t0 = [time.perf_counter()]
 
         def sink(idx: int, accs: dict[str, HessianAccumulator]) -> None:
             n = accs["qkv"].n_samples
             self.store.write_layer(job.name, idx, {g: a.hessian for g, a in accs.items()}, n)
-            self.pacer.rest()
+            job.layers_calibrated = idx + 1
+            self._progress(job, f"calibrated layer {idx + 1}/{job.num_layers} in {time.perf_counter() - t0[0]:.2f} s")
+            self._rest()
+            t0[0] = time.perf_counter()
 
-        capture_task_hessians(fp, self.arch, job.samples, job.adapter, self.device, self.calib_dtype,
-                              self.max_batch_tokens, sink=sink, desc=f"requant calibrate {job.name}")  # fmt: skip
+        with self.gate.hold():  # no CUDA-graph capture beside this thread's GPU work (released while resting)
+            capture_task_hessians(fp, self.arch, job.samples, job.adapter, self.device, self.calib_dtype,
+                                  self.max_batch_tokens, sink=sink, desc=f"requant calibrate {job.name}")  # fmt: skip
+
+    def _rest(self) -> None:
+        """The duty-cycle pause, without the capture lock (waiting to get it back is not counted as work)."""
+        with self.gate.released():
+            self.pacer.rest()
+        self.pacer.start()
 
     def _quantize(self, job: RequantJob) -> None:
         for idx in range(self.arch.num_layers):
             if self._stop.is_set():
                 raise RequantError("the server shut down before re-quantization finished")
             self.pacer.start()
-            fp_w = self.source.layer_weights(self.arch, idx, self.calib_dtype, self.device)
-            packed = {rel: {k: t.cpu() for k, t in d.items()}
-                      for rel, d in requantize_layer(idx, fp_w, self.store, job.tasks, self.qcfg).items()}  # fmt: skip
-            if job.stream is not None:
-                job.stream.synchronize()  # every tensor of the layer is written before the engine can see it
+            t0 = time.perf_counter()
+            with self.gate.hold():  # no CUDA-graph capture beside this thread's GPU work
+                fp_w = self.source.layer_weights(self.arch, idx, self.calib_dtype, self.device)
+                packed = {rel: {k: t.cpu() for k, t in d.items()}
+                          for rel, d in requantize_layer(idx, fp_w, self.store, job.tasks, self.qcfg).items()}  # fmt: skip
+                if job.stream is not None:
+                    job.stream.synchronize()  # every tensor of the layer is written before the engine can see it
             with self._lock:
                 if job.state != "running":
                     raise RequantError(job.error or "job stopped")
@@ -456,8 +543,10 @@ class Requantizer:
                 job.layers_quantized = idx + 1
                 if self.model is not None:
                     self._swaps.append((job, idx, packed, False))
+                self._progress(job, f"quantized layer {idx + 1}/{job.num_layers} in {time.perf_counter() - t0:.2f} s"
+                               + (", queued for the swap" if self.model is not None else ""))
             self._notify()
-            self.pacer.rest()
+            self._rest()
 
     def _wait_swapped(self, job: RequantJob) -> None:
         while self.model is not None and job.layers_swapped < job.num_layers:
@@ -483,7 +572,10 @@ class Requantizer:
             save_file(_unshared_cpu(flat), tmp, metadata=meta)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, self.ckpt / WEIGHTS_NAME)  # the commit point
+            with self._lock:  # the watchdog may have failed (and rolled back) the job meanwhile: then no commit
+                if job.state != "running":
+                    raise RequantError(job.error or "job stopped")
+                os.replace(tmp, self.ckpt / WEIGHTS_NAME)  # the commit point
         finally:
             Path(tmp).unlink(missing_ok=True)
         try:  # informational: the commit record is the safetensors metadata

@@ -10,8 +10,11 @@ and the previous one released). Used by ``inlaid.quant.requant``.
 Also the worker's two resource bounds (kept here so ``requant.py`` stays one
 screenful of job logic): ``DutyCycle`` (after each unit of work, sleep so the
 worker uses at most ``duty`` of wall time; clock and sleep injectable for
-tests) and ``WorkerStream`` (the job's own CUDA stream, created once per job;
-on CPU ``stream`` is None and every method is a no-op).
+tests), ``WorkerStream`` (the job's own CUDA stream, created once per job;
+on CPU ``stream`` is None and every method is a no-op) and ``CaptureGate``
+(the worker holds the serving engine's CUDA-graph capture lock while it issues
+GPU work and lets go of it while it rests, so no capture runs beside its CUDA
+calls; see ``inlaid.worker.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -91,6 +94,46 @@ class WorkerStream:
         """Wait until all work queued on the stream has finished."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+class CaptureGate:
+    """The worker's side of a CUDA-graph capture lock (``lock`` None: no graphs, every method is a no-op).
+
+    ``hold()`` wraps a stretch of the worker's GPU work; inside it, ``released()`` lets go for a pause (the
+    duty-cycle sleep) and takes the lock back afterwards. The engine only ever *tries* the lock (it runs
+    eagerly when the worker has it), so the worker waits at most one capture to get it back.
+    """
+
+    def __init__(self, lock: Any = None) -> None:
+        self.lock = lock
+        self._held = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Any:
+        if self.lock is None or self._held:
+            yield
+            return
+        self.lock.acquire()
+        self._held = True
+        try:
+            yield
+        finally:
+            if self._held:
+                self._held = False
+                self.lock.release()
+
+    @contextlib.contextmanager
+    def released(self) -> Any:
+        if self.lock is None or not self._held:
+            yield
+            return
+        self._held = False
+        self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.acquire()
+            self._held = True
 
 
 # ---- calibration samples ------------------------------------------------------------------

@@ -23,11 +23,25 @@ Invariants:
   are dropped and re-captured.
 - Capture runs the forward once eagerly on the padded static batch first
   (Triton compiles, lazy one-time preparations happen outside the graph).
+- Capture vs. other threads (the re-quantization worker issues CUDA work from
+  its own thread while the engine serves): captures use
+  ``capture_error_mode="thread_local"`` and only run while ``capture_lock`` is
+  free. ``"global"`` (torch's default) makes an unsafe CUDA call of ANY thread
+  during a capture (the worker's ``cudaMalloc``, stream sync, ``.cpu()``) fail
+  and invalidate the capture; ``"thread_local"`` restricts that to the
+  capturing thread (PyTorch documents it for this case). Calls that conflict
+  with a capture in every mode (a device-wide sync, the legacy default stream,
+  a library's lazy ``cudaFree``) are kept out by the lock: a worker holds
+  ``capture_lock`` around each of its GPU work units, and ``run`` takes it
+  without waiting; when it is held, a step whose graph would have to be
+  captured runs the same forward eagerly on the static buffers instead (no
+  stall; the capture happens at a later step). Replays need no lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
@@ -133,6 +147,10 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # graph memory pool shared by all sizes (handle from the first capture)
         self._version: int | None = None
+        self.capture_lock = threading.Lock()
+        """Held by a capture here and by other threads' GPU work units (see the module docstring)."""
+        self.eager_fallbacks = 0
+        """Steps that ran eagerly because ``capture_lock`` was held when their graph had to be captured."""
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (batch.is_decode_only and batch.num_tokens == batch.num_seqs and batch.num_seqs <= self.sizes[-1]
@@ -149,7 +167,13 @@ class CudaGraphRunner:
             self.pool = None
         self._version = key[2]
         if key not in self.graphs:
-            self.graphs[key] = self._capture(size)
+            if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: never capture beside it
+                self.eager_fallbacks += 1
+                return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
+            try:
+                self.graphs[key] = self._capture(size)
+            finally:
+                self.capture_lock.release()
         graph, out = self.graphs[key]
         self.buffers.fill(batch, size)
         graph.replay()
@@ -165,7 +189,7 @@ class CudaGraphRunner:
                 self.model(self.buffers.view(size), self.kv_caches)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model(static, self.kv_caches)
         if self.pool is None:
             self.pool = graph.pool()
