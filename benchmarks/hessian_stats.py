@@ -146,8 +146,9 @@ def _task_table(data: dict[str, Any]) -> list[str]:
 
 
 def _group_table(data: dict[str, Any]) -> list[str]:
-    rows = ["| group | layers | task scale spread max/min (median) | λmin/λmax of element-wise max: median / "
-            "worst | negative eigenvalues (mean share) |", "|---|---|---|---|---|"]  # fmt: skip
+    head = ("| group | layers | task scale spread max/min (median) | λmin/λmax of element-wise max: median / "
+            "worst | negative eigenvalues (mean share) |")
+    rows = [head, "|---|---|---|---|---|"]
     for g in GROUP_RELS:
         ss = [s for k, s in data["stats"].items() if k.endswith(f"|{g}")]
         spread = sorted(max(s["mean_diag"].values()) / min(s["mean_diag"].values()) for s in ss)
@@ -181,19 +182,21 @@ def _ratios(p: dict[str, dict[str, float]], m: str) -> list[float]:
 def to_markdown(data: dict[str, Any]) -> str:
     a = data["args"]
     proxy_layers = sorted({int(k.split("|")[0]) for k in data["proxy"]})
+    n_layers = len({k.split("|")[0] for k in data["stats"]})
+    store = (f"Store: {len(data['tasks'])} tasks, {n_layers} layers (SmolLM2-135M with its demo adapters unless the "
+             f"command says otherwise). Proxy: {a['bits']}-bit g{a['group_size']} symmetric GPTQ (percdamp 0.01, "
+             f"retries x10 up to 8) of the stacked weights of each group on layers {proxy_layers}.")
+    legend = ("Per task t: tr(ΔW H_t ΔWᵀ) / tr(W H_t Wᵀ); `ratio to per-task GPTQ` divides by the same quantity "
+              "of GPTQ run on H_t alone (1.000 = as good as the unshareable per-task model), averaged over tasks "
+              "and the screened (layer, group) pairs; `worst task`: the task with the largest mean ratio. Sorted "
+              "by the mean ratio.")
     lines = ["# Per-task Hessians: scale spread, indefiniteness of the max, proxy loss of each aggregate", "",
              f"Command: `{a['command']}`", "",
-             f"Store: {len(data['tasks'])} tasks, {len({k.split('|')[0] for k in data['stats']})} layers "
-             f"(SmolLM2-135M with its demo adapters unless the command says otherwise). Proxy: "
-             f"{a['bits']}-bit g{a['group_size']} symmetric GPTQ (percdamp 0.01, retries x10 up to 8) of the "
-             f"stacked weights of each group on layers {proxy_layers}.", "",
+             store, "",
              "## Scale of each task's Hessian (all layers and groups)", "", *_task_table(data), "",
              "## Per group", "", *_group_table(data), "",
              "## Proxy loss (what GPTQ minimizes) of each aggregate", "",
-             "Per task t: tr(ΔW H_t ΔWᵀ) / tr(W H_t Wᵀ); `ratio to per-task GPTQ` divides by the same quantity "
-             "of GPTQ run on H_t alone (1.000 = as good as the unshareable per-task model), averaged over tasks "
-             "and the screened (layer, group) pairs; `worst task`: the task with the largest mean ratio. Sorted "
-             "by the mean ratio.", "", *_proxy_table(data), ""]  # fmt: skip
+             legend, "", *_proxy_table(data), ""]  # fmt: skip
     if data.get("notes"):
         lines += [data["notes"].rstrip(), ""]
     lines.append(f"Time: {data.get('seconds', float('nan')):.0f} s.")

@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from inlaid.commands.quantize import _METHODS as CLI_METHODS
-from inlaid.quant.hessian import NORMALIZED, HessianStore, aggregate, aggregate_normalized, normalize
-from inlaid.quant.quantize_model import METHODS, NORMALIZED_OF, QuantConfig, aggregate_loaded, requantize_layer
+from inlaid.quant.hessian import (
+    NORMALIZED,
+    HessianStore,
+    aggregate,
+    aggregate_normalized,
+    normalize,
+)
+from inlaid.quant.quantize_model import (
+    METHODS,
+    NORMALIZED_OF,
+    QuantConfig,
+    aggregate_loaded,
+    requantize_layer,
+)
 
 IN = 64
 NEW = list(NORMALIZED_OF)
