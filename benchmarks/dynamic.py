@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import multiprocessing as mp
@@ -130,9 +131,15 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _child(fn_name: str, conn: Any, *a: Any) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
+    for name in ("dynamic", "inlaid.quant.requant", "inlaid.worker.cuda_graphs"):  # the job's progress, captures
+        logging.getLogger(name).setLevel(logging.INFO)
+    faulthandler.enable()  # a crash in native code prints every thread's Python stack
     _set_threads(a[0])
     conn.send(globals()[fn_name](*a))
+    conn.close()
+    sys.stderr.flush()
+    os._exit(0)  # a daemon thread wedged in a CUDA call must not keep this process from exiting
 
 
 def in_subprocess(fn_name: str, *a: Any) -> dict[str, Any]:
@@ -147,7 +154,11 @@ def in_subprocess(fn_name: str, *a: Any) -> dict[str, Any]:
     except EOFError:
         p.join()
         raise RuntimeError(f"{fn_name} failed in its subprocess (exit code {p.exitcode}); see its traceback above")
-    p.join()
+    p.join(120)
+    if p.is_alive():
+        logger.error("%s: its subprocess did not exit after sending its result; killing it", fn_name)
+        p.kill()
+        p.join(10)
     return out
 
 
@@ -187,7 +198,8 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
                                       **_kv(args))  # fmt: skip
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(  # duty/threads: from the config
-        eng, calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format)))
+        eng, calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format,
+        stall_timeout=getattr(args, "stall_timeout", 300.0))))
     n = await llm._call(lambda eng: _cached_linears(eng.parts.model))
     logger.info("dequantized-weight cache %s (%d GPTQ linears)", cache, n)
     prompts = _load_prompts(args, llm)
@@ -203,18 +215,57 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     # token ids with the same caps as the offline runs (a path would get the server's default caps)
     calibration: Any = load_samples(calib[args.new], _tokenizer(ckpt), args.calib_samples, 65536, args.max_seq_len)
     await llm.add_adapter(args.new, ads[args.new], calibration=calibration)
-    while (await llm.adapter_status(args.new))["quantization"] in ("pending", "running"):
-        await asyncio.sleep(0.2)
+    timeout = getattr(args, "requant_timeout", 600.0)
+    faulthandler.dump_traceback_later(timeout + 120)  # backstop if even this event loop stops: stacks to stderr
+    status, timed_out = await await_job(llm, args.new, timeout)
     marks["done"] = time.perf_counter()
-    status = await llm.adapter_status(args.new)
-    await asyncio.sleep(args.phase_seconds)
+    if not timed_out:
+        status = await asyncio.wait_for(llm.adapter_status(args.new), 60)
+        await asyncio.sleep(args.phase_seconds)
     marks["end"] = time.perf_counter()
     stop.set()
-    await asyncio.gather(*clients)
-    await llm.shutdown(10)
-    return {"phases": phase_stats(log, marks), "status": status, "requests": len(log),
+    if clients:
+        _, stuck = await asyncio.wait(clients, timeout=60)
+        for c in stuck:  # requests of a wedged engine never finish: stop waiting for them
+            c.cancel()
+    try:
+        await asyncio.wait_for(llm.shutdown(10), 60)
+    except asyncio.TimeoutError:
+        logger.error("engine shutdown did not finish in 60 s")
+    faulthandler.cancel_dump_traceback_later()
+    return {"phases": phase_stats(log, marks), "status": status, "requests": len(log), "timed_out": timed_out,
             "all_finished": all(d for *_, d in log), "rss_serving_mb": rss_serving, "cached_linears": n,
             "straddling": sum(1 for s, e, *_ in log if s < marks["add"] < e or s < marks["done"] < e)}
+
+
+async def await_job(llm: Any, name: str, timeout: float, poll: float = 0.2) -> tuple[dict[str, Any], bool]:
+    """Poll the addition of ``name`` until it ends or ``timeout`` s pass; returns (last status, timed out).
+
+    Reads ``AsyncLLM.requant_statuses()`` (thread-safe: it answers even when the engine thread is stuck), logs
+    every change of state / phase / layer counts, and on timeout logs the last status and dumps every thread's
+    Python stack to stderr (where the worker and the engine thread are waiting).
+    """
+    t0, key, last = time.perf_counter(), None, None
+    while True:
+        st = next((s for s in llm.requant_statuses() if s.get("name") == name), None)
+        k = None if st is None else (st["quantization"], st["phase"], st.get("layers_calibrated"), st["layer"],
+                                     st["layers_swapped"])  # fmt: skip
+        if k != key:
+            logger.info("requant %r after %.1f s: %s", name, time.perf_counter() - t0,
+                        "no job yet" if st is None else {x: st.get(x) for x in (
+                            "quantization", "phase", "layers_calibrated", "layer", "layers_swapped", "num_layers",
+                            "last_event", "error")})  # fmt: skip
+            key = k
+        last = st if st is not None else last
+        if st is not None and st["quantization"] not in ("pending", "running"):
+            return st, False
+        if time.perf_counter() - t0 > timeout:
+            logger.error("requant %r: gave up after %.0f s (--requant-timeout); last status: %s; thread stacks "
+                         "follow", name, timeout, last)  # fmt: skip
+            faulthandler.dump_traceback(all_threads=True)
+            base = last or {"name": name, "quantization": "unknown", "phase": "not started", "seconds": {}}
+            return {**base, "timed_out_after_s": timeout}, True
+        await asyncio.sleep(poll)
 
 
 def _load_prompts(args: argparse.Namespace, llm: Any) -> list[tuple[Any, str | None]]:
@@ -335,22 +386,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quality = args.load_format != "dummy"
     if quality:
         res["eval"] = {"old": task_eval(work / "old", tasks, ads, args)}
-    res["load"] = in_subprocess("_online", args, work / "online", ads, calib)
-    st = res["load"]["status"]
+    res["incomplete"] = []
+    try:
+        res["load"] = in_subprocess("_online", args, work / "online", ads, calib)
+    except RuntimeError as e:  # the page still gets the rows that completed
+        res["load"] = {"error": str(e)}
+    st = res["load"].get("status", {"quantization": "not run", "phase": "?", "seconds": {}})
     res["cost"]["online incremental (while serving)"] = {"seconds": st["seconds"].get("total", float("nan")),
-                                                         "peak_mb": res["load"]["peak_mb"], "phases": st["seconds"],
-                                                         "state": st["quantization"]}  # fmt: skip
+                                                         "peak_mb": res["load"].get("peak_mb", float("nan")),
+                                                         "phases": st["seconds"], "state": st["quantization"]}  # fmt: skip
+    online_done = st["quantization"] == "done"
+    if not online_done:
+        res["incomplete"].append(online_failure(res["load"], st))
     if quality:
-        res["eval"]["requantized"] = task_eval(work / "online", tasks, ads, args)
+        if online_done:
+            res["eval"]["requantized"] = task_eval(work / "online", tasks, ads, args)
         if not args.no_fp_reference:
             res["eval"]["fp"] = task_eval(args.model, tasks, ads, args)
         ev = res["eval"]
-        res["paired"] = {t: paired_change(ev["old"][t]["per_example"], ev["requantized"][t]["per_example"])
-                         for t in tasks}  # fmt: skip
-    res["identical"] = {"online": identical(work / "online", work / "full"),
+        if online_done:
+            res["paired"] = {t: paired_change(ev["old"][t]["per_example"], ev["requantized"][t]["per_example"])
+                             for t in tasks}  # fmt: skip
+    res["identical"] = {"online": identical(work / "online", work / "full") if online_done else None,
                         "offline": identical(work / "offline", work / "full")}  # fmt: skip
     res["timings"]["total_s"] = time.perf_counter() - t0
     return res
+
+
+def online_failure(load: dict[str, Any], st: dict[str, Any]) -> str:
+    """One line for the page: how the online addition ended when it did not finish."""
+    if "error" in load:
+        return f"the online run failed: {load['error']}"
+    how = (f"gave up after {st['timed_out_after_s']:.0f} s (--requant-timeout)" if "timed_out_after_s" in st
+           else f"ended '{st['quantization']}'")
+    return (f"the online addition {how} in phase {st.get('phase')} (layers calibrated {st.get('layers_calibrated')}, "
+            f"quantized {st.get('layer')}, swapped {st.get('layers_swapped')} of {st.get('num_layers')}; last event: "
+            f"{st.get('last_event')}; error: {st.get('error')}); the re-quantized base's quality and the online "
+            "bit-identity were not measured")  # fmt: skip
 
 
 def main() -> None:

@@ -69,20 +69,26 @@ def _md_header(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     if isinstance(ident, bool):
         ident = {"online": ident, "offline": ident}
     model = "SmolLM2-135M-Instruct (bundled `default`)" if args.model == "default" else Path(args.model).name
+
+    def same(mode: str) -> str:
+        v = ident.get(mode)
+        return "not compared (the job did not finish)" if v is None else "bit-identical" if v else "DIFFERENT"
+
+    incomplete = [f"**Incomplete run:** {m}" for m in res.get("incomplete", [])]
     return [f"# Dynamic task addition: {model} on {res.get('device', args.device)}", "",
             f"**Status:** measured {res.get('date', '?')} on {res.get('device', args.device)}, model `{args.model}` "
             f"({args.load_format} weights), {args.bits}-bit g{args.group_size} sym, `{args.method}`, "
             f"{args.calib_samples} calibration samples of at most {args.max_seq_len} tokens per task. "
             f"Old tasks: {', '.join(args.old)}; added: **{args.new}**.", "",
-            f"Command: `{res['command']}`", "",
+            f"Command: `{res['command']}`", "", *[x for m in incomplete for x in (m, "")],
             "## Equivalence: incremental == from scratch", "",
             f"The checkpoint after adding {args.new} to the base quantized for the old tasks, compared tensor by "
             f"tensor (`torch.equal`, every qweight/qzeros/scales/g_idx and unquantized tensor) with quantizing all "
             f"tasks at once (same data, same settings):", "",
             f"- online (added to the running server, layers swapped in between steps): "
-            f"**{'bit-identical' if ident.get('online') else 'DIFFERENT'}**",
+            f"**{same('online')}**",
             f"- offline (`Requantizer` without a served model): "
-            f"**{'bit-identical' if ident.get('offline') else 'DIFFERENT'}**", ""]
+            f"**{same('offline')}**", ""]
 
 
 def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
@@ -102,7 +108,7 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     head += " metric | old base | re-quantized |" + (" fp base |" if has_fp else "") if has_metric else ""
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for t in args.old + [args.new]:
-        o, r = ev["old"][t], ev["requantized"][t]
+        o, r = ev["old"][t], ev.get("requantized", {}).get(t, {"nll": float("nan")})  # nan: not measured
         pc = res.get("paired", {}).get(t)
         ci = f" [{pc['lo']:+.3f}, {pc['hi']:+.3f}]" if pc else ""
         row = f"| {t}{' (new)' if t == args.new else ''} | {o['nll']:.4f} | {r['nll']:.4f} | {r['nll'] - o['nll']:+.4f}{ci} |"
@@ -115,6 +121,9 @@ def _md_quality(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
 
 
 def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    if "phases" not in res.get("load", {}):
+        return ["## Serving during the addition", "", "Not measured: the online run did not return "
+                f"({res.get('load', {}).get('error', 'no result')}).", ""]
     load, ph = res["load"], res["load"]["phases"]
     lines = [f"## Serving during the addition (closed loop over `AsyncLLM`, {args.clients} clients, greedy, "
              f"{args.max_tokens} tokens/request, old tasks' test prompts; dequantized-weight cache "
@@ -150,7 +159,7 @@ def _md_cost(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
     if on.get("phases"):
         lines += ["", "Online phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in on["phases"].items()) + "."]
     lines += ["", "Peak memory: process peak RSS on CPU (each mode in its own process: the online row is the "
-              f"serving process, {res['load'].get('rss_serving_mb', float('nan')):.0f} MB resident just before the "
+              f"serving process, {res.get('load', {}).get('rss_serving_mb', float('nan')):.0f} MB resident just before the "
               "addition), `torch.cuda.max_memory_allocated` on CUDA.", ""]
     return lines
 
@@ -236,6 +245,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads per process (0: torch's default). On a shared CPU, 1 avoids "
                         "OpenMP oversubscription, which made GPTQ's small ops 10-15x slower on 2 busy cores")
+    p.add_argument("--requant-timeout", type=float, default=600.0,
+                   help="online run: give up waiting for the addition after this many seconds (the page is then "
+                        "written with what completed, the last job status and every thread's stack in the log)")
+    p.add_argument("--stall-timeout", type=float, default=300.0,
+                   help="the requantizer's watchdog: fail the job after this many seconds without progress")
     p.add_argument("--work", default="/tmp/inlaid_dynamic")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.md"))
     return p.parse_args()

@@ -63,6 +63,9 @@ def attach_requantizer(engine: "LLMEngine", **options: Any) -> "Requantizer":
     options.setdefault("duty_cycle", engine.config.model.requant_duty_cycle)
     options.setdefault("num_threads", engine.config.model.requant_threads)
     parts = engine.parts
+    graphs = getattr(engine.runner, "graphs", None)  # a CUDA-graph engine: the worker must not run beside a capture
+    if graphs is not None and getattr(graphs, "capture_lock", None) is not None:
+        options.setdefault("capture_gate", graphs.capture_lock)
     if parts.tp_group is not None and "swap_target" not in options:  # rank 0 quantizes; every rank swaps its shard
         from inlaid.distributed.requant import TPSwapTarget
 
