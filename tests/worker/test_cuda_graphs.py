@@ -138,3 +138,19 @@ def test_graphs_recapture_after_a_weight_swap(tiny_llama_dir) -> None:
             proj.weight = torch.nn.Parameter(torch.randn_like(proj.weight) * 0.05, requires_grad=False)
             version[0] += 1  # like a re-quantization swap: new tensors, new version
     assert len(runner.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_a_held_capture_lock_runs_the_step_eagerly_and_captures_later(tiny_llama_dir) -> None:
+    """Another thread's GPU work holds ``capture_lock``: no capture beside it; same hidden states eagerly."""
+    from inlaid import LLM
+
+    llm = LLM(model=str(tiny_llama_dir), device="cuda", dtype="float16", num_blocks=32, load_format="dummy")
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with graphs.capture_lock:
+        held = llm.generate(["Hello world"], params)[0].outputs[0].token_ids
+    assert graphs.eager_fallbacks > 0 and not graphs.graphs
+    free = llm.generate(["Hello world"], params)[0].outputs[0].token_ids
+    assert graphs.graphs and list(held) == list(free)
