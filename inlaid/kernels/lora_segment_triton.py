@@ -33,11 +33,8 @@ BLOCK_T = 32
 if HAS_TRITON:
 
     @triton.jit
-    def _seg_shrink_kernel(
-        x_ptr, a_ptr, order_ptr, tiles_ptr, p_ptr, n_tiles, D_IN, R,
-        stride_xt, stride_as, stride_ar, stride_pt,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-    ):
+    def _tile(order_ptr, tiles_ptr, n_tiles, BLOCK_T: tl.constexpr):
+        """This program's tile: first sorted position, slot (int64), row mask and token indices [BLOCK_T]."""
         tile = tl.program_id(0)
         start = tl.load(tiles_ptr + tile)
         length = tl.load(tiles_ptr + n_tiles + tile)
@@ -45,6 +42,15 @@ if HAS_TRITON:
         offs_t = tl.arange(0, BLOCK_T)
         mask_t = offs_t < length
         tok = tl.load(order_ptr + start + offs_t, mask=mask_t, other=0).to(tl.int64)
+        return start, slot, offs_t, mask_t, tok
+
+    @triton.jit
+    def _seg_shrink_kernel(
+        x_ptr, a_ptr, order_ptr, tiles_ptr, p_ptr, n_tiles, D_IN, R,
+        stride_xt, stride_as, stride_ar, stride_pt,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        start, slot, offs_t, mask_t, tok = _tile(order_ptr, tiles_ptr, n_tiles, BLOCK_T)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -68,14 +74,8 @@ if HAS_TRITON:
         stride_pt, stride_bs, stride_bn, stride_ot,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        tile = tl.program_id(0)
         nb = tl.program_id(1)
-        start = tl.load(tiles_ptr + tile)
-        length = tl.load(tiles_ptr + n_tiles + tile)
-        slot = tl.load(tiles_ptr + 2 * n_tiles + tile).to(tl.int64)
-        offs_t = tl.arange(0, BLOCK_T)
-        mask_t = offs_t < length
-        tok = tl.load(order_ptr + start + offs_t, mask=mask_t, other=0).to(tl.int64)
+        start, slot, offs_t, mask_t, tok = _tile(order_ptr, tiles_ptr, n_tiles, BLOCK_T)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
