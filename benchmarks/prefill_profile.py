@@ -3,9 +3,8 @@ number of adapters, with the prefill LoRA path as the segmented Triton kernel an
 then one step of each profiled (torch.profiler: top CUDA kernels, top CPU ops), then 5 eager decode steps of
 a batch of 8 with 8 adapters profiled (kernel times are what a graph replay runs).
 
-Caveat of the first (session 4) run: each path was timed in its own block without a shared warm-up, so the
-first block (segment kernel) carries Triton compiles and cuDNN attention plans for every new shape; compare
-the profiled kernel times, not the first block's wall times.
+Every point runs once on both paths untimed first (Triton compiles, cuDNN attention plans), then each path is
+timed. The first (session 4) run lacked that shared warm-up: its first block's wall times carry compiles.
 
     python benchmarks/prefill_profile.py --quant fp16 --out benchmarks/results/prefill_profile_h200   # GPU
     python benchmarks/prefill_profile.py --device cpu --model <tiny HF dir> --out /tmp/pp             # smoke
@@ -96,10 +95,14 @@ def main() -> int:
     vocab = eng.runner.arch.vocab_size if hasattr(eng.runner, "arch") else 32000
     lines: list[str] = []
     pool = eng.runner.lora_pool
+    warm: list[str] = []
+    for seg in (True, False):  # one untimed pass of every point on both paths: compiles, cuDNN plans
+        pool.triton_prefill = seg and args.device == "cuda"
+        for n, plen, ad in POINTS:
+            prefill(eng, args.device, n, plen, ad, f"w{n}-{plen}-{ad}-{seg}", vocab, warm)
     for seg in (True, False):
         pool.triton_prefill = seg and args.device == "cuda"
         lines.append(f"== segment kernel {pool.triton_prefill}")
-        prefill(eng, args.device, 2, 64, 2, f"warm{seg}", vocab, lines)
         for n, plen, ad in POINTS:
             prefill(eng, args.device, n, plen, ad, f"t{n}-{plen}-{ad}-{seg}", vocab, lines)
         prefill(eng, args.device, 5, 200, 5, f"prof{seg}", vocab, lines, profile=True)
