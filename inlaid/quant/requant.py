@@ -1,7 +1,11 @@
 """Background incremental re-quantization of a served GPTQ base when a task is added (MLGPTQ, issue 7).
 
-Owns ``RequantJob`` (one task addition and its status) and ``Requantizer``
-(one FIFO worker thread per quantized checkpoint): for a new task it
+Owns ``Requantizer`` (one FIFO worker thread per quantized checkpoint, with
+the capture-gate use and the per-layer swap queue). Split out (and
+re-exported here): the job record and stall watchdog (``requant_job``), the
+commit record and persistence (``requant_commit``), the local swap target
+(``requant_swap``), the fp source, pacing and capture gate
+(``requant_source``). For a new task it
 (a) computes the task's Hessians through the **unquantized** base with the
 task's adapter active, reading the fp weights of one decoder layer at a time
 from the source checkpoint (``FpSource``); (b) writes them into the
@@ -15,7 +19,8 @@ Invariants:
   replaced together between two forwards, so a forward sees layer i all-old or
   all-new. Different layers may be on different bases during a job.
 - Where a layer goes is a ``swap_target`` (``check`` / ``snapshot`` /
-  ``install`` of the FULL packed layer). Default: the local served model.
+  ``install`` of the FULL packed layer). Default: the local served model
+  (``requant_swap.LocalSwapTarget``).
   Under tensor parallelism ``inlaid.distributed.requant.TPSwapTarget`` sends
   the full layer to every rank, which cuts its shard with the loader's code;
   the GPTQ itself always runs here on the full layer, so the result is the
@@ -24,14 +29,11 @@ Invariants:
   failure (any exception, at any phase) drops the job's queued swaps, queues
   the old tensors back (rollback) and removes the task's Hessians: the old
   base keeps serving and the stored checkpoint is untouched.
-- Commit record: the task list is written into the safetensors metadata of
-  ``model.safetensors`` (key ``inlaid_tasks``); the new file is written beside
-  it and ``os.replace``d over it, so the stored weights are old or new, never
-  mixed, and the task list always matches them. ``quantize_report.json`` is
-  rewritten afterwards (informational; reconciled at start). Hessians of a task
-  that is in the store but not in the commit record are leftovers of a crash:
-  they are deleted at construction (the addition restarts from scratch when it
-  is submitted again; it is not resumed).
+- Commit record: the task list in ``model.safetensors``' metadata, replaced
+  atomically with the weights (``requant_commit.commit_weights``). Hessians of a
+  task that is in the store but not in the commit record are leftovers of a
+  crash: they are deleted at construction (the addition restarts from scratch
+  when it is submitted again; it is not resumed).
 - The source of the fp weights is ``quantize_report.json``'s ``model`` (any
   ``model=`` string ``resolve_model_path`` accepts), or ``fp_source=``.
 - One job at a time, FIFO; a job quantizes for the tasks committed when it
@@ -46,137 +48,63 @@ Invariants:
   ``CaptureGate``) while it issues GPU work and releases it while it rests, so
   no graph is captured beside the worker's CUDA calls.
 - Liveness: every progress event (phase change, layer calibrated / quantized /
-  swapped) is logged at INFO with its timing and stamps the job; a watchdog
-  thread fails a job that made no progress for ``stall_timeout`` seconds
-  ("stalled at layer i/L (phase ...)") exactly like any other failure (queued
-  swaps dropped, old layers rolled back), so a wedged worker or engine never
-  leaves a job "running" forever. The commit (``os.replace``) happens only while
-  the job is still running, under the lock the watchdog takes.
+  swapped) is logged at INFO with its timing and stamps the job; the watchdog
+  (``StallWatchdog`` -> ``check_stalled``) fails a job that made no progress
+  for ``stall_timeout`` seconds ("stalled at layer i/L (phase ...)") exactly
+  like any other failure (queued swaps dropped, old layers rolled back). The
+  commit (``os.replace``) happens only while the job is still running, under
+  the lock the watchdog's check takes.
+- ``requantize_layer`` and ``WorkerStream`` are looked up in this module's
+  namespace when a job runs (tests replace them here).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from inlaid.lora.adapter import LoRAAdapter, validate_adapter
 from inlaid.model.arch import ModelArch
 from inlaid.quant.calibrate import CalibrationError, capture_task_hessians
 from inlaid.quant.hessian import HessianAccumulator, HessianStore
-from inlaid.quant.linear import PROJECTIONS, GPTQLinearMethod
-from inlaid.quant.linear import swap as swap_linear
-from inlaid.quant.pack import WEIGHTS_NAME, _unshared_cpu, load_quantized_checkpoint, validate_layer
-from inlaid.quant.quantize_model import HESSIAN_DIR, REPORT_NAME, QuantConfig, requantize_layer
-from inlaid.quant.requant_source import (CaptureGate, DutyCycle, FpSource, RequantError, WorkerStream,
-                                         lazy_fp_model, samples_from_rows)
+from inlaid.quant.pack import WEIGHTS_NAME
+from inlaid.quant.quantize_model import (
+    HESSIAN_DIR,
+    REPORT_NAME,
+    QuantConfig,
+    requantize_layer,
+)
+from inlaid.quant.requant_commit import (
+    TASKS_KEY,
+    commit_weights,
+    committed_tasks,
+    read_report,
+    write_report,
+)
+from inlaid.quant.requant_job import STATES, Packed, RequantJob, StallWatchdog
+from inlaid.quant.requant_source import (
+    CaptureGate,
+    DutyCycle,
+    FpSource,
+    RequantError,
+    WorkerStream,
+    lazy_fp_model,
+    samples_from_rows,
+)
+from inlaid.quant.requant_swap import LocalSwapTarget, check_serving_model
 
-__all__ = ["FpSource", "RequantError", "RequantJob", "Requantizer", "committed_tasks", "lazy_fp_model",
-           "read_report", "samples_from_rows"]
+__all__ = ["STATES", "TASKS_KEY", "FpSource", "Packed", "RequantError", "RequantJob", "Requantizer",
+           "committed_tasks", "lazy_fp_model", "read_report", "samples_from_rows"]
 
 logger = logging.getLogger(__name__)
-
-TASKS_KEY = "inlaid_tasks"
-STATES = ("pending", "running", "done", "failed")
-Packed = dict[str, dict[str, torch.Tensor]]
-
-
-# ---- jobs ------------------------------------------------------------------------------------
-@dataclass
-class RequantJob:
-    """One task addition: inputs, progress and outcome (``status()`` is its JSON)."""
-
-    name: str
-    adapter: LoRAAdapter | None
-    samples: list[list[int]]
-    state: str = "pending"
-    phase: str = "queued"
-    num_layers: int = 0
-    layers_calibrated: int = 0
-    layers_quantized: int = 0
-    layers_swapped: int = 0
-    tasks: list[str] = field(default_factory=list)
-    error: str | None = None
-    submitted_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    persisted: bool = False
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
-    packed: Packed = field(default_factory=dict, repr=False)
-    old: dict[int, Packed] = field(default_factory=dict, repr=False)
-    stream: WorkerStream | None = field(default=None, repr=False)
-    progress_at: float | None = field(default=None, repr=False)
-    """Watchdog clock time of the last progress event (None until the job starts)."""
-    last_event: str = "submitted"
-
-    def status(self) -> dict[str, Any]:
-        """``{"name", "quantization": pending|running|done|failed, "phase", "layer", "num_layers", ...}``."""
-        return {
-            "name": self.name, "quantization": self.state, "phase": self.phase,
-            "layer": self.layers_quantized, "layers_swapped": self.layers_swapped, "num_layers": self.num_layers,
-            "layers_calibrated": self.layers_calibrated, "last_event": self.last_event,
-            "tasks": list(self.tasks), "error": self.error, "samples": len(self.samples),
-            "tokens": sum(map(len, self.samples)), "submitted_at": self.submitted_at,
-            "started_at": self.started_at, "finished_at": self.finished_at, "seconds": dict(self.seconds),
-        }  # fmt: skip
-
-
-def read_report(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's ``quantize_report.json`` (RequantError if missing or unusable)."""
-    path = ckpt / REPORT_NAME
-    try:
-        report = json.loads(path.read_text())
-        cfg = report["config"]
-        QuantConfig(cfg["method"], cfg["bits"], cfg["group_size"], cfg["sym"], cfg["act_order"], cfg["percdamp"],
-                    cfg.get("task"))  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RequantError(f"{path}: missing or unusable ({e}); incremental re-quantization needs a checkpoint "
-                           "written by `inlaid quantize` (report + hessians/ store)") from e  # fmt: skip
-    if cfg["method"] in ("rtn", "gptq-single"):
-        raise RequantError(f"{ckpt} was quantized with {cfg['method']!r}, which does not aggregate task "
-                           "Hessians; re-quantize it with mlgptq (or a repair) or gptq-mixed first")  # fmt: skip
-    return report
-
-
-def committed_tasks(ckpt: Path, report: dict[str, Any]) -> list[str]:
-    """Tasks the stored weights are quantized for: the safetensors commit record, else the report's."""
-    with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as f:
-        meta = f.metadata() or {}
-    if TASKS_KEY in meta:
-        return sorted(json.loads(meta[TASKS_KEY]))
-    return sorted(report["config"].get("calib_tasks", []))
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _linears(model: torch.nn.Module, idx: int) -> dict[str, torch.nn.Module]:
-    layer = model.model.layers[idx]
-    return {rel: layer.get_submodule(rel) for rel in PROJECTIONS}
-
-
-def _snapshot(model: torch.nn.Module, idx: int) -> Packed:
-    keys = ("qweight", "qzeros", "scales", "g_idx")
-    return {rel: {k: lin._buffers[k] for k in keys} for rel, lin in _linears(model, idx).items()}
 
 
 class Requantizer:
@@ -201,11 +129,9 @@ class Requantizer:
                  stall_timeout: float | None = 900.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._stop = threading.Event()
-        if stall_timeout is not None and not stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be > 0 seconds (or None to disable), got {stall_timeout}")
+        self.watchdog = StallWatchdog(stall_timeout, monotonic, self._stop, self.check_stalled)
         self.stall_timeout, self.monotonic = stall_timeout, monotonic
         self.gate = CaptureGate(capture_gate)
-        self._watchdog: threading.Thread | None = None
         self.pacer = DutyCycle(duty_cycle, clock or time.perf_counter, sleep or self._stop.wait)
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -233,17 +159,9 @@ class Requantizer:
         self._queue: queue.Queue[RequantJob | None] = queue.Queue()
         self._swaps: deque[tuple[RequantJob, int, Packed, bool]] = deque()
         self._thread: threading.Thread | None = None
-        self._check_serving_model()
+        if self.model is not None:
+            check_serving_model(self.model, self.qcfg, self.ckpt)
         self.recover()
-
-    def _check_serving_model(self) -> None:
-        if self.model is None:
-            return
-        method = _linears(self.model, 0)["self_attn.q_proj"].quant_method
-        if not isinstance(method, GPTQLinearMethod) or (method.bits, method.group_size) != (
-                self.qcfg.bits, self.qcfg.group_size):  # fmt: skip
-            raise RequantError(f"the served model is not the {self.qcfg.bits}-bit g{self.qcfg.group_size} GPTQ "
-                               f"checkpoint {self.ckpt}; serve that checkpoint to add tasks to it")  # fmt: skip
 
     # ---- public API ---------------------------------------------------------------------
     def committed_tasks(self) -> list[str]:
@@ -338,13 +256,12 @@ class Requantizer:
 
     def _swap_layer(self, job: RequantJob, idx: int, packed: Packed, rollback: bool) -> None:
         assert self.model is not None
-        if self.swap_target is not None:
-            self.swap_target.check(idx, packed)
-            if not rollback:
-                job.old.setdefault(idx, self.swap_target.snapshot(idx))
-            self.swap_target.install(idx, packed)
-        else:
-            self._swap_local(job, idx, packed, rollback)
+        local = self.swap_target is None
+        target = LocalSwapTarget(self.model, self.qcfg, self.serve_dtype) if local else self.swap_target
+        target.check(idx, packed)
+        if not rollback:
+            job.old.setdefault(idx, target.snapshot(idx))
+        target.install(idx, packed)
         if rollback:
             job.old.pop(idx, None)
             if not job.old:
@@ -352,29 +269,7 @@ class Requantizer:
         else:
             job.layers_swapped += 1
             self._progress(job, f"swapped layer {idx + 1}/{job.num_layers}")
-            self._maybe_finish_locked(job)
-
-    def _swap_local(self, job: RequantJob, idx: int, packed: Packed, rollback: bool) -> None:
-        assert self.model is not None
-        linears = _linears(self.model, idx)
-        for rel, lin in linears.items():  # check all seven first: the layer changes whole or not at all
-            validate_layer(packed[rel], self.qcfg.bits, self.qcfg.group_size, f"layer {idx} {rel}")
-            for key, t in packed[rel].items():
-                if key in lin._buffers and lin._buffers[key] is not None and t.shape != lin._buffers[key].shape:
-                    raise RequantError(f"layer {idx} {rel}.{key}: shape {tuple(t.shape)} does not fit")
-        if not rollback:
-            job.old.setdefault(idx, _snapshot(self.model, idx))
-        for rel, lin in linears.items():
-            swap_linear(lin, packed[rel], self.serve_dtype)
-
-    def _maybe_finish_locked(self, job: RequantJob) -> None:
-        if job.state == "running" and job.persisted and (self.model is None or job.layers_swapped == job.num_layers):
-            job.state, job.phase, job.finished_at = "done", "done", time.time()
-            job.seconds["total"] = job.finished_at - (job.started_at or job.submitted_at)
-            job.old.clear()
-            job.packed.clear()
-            job.done.set()
-            logger.info("task %r folded into the quantized base in %.1f s", job.name, job.seconds["total"])
+            job.finish_if_complete(swapping=self.model is not None)
 
     def _fail_locked(self, job: RequantJob, message: str) -> None:
         if job.state in ("done", "failed"):
@@ -390,39 +285,23 @@ class Requantizer:
 
     # ---- liveness ------------------------------------------------------------------------------
     def _progress(self, job: RequantJob, event: str) -> None:
-        """Stamp and log one progress event of ``job`` (seconds since the job started)."""
-        job.progress_at, job.last_event = self.monotonic(), event
-        since = time.time() - (job.started_at or job.submitted_at)
-        logger.info("requant %r: %s (phase %s, %.2f s into the job)", job.name, event, job.phase, since)
+        """Stamp (on the watchdog's clock) and log one progress event of ``job``."""
+        job.progress(self.monotonic(), event)
 
     def stall_message(self, job: RequantJob, idle: float) -> str:
-        done = {"calibrate": job.layers_calibrated, "quantize": job.layers_quantized,
-                "swap_wait": job.layers_swapped}.get(job.phase, job.layers_quantized)  # fmt: skip
-        return (f"stalled at layer {done}/{job.num_layers} (phase {job.phase}): no progress for {idle:.0f} s "
-                f"(last: {job.last_event}); the old base keeps serving")  # fmt: skip
+        return job.stall_message(idle)
 
     def check_stalled(self) -> list[str]:
         """Fail every running job idle for more than ``stall_timeout``; returns their names (the watchdog)."""
         if self.stall_timeout is None:
             return []
-        now, failed = self.monotonic(), []
         with self._lock:
-            for job in self._jobs.values():
-                if job.state == "running" and job.progress_at is not None and now - job.progress_at > self.stall_timeout:
-                    self._fail_locked(job, self.stall_message(job, now - job.progress_at))
-                    failed.append(job.name)
-        if failed:
+            stalled = self.watchdog.stalled(self._jobs.values())
+            for job, idle in stalled:
+                self._fail_locked(job, self.stall_message(job, idle))
+        if stalled:
             self._notify()  # an idle engine applies the rollback swaps
-        return failed
-
-    def _watch(self) -> None:
-        assert self.stall_timeout is not None
-        interval = min(max(self.stall_timeout / 4, 0.05), 5.0)
-        while not self._stop.wait(interval):
-            try:
-                self.check_stalled()
-            except Exception:  # the watchdog must outlive any one bad check
-                logger.exception("requant watchdog check failed")
+        return [job.name for job, _ in stalled]
 
     # ---- worker thread ----------------------------------------------------------------------
     def _ensure_worker(self) -> None:
@@ -430,9 +309,7 @@ class Requantizer:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="inlaid-requant", daemon=True)
                 self._thread.start()
-            if self.stall_timeout is not None and (self._watchdog is None or not self._watchdog.is_alive()):
-                self._watchdog = threading.Thread(target=self._watch, name="inlaid-requant-watchdog", daemon=True)
-                self._watchdog.start()
+            self.watchdog.ensure_running()
 
     def _loop(self) -> None:
         if self.num_threads is not None:
@@ -473,7 +350,7 @@ class Requantizer:
             return
         with self._lock:
             job.persisted = True
-            self._maybe_finish_locked(job)
+            job.finish_if_complete(swapping=self.model is not None)
 
     def _timed(self, job: RequantJob, phase: str, fn: Callable[[RequantJob], None]) -> None:
         if self._stop.is_set():
@@ -557,39 +434,11 @@ class Requantizer:
 
     def _persist(self, job: RequantJob) -> None:
         """Write the new weights beside the old ones and ``os.replace`` them (the commit), then the report."""
-        ckpt = load_quantized_checkpoint(self.ckpt)
-        flat: dict[str, torch.Tensor] = dict(ckpt.other_tensors)
-        for name, layer in ckpt.layers.items():
-            new = dict(job.packed.get(name, layer))
-            if "bias" in layer:
-                new["bias"] = layer["bias"]
-            validate_layer(new, self.qcfg.bits, self.qcfg.group_size, name)
-            flat.update({f"{name}.{k}": t for k, t in new.items()})
-        meta = {"format": "pt", "quant_method": "gptq", TASKS_KEY: json.dumps(job.tasks)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.requant-", dir=self.ckpt)
-        os.close(fd)
-        try:
-            save_file(_unshared_cpu(flat), tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            with self._lock:  # the watchdog may have failed (and rolled back) the job meanwhile: then no commit
-                if job.state != "running":
-                    raise RequantError(job.error or "job stopped")
-                os.replace(tmp, self.ckpt / WEIGHTS_NAME)  # the commit point
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        commit_weights(self.ckpt, job, self.qcfg, self._lock)  # refuses once the watchdog failed the job
         try:  # informational: the commit record is the safetensors metadata
             self._update_report(job)
         except Exception:
             logger.exception("could not update %s (the checkpoint itself is committed)", REPORT_NAME)
 
     def _update_report(self, job: RequantJob) -> None:
-        report = dict(self.report)
-        report["config"] = {**report["config"], "calib_tasks": job.tasks}
-        report["tasks"] = {**report.get("tasks", {}), job.name: {
-            "adapter": job.adapter.path if job.adapter is not None else None, "calib": "requant",
-            "samples": len(job.samples), "tokens": sum(map(len, job.samples))}}  # fmt: skip
-        report["requant"] = [*report.get("requant", []), {"task": job.name, "seconds": dict(job.seconds),
-                                                          "finished_at": time.time()}]  # fmt: skip
-        _atomic_json(self.ckpt / REPORT_NAME, report)
-        self.report = report
+        self.report = write_report(self.ckpt, self.report, job)
