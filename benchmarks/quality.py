@@ -22,7 +22,7 @@ Real run (GPU):
     PYTHONPATH=. python benchmarks/quality.py --model SMOL_DIR --device cuda --deadline 170 \\
         --json OUT/quality_gpu.json --out OUT/quality_gpu.md
 
-Regenerate the page from the JSON:
+Regenerate the page from the JSON (rendering and merging: ``quality_page.py``; ``--notes FILE`` adds a reading):
 
     PYTHONPATH=. python benchmarks/quality.py --from-json benchmarks/results/quality_gpu.json \\
         --out benchmarks/results/quality.md
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -50,6 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 logger = logging.getLogger("quality")
+
+# the page (rendering, --from-json merge) is quality_page.py; merge_runs/to_markdown are re-exported here
+from quality_page import load_runs, merge_runs, render_page, to_markdown  # noqa: E402, F401 (after sys.path)
 
 
 @dataclass
@@ -271,16 +273,6 @@ def _metric_packages_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("sacrebleu", "rouge_score"))
 
 
-def rescore_cells(cells: dict[str, dict[str, Any]]) -> None:
-    """Score, in place, the cells whose predictions were saved unscored (the device has no metric packages)."""
-    from inlaid.tasks.evaluate import score_predictions
-
-    for key, cell in cells.items():
-        preds = cell.pop("predictions", None)
-        if preds:
-            cell["metric"] = score_predictions(key.split("|")[2], preds)
-
-
 def swap_in(llm: Any, packed: dict[str, dict[str, torch.Tensor]]) -> None:
     """Install ``packed`` into every quantized linear of the served model (between engine steps)."""
     from inlaid.quant.linear import swap
@@ -400,92 +392,6 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-# ---- the page ------------------------------------------------------------------------------------
-def _rel_drop(base: dict, q: dict, key: str) -> float:
-    b, v = base[key], q[key]
-    if math.isnan(b) or math.isnan(v):
-        return float("nan")
-    if key == "metric":
-        return (b - v) / b if b > 0 else float("nan")
-    return (v - b) / b
-
-
-def _mean_drop(cells: dict, cfg: str, method: str, tasks: list[str], key: str) -> str:
-    d = [_rel_drop(cells[f"fp|unquantized|{t}"], cells[f"{cfg}|{method}|{t}"], key)
-         for t in tasks if f"{cfg}|{method}|{t}" in cells and f"fp|unquantized|{t}" in cells]  # fmt: skip
-    d = [x for x in d if not math.isnan(x)]
-    return f"{100 * sum(d) / len(d):+.1f}% ({len(d)})" if d else "n/a"
-
-
-def to_markdown(data: dict[str, Any]) -> str:
-    """The results page from the run's JSON (``--from-json`` regenerates it without running anything)."""
-    args, cells = data["args"], data["cells"]
-    tasks = sorted({k.split("|")[2] for k in cells})
-    methods = ["unquantized", *[m for m in args["methods"].split(",")]]
-    info = data.get("info", {})
-    legend = (f"Device: {info.get('device', '?')}. Each cell: task metric (0-100, greedy, first {args['gen_limit']} "
-              f"test examples, generation capped at {args['max_new_tokens_cap']} new tokens) / answer-token NLL "
-              f"(nats, teacher forcing, first {args['limit']} test examples). `mean rel. drop` averages "
-              "(unquantized - q) / unquantized of the metric over tasks with a non-zero unquantized metric, and "
-              "(q - unquantized) / unquantized of the NLL; the count of tasks averaged is in brackets. "
-              "gptq-single is one model per task, each evaluated on its own task only.")
-    lines = ["# Quantized shared base: per-task quality", "", f"Command: `{args['command']}`", "", legend, ""]
-    no_adapter = [t for t, has in info.get("tasks", {}).items() if not has]
-    if no_adapter:
-        lines += [f"Tasks without an adapter (bare base): {', '.join(no_adapter)}.", ""]
-    for cfg in args["configs"].split(","):
-        if not any(k.startswith(cfg + "|") for k in cells):
-            continue
-        bits, gs = cfg.split(":")
-        lines += [f"## {bits}-bit, group {gs}, {'symmetric' if args['sym'] else 'asymmetric'}", "",
-                  "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]  # fmt: skip
-        for t in tasks:
-            row = []
-            for m in methods:
-                c = cells.get(f"{'fp' if m == 'unquantized' else cfg}|{m}|{t}")
-                row.append("-" if c is None else f"{c['metric']:.1f} / {c['nll']:.3f}")
-            lines.append(f"| {t} | " + " | ".join(row) + " |")
-        for key in ("metric", "nll"):
-            drops = [_mean_drop(cells, cfg, m, tasks, key) for m in methods[1:]]
-            lines.append(f"| **mean rel. drop ({key})** | - | " + " | ".join(drops) + " |")
-        lines.append("")
-    if data.get("dropped"):
-        lines += ["Not run (did not fit the time budget): " + "; ".join(data["dropped"]) + ".", ""]
-    lines += ["Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()) + ". Memory: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in info.items() if k.startswith("peak")) + ".", ""]  # fmt: skip
-    return "\n".join(lines)
-
-
-def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One run from several (e.g. configs split over two GPUs): cells, configs and methods united (first run's
-    order first), timings labelled.
-
-    A cell present in several runs (the unquantized model is evaluated by each) keeps the first run's value;
-    timings of run k > 0 are prefixed with its configs (and its methods where they differ from the first run's)
-    so all stay visible.
-    """
-    if len(runs) == 1:
-        return runs[0]
-    first = runs[0]
-    merged = {"args": dict(first["args"]), "cells": {}, "seconds": {}, "dropped": [], "info": dict(first["info"])}
-    configs: list[str] = []
-    methods: list[str] = []
-    for k, r in enumerate(runs):
-        for key, cell in r["cells"].items():
-            merged["cells"].setdefault(key, cell)
-        same = r["args"]["methods"] == first["args"]["methods"]
-        label = "" if k == 0 else f"[{r['args']['configs']}{'' if same else '; ' + r['args']['methods']}] "
-        merged["seconds"].update({label + name: v for name, v in r["seconds"].items()})
-        merged["dropped"] += r.get("dropped", [])
-        merged["info"].update({label + name: v for name, v in r["info"].items() if name.startswith("peak")})
-        configs += [c for c in r["args"]["configs"].split(",") if c not in configs]
-        methods += [m for m in r["args"]["methods"].split(",") if m not in methods]
-    merged["args"]["configs"] = ",".join(configs)
-    merged["args"]["methods"] = ",".join(methods)
-    merged["args"]["command"] = " ; ".join(r["args"]["command"] for r in runs)
-    return merged
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
@@ -517,7 +423,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="results JSON (default: --out with .json)")
     p.add_argument("--from-json", default=None,
                    help="only regenerate --out from this results JSON (comma-separated: merge several runs)")
-    p.add_argument("--note", default="", help="a paragraph written above the table (scope, caveats)")
     p.add_argument("--notes", default=None, help="markdown file with the reading of the results, put above the tables")
     return p.parse_args(argv)
 
@@ -526,8 +431,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.from_json:
-        data = merge_runs([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
-        rescore_cells(data["cells"])
+        data = load_runs(args.from_json)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -536,12 +440,7 @@ def main() -> None:
                   json_path)  # fmt: skip
         run_all(args, run)
         data = json.loads(json_path.read_text())
-    note = args.note or data["args"].get("note", "")
-    page = to_markdown(data)
-    if args.notes:  # after the title, command and legend (the first three paragraphs)
-        head, _, tables = page.partition("\n## ")
-        page = f"{head}\n{Path(args.notes).read_text().rstrip()}\n\n## {tables}"
-    Path(args.out).write_text((f"> {note}\n\n" if note else "") + page)
+    Path(args.out).write_text(render_page(data, args.notes))
     logger.info("wrote %s", args.out)
 
 
