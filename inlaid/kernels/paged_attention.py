@@ -26,12 +26,18 @@ cache) and decodes (q_len 1) mixed in one call. GQA: query head h reads KV head
 Invariant: caches are zero-initialised (``allocate_kv_caches``) so masked-out
 slots never hold NaN/inf, which would leak through ``0 * NaN`` in softmax @ V.
 
+Per-batch metadata: ``attention_layout`` computes what every layer of one forward shares (each token's
+sequence and row, the padded mask); passing it as ``layout=`` skips recomputing it per layer (a prefill step
+of a 32-layer model ran those ~25 ops 32 times). Same result either way.
+
 Cost note: the reference pads queries to [B, max_query_len] and keys to
 [B, max_seq_len]; memory is O(B * max_query_len * max_seq_len) for the mask,
 fine for CPU and tests, not for large mixed GPU batches (the Triton kernel's job).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +115,28 @@ def _attention_mask(
     return mask[:, None]
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What ``paged_attention`` derives from the batch alone (shared by every layer of one forward)."""
+
+    seq_idx: torch.Tensor
+    """[T] int64: each token's sequence."""
+    row: torch.Tensor
+    """[T] int64: each token's row within its sequence's queries."""
+    mask: torch.Tensor
+    """[B, 1, max_query_len, max_seq_len] bool: query row i may read key j."""
+    num_tokens: int
+    sliding_window: int | None
+
+
+def attention_layout(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
+                     max_seq_len: int, sliding_window: int | None = None) -> AttentionLayout:
+    """The batch-only part of ``paged_attention`` for these arguments (pass it as ``layout=``)."""
+    seq_idx, row, q_lens = _query_layout(query_start_loc, num_tokens)
+    mask = _attention_mask(seq_lens, q_lens, max_query_len, max_seq_len, sliding_window)
+    return AttentionLayout(seq_idx, row, mask, num_tokens, sliding_window)
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -119,22 +147,28 @@ def paged_attention(
     max_seq_len: int,
     scale: float,
     sliding_window: int | None = None,
+    layout: AttentionLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache; returns [T, H, D] in q's dtype.
 
     The new tokens' K/V must already be in the cache (``write_kv`` first).
-    Batched over sequences: no Python loop per sequence.
+    Batched over sequences: no Python loop per sequence. ``layout``: ``attention_layout`` of the same batch
+    arguments and window (computed here when None).
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     if num_heads % kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
-    seq_idx, row, q_lens = _query_layout(query_start_loc, num_tokens)
-    num_seqs = q_lens.shape[0]
+    if layout is None:
+        layout = attention_layout(query_start_loc, seq_lens, num_tokens, max_query_len, max_seq_len, sliding_window)
+    elif layout.num_tokens != num_tokens or layout.sliding_window != sliding_window:
+        raise ValueError(f"layout was built for {layout.num_tokens} tokens, window {layout.sliding_window}; "
+                         f"got {num_tokens} tokens, window {sliding_window}")
+    seq_idx, row, mask = layout.seq_idx, layout.row, layout.mask
+    num_seqs = mask.shape[0]
     q_pad = q.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
     q_pad[seq_idx, row] = q
     k, v = _gather_kv(kv_cache, block_tables, max_seq_len)
-    mask = _attention_mask(seq_lens, q_lens, max_query_len, max_seq_len, sliding_window)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
         enable_gqa=num_heads != kv_heads,

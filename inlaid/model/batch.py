@@ -16,6 +16,8 @@ Invariants (all tensors on the model's device):
 - ``logits_indices``: [S] int64, rows of the hidden states whose logits are needed
   (the last token of each sequence that samples this step), in scheduled order.
 - ``lora_meta`` is built once per batch by the LoRA pool (segment info), or None.
+- ``attn_meta`` caches per-batch attention metadata the layers share (``paged_attention.AttentionLayout``
+  per sliding window), filled by the first layer that needs it; None until then.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ForwardBatch:
     max_query_len: int
     max_seq_len: int
     lora_meta: Any = None
+    attn_meta: dict | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from inlaid.kernels import paged_attention_triton as pat
-from inlaid.kernels.paged_attention import paged_attention, write_kv
+from inlaid.kernels.paged_attention import attention_layout, paged_attention, write_kv
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
@@ -64,6 +64,18 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
     if hook is not None:
         out = hook.apply(layer_idx, name, x, out, batch)
     return layer.reduce(out)
+
+
+def _layout(batch: ForwardBatch, num_tokens: int, window: int | None):  # noqa: ANN202
+    """The batch's attention layout for ``window``, built by the first layer that asks (cached on the batch)."""
+    if batch.attn_meta is None:
+        batch.attn_meta = {}
+    layout = batch.attn_meta.get(window)
+    if layout is None:
+        layout = attention_layout(batch.query_start_loc, batch.seq_lens, num_tokens, batch.max_query_len,
+                                  batch.max_seq_len, window)
+        batch.attn_meta[window] = layout
+    return layout
 
 
 class Attention(nn.Module):
@@ -96,6 +108,7 @@ class Attention(nn.Module):
             attn = paged_attention(
                 q, kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                 batch.max_query_len, batch.max_seq_len, self.scale, sliding_window=self.sliding_window,
+                layout=_layout(batch, t, self.sliding_window),
             )
         return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook)
 

@@ -9,6 +9,7 @@ import torch
 
 from inlaid.kernels.paged_attention import (
     allocate_kv_caches,
+    attention_layout,
     kv_cache_shape,
     paged_attention,
     write_kv,
@@ -32,7 +33,7 @@ def _naive(q, k, v, q_start, sliding_window=None):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def _run_case(seq_specs, sliding_window=None, seed=0):
+def _run_case(seq_specs, sliding_window=None, seed=0, shared_layout=False):
     """seq_specs: list of (context_len_before, q_len). Blocks are shuffled, non-contiguous."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 64
@@ -59,9 +60,12 @@ def _run_case(seq_specs, sliding_window=None, seed=0):
     q_lens = [q for _, q in seq_specs]
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     seq_lens = torch.tensor([c + q for c, q in seq_specs], dtype=torch.int32)
+    q = torch.cat(qs)
+    layout = (attention_layout(qsl, seq_lens, q.shape[0], max(q_lens), int(seq_lens.max()), sliding_window)
+              if shared_layout else None)  # fmt: skip
     out = paged_attention(
-        torch.cat(qs), cache, block_tables, seq_lens, qsl, max(q_lens), int(seq_lens.max()),
-        1 / math.sqrt(D), sliding_window=sliding_window,
+        q, cache, block_tables, seq_lens, qsl, max(q_lens), int(seq_lens.max()),
+        1 / math.sqrt(D), sliding_window=sliding_window, layout=layout,
     )
     ref = torch.cat([
         _naive(q, k, v, ctx, sliding_window) for q, k, v, (ctx, _) in zip(qs, full_k, full_v, seq_specs)
@@ -90,6 +94,25 @@ def test_sliding_window():
     # and the window actually changes the result
     out_full, _ = _run_case([(0, 9), (7, 3), (12, 1)], sliding_window=None, seed=1)
     assert not torch.allclose(out, out_full, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_precomputed_layout_gives_the_same_result(window):
+    """A layout built once per batch (what the model shares across layers) changes nothing, bit for bit."""
+    specs = [(0, 6), (9, 1), (5, 4), (11, 1)]
+    out, _ = _run_case(specs, sliding_window=window, seed=2)
+    shared, _ = _run_case(specs, sliding_window=window, seed=2, shared_layout=True)
+    assert torch.equal(out, shared)
+
+
+def test_layout_for_another_batch_is_refused():
+    qsl = torch.tensor([0, 3], dtype=torch.int32)
+    lens = torch.tensor([3], dtype=torch.int32)
+    cache = allocate_kv_caches(1, 4, BS, KVH, D, torch.float32, "cpu")[0]
+    tables = torch.zeros(1, 1, dtype=torch.int32)
+    layout = attention_layout(qsl, lens, 3, 3, 3, None)
+    with pytest.raises(ValueError, match="window"):
+        paged_attention(torch.randn(3, H, D), cache, tables, lens, qsl, 3, 3, 0.3, sliding_window=2, layout=layout)
 
 
 def test_write_kv_places_slots():
