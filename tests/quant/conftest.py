@@ -1,4 +1,5 @@
-"""Fixtures shared by ``tests/quant``: calibration rows and JSONL files for the tiny model's tasks.
+"""Fixtures shared by ``tests/quant``: calibration rows and JSONL files for the tiny model's tasks, and the
+tiny model's 4-bit g32 MLGPTQ base for tasks {a, b} that the re-quantization tests add task c to.
 
 One definition of the rows the quantization tests calibrate on (they were repeated in several files). Task
 ``k`` gets answers of different lengths, so different tasks give different Hessians.
@@ -39,3 +40,18 @@ def write_calib() -> Callable[..., dict[str, Path]]:
         return out
 
     return write
+
+
+@pytest.fixture(scope="session")
+def ab_base(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib) -> dict:
+    """``{"ab": dir, "calib": name -> JSONL, "ads": name -> adapter dir}`` for tasks a, b, c; the
+    {a, b} checkpoint is quantized once per session: tests copy it before changing it."""
+    from inlaid.quant.quantize_model import quantize_model
+
+    root = tmp_path_factory.mktemp("ab_base")
+    calib = write_calib(root, ["a", "b", "c"])
+    ads = {n: str(tiny_adapters[n]) for n in "abc"}
+    quantize_model(str(tiny_llama_dir), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "mlgptq", 4, 32,
+                   root / "ab")  # fmt: skip
+    return {"ab": root / "ab", "calib": calib, "ads": ads}
+

@@ -26,16 +26,12 @@ KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
-    """A 4-bit g32 MLGPTQ base for {a, b} (kept pristine), and the from-scratch {a, b, c} checkpoint."""
-    root = tmp_path_factory.mktemp("requant")
-    calib = write_calib(root, ["a", "b", "c"])
-    ads = {n: str(tiny_adapters[n]) for n in "abc"}
-    ab = root / "ab"
-    quantize_model(str(tiny_llama_dir), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "mlgptq", 4, 32, ab)
-    abc = root / "abc"
+def setup(tiny_llama_dir, ab_base, tmp_path_factory):
+    """The 4-bit g32 MLGPTQ base for {a, b} (``ab_base``, kept pristine), and the from-scratch {a, b, c} one."""
+    calib, ads = ab_base["calib"], ab_base["ads"]
+    abc = tmp_path_factory.mktemp("requant") / "abc"
     quantize_model(str(tiny_llama_dir), ads, calib, "mlgptq", 4, 32, abc)
-    return {"ab": ab, "abc": abc, "calib": calib, "ads": ads, "base": tiny_llama_dir}
+    return {"ab": ab_base["ab"], "abc": abc, "calib": calib, "ads": ads, "base": tiny_llama_dir}
 
 
 @pytest.fixture

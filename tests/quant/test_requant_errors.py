@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
+from requant_gate import hold_requant_layers
 from safetensors.torch import load_file, save_file
 
 from inlaid import LLM
 from inlaid.lora.adapter import load_adapter
 from inlaid.lora.errors import IncompatibleAdapterError
-from inlaid.quant import requant as requant_mod
 from inlaid.quant.calibrate import CalibrationError
 from inlaid.quant.hessian import HessianStore
 from inlaid.quant.quantize_model import HESSIAN_DIR, quantize_model
 from inlaid.quant.requant import RequantError, Requantizer, samples_from_rows
+
 
 @pytest.fixture(scope="module")
 def base(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
@@ -98,15 +98,7 @@ def test_same_task_while_it_runs_is_refused_and_the_running_job_finishes(base, c
     from inlaid.model.arch import ModelArch
 
     rq = Requantizer(ckpt, ModelArch.from_dir(tiny_llama_dir))
-    gate, entered = threading.Event(), threading.Event()
-    real = requant_mod.requantize_layer
-
-    def held(*a, **kw):
-        entered.set()
-        assert gate.wait(60), "test gate never opened"
-        return real(*a, **kw)
-
-    monkeypatch.setattr(requant_mod, "requantize_layer", held)
+    gate, entered = hold_requant_layers(monkeypatch)
     rq.submit("c", None, [[5, 6, 7, 8]] * 3)
     assert entered.wait(60)
     assert rq.status("c")["quantization"] == "running"

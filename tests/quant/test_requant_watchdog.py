@@ -20,7 +20,6 @@ from inlaid import LLM
 from inlaid.engine.requant_hook import attach_requantizer
 from inlaid.model.arch import ModelArch
 from inlaid.quant.linear import PROJECTIONS
-from inlaid.quant.quantize_model import quantize_model
 from inlaid.quant.requant import Requantizer
 from inlaid.quant.requant_source import CaptureGate
 
@@ -28,19 +27,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "benchmarks")]
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_llama_dir, tiny_adapters, tmp_path_factory, write_calib):
-    root = tmp_path_factory.mktemp("watchdog")
-    calib = write_calib(root, ["a", "b", "c"])
-    ads = {n: str(tiny_adapters[n]) for n in "abc"}
-    quantize_model(str(tiny_llama_dir), {k: ads[k] for k in "ab"}, {k: calib[k] for k in "ab"}, "mlgptq", 4, 32,
-                   root / "ab")
-    return {"ab": root / "ab", "calib": calib, "ads": ads}
-
-
 @pytest.fixture
-def ckpt(setup, tmp_path):
-    shutil.copytree(setup["ab"], tmp_path / "ckpt")
+def ckpt(ab_base, tmp_path):
+    shutil.copytree(ab_base["ab"], tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
@@ -49,9 +38,9 @@ def _served(llm: LLM) -> dict[str, torch.Tensor]:
             for i, layer in enumerate(llm.engine.parts.model.model.layers) for rel in PROJECTIONS for k in KEYS}
 
 
-def test_a_stalled_job_fails_with_where_it_stalled_and_the_old_base_keeps_serving(setup, ckpt, monkeypatch, caplog):
+def test_a_stalled_job_fails_with_where_it_stalled_and_the_old_base_keeps_serving(ab_base, ckpt, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="inlaid.quant.requant")
-    llm = LLM(model=str(ckpt), adapters={n: setup["ads"][n] for n in "ab"}, device="cpu", num_blocks=64)
+    llm = LLM(model=str(ckpt), adapters={n: ab_base["ads"][n] for n in "ab"}, device="cpu", num_blocks=64)
     before, stored = _served(llm), (ckpt / "model.safetensors").read_bytes()
     now = [1000.0]
     rq = attach_requantizer(llm.engine, stall_timeout=10.0, monotonic=lambda: now[0])
@@ -64,7 +53,7 @@ def test_a_stalled_job_fails_with_where_it_stalled_and_the_old_base_keeps_servin
         return real(idx, *a, **kw)
 
     monkeypatch.setattr(requant_mod, "requantize_layer", wedged)
-    llm.add_adapter("c", setup["ads"]["c"], calibration=str(setup["calib"]["c"]))
+    llm.add_adapter("c", ab_base["ads"]["c"], calibration=str(ab_base["calib"]["c"]))
     deadline = time.monotonic() + 60
     while rq.status("c")["layers_swapped"] < 1 and time.monotonic() < deadline:
         rq.apply_ready_swaps()  # the engine's step boundary
@@ -96,7 +85,7 @@ def test_stall_timeout_must_be_positive(ckpt, tiny_llama_dir):
         Requantizer(ckpt, ModelArch.from_dir(tiny_llama_dir), stall_timeout=0)
 
 
-def test_worker_holds_the_capture_lock_while_working_and_releases_it_while_resting(setup, ckpt, tiny_llama_dir,
+def test_worker_holds_the_capture_lock_while_working_and_releases_it_while_resting(ab_base, ckpt, tiny_llama_dir,
                                                                                    monkeypatch):
     lock, seen = threading.Lock(), {"work": [], "rest": []}
     real = requant_mod.requantize_layer
@@ -113,7 +102,7 @@ def test_worker_holds_the_capture_lock_while_working_and_releases_it_while_resti
     from inlaid.engine.requant_hook import load_samples
     from transformers import AutoTokenizer
 
-    samples = load_samples(str(setup["calib"]["c"]), AutoTokenizer.from_pretrained(str(tiny_llama_dir)))
+    samples = load_samples(str(ab_base["calib"]["c"]), AutoTokenizer.from_pretrained(str(tiny_llama_dir)))
     rq.submit("c", None, samples)
     assert rq.wait("c", timeout=60) and rq.status("c")["quantization"] == "done"
     assert seen["work"] == [True, True] and seen["rest"] and not any(seen["rest"])

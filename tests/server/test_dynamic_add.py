@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from conftest import ServerThread, parse_sse, wait_for
+from requant_gate import hold_requant_layers
 
 from inlaid.cli import main
 from inlaid.config import EngineConfig
@@ -152,17 +153,7 @@ def test_more_bad_additions_leave_the_old_base_serving(srv, tmp_path):
 def test_addition_while_one_is_running(srv, monkeypatch):
     """While task y is being re-quantized (held at its first layer): y again is a 400, z queues behind it, and
     requests keep completing; once released both finish in order and the base holds both."""
-    from inlaid.quant import requant as requant_mod
-
-    gate, entered = threading.Event(), threading.Event()
-    real = requant_mod.requantize_layer
-
-    def held(*a, **kw):
-        entered.set()
-        assert gate.wait(60), "test gate never opened"
-        return real(*a, **kw)
-
-    monkeypatch.setattr(requant_mod, "requantize_layer", held)
+    gate, entered = hold_requant_layers(monkeypatch)
     post = srv.client.post
     r = post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": srv.ads["b"], "calibration_samples": ROWS})
     assert r.status_code == 200, r.text
