@@ -92,7 +92,7 @@ def main() -> int:
     eng = build_engine(args.model, args.device, 4096, 8)
     if args.quant == "w4":
         make_w4(eng.runner.model, args.device, torch.float16 if args.device == "cuda" else torch.float32)
-    vocab = eng.runner.arch.vocab_size if hasattr(eng.runner, "arch") else 32000
+    vocab = eng.runner.arch.vocab_size
     lines: list[str] = []
     pool = eng.runner.lora_pool
     warm: list[str] = []

@@ -25,8 +25,9 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
 - M = 1 with one group per tile (the decode case; ``_w4_gemv_m1_kernel``):
   the tile is unpacked as one ``[BLOCK_K/8, 8, BLOCK_N]`` block against x
   loaded once as a contiguous ``[BLOCK_K/8, 8]`` slice (instead of 8 strided
-  x loads per step): 15-22% faster than the general path on Llama-2-7B
-  shapes on an H200 (``benchmarks/results/kernels_h200_s4.md``);
+  x loads per step): 15-24% faster than the general path on Llama-2-7B
+  shapes on an H200 (``benchmarks/results/gemv_m1_h200.md`` vs
+  ``gemv_m1_h200_before.json``, ``benchmarks/gemv_m1_bench.py``);
 - split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
   [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
   program of a tile, found with a per-tile semaphore, sums, casts and stores,
@@ -102,7 +103,7 @@ def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfi
     """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each.
 
     M = 1 (the decode kernel): ~8 programs per SM of 128 columns, one pipeline stage, atomic split-K (best
-    of the session-4 H200 sweep on Llama-2-7B shapes, ``benchmarks/results/kernels_h200_s4.md``).
+    of the session-4 H200 sweep on Llama-2-7B shapes, ``benchmarks/results/gemv_m1_h200_before.json``).
     """
     if m == 1:
         split = max(1, min(round(8 * num_sms / -(-n // 128)), -(-k // 128), 32))
