@@ -1,0 +1,188 @@
+"""Small-M W4A16 kernel (``w4a16_small_m``, 2 <= M <= 16) vs the torch GPTQ reference ``gptq_dequant.gptq_linear``.
+
+Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` on tiny shapes; with CUDA the same tests run compiled,
+plus ``gpu`` tests at Llama-2-7B shapes and one CUDA-graph replay. Weights are packed here one nibble at a time
+(independent of the module's pack helpers), the reference reads the original, un-permuted g_idx, and every output
+starts NaN-poisoned so an unwritten element fails the check. Every entry of ``SMALL_M_CONFIGS`` is checked at
+M in {2, 3, 5, 16}; across the configs each M meets fp16 and bf16, group 32 and 128, act-order on and off.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module  # skips the module without triton
+from inlaid.kernels import gptq_dequant
+
+wk = kernel_module("w4a16_gemm")  # (re)loads the shared kernel modules under the interpreter first
+sm = kernel_module("w4a16_small_m")
+if not HAS_CUDA and not sm.kernels_interpreted():  # imported before the interpreter was switched on
+    sm = importlib.reload(sm)
+Cfg = sm.SmallMConfig
+NAMES = sorted(sm.SMALL_M_CONFIGS)
+# (dtype, group_size, act_order) combos, rotated over the configs so that every M meets each of them.
+COMBOS = [(torch.float16, 32, True), (torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
+          (torch.float16, 128, True)]  # fmt: skip
+MS = (2, 3, 5, 16)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int codes [8R, C] along dim 0: row 8r+j at bits 4j..4j+3 of word r (plain loop)."""
+    rows, cols = codes.shape
+    words = torch.zeros(rows // 8, cols, dtype=torch.int64)
+    for r in range(rows):
+        words[r // 8] |= codes[r].to(torch.int64) << (4 * (r % 8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
+    """Random GPTQ tensors and the kernel-ready ``PackedW4`` (``gs=-1``: one group per column)."""
+    g = torch.Generator().manual_seed(seed)
+    gs_eff = k if gs == -1 else gs
+    groups = -(-k // gs_eff)
+    codes = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
+    qweight = _pack_nibbles(codes)
+    qzeros = _pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
+    tensors = [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx)]
+    packed = wk.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
+    return tensors, packed
+
+
+def _reference(x: torch.Tensor, tensors) -> torch.Tensor:
+    qweight, qzeros, scales, g_idx = tensors
+    return gptq_dequant.gptq_linear(x.double(), qweight, qzeros, scales.double(), g_idx, 4)
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
+    err = (y.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
+
+
+def _run(x: torch.Tensor, packed, cfg) -> torch.Tensor:
+    out = torch.full((x.shape[0], packed.out_features), float("nan"), device=DEVICE, dtype=x.dtype)
+    y = sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
+                         out=out, locks=packed.locks)  # fmt: skip
+    assert y.data_ptr() == out.data_ptr() and y.dtype == x.dtype
+    assert int(packed.locks.abs().sum()) == 0, "fixup mode must leave its semaphores zeroed for the next call"
+    return y
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mi", range(len(MS)))
+def test_every_candidate_matches_reference(name: str, mi: int) -> None:
+    m = MS[mi]
+    dtype, gs, act_order = COMBOS[(mi + NAMES.index(name)) % len(COMBOS)]
+    k, n = 256, 48  # 2-4 K tiles (split-K > 1 on any GPU size); n = 48 leaves partial N tiles
+    tensors, packed = _case(k, n, gs, act_order, seed=m * 100 + gs + act_order)
+    assert (packed.perm is not None) == act_order
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    _assert_close(_run(x, packed, name), _reference(x, tensors), TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "cfg,k,gs,m,dtype",
+    [
+        (Cfg("dot", "f32", 32, 128, split_k=1), 256, 128, 4, torch.float16),  # no split: direct store
+        (Cfg("dot", "h16", 32, 128, split_k=3, mode="reduce"), 576, 128, 7, torch.float16),  # partial last group
+        (Cfg("dot", "f32", 16, 256, split_k=2, mode="fixup"), 576, 128, 9, torch.bfloat16),  # 2 groups per tile
+        (Cfg("dot", "h16", 32, 16, split_k=4, mode="fixup"), 128, 32, 16, torch.bfloat16),  # smallest K tile
+        (Cfg("fma", "h16", 16, 32, split_k=2, mode="reduce"), 192, -1, 6, torch.float16),  # one group per column
+        (Cfg("fma", "f32", 32, 128, split_k=2), 256, 64, 1, torch.bfloat16),  # M = 1 works too
+        (Cfg("dot", "h16", 32, 64, split_k=2), 128, 64, 3, torch.float32),  # fp32 x (TF32 dots on a GPU)
+    ],
+)
+def test_edge_cases(cfg, k: int, gs: int, m: int, dtype: torch.dtype) -> None:
+    tensors, packed = _case(k, 48, gs, act_order=gs in (32, 128), seed=k + m)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    tol = 5e-3 if dtype == torch.float32 and HAS_CUDA else TOL[dtype]
+    _assert_close(_run(x, packed, cfg), _reference(x, tensors), tol)
+
+
+def test_split_count_and_defaults() -> None:
+    cfg = sm.SMALL_M_CONFIGS["dot_f32_n128"]
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536)):
+        split, per = sm.small_m_split(k, n, cfg, num_sms=132)
+        k_tiles = -(-k // cfg.block_k)
+        assert 1 <= split <= k_tiles and per % cfg.block_k == 0
+        assert (split - 1) * per < k <= split * per, "every split has work and all of K is covered"
+    assert sm.small_m_split(4096, 4096, Cfg(split_k=12), 132) == (11, 384)  # 32 tiles in 3s: 11 splits, none empty
+    assert sm.small_m_split(256, 4096, Cfg(split_k=64), 132)[0] == 2  # capped at the K tiles
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    tensors, packed = _case(64, 16, 16, act_order=False, seed=1)
+    x = torch.randn(2, 64, device=DEVICE).half()
+    with pytest.raises(ValueError, match="unknown small-M config"):
+        sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, None, 16, "nope")
+    with pytest.raises(ValueError, match="M <= 16"):
+        sm.w4a16_small_m(torch.randn(17, 64, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales,
+                         None, 16)  # fmt: skip
+    with pytest.raises(ValueError, match="features"):
+        sm.w4a16_small_m(torch.randn(2, 32, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales,
+                         None, 16)  # fmt: skip
+    with pytest.raises(ValueError, match="out must be"):
+        sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, None, 16,
+                         out=torch.empty(2, 16, device=DEVICE, dtype=torch.float32))  # fmt: skip
+    for bad in ({"variant": "wmma"}, {"unpack": "int8"}, {"mode": "spin"}, {"block_n": 96}, {"block_k": 8},
+                {"split_k": -1}):  # fmt: skip
+        with pytest.raises(ValueError, match="SmallMConfig"):
+            Cfg(**bad)
+    assert sm.w4a16_small_m(x[:0], packed.qweight, packed.qzeros, packed.scales, None, 16).shape == (0, 16)
+
+
+def _gpu_case(k: int, n: int, gs: int, act_order: bool):
+    g = torch.Generator(device="cuda").manual_seed(k + n + gs)
+    groups = -(-k // gs)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), device="cuda", dtype=torch.int32, generator=g)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (groups, n // 8), device="cuda", dtype=torch.int32, generator=g)
+    scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.02 + 1e-3).half()
+    order = torch.randperm(k, device="cuda", generator=g) if act_order else torch.arange(k, device="cuda")
+    g_idx = (order // gs).to(torch.int32)
+    return (qweight, qzeros, scales, g_idx), wk.prepare_w4(qweight, qzeros, scales, g_idx, gs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,gs,act_order", [(4096, 4096, 128, False), (11008, 4096, 128, True),
+                                              (4096, 11008, 32, True)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_llama7b_shapes_every_candidate(k: int, n: int, gs: int, act_order: bool, dtype: torch.dtype) -> None:
+    tensors, packed = _gpu_case(k, n, gs, act_order)
+    for m in (2, 5, 16):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = gptq_dequant.gptq_linear(x.float(), tensors[0], tensors[1], tensors[2].float(), tensors[3], 4).double()
+        for name in NAMES:
+            _assert_close(_run(x, packed, name), ref, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dot_f32_n128", "dot_f32_n128_fixup"])
+def test_gpu_cuda_graph_replay_with_new_inputs(name: str) -> None:
+    tensors, packed = _gpu_case(4096, 4096, 128, act_order=True)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
+    out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
+    call = lambda: sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,  # noqa: E731
+                                    packed.group_size, name, out=out, locks=packed.locks)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):  # replays see fresh inputs: no stale workspace, semaphores reset
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = gptq_dequant.gptq_linear(x.float(), tensors[0], tensors[1], tensors[2].float(), tensors[3], 4)
+        _assert_close(out, ref.double(), TOL[torch.float16])
+    assert int(packed.locks.abs().sum()) == 0
