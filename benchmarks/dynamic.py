@@ -199,13 +199,15 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(  # duty/threads: from the config
         eng, calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format,
-        stall_timeout=getattr(args, "stall_timeout", 300.0))))
+        stall_timeout=getattr(args, "stall_timeout", 300.0),
+        gil_switch_interval=getattr(args, "gil_switch_interval", None))))
     n = await llm._call(lambda eng: _cached_linears(eng.parts.model))
     logger.info("dequantized-weight cache %s (%d GPTQ linears)", cache, n)
     prompts = _load_prompts(args, llm)
     log: list = []
     stop = asyncio.Event()
     clients = [asyncio.create_task(_client(llm, prompts, log, stop, args.max_tokens, i)) for i in range(args.clients)]
+    await asyncio.sleep(getattr(args, "warmup_seconds", 0.0))  # captures and compiles happen here, unmeasured
     marks = {"start": time.perf_counter()}
     await asyncio.sleep(args.phase_seconds)
     marks["add"] = time.perf_counter()

@@ -29,11 +29,16 @@ Invariants:
   permutation dequantizes exactly; such a layer (``num_groups`` set) runs the
   torch dequantize path, not the W4A16 kernels.
 - Hot-swap: ``swap`` builds every new tensor first (on the layer's device,
-  dequantized cache included), then installs them with one ``dict.update`` of
-  the layer's buffer dict, and ``apply`` reads one ``dict(...)`` snapshot of it.
-  Both are single C-level operations under the GIL, so a forward sees either
-  all old or all new tensors of a linear, never a mix. Consistency *across*
-  linears of a layer is the caller's job: swap at the engine's step boundary.
+  dequantized cache and W4A16 kernel tensors included). When every one has
+  the shape, dtype and device of the buffer it replaces (always, for a
+  re-quantization with the same config), it is copied INTO that buffer: the
+  storage stays, so CUDA graphs captured on the layer stay valid and need no
+  re-capture (``method.version`` does not change). Otherwise the buffers are
+  replaced with one ``dict.update`` (``apply`` reads one ``dict(...)`` snapshot
+  of it) and ``version`` is bumped. Either way the caller swaps at the
+  engine's step boundary, on the thread (and CUDA stream) that runs the
+  forwards, so a forward sees a layer all old or all new; the copies are
+  stream-ordered before the next forward's kernels.
 """
 
 from __future__ import annotations
@@ -167,8 +172,26 @@ def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch
         old = layer._buffers.get("dq_weight")
         new["dq_weight"] = method.dequantized(new, dtype or (old.dtype if old is not None else torch.float32))
     new.update(method.kernel_tensors(new))  # re-prepare the W4A16 kernel tensors (CUDA, 4-bit), same atomic update
-    _install(layer, new)
-    method.version += 1
+    if not _copy_in_place(layer, new):
+        _install(layer, new)
+        method.version += 1  # new storage: captured graphs read the old one
+
+
+def _copy_in_place(layer: ParallelLinear, tensors: Mapping[str, Any]) -> bool:
+    """Copy ``tensors`` into ``layer``'s buffers of the same names if every one matches (shape, dtype, device);
+    False, with nothing changed, if any does not (or one side is None where the other is not)."""
+    pairs = []
+    for key, t in tensors.items():
+        cur = layer._buffers.get(key)
+        if t is None and cur is None:
+            continue
+        if t is None or cur is None or t.shape != cur.shape or t.dtype != cur.dtype or t.device != cur.device:
+            return False
+        pairs.append((cur, t))
+    with torch.no_grad():
+        for cur, t in pairs:
+            cur.copy_(t)
+    return True
 
 
 def replace_linears(model: LlamaForCausalLM, method: GPTQLinearMethod, device: torch.device | None,

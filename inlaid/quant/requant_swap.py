@@ -59,9 +59,12 @@ class LocalSwapTarget:
                     raise RequantError(f"layer {idx} {rel}.{key}: shape {tuple(t.shape)} does not fit")
 
     def snapshot(self, idx: int) -> Packed:
-        """The packed tensors layer ``idx`` serves now (references, kept for a rollback)."""
+        """Host copies of the packed tensors layer ``idx`` serves now, kept for a rollback. Copies, because
+        ``install`` overwrites the served buffers in place (``inlaid.quant.linear.swap``); on the host, so a job
+        does not hold a second packed model on the GPU."""
         keys = ("qweight", "qzeros", "scales", "g_idx")
-        return {rel: {k: lin._buffers[k] for k in keys} for rel, lin in _linears(self.model, idx).items()}
+        return {rel: {k: lin._buffers[k].to("cpu", copy=True) for k in keys}
+                for rel, lin in _linears(self.model, idx).items()}  # fmt: skip
 
     def install(self, idx: int, packed: Packed) -> None:
         for rel, lin in _linears(self.model, idx).items():

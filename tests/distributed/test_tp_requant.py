@@ -75,7 +75,8 @@ def _add_c(setup, tp: int) -> dict:
     ckpt = setup["root"] / f"tp{tp}"
     shutil.copytree(setup["ab"], ckpt)
     llm = LLM(model=str(ckpt), adapters={n: setup["ads"][n] for n in "ab"}, tensor_parallel_size=tp, **OPTS)
-    before = _served(llm)
+    before = {i: {rel: {k: t.clone() for k, t in d.items() if t is not None} for rel, d in layer.items()}
+              for i, layer in _served(llm).items()}  # copies: swaps write into the served buffers
     llm.add_adapter("c", setup["ads"]["c"], calibration=str(setup["calib"]["c"]))
     status = llm.wait_requant("c", timeout=120)
     seen = _record_logits(llm)

@@ -57,7 +57,8 @@ def _llm(ckpt, setup, names="ab") -> LLM:
 
 def test_added_task_is_bit_identical_to_quantizing_all_tasks_from_scratch(setup, ckpt):
     llm = _llm(ckpt, setup)
-    before = _served(llm)
+    before = {k: t.clone() for k, t in _served(llm).items()}
+    ptrs = {k: t.data_ptr() for k, t in _served(llm).items()}
     llm.add_adapter("c", setup["ads"]["c"], calibration=str(setup["calib"]["c"]))
     status = llm.wait_requant("c", timeout=120)
     assert status["quantization"] == "done", status
@@ -67,6 +68,8 @@ def test_added_task_is_bit_identical_to_quantizing_all_tasks_from_scratch(setup,
     for key, t in served.items():
         assert torch.equal(t, want[key]), key
     assert any(not torch.equal(before[k], served[k]) for k in served if k.endswith("qweight"))
+    # copied into the served buffers (same storage: captured CUDA graphs stay valid), not re-allocated
+    assert {k: t.data_ptr() for k, t in served.items()} == ptrs
     # the stored checkpoint is the from-scratch one, tensor for tensor, and records its tasks
     stored = load_file(str(ckpt / "model.safetensors"))
     assert set(stored) == set(want)
@@ -87,10 +90,10 @@ def test_added_task_is_bit_identical_to_quantizing_all_tasks_from_scratch(setup,
 def test_forwards_during_requant_see_each_layer_all_old_or_all_new(setup, ckpt):
     llm = _llm(ckpt, setup)
     model = llm.engine.parts.model
-    old = {i: _layer_ptrs(model, i) for i in range(2)}
+    old = {i: _layer_state(model, i) for i in range(2)}
     seen: list[tuple[int, tuple]] = []
     hooks = [model.model.layers[i].register_forward_pre_hook(
-        lambda mod, args, i=i: seen.append((i, _layer_ptrs(model, i)))) for i in range(2)]  # fmt: skip
+        lambda mod, args, i=i: seen.append((i, _layer_state(model, i)))) for i in range(2)]  # fmt: skip
     llm.add_adapter("c", setup["ads"]["c"], calibration=str(setup["calib"]["c"]))
     params = SamplingParams(max_tokens=3, temperature=0.0)
     rq = llm.engine.requantizer
@@ -103,16 +106,17 @@ def test_forwards_during_requant_see_each_layer_all_old_or_all_new(setup, ckpt):
     llm.generate(["Hello world"], params, adapter="c")
     for h in hooks:
         h.remove()
-    new = {i: _layer_ptrs(model, i) for i in range(2)}
+    new = {i: _layer_state(model, i) for i in range(2)}
     assert all(old[i] != new[i] for i in range(2))
     for i, ptrs in seen:
         assert ptrs in (old[i], new[i]), f"layer {i}: a forward saw a mix of old and new linears"
     assert any(p == new[i] for i, p in seen) and any(p == old[i] for i, p in seen)
 
 
-def _layer_ptrs(model, i):
+def _layer_state(model, i):
+    """What layer ``i`` holds now, per linear and tensor (contents: swaps copy into the same storage)."""
     layer = model.model.layers[i]
-    return tuple(layer.get_submodule(rel)._buffers[k].data_ptr() for rel in PROJECTIONS for k in KEYS)
+    return tuple(hash(layer.get_submodule(rel)._buffers[k].numpy().tobytes()) for rel in PROJECTIONS for k in KEYS)
 
 
 @pytest.mark.parametrize("where", ["quantize", "persist"])

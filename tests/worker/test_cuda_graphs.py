@@ -150,7 +150,7 @@ def test_a_held_capture_lock_runs_the_step_eagerly_and_captures_later(tiny_llama
     assert graphs is not None
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     with graphs.capture_lock:
-        held = llm.generate(["Hello world"], params)[0].outputs[0].token_ids
+        held = llm.generate(["Hello world"], params)[0].token_ids
     assert graphs.eager_fallbacks > 0 and not graphs.graphs
-    free = llm.generate(["Hello world"], params)[0].outputs[0].token_ids
+    free = llm.generate(["Hello world"], params)[0].token_ids
     assert graphs.graphs and list(held) == list(free)
