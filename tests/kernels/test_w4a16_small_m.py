@@ -96,6 +96,7 @@ def test_every_candidate_matches_reference(name: str, mi: int) -> None:
         (Cfg("dot", "h16", 32, 16, split_k=4, mode="fixup"), 128, 32, 16, torch.bfloat16),  # smallest K tile
         (Cfg("fma", "h16", 16, 32, split_k=2, mode="reduce"), 192, -1, 6, torch.float16),  # one group per column
         (Cfg("fma", "f32", 32, 128, split_k=2), 256, 64, 1, torch.bfloat16),  # M = 1 works too
+        (Cfg("fma", "f32", 32, 128, split_k=3, mode="fixup"), 576, 128, 5, torch.float16),  # fma, partial K tile
         (Cfg("dot", "h16", 32, 64, split_k=2), 128, 64, 3, torch.float32),  # fp32 x (TF32 dots on a GPU)
     ],
 )
