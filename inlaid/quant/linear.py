@@ -82,7 +82,8 @@ class GPTQLinearMethod:
             raise ValueError(f"GPTQ group_size must be -1 or positive, got {group_size}")
         self.bits, self.group_size, self.cache_dequantized = bits, group_size, cache_dequantized
         self.version = 0
-        """Bumped by ``swap``: CUDA graphs captured over this layer's old tensors must be re-captured."""
+        """Bumped by ``swap`` when it had to allocate new tensors (an in-place swap keeps it): CUDA graphs captured
+        over the old storage must then be re-captured."""
 
     def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """Buffer shapes for a ``[out, in]`` linear; ValueError if the layout cannot pack it."""

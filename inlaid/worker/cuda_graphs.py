@@ -18,9 +18,10 @@ Invariants:
   ``max_seq_len = max_blocks * block_size`` (its split count depends only on
   that bound), so no shape depends on the step's data.
 - Graphs are keyed by (size, LoRA active, weights version): capturing while no
-  adapter is loaded skips every LoRA launch, and a GPTQ layer hot-swap
-  (``GPTQLinearMethod.version``) gives the linears new tensors, so old graphs
-  are dropped and re-captured.
+  adapter is loaded skips every LoRA launch. A GPTQ hot-swap copies into the
+  linears' buffers (same storage), so the graphs stay valid; only a swap that
+  must allocate new tensors bumps ``GPTQLinearMethod.version``, and then the
+  old graphs are dropped and re-captured.
 - Capture runs the forward once eagerly on the padded static batch first
   (Triton compiles, lazy one-time preparations happen outside the graph).
 - Capture vs. other threads (the re-quantization worker issues CUDA work from
