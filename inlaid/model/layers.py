@@ -22,6 +22,10 @@ Invariants:
   vocab rows, then one all-reduce.
 - The MLP here has no LoRA awareness; ``llama.py`` calls the LoRA hook after
   each projection.
+- RMSNorm, SwiGLU's ``silu(gate) * up`` and RoPE (+ KV write, in ``llama.py``) run fused Triton kernels
+  (``inlaid.kernels.rms_norm`` / ``silu_mul`` / ``rotary_kv``) on CUDA fp16/bf16 tensors and their torch
+  references otherwise; the references are this module's previous code, so CPU and fp32 numerics are
+  unchanged. ``apply_rotary``/``rotate_half`` are the reference RoPE, re-exported from ``rotary_kv``.
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ import torch
 from torch import nn
 
 from inlaid.distributed.context import TPContext
+from inlaid.kernels.rms_norm import rms_norm
+from inlaid.kernels.rotary_kv import apply_rotary_ref as apply_rotary  # noqa: F401 (the model's RoPE, re-exported)
+from inlaid.kernels.rotary_kv import rotate_half  # noqa: F401 (re-exported)
+from inlaid.kernels.silu_mul import silu_mul
 from inlaid.model.arch import RopeScaling
 
 ParallelRole = Literal["column", "row"]
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32."""
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (HF Llama's rounding)."""
 
     def __init__(self, hidden_size: int, eps: float, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -47,11 +55,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` (the pre-norm layer's add, fused).
+
+        The Triton kernel on CUDA fp16/bf16, the torch reference otherwise (``inlaid.kernels.rms_norm``).
+        """
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -80,11 +90,6 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Precomputed fp32 cos/sin tables [max_positions, head_dim]; applied per token position."""
 
@@ -108,11 +113,6 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos_cache[positions].to(dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(dtype).unsqueeze(1)
         return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] with cos/sin [T, 1, D] (HF's rotate_half convention)."""
-    return x * cos + rotate_half(x) * sin
 
 
 class LinearMethod(Protocol):
@@ -186,7 +186,7 @@ class GatedMLP(nn.Module):
         self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class VocabParallelEmbedding(nn.Embedding):

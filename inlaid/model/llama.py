@@ -22,6 +22,11 @@ Invariants:
   and one all-gather of the logits (every rank gets the full fp32 logits).
   ``load_weights`` accepts full (unsharded) tensors and slices them, or
   tensors already sliced by the loader.
+- The residual stream is carried as ``(h, residual)`` between layers (vLLM's form): each residual add is
+  fused into the following RMSNorm (``inlaid.kernels.rms_norm``), the last one into ``model.norm``.
+  ``DecoderLayer`` called plainly (calibration) still maps a hidden state to the next one. On CUDA
+  fp16/bf16 the norms, SwiGLU's ``silu * up`` and RoPE + KV write are fused Triton kernels; CPU and fp32
+  run the torch references (the previous code, same bits).
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
   (``inlaid.kernels.paged_attention_triton``); the decode forward then has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
@@ -38,11 +43,13 @@ import torch
 from torch import nn
 
 from inlaid.kernels import paged_attention_triton as pat
+from inlaid.kernels import rotary_kv
 from inlaid.kernels.paged_attention import attention_layout, paged_attention, write_kv
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
+from inlaid.kernels.silu_mul import silu_mul
 from inlaid.model.layers import (GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding,
                                  apply_rotary)
 from inlaid.model.lora_hook import LoRAHook
@@ -99,8 +106,11 @@ class Attention(nn.Module):
         q = _project(self, "q_proj", self.layer_idx, x, batch, hook).view(t, self.num_heads, self.head_dim)
         k = _project(self, "k_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
         v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(k, v, kv_cache, batch.slot_mapping)
+        if rotary_kv.fused_ok(q, kv_cache):  # one kernel: RoPE on q and k, k_rot and v into the cache
+            q, k = rotary_kv.rotary_and_write_kv_triton(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            write_kv(k, v, kv_cache, batch.slot_mapping)
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
             attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
                                               self.scale, sliding_window=self.sliding_window)
@@ -125,15 +135,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch, hook)
-        h = self.post_attention_layernorm(x)
+                batch: ForwardBatch, hook: LoRAHook | None, residual: torch.Tensor | None = None,
+                return_residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One pre-norm layer. Plain call: ``x`` is the hidden state, returns the next one.
+
+        Fused residual (``LlamaModel``): ``x + residual`` is the hidden state (``residual`` None: ``x`` alone);
+        with ``return_residual`` it returns ``(mlp_out, residual)`` whose sum is the next hidden state, so
+        each residual add happens inside the next RMSNorm kernel. Both give the same bits.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, batch, hook)
+        h, residual = self.post_attention_layernorm(h, residual)
+        out = self._mlp(h, batch, hook)
+        return (out, residual) if return_residual else residual + out
+
+    def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
         if hook is None:
-            return x + self.mlp(h)
+            return self.mlp(h)
         gate = _project(self.mlp, "gate_proj", self.layer_idx, h, batch, hook)
         up = _project(self.mlp, "up_proj", self.layer_idx, h, batch, hook)
-        inner = nn.functional.silu(gate) * up
-        return x + _project(self.mlp, "down_proj", self.layer_idx, inner, batch, hook)
+        return _project(self.mlp, "down_proj", self.layer_idx, silu_mul(gate, up), batch, hook)
 
 
 class LlamaModel(nn.Module):
@@ -156,9 +180,10 @@ class LlamaModel(nn.Module):
             raise ValueError(f"need one KV cache per layer ({len(self.layers)}), got {len(kv_caches)}")
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb.cos_sin(batch.positions, x.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, batch, hook)
-        return self.norm(x)
+            x, residual = layer(x, cos, sin, kv_cache, batch, hook, residual, return_residual=True)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
