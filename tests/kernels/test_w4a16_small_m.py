@@ -10,6 +10,9 @@ M in {2, 3, 5, 16}; across the configs each M meets fp16 and bf16, group 32 and 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import time
 
 import pytest
 import torch
@@ -187,3 +190,52 @@ def test_gpu_cuda_graph_replay_with_new_inputs(name: str) -> None:
         ref = gptq_dequant.gptq_linear(x.float(), tensors[0], tensors[1], tensors[2].float(), tensors[3], 4)
         _assert_close(out, ref.double(), TOL[torch.float16])
     assert int(packed.locks.abs().sum()) == 0
+
+
+def _load_bench():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "small_m_bench.py"
+    spec = importlib.util.spec_from_file_location("small_m_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_quick_path_checks_every_named_candidate(tmp_path) -> None:
+    smb = _load_bench()
+    names = ["dot_f32_n128_fixup", "fma_f32_n128"]
+    rc = smb.main(["--out", str(tmp_path / "sm"), "--device", DEVICE, "--quick", "--configs", ",".join(names)])
+    data = json.loads((tmp_path / "sm.json").read_text())
+    assert rc == 0 and set(data["configs"]) == set(names)
+    checks = [r for r in data["rows"] if r["event"] == "check"]
+    assert len(checks) == len(smb.QUICK_SHAPES) * 5 * len(names) and all(r["err"] < 1e-2 for r in checks)
+    assert "| 576x48 | 16 | fma_f32_n128 | check |" in (tmp_path / "sm.md").read_text()
+
+
+def test_bench_timing_path_plumbing_with_a_wall_clock(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA section end to end on tiny shapes, a host timer standing in for CUDA-graph replay (numbers
+    meaningless; what is checked: every (shape, M, impl) row is produced, checked, and lands in the page)."""
+    smb = _load_bench()
+    monkeypatch.setattr(smb, "SHAPES", [(256, 64)])
+    monkeypatch.setattr(smb, "MS", (2, 32))
+    monkeypatch.setattr(smb, "l2_bytes", lambda torch: 1)
+    monkeypatch.setattr(smb, "graph_time", lambda torch, call, copies: _wall_us(call, copies))
+    args = smb.parse_args(["--out", str(tmp_path / "x"), "--device", "cpu", "--quick", "--configs",
+                           "dot_h16_n64,dot_f32_n128"])  # fmt: skip
+    b = smb.Bench(args)
+    b.dev = DEVICE
+    smb.run_cuda(b)
+    timed = {(r["m"], r["impl"]) for r in b.rows if r["event"] == "time"}
+    assert timed == {(2, "cublas_fp16"), (2, "installed"), (2, "dot_h16_n64"), (2, "dot_f32_n128"),
+                     (32, "cublas_fp16"), (32, "installed")}  # fmt: skip
+    args.quick = False
+    page = smb.to_markdown(b, {"device": "test", "torch": "-", "triton": "-", "command": "-", "peak_tbps": 4.8}, 1.0)
+    assert "| 256x64 | 2 | dot_h16_n64 |" in page and "## Best per shape and M" in page
+
+
+def _wall_us(call, copies) -> float:
+    t = time.perf_counter()
+    for c in copies:
+        call(c)
+    return (time.perf_counter() - t) * 1e6 / len(copies)
