@@ -308,3 +308,23 @@ def test_gpu_fused_model_matches_reference_and_captures(monkeypatch: pytest.Monk
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, rn.rms_norm(x, w, 1e-5, x)[0])
+
+
+def test_bench_script_cpu_smoke(tmp_path) -> None:
+    """benchmarks/fused_ops_bench.py --device cpu --quick writes its two files and finds every op exact here."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    if HAS_CUDA:
+        pytest.skip("the CPU smoke path; the lead runs the script on the GPU")
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fused_ops_bench.py"
+    spec = importlib.util.spec_from_file_location("fused_ops_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "f")]) == 0
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert {r["op"] for r in data["rows"]} == {"rms_norm+residual", "silu_mul", "rotary+write_kv"}
+    for r in data["rows"]:  # the same bounds as the tests above
+        assert all(v["max_ulp"] <= 2 for v in r["check"].values()), r
+    assert "Exactness" in (tmp_path / "f.md").read_text()
