@@ -41,7 +41,11 @@ Design:
 
 ``SMALL_M_CONFIGS`` holds the candidate configurations a device run compares
 (``benchmarks/small_m_bench.py``); the dispatcher (``w4a16_gemm.w4a16_linear``)
-does not call this module yet.
+does not call this module yet. No GPU timing exists yet. Compile-time evidence
+only (triton 3.9 on the CPU box, sm_90, fp16, group 128, ptxas 12.8 -v): the
+dot candidates use 80-213 registers with no spills and lower ``tl.dot`` to
+``mma.sync`` (M = 16 is below wgmma's tile); the fma variant at BLOCK_M = 4
+spilled at 128 columns (255 registers) and fits in 128 registers at 64.
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ SMALL_M_CONFIGS: MappingProxyType = MappingProxyType({
     "dot_h16_n128": SmallMConfig("dot", "h16", 128, 128, 4, 0, 4, 2, "atomic"),
     "dot_h16_n64": SmallMConfig("dot", "h16", 64, 128, 4, 0, 4, 2, "atomic"),
     "dot_h16_n256_w8": SmallMConfig("dot", "h16", 256, 128, 4, 0, 8, 2, "atomic"),
-    "fma_f32_n128": SmallMConfig("fma", "f32", 128, 64, 4, 0, 4, 2, "atomic"),
+    "fma_f32_n64": SmallMConfig("fma", "f32", 64, 64, 4, 0, 4, 2, "atomic"),
 })  # fmt: skip
 """Candidate configurations (name -> config), compared on the device by ``benchmarks/small_m_bench.py``."""
 

@@ -204,13 +204,13 @@ def _load_bench():
 
 def test_bench_quick_path_checks_every_named_candidate(tmp_path) -> None:
     smb = _load_bench()
-    names = ["dot_f32_n128_fixup", "fma_f32_n128"]
+    names = ["dot_f32_n128_fixup", "fma_f32_n64"]
     rc = smb.main(["--out", str(tmp_path / "sm"), "--device", DEVICE, "--quick", "--configs", ",".join(names)])
     data = json.loads((tmp_path / "sm.json").read_text())
     assert rc == 0 and set(data["configs"]) == set(names)
     checks = [r for r in data["rows"] if r["event"] == "check"]
     assert len(checks) == len(smb.QUICK_SHAPES) * 5 * len(names) and all(r["err"] < 1e-2 for r in checks)
-    assert "| 576x48 | 16 | fma_f32_n128 | check |" in (tmp_path / "sm.md").read_text()
+    assert "| 576x48 | 16 | fma_f32_n64 | check |" in (tmp_path / "sm.md").read_text()
 
 
 def test_bench_timing_path_plumbing_with_a_wall_clock(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
