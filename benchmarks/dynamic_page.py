@@ -144,7 +144,11 @@ def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
               f"Throughput dip during the addition: **{_pct(ph['during']['tok_per_s'], ph['before']['tok_per_s'])}**"
               f" (paper: -10 to -13%). Before vs after, same base size and load, no re-quantization running: "
               f"{_pct(ph['after']['tok_per_s'], ph['before']['tok_per_s'])} tokens/s, p50 "
-              f"{_pct(ph['after']['p50'], ph['before']['p50'])}: the noise floor of this machine.", ""]
+              f"{_pct(ph['after']['p50'], ph['before']['p50'])}: the noise floor of this machine. "
+              f"Against the mean of before and after (a drifting machine's baseline at mid-run): tokens/s "
+              f"**{_pct(ph['during']['tok_per_s'], (ph['before']['tok_per_s'] + ph['after']['tok_per_s']) / 2)}**, "
+              f"p50 {_pct(ph['during']['p50'], (ph['before']['p50'] + ph['after']['p50']) / 2)}, "
+              f"p99 {_pct(ph['during']['p99'], (ph['before']['p99'] + ph['after']['p99']) / 2)}.", ""]
     return lines
 
 
