@@ -49,28 +49,9 @@ def shapes(quick: bool) -> dict:
 
 def graph_us(fn: Callable[[], object], calls: int, reps: int = 5) -> float:
     """GPU us per call: a CUDA graph of ``calls`` calls, replayed ``reps`` times, best replay / calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1000 / calls)
-    return best
+    from inlaid.bench.graph_timing import graph_time_us
+
+    return graph_time_us([fn] * calls, reps, warmup=3)
 
 
 def wall_us(fn: Callable[[], object], reps: int = 3) -> float:

@@ -18,6 +18,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 from inlaid.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
@@ -47,29 +48,8 @@ def random_w4(k, n):
 
 
 def graph_time(call, copies, reps=5):
-    """us per call: a CUDA graph of one call per weight copy, replayed `reps` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in copies:
-            call(c)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in copies:
-            call(c)
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1000 / len(copies))
-    return best
+    """us per call: a CUDA graph of one call per weight copy (``inlaid.bench.graph_timing``)."""
+    return graph_time_us([lambda c=c: call(c) for c in copies], reps)
 
 
 def rel_err(y, ref):
