@@ -40,7 +40,7 @@ from .w4_layout import (
     unpack4_rows,
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
-from .w4a16_small_m import SMALL_M_CONFIGS, SMALL_M_MAX, w4a16_small_m
+from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -206,10 +206,6 @@ def w4a16_gemm(
     return out if acc is out else out.copy_(acc)
 
 
-SMALL_M_DEFAULT = "dot_f32_n128_s1_p8"
-"""The ``SMALL_M_CONFIGS`` entry dispatched at 2 <= M <= 16 (fastest of the eight on every 7B shape and M there)."""
-
-
 def w4a16_linear(
     x: torch.Tensor,
     packed: PackedW4,
@@ -227,10 +223,10 @@ def w4a16_linear(
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
     if kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None:
-        # unpack each weight tile once for all rows (H200: 1.00-1.13x fp16 cuBLAS at M 2..16, where the tiled
-        # GEMV was 0.70-1.01x; benchmarks/results/small_m_h200.md)
+        # each weight tile unpacked once for all rows, config SMALL_M_DEFAULT (H200: 1.00-1.13x fp16 cuBLAS at
+        # M 2..16, where the tiled GEMV was 0.70-1.01x; benchmarks/results/small_m_h200.md)
         y = w4a16_small_m(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
-                          SMALL_M_CONFIGS[SMALL_M_DEFAULT], locks=packed.locks)  # fmt: skip
+                          locks=packed.locks)
     elif kernels and 0 < m <= min(gemv_max_m, GEMV_MAX_M) and config is None:
         cfg = gemv or gemv_config(x2, m, n, k)
         y = w4a16_gemv(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,

@@ -327,23 +327,14 @@ def w4a16_gemv(
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
     (m, k), n = x.shape, qweight.shape[1]
     cfg = config or default_gemv_config(m, n, k)
-    if out is None:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
-                         f"{tuple(out.shape)}")  # fmt: skip
+    out = check_out(out, x, m, n)
     if m == 0:
         return out
     split, k_per = _split(k, cfg)
     block_m = gemv_block_m(m, cfg.use_dot)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     mode = 0 if split == 1 else _MODE_ID[cfg.mode]
-    if mode == 3:
-        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if mode else out
-    if mode == 2 and (locks is None or locks.numel() < grid[0] * grid[2]):
-        locks = torch.zeros(grid[0] * grid[2], device=x.device, dtype=torch.int32)
+    ws, locks = splitk_buffers(out, split, mode, locks, grid[0] * grid[2])
     if m == 1 and not cfg.use_dot and gs % cfg.block_k == 0:
         _w4_gemv_m1_kernel[grid[:2]](
             x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws, n, k, k_per, split, qweight.stride(0),
@@ -352,10 +343,42 @@ def w4a16_gemv(
         )
     else:
         _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)
+    finish_splitk(ws, out, split, mode)
+    return out
+
+
+def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """``out`` if it is a valid [m, n] result buffer for ``x`` (x.dtype, x.device, contiguous rows), else
+    ValueError; a new buffer when None."""
+    if out is None:
+        return torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    return out
+
+
+def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None,
+                   n_locks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for atomic
+    adds, fp32 partials [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks (>= ``n_locks``) for
+    the fixup when the caller's are missing or too short."""
+    (m, n), dev = out.shape, out.device
+    if mode == 3:
+        ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
+    else:
+        ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
+    if mode == 2 and (locks is None or locks.numel() < n_locks):
+        locks = torch.zeros(n_locks, device=dev, dtype=torch.int32)
+    return ws, locks
+
+
+def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) -> None:
+    """Sum the reduce mode's partials (or cast the atomic mode's fp32 sum) into ``out``; nothing otherwise."""
     if mode in (1, 3):
+        m, n = out.shape
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
                                                             split if mode == 1 else 1, BLOCK=1024)
-    return out
 
 
 def _launch_general(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

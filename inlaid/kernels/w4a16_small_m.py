@@ -57,13 +57,14 @@ from types import MappingProxyType
 import torch
 
 from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
-from .w4a16_gemv import check_kernel_inputs
+from .w4a16_gemv import _MODE_ID, MODES, _pow2, check_kernel_inputs, check_out, finish_splitk, splitk_buffers
 
 if HAS_TRITON:
-    from .w4a16_gemv import _epilogue, _splitk_reduce_kernel
+    from .w4a16_gemv import _epilogue
 
 __all__ = [
     "SMALL_M_CONFIGS",
+    "SMALL_M_DEFAULT",
     "SMALL_M_MAX",
     "SmallMConfig",
     "kernels_interpreted",
@@ -76,14 +77,8 @@ SMALL_M_MAX = 16
 """Largest M one program serves (the dot variant pads M to 16)."""
 VARIANTS = ("dot", "fma")
 UNPACKS = ("f32", "h16")
-MODES = ("atomic", "fixup", "reduce")
-_MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3}
 _H16_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 """16-bit patterns of 1024 (fp16) and 128 (bf16): OR-ing a 4-bit code into the mantissa adds it exactly."""
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +123,9 @@ SMALL_M_CONFIGS: MappingProxyType = MappingProxyType({
     "fma_f32_n64": SmallMConfig("fma", "f32", 64, 64, 4, 0, 4, 2, "atomic"),
 })  # fmt: skip
 """Candidate configurations (name -> config), compared on the device by ``benchmarks/small_m_bench.py``."""
+SMALL_M_DEFAULT = "dot_f32_n128_s1_p8"
+"""The config used when none is given, and by ``w4a16_linear`` at 2 <= M <= 16: the fastest candidate on every
+7B shape and M in ``benchmarks/results/small_m_h200.md`` (1.00-1.13x fp16 cuBLAS on the H200)."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,15 +240,6 @@ if HAS_TRITON:
         return acc
 
 
-def _check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    if out is None:
-        return torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
-    return out
-
-
 def w4a16_small_m(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -264,7 +253,7 @@ def w4a16_small_m(
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N]`` for 1 <= M <= 16 on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
 
-    ``config``: a ``SmallMConfig``, a name of ``SMALL_M_CONFIGS``, or None (``"dot_f32_n128"``). ``perm``:
+    ``config``: a ``SmallMConfig``, a name of ``SMALL_M_CONFIGS``, or None (``SMALL_M_DEFAULT``). ``perm``:
     act-order permutation of ``prepare_w4`` (or None). ``out`` (optional, [M, N] x.dtype, rows contiguous) is
     fully overwritten and returned. ``locks`` (zeroed int32, >= cdiv(N, block_n) entries, e.g.
     ``PackedW4.locks``) serves the "fixup" mode and is left zeroed; without it one is allocated per call.
@@ -275,19 +264,14 @@ def w4a16_small_m(
         raise ValueError(f"w4a16_small_m serves M <= {SMALL_M_MAX} rows, got {x.shape[0]}; use w4a16_linear")
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
     (m, k), n = x.shape, qweight.shape[1]
-    out = _check_out(out, x, m, n)
+    out = check_out(out, x, m, n)
     if m == 0:
         return out
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     split, k_per = small_m_split(k, n, cfg, sms)
     n_tiles = triton.cdiv(n, cfg.block_n)
     mode = 0 if split == 1 else _MODE_ID[cfg.mode]
-    if mode == 3:
-        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if mode else out
-    if mode == 2 and (locks is None or locks.numel() < n_tiles):
-        locks = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
+    ws, locks = splitk_buffers(out, split, mode, locks, n_tiles)
     use_dot = cfg.variant == "dot"
     block_m = 16 if use_dot else 1 << max(0, (m - 1).bit_length())
     h16 = cfg.unpack == "h16" and x.dtype != torch.float32
@@ -299,15 +283,13 @@ def w4a16_small_m(
         SCALE_AFTER=use_dot and not h16 and gs % cfg.block_k == 0,
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
-    if mode in (1, 3):
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
-                                                            split if mode == 1 else 1, BLOCK=1024)
+    finish_splitk(ws, out, split, mode)
     return out
 
 
 def _resolve(config: SmallMConfig | str | None) -> SmallMConfig:
     if config is None:
-        return SMALL_M_CONFIGS["dot_f32_n128"]
+        return SMALL_M_CONFIGS[SMALL_M_DEFAULT]
     if isinstance(config, str):
         if config not in SMALL_M_CONFIGS:
             raise ValueError(f"unknown small-M config {config!r}; known: {sorted(SMALL_M_CONFIGS)}")
