@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import inlaid.model.layers as layers  # noqa: E402
+from inlaid.kernels import rotary_kv  # noqa: E402
 import inlaid.model.llama as llama  # noqa: E402
 from decode_baseline import build_engine  # noqa: E402
 from inlaid.sampling import SamplingParams  # noqa: E402
 
-REGIONS = ((layers.RMSNorm, "forward", "rmsnorm"), (llama, "apply_rotary", "rotary"), (llama, "write_kv", "write_kv"),
+REGIONS = ((layers.RMSNorm, "forward", "rmsnorm"), (rotary_kv, "apply_rotary_ref", "rotary"),
+           (rotary_kv, "write_kv", "write_kv"),
            (llama, "paged_attention", "paged_attention"), (llama, "_project", "projection (incl. LoRA)"))
 
 

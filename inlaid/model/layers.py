@@ -22,10 +22,10 @@ Invariants:
   vocab rows, then one all-reduce.
 - The MLP here has no LoRA awareness; ``llama.py`` calls the LoRA hook after
   each projection.
-- RMSNorm, SwiGLU's ``silu(gate) * up`` and RoPE (+ KV write, in ``llama.py``) run fused Triton kernels
+- RMSNorm, SwiGLU's ``silu(gate) * up`` and RoPE (+ KV write, called from ``llama.py``) run fused Triton kernels
   (``inlaid.kernels.rms_norm`` / ``silu_mul`` / ``rotary_kv``) on CUDA fp16/bf16 tensors and their torch
   references otherwise; the references are this module's previous code, so CPU and fp32 numerics are
-  unchanged. ``apply_rotary``/``rotate_half`` are the reference RoPE, re-exported from ``rotary_kv``.
+  unchanged.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from torch import nn
 
 from inlaid.distributed.context import TPContext
 from inlaid.kernels.rms_norm import rms_norm
-from inlaid.kernels.rotary_kv import apply_rotary_ref as apply_rotary  # noqa: F401 (the model's RoPE, re-exported)
-from inlaid.kernels.rotary_kv import rotate_half  # noqa: F401 (re-exported)
 from inlaid.kernels.silu_mul import silu_mul
 from inlaid.model.arch import RopeScaling
 

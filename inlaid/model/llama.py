@@ -44,14 +44,13 @@ from torch import nn
 
 from inlaid.kernels import paged_attention_triton as pat
 from inlaid.kernels import rotary_kv
-from inlaid.kernels.paged_attention import attention_layout, paged_attention, write_kv
+from inlaid.kernels.paged_attention import attention_layout, paged_attention
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
 from inlaid.kernels.silu_mul import silu_mul
-from inlaid.model.layers import (GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding,
-                                 apply_rotary)
+from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from inlaid.model.lora_hook import LoRAHook
 
 logger = logging.getLogger(__name__)
@@ -106,11 +105,8 @@ class Attention(nn.Module):
         q = _project(self, "q_proj", self.layer_idx, x, batch, hook).view(t, self.num_heads, self.head_dim)
         k = _project(self, "k_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
         v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
-        if rotary_kv.fused_ok(q, kv_cache):  # one kernel: RoPE on q and k, k_rot and v into the cache
-            q, k = rotary_kv.rotary_and_write_kv_triton(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            write_kv(k, v, kv_cache, batch.slot_mapping)
+        # RoPE on q and k, k_rot and v into the cache (one kernel on CUDA fp16/bf16, the torch reference otherwise)
+        q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
             attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
                                               self.scale, sliding_window=self.sliding_window)
