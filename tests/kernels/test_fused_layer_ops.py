@@ -10,28 +10,12 @@ that the fused residual stream gives the same bits as the plain layer call.
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
-from triton_setup import DEVICE, HAS_CUDA  # skips the module without triton
+from triton_setup import DEVICE, HAS_CUDA, kernel_module  # skips the module without triton
 
-_MODS = ("rms_norm", "silu_mul", "rotary_kv")  # dependency order
-
-
-def _load() -> dict[str, object]:
-    """The three kernel modules, reloaded if their kernels were built before the interpreter was switched on."""
-    mods = {n: importlib.import_module(f"inlaid.kernels.{n}") for n in _MODS}
-    if not HAS_CUDA and type(mods["rms_norm"]._rms_norm_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(importlib.import_module("inlaid.kernels._triton"))
-        mods = {n: importlib.reload(sys.modules[f"inlaid.kernels.{n}"]) for n in _MODS}
-    return mods
-
-
-K = _load()
-rn, sm, rk = K["rms_norm"], K["silu_mul"], K["rotary_kv"]
+rn, sm, rk = kernel_module("rms_norm"), kernel_module("silu_mul"), kernel_module("rotary_kv")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp16/bf16: one ulp at the intermediate rounding (normed x, silu(gate)), which the following product with the
 # weight / up can spread to two ulp of the output; fp32: a few ulp of the fp32 statistics / exp.

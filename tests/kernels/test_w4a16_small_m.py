@@ -9,7 +9,6 @@ M in {2, 3, 5, 16}; across the configs each M meets fp16 and bf16, group 32 and 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import time
@@ -17,28 +16,17 @@ import time
 import pytest
 import torch
 
-from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module  # skips the module without triton
+from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module, pack_nibbles  # skips the module without triton
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")  # (re)loads the shared kernel modules under the interpreter first
 sm = kernel_module("w4a16_small_m")
-if not HAS_CUDA and not sm.kernels_interpreted():  # imported before the interpreter was switched on
-    sm = importlib.reload(sm)
 Cfg = sm.SmallMConfig
 NAMES = sorted(sm.SMALL_M_CONFIGS)
 # (dtype, group_size, act_order) combos, rotated over the configs so that every M meets each of them.
 COMBOS = [(torch.float16, 32, True), (torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
           (torch.float16, 128, True)]  # fmt: skip
 MS = (2, 3, 5, 16)
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Pack int codes [8R, C] along dim 0: row 8r+j at bits 4j..4j+3 of word r (plain loop)."""
-    rows, cols = codes.shape
-    words = torch.zeros(rows // 8, cols, dtype=torch.int64)
-    for r in range(rows):
-        words[r // 8] |= codes[r].to(torch.int64) << (4 * (r % 8))
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
@@ -50,8 +38,8 @@ def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
     zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
     scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
     g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
-    qweight = _pack_nibbles(codes)
-    qzeros = _pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
+    qweight = pack_nibbles(codes)
+    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
     tensors = [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx)]
     packed = wk.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
     return tensors, packed

@@ -13,20 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_setup import DEVICE, kernel_module  # skips the module without triton
+from triton_setup import DEVICE, kernel_module, pack_nibbles  # skips the module without triton
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")
 Gemv = wk.GemvConfig
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Pack int codes [8R, C] along dim 0: row 8r+j at bits 4j..4j+3 of word r (plain loop)."""
-    rows, cols = codes.shape
-    words = torch.zeros(rows // 8, cols, dtype=torch.int64)
-    for r in range(rows):
-        words[r // 8] |= codes[r].to(torch.int64) << (4 * (r % 8))
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
@@ -38,8 +29,8 @@ def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
     zeros = torch.randint(1, 16, (groups, n), generator=g)
     scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
     g_idx = (torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff
-    qweight = _pack_nibbles(codes)
-    qzeros = _pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
+    qweight = pack_nibbles(codes)
+    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
     return [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx.to(torch.int32))]
 
 

@@ -26,8 +26,9 @@ if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
-_KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_gemm", "lora_sgmv_triton",
-                   "lora_segment_triton", "paged_attention_triton")  # dependency order: a reload must see reloaded dependencies
+_KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_small_m", "w4a16_gemm", "lora_sgmv_triton",
+                   "lora_segment_triton", "paged_attention_triton", "rms_norm", "silu_mul",
+                   "rotary_kv")  # dependency order: a reload must see reloaded dependencies
 
 
 def kernel_module(name: str) -> ModuleType:
@@ -40,3 +41,13 @@ def kernel_module(name: str) -> ModuleType:
                 importlib.reload(sys.modules[f"inlaid.kernels.{dep}"])
         mod = importlib.import_module(f"inlaid.kernels.{name}")
     return mod
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int codes [8R, C] along dim 0: row 8r+j at bits 4j..4j+3 of word r (plain loop, independent of the
+    package's pack helpers)."""
+    rows, cols = codes.shape
+    words = torch.zeros(rows // 8, cols, dtype=torch.int64)
+    for r in range(rows):
+        words[r // 8] |= codes[r].to(torch.int64) << (4 * (r % 8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
