@@ -199,8 +199,7 @@ async def load_test(args: argparse.Namespace, ckpt: Path, ads: dict[str, str], c
     llm = AsyncLLM.from_config(config, adapters={t: ads[t] for t in args.old if t in ads})
     await llm._call(lambda eng: setattr(eng, "requantizer", attach_requantizer(  # duty/threads: from the config
         eng, calib_dtype=torch.float16 if args.device == "cuda" else torch.float32, load_format=args.load_format,
-        stall_timeout=getattr(args, "stall_timeout", 300.0),
-        gil_switch_interval=getattr(args, "gil_switch_interval", None))))
+        stall_timeout=getattr(args, "stall_timeout", 300.0))))
     n = await llm._call(lambda eng: _cached_linears(eng.parts.model))
     logger.info("dequantized-weight cache %s (%d GPTQ linears)", cache, n)
     prompts = _load_prompts(args, llm)

@@ -138,9 +138,7 @@ def _md_load(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
               f"({load.get('straddling', '?')} of them straddled a phase boundary; each counts in the phase it started "
               f"in for latency and the phase it ended in for tokens/s). Re-quantization worker: "
               f"{args.requant_threads} thread(s), duty cycle {args.duty_cycle}"
-              + (f", GIL switch interval {args.gil_switch_interval * 1e3:g} ms while it runs"
-                 if getattr(args, "gil_switch_interval", None) else "")
-              + f"; {getattr(args, 'warmup_seconds', 0):g} s of serving before 'before' (warm-up, not counted).",
+              f"; {getattr(args, 'warmup_seconds', 0):g} s of serving before 'before' (warm-up, not counted).",
               f"Throughput dip during the addition: **{_pct(ph['during']['tok_per_s'], ph['before']['tok_per_s'])}**"
               f" (paper: -10 to -13%). Before vs after, same base size and load, no re-quantization running: "
               f"{_pct(ph['after']['tok_per_s'], ph['before']['tok_per_s'])} tokens/s, p50 "
@@ -193,9 +191,7 @@ def _demote(lines: list[str]) -> list[str]:
 
 def _section_title(args: argparse.Namespace, res: dict[str, Any]) -> str:
     model = "SmolLM2-135M-Instruct (bundled)" if args.model == "default" else Path(str(args.model)).name
-    gil = getattr(args, "gil_switch_interval", None)
-    return (f"{res.get('device', args.device)}, {model}, requant duty cycle {args.duty_cycle}"
-            + (f", GIL switch interval {gil * 1e3:g} ms" if gil else ""))
+    return f"{res.get('device', args.device)}, {model}, requant duty cycle {args.duty_cycle}"
 
 
 def merge_page(runs: list[tuple[argparse.Namespace, dict[str, Any]]], notes: str | Path | None = None) -> str:
@@ -259,8 +255,6 @@ def parse_args() -> argparse.Namespace:
                         "written with what completed, the last job status and every thread's stack in the log)")
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="the requantizer's watchdog: fail the job after this many seconds without progress")
-    p.add_argument("--gil-switch-interval", type=float, default=None,
-                   help="sys.setswitchinterval (s) while the addition runs (default: Python's 0.005, unchanged)")
     p.add_argument("--warmup-seconds", type=float, default=5.0,
                    help="load test: serve this long before the 'before' phase starts (graph captures, kernel "
                         "compiles), excluded from every phase")

@@ -60,10 +60,8 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -109,20 +107,6 @@ __all__ = ["STATES", "TASKS_KEY", "FpSource", "Packed", "RequantError", "Requant
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _switch_interval(seconds: float | None) -> Any:
-    """``sys.setswitchinterval(seconds)`` for the block (process-wide; one job runs at a time)."""
-    if seconds is None:
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
 class Requantizer:
     """FIFO background re-quantization of one GPTQ checkpoint, hot-swapping layers into ``model``.
 
@@ -131,10 +115,7 @@ class Requantizer:
     ``sleep`` pace the worker (``DutyCycle``; default: ``time.perf_counter`` and a wait on the stop event).
     ``capture_gate``: the serving engine's CUDA-graph capture lock (``CudaGraphRunner.capture_lock``), held
     while the worker issues GPU work. ``stall_timeout``: seconds without progress after which a job fails
-    (None: never); ``monotonic`` is the watchdog's clock (injectable for tests). ``gil_switch_interval``:
-    ``sys.setswitchinterval`` while a job runs (restored after; None: unchanged). The worker issues thousands of
-    small torch ops per layer, each of which gives the GIL up and must get it back from the serving threads;
-    with the default 5 ms interval each hand-back can wait that long (see ``benchmarks/dynamic.py``).
+    (None: never); ``monotonic`` is the watchdog's clock (injectable for tests).
     """
 
     def __init__(self, checkpoint: str | Path, arch: ModelArch, model: torch.nn.Module | None = None, *,
@@ -145,7 +126,7 @@ class Requantizer:
                  on_ready: Callable[[], None] | None = None, swap_target: Any = None,
                  clock: Callable[[], float] | None = None,
                  sleep: Callable[[float], object] | None = None, capture_gate: Any = None,
-                 stall_timeout: float | None = 900.0, gil_switch_interval: float | None = None,
+                 stall_timeout: float | None = 900.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._stop = threading.Event()
         self.watchdog = StallWatchdog(stall_timeout, monotonic, self._stop, self.check_stalled)
@@ -169,9 +150,6 @@ class Requantizer:
         self.device, self.calib_dtype, self.serve_dtype = torch.device(device), calib_dtype, serve_dtype
         self.source = FpSource(fp_source if fp_source is not None else self.report["model"], load_format, dummy_seed)
         self.num_threads, self.duty_cycle, self.max_batch_tokens = num_threads, duty_cycle, max_batch_tokens
-        if gil_switch_interval is not None and not gil_switch_interval > 0:
-            raise ValueError(f"gil_switch_interval must be > 0 seconds, got {gil_switch_interval}")
-        self.gil_switch_interval = gil_switch_interval
         self.on_ready = on_ready
         self.swap_target = swap_target
         """None: swap into ``model`` here; else an object with ``check(idx, packed)``, ``snapshot(idx) -> packed``
@@ -341,8 +319,7 @@ class Requantizer:
             if job is None:
                 break
             try:
-                with _switch_interval(self.gil_switch_interval):
-                    self._run_job(job)
+                self._run_job(job)
             except BaseException as exc:  # _run_job records its own failures; this is the last line of defence
                 logger.exception("requant worker: unexpected error in job %r", job.name)
                 with self._lock:
