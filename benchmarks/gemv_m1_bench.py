@@ -4,9 +4,14 @@
 
 Timing: one CUDA graph holding one call per weight copy, with enough copies (> 3x the L2) that every call
 reads its weights from DRAM, replayed 5 times, best replay / calls (launch-free, like a graphed decode step).
-Every candidate is checked against the fp32 reference first (output NaN-poisoned, rel. error < 1e-2).
+Every candidate is checked against the fp32 reference before and after its timing (output NaN-poisoned,
+rel. error < 1e-2; the "fixup"/"atomic_last" buffers must be left zeroed).
 
-    python benchmarks/gemv_m1_bench.py --out benchmarks/results/gemv_m1_h200   # GPU, ~60 s
+    python benchmarks/gemv_m1_bench.py --out benchmarks/results/gemv_m1_h200   # GPU, all shapes
+    # one process per shape (one GPU each), then one page and the tuned table's M = 1 entries:
+    python benchmarks/gemv_m1_bench.py --shapes 4096x4096 --out /tmp/a
+    python benchmarks/gemv_m1_bench.py --merge /tmp/a.json /tmp/b.json --out benchmarks/results/gemv_m1_h200 \
+        --write-table inlaid/kernels/w4a16_configs.json
 """
 import argparse
 import json
@@ -35,7 +40,8 @@ def log(**kw):
 
 
 def gemv_call(cfg: GemvConfig, x: torch.Tensor, out: torch.Tensor):  # noqa: ANN201
-    return lambda c: w4a16_gemv(x, c.qweight, c.qzeros, c.scales, c.perm, c.group_size, cfg, out=out, locks=c.locks)
+    return lambda c: w4a16_gemv(x, c.qweight, c.qzeros, c.scales, c.perm, c.group_size, cfg, out=out, locks=c.locks,
+                                acc=c.acc)
 
 
 def random_w4(k, n):
@@ -56,11 +62,34 @@ def rel_err(y, ref):
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
 
 
-def main():
+SHAPES = ("4096x4096", "4096x11008", "11008x4096", "576x1536", "1536x576")
+"""K x N: Llama-2-7B's projections, then SmolLM2-135M's MLP (its K = 576 ends in a partial group)."""
+
+
+def candidates() -> list[dict]:
+    """M = 1 kernel configs: tile width x warps (2-4 warps for narrow tiles, 4-8 for wide), K step 64/128
+    (group 128 allows <= 128), pipeline depth, the two one-output-row split-K modes, programs per SM."""
+    out = []
+    for bn, warps_set in ((32, (2, 4)), (64, (2, 4)), (128, (4, 8)), (256, (4, 8))):
+        for warps in warps_set:
+            for bk in (64, 128):
+                for stages in (1, 3, 4):
+                    for mode in ("atomic", "atomic_last"):
+                        for ppsm in (1, 2, 4, 8):
+                            out.append({"bn": bn, "bk": bk, "warps": warps, "stages": stages, "mode": mode,
+                                        "ppsm": ppsm})
+    return out
+
+
+def buffers_clean(p) -> bool:  # noqa: ANN001
+    return int(p.locks.abs().sum()) == 0 and float(p.acc.abs().sum()) == 0
+
+
+def main(shapes: list[str]):
     t_start = time.time()
     name = torch.cuda.get_device_name()
     log(event="env", gpu=name, torch=torch.__version__, triton=triton.__version__)
-    for (k, n) in [(4096, 4096), (4096, 11008), (11008, 4096)]:
+    for (k, n) in [tuple(int(v) for v in s.split("x")) for s in shapes]:
         w4_bytes = k * n // 2 + (k // GS) * n * 2 + (k // GS) * n // 2
         ncopy = max(2, -(-3 * L2_BYTES // w4_bytes))
         copies = [random_w4(k, n) for _ in range(ncopy)]
@@ -105,21 +134,23 @@ def main():
         except Exception as e:  # noqa: BLE001
             log(event="fail", shape=f"{k}x{n}", impl="tinygemm", err=repr(e)[:300])
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        cands = [{"bn": bn, "warps": warps, "stages": stages, "ppsm": ppsm, "mode": mode}
-                 for bn in (128, 64, 256) for warps in (4, 8) for stages in (1, 3) for mode in ("atomic", "fixup")
-                 for ppsm in (8, 4, 2)]
-        for cfgd in cands:
-            split = max(1, round(cfgd["ppsm"] * sms / max(1, n // cfgd["bn"])))
-            cfg = GemvConfig(cfgd["bn"], 128, split, cfgd["warps"], False, cfgd["mode"], cfgd["stages"])
+        k_steps = -(-k // 64)
+        for cfgd in candidates():
+            split = max(1, min(round(cfgd["ppsm"] * sms / -(-n // cfgd["bn"])), k_steps))
+            cfg = GemvConfig(cfgd["bn"], cfgd["bk"], split, cfgd["warps"], False, cfgd["mode"], cfgd["stages"])
             try:
                 call = gemv_call(cfg, x, out)
-                out.fill_(float("nan"))
-                call(packed[0])
-                err = rel_err(out, ref)
+                errs = []
+                for _ in range(2):  # before and after the timed replays: the self-cleaning modes must stay exact
+                    out.fill_(float("nan"))
+                    call(packed[0])
+                    errs.append(rel_err(out, ref) if buffers_clean(packed[0]) else float("inf"))
+                    if len(errs) == 1:
+                        t = graph_time(call, packed)
+                err = max(errs)
                 if not err < 1e-2:
                     log(event="wrong", shape=f"{k}x{n}", err=err, **cfgd)
                     continue
-                t = graph_time(call, packed)
                 log(event="time", shape=f"{k}x{n}", impl="m1_kernel", us=t, tbps=w4_bytes / t / 1e6,
                     x_cublas=t_cublas / t, err=err, split=split, **cfgd)
             except Exception as e:  # noqa: BLE001
@@ -151,7 +182,7 @@ def to_markdown(seconds: float) -> str:
              "cuBLAS time / this time; TB/s = packed weight + scales + zeros bytes / time.", "",
              "| shape (KxN) | impl | us | TB/s | x cuBLAS fp16 | rel. err | config |", "|---|---|---|---|---|---|---|"]
     for (shape, impl), r in sorted(best.items()):
-        cfg = {k: r[k] for k in ("bn", "warps", "stages", "mode", "split") if k in r}
+        cfg = {k: r[k] for k in ("bn", "bk", "warps", "stages", "mode", "split") if k in r}
         lines.append(f"| {shape} | {impl} | {r['us']:.2f} | {r['tbps']:.2f} | {r.get('x_cublas', 1.0):.2f} | "
                      f"{r.get('err', float('nan')):.1e} | {cfg or ''} |")
     bad = [r for r in RESULTS if r.get("event") in ("wrong", "fail")]
@@ -159,17 +190,54 @@ def to_markdown(seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(path: Path) -> list[str]:
+    """Put the fastest correct M = 1 config of every measured shape into the tuned table (``w4a16_configs``'s
+    keys: power-of-two buckets of N and K) under this GPU's name; returns the keys written."""
+    from inlaid.kernels.w4a16_configs import shape_key
+
+    env = next(r for r in RESULTS if r.get("event") == "env")
+    gpu = env["gpu"].replace("NVIDIA ", "")
+    table = json.loads(path.read_text())
+    gemv = table["gpus"].setdefault(gpu, {}).setdefault("gemv", {})
+    written = []
+    for (shape, impl), r in sorted(best_rows().items()):
+        if impl != "m1_kernel":
+            continue
+        k, n = (int(v) for v in shape.split("x"))
+        key = shape_key(n, k)
+        gemv.setdefault(key, {})["1"] = {"block_n": r["bn"], "block_k": r["bk"], "split_k": r["split"],
+                                         "num_warps": r["warps"], "use_dot": False, "mode": r["mode"],
+                                         "num_stages": r["stages"]}
+        written.append(f"{key} <- {shape}")
+    table["_note_m1"] = f"M=1 entries: benchmarks/gemv_m1_bench.py on {env['gpu']} (gemv_m1_{gpu.lower()}.md)"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return written
+
+
 def cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="writes <out>.json (every measurement) and <out>.md")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="KxN shapes to measure (default: all)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="no GPU work: one page from earlier runs' JSON")
+    ap.add_argument("--write-table", type=Path, help="also put each shape's fastest M = 1 config in this table")
     args = ap.parse_args()
     seconds = 0.0
-    try:
-        seconds = main()
-    finally:
-        Path(args.out + ".json").write_text(json.dumps(RESULTS, indent=0))
-        if any(r.get("event") == "env" for r in RESULTS):
-            Path(args.out + ".md").write_text(to_markdown(seconds))
+    if args.merge:
+        for f in args.merge:
+            rows = json.loads(Path(f).read_text())
+            RESULTS.extend(r for r in rows if r.get("event") != "env" or not any(e.get("event") == "env"
+                                                                                 for e in RESULTS))
+            seconds = max(seconds, next((r["seconds"] for r in rows if r.get("event") == "done"), 0.0))
+    else:
+        try:
+            seconds = main(args.shapes)
+            log(event="done", seconds=seconds)
+        finally:
+            Path(args.out + ".json").write_text(json.dumps(RESULTS, indent=0))
+    if any(r.get("event") == "env" for r in RESULTS):
+        Path(args.out + ".md").write_text(to_markdown(seconds))
+        if args.write_table:
+            print("\n".join(write_table(args.write_table)))
     return 0
 
 

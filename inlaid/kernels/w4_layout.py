@@ -18,7 +18,9 @@ Invariants of a ``PackedW4`` (what the kernels rely on):
   of ``qweight`` permuted so that the sorted g_idx is ``arange(K)//group_size``;
   the kernels gather ``x[:, perm]`` per call (``x[:, perm] @ W[perm] == x @ W``);
 - tensors are contiguous; ``locks`` is a zeroed int32 buffer the GEMV "fixup"
-  mode uses as per-tile semaphores (the kernel leaves it zeroed again).
+  and "atomic_last" modes use as per-tile semaphores, ``acc`` a zeroed fp32
+  [N] row the M = 1 "atomic_last" mode sums into (the kernel leaves both
+  zeroed again).
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ class PackedW4:
     perm: torch.Tensor | None
     group_size: int
     locks: torch.Tensor | None = None
-    """Zeroed int32 semaphores for the GEMV kernel's "fixup" mode (the kernel re-zeroes them)."""
+    """Zeroed int32 semaphores for the GEMV kernel's "fixup" and "atomic_last" modes (the kernel re-zeroes them)."""
+    acc: torch.Tensor | None = None
+    """Zeroed fp32 [N] row the M = 1 GEMV's "atomic_last" mode sums into (the kernel re-zeroes it)."""
 
     @property
     def in_features(self) -> int:
@@ -142,4 +146,5 @@ def prepare_w4(
     check_w4(torch.empty(0, k), qw, qzeros, scales, gs)
     n = qw.shape[1]
     locks = torch.zeros(lock_count(n), device=qw.device, dtype=torch.int32)
-    return PackedW4(qw.contiguous(), qzeros.contiguous(), scales.contiguous(), perm, gs, locks)
+    acc = torch.zeros(n, device=qw.device, dtype=torch.float32)
+    return PackedW4(qw.contiguous(), qzeros.contiguous(), scales.contiguous(), perm, gs, locks, acc)

@@ -230,7 +230,7 @@ def w4a16_linear(
     elif kernels and 0 < m <= min(gemv_max_m, GEMV_MAX_M) and config is None:
         cfg = gemv or gemv_config(x2, m, n, k)
         y = w4a16_gemv(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
-                       locks=packed.locks)  # fmt: skip
+                       locks=packed.locks, acc=packed.acc)  # fmt: skip
     elif kernels and 0 < m <= fmax:
         y = w4a16_gemm(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, config)
     else:

@@ -23,17 +23,20 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   once at the end; ``use_dot=True`` (M 5..16): 8 ``tl.dot`` of K = BLOCK_K/8
   per step with M padded to 16;
 - M = 1 with one group per tile (the decode case; ``_w4_gemv_m1_kernel``):
-  the tile is unpacked as one ``[BLOCK_K/8, 8, BLOCK_N]`` block against x
-  loaded once as a contiguous ``[BLOCK_K/8, 8]`` slice (instead of 8 strided
-  x loads per step): 15-24% faster than the general path on Llama-2-7B
-  shapes on an H200 (``benchmarks/results/gemv_m1_h200.md`` vs
-  ``gemv_m1_h200_before.json``, ``benchmarks/gemv_m1_bench.py``);
+  x is loaded once per step as a contiguous ``[BLOCK_K/8, 8]`` slice and
+  split into its 8 nibble columns; nibble j (and j + 4 of ``word >> 16``) is
+  turned into fp32 without a shift: ``(word & 0xF << 4j) | exponent(2**(23-4j))``
+  reads as ``2**(23-4j) + code``, so each element costs one LOP3, one FADD
+  and one FFMA (``benchmarks/gemv_m1_bench.py`` measures it);
 - split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
   [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
   program of a tile, found with a per-tile semaphore, sums, casts and stores,
   then resets the semaphore so the zeroed buffer stays reusable and the call
-  is CUDA-graph safe) or "atomic" (fp32 ``atomic_add`` into a zeroed [M, N]
-  workspace, then a cast kernel).
+  is CUDA-graph safe), "atomic" (fp32 ``atomic_add`` into a zeroed [M, N]
+  workspace, then a cast kernel) or "atomic_last" (one launch: atomic adds
+  into the caller's zeroed fp32 row ``PackedW4.acc``; the tile's last
+  program, found with the fixup's semaphore, casts the sum into ``out`` and
+  re-zeroes the row: no memset and no cast kernel per call).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ __all__ = [
 
 GEMV_MAX_M = 16
 """Largest M the GEMV kernel serves (the dispatcher's default)."""
-MODES = ("reduce", "fixup", "atomic")
-_MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3}
+MODES = ("reduce", "fixup", "atomic", "atomic_last")
+_MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3, "atomic_last": 4}
 
 
 def _pow2(v: int) -> bool:
@@ -148,7 +151,8 @@ if HAS_TRITON:
         MODE: tl.constexpr, USE_DOT: tl.constexpr,
         DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
-        # MODE 0: store out (n_split == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws.
+        # MODE 0: store out (n_split == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws;
+        # 4: atomic_add to a zeroed ws that the tile's last program casts into out and re-zeroes.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m0 = tl.program_id(2) * BLOCK_M
@@ -238,17 +242,47 @@ if HAS_TRITON:
             mask_w = rows * 8 < k_hi
             q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
                         other=0, eviction_policy="evict_first")  # streamed once: keep L2 for x and the scales
-            xk = k0 + offs_w[:, None] * 8 + offs_j[None, :]  # x[8w + j] is nibble j of word row w
-            x = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32)
             g = k0 // GROUP_SIZE
             s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            zm = (((z >> zshift) & 0xF) + 1).to(tl.float32) + 8388608.0
-            c = (((q[:, None, :] >> (offs_j * 4)[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            acc += tl.sum((c - zm[None, None, :]) * x[:, :, None], axis=1) * s[None, :]
+            zf = (((z >> zshift) & 0xF) + 1).to(tl.float32)
+            # x[8w + j] for the 8 nibbles j of word row w: one contiguous [BKW, 8] load, split into 8 [BKW] columns
+            xk = k0 + offs_w[:, None] * 8 + offs_j[None, :]
+            xs = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32).reshape(BKW, 2, 2, 2)
+            xc0, xc1 = tl.split(xs)  # j = 4a + 2b + c; split peels c, then b, then a
+            xb00, xb01 = tl.split(xc0)
+            xb10, xb11 = tl.split(xc1)
+            x0, x4 = tl.split(xb00)
+            x2, x6 = tl.split(xb01)
+            x1, x5 = tl.split(xb10)
+            x3, x7 = tl.split(xb11)
+            hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
+            t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+            t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
+            t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
+            t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
+            t = _nibble_pair(t, q, hi, x3, x7, zf, 3)
+            acc += t * s[None, :]
         out = tl.sum(acc, axis=0)[None, :]
         _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
                   MODE)
+
+    @triton.jit
+    def _nibble_pair(t, lo, hi, x_lo, x_hi, zf, J: tl.constexpr):
+        """``t + x_lo * (code_J - zero) + x_hi * (code_{J+4} - zero)`` for every word of a tile.
+
+        Nibble J sits at bits 4J..4J+3 of ``lo`` (and nibble J+4 of the word in ``hi``). ORing in the exponent of
+        ``2**(23 - 4J)`` without shifting makes the word read as fp32 ``2**(23 - 4J) + code`` exactly, so one
+        and/or (LOP3) and one subtraction of ``2**(23 - 4J) + zero`` give the exact small integer ``code - zero``:
+        no per-element shift and no int->float convert.
+        """
+        off = (zf + (2.0 ** (23 - 4 * J)))[None, :]
+        expo = (150 - 4 * J) << 23  # biased exponent 127 + 23 - 4J
+        c_lo = ((lo & (0xF << (4 * J))) | expo).to(tl.float32, bitcast=True) - off
+        c_hi = ((hi & (0xF << (4 * J))) | expo).to(tl.float32, bitcast=True) - off
+        t += c_lo * x_lo[:, None]  # two separate accumulations: each is one FFMA
+        t += c_hi * x_hi[:, None]
+        return t
 
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split,
@@ -257,7 +291,7 @@ if HAS_TRITON:
         if MODE == 0:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mask)
-        elif MODE == 3:
+        elif MODE >= 3:
             tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
         else:
             tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -273,6 +307,16 @@ if HAS_TRITON:
                     tot += tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+        if MODE == 4:
+            tl.debug_barrier()  # every thread's atomic add is issued before the release below
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == n_split - 1:  # last program of this tile: cast the sum, store it, re-zero the row
+                ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+                tot = tl.load(ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.store(ws_tile, tl.zeros_like(tot), mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
 
     @triton.jit
@@ -316,12 +360,14 @@ def w4a16_gemv(
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
     locks: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N]`` for small M on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
 
     ``perm``: act-order permutation of ``prepare_w4`` (or None). ``out`` (optional, [M, N] x.dtype, rows
     contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
-    "fixup" mode and is left zeroed; without it a zeroed buffer is allocated per call.
+    "fixup" and "atomic_last" modes, ``acc`` (zeroed fp32, >= M * N entries) the "atomic_last" mode; both are
+    left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); without them zeroed buffers are allocated per call.
     """
     gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemv")
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
@@ -334,10 +380,10 @@ def w4a16_gemv(
     block_m = gemv_block_m(m, cfg.use_dot)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     mode = 0 if split == 1 else _MODE_ID[cfg.mode]
-    ws, locks = splitk_buffers(out, split, mode, locks, grid[0] * grid[2])
+    ws, locks = splitk_buffers(out, split, mode, locks, grid[0] * grid[2], acc)
     if m == 1 and not cfg.use_dot and gs % cfg.block_k == 0:
         _w4_gemv_m1_kernel[grid[:2]](
-            x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws, n, k, k_per, split, qweight.stride(0),
+            x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws, n, k, k_per, split, qweight.stride(0),
             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=gs, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )
@@ -358,17 +404,20 @@ def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torc
     return out
 
 
-def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None,
-                   n_locks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None, n_locks: int,
+                   acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for atomic
-    adds, fp32 partials [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks (>= ``n_locks``) for
-    the fixup when the caller's are missing or too short."""
+    adds (the caller's zeroed ``acc`` for "atomic_last" when it is fp32 with >= m * n entries), fp32 partials
+    [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks (>= ``n_locks``) for the fixup and
+    "atomic_last" when the caller's are missing or too short."""
     (m, n), dev = out.shape, out.device
-    if mode == 3:
+    if mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n:
+        ws = acc
+    elif mode >= 3:
         ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
     else:
         ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
-    if mode == 2 and (locks is None or locks.numel() < n_locks):
+    if mode in (2, 4) and (locks is None or locks.numel() < n_locks):
         locks = torch.zeros(n_locks, device=dev, dtype=torch.int32)
     return ws, locks
 
@@ -386,7 +435,7 @@ def _launch_general(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                     mode: int, split: int, k_per: int, gs: int, block_m: int, cfg: GemvConfig) -> None:
     (m, k), n = x.shape, qweight.shape[1]
     _w4_gemv_kernel[grid](
-        x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
+        x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),

@@ -276,7 +276,7 @@ def w4a16_small_m(
     block_m = 16 if use_dot else 1 << max(0, (m - 1).bit_length())
     h16 = cfg.unpack == "h16" and x.dtype != torch.float32
     _w4_small_m_kernel[(n_tiles, split)](
-        x, qweight, qzeros, scales, out, ws, locks if mode == 2 else ws,
+        x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MODE=mode, USE_DOT=use_dot,
         UNPACK_H16=h16, H16_MAGIC=_H16_MAGIC.get(x.dtype, 0), DOT_F32=dot_f32(x),

@@ -118,7 +118,7 @@ class GPTQLinearMethod:
         gs = tensors["qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
         p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs)
         return {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
-                "w4_locks": p.locks}  # fmt: skip
+                "w4_locks": p.locks, "w4_acc": p.acc}  # fmt: skip
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
@@ -130,7 +130,7 @@ class GPTQLinearMethod:
                 snap.update(prep)
             gs = snap["w4_qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
             packed = w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
-                                  snap["w4_locks"])  # fmt: skip
+                                  snap["w4_locks"], snap["w4_acc"])  # fmt: skip
             return w4k.w4a16_linear(x, packed, layer.bias)
         w = snap.get("dq_weight")
         if w is not None and w.dtype == x.dtype:

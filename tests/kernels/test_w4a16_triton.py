@@ -84,6 +84,9 @@ def test_tiled_gemm_matches_reference(dtype: torch.dtype, k: int, gs: int, act_o
         (torch.float16, 576, 128, False, 5, Gemv(16, 256, 2, 4, True, "atomic")),  # partial group, bk > gs
         (torch.bfloat16, 192, -1, False, 4, Gemv(16, 64, 2, 4, False, "atomic")),  # one group per column
         (torch.float16, 256, 64, False, 4, None),  # untuned default config
+        (torch.float16, 512, 128, False, 1, Gemv(32, 128, 3, 4, False, "atomic_last")),  # M=1, one launch
+        (torch.bfloat16, 576, 128, True, 1, Gemv(16, 128, 5, 4, False, "atomic_last")),  # partial last group
+        (torch.float16, 256, 64, False, 3, Gemv(32, 64, 2, 4, False, "atomic_last")),  # M>1: acc too short
     ],
 )
 def test_gemv_matches_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, m: int, cfg) -> None:
@@ -92,11 +95,15 @@ def test_gemv_matches_reference(dtype: torch.dtype, k: int, gs: int, act_order: 
     packed = wk.prepare_w4(qweight, qzeros, scales, None if gs == -1 else g_idx, gs)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     out = _poisoned(m, n, dtype)
-    y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
-                      out=out, locks=packed.locks)  # fmt: skip
-    assert y.data_ptr() == out.data_ptr()
-    _assert_close(y, _reference(x, qweight, qzeros, scales, g_idx), rel=1e-2)
-    assert int(packed.locks.abs().sum()) == 0, "fixup mode must leave its semaphores zeroed for the next call"
+    ref = _reference(x, qweight, qzeros, scales, g_idx)
+    for _ in range(2):  # the second call reuses the semaphores and the fp32 row the first left zeroed
+        y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
+                          out=out, locks=packed.locks, acc=packed.acc)  # fmt: skip
+        assert y.data_ptr() == out.data_ptr()
+        _assert_close(y, ref, rel=1e-2)
+        out.fill_(float("nan"))
+    assert int(packed.locks.abs().sum()) == 0, "fixup modes must leave their semaphores zeroed for the next call"
+    assert float(packed.acc.abs().sum()) == 0, "atomic_last must leave its fp32 row zeroed for the next call"
 
 
 def test_gemv_config_validation_and_default_table() -> None:
