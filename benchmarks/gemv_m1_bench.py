@@ -73,7 +73,7 @@ def candidates() -> list[dict]:
     for bn, warps_set in ((32, (2, 4)), (64, (2, 4)), (128, (4, 8)), (256, (4, 8))):
         for warps in warps_set:
             for bk in (64, 128):
-                for stages in (1, 3, 4):
+                for stages in (1, 3):
                     for mode in ("atomic", "atomic_last"):
                         for ppsm in (1, 2, 4, 8):
                             out.append({"bn": bn, "bk": bk, "warps": warps, "stages": stages, "mode": mode,
