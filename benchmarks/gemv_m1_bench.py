@@ -15,6 +15,7 @@ rel. error < 1e-2; the "fixup"/"atomic_last" buffers must be left zeroed).
 """
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,7 @@ def cli() -> int:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no GPU work: one page from earlier runs' JSON")
     ap.add_argument("--write-table", type=Path, help="also put each shape's fastest M = 1 config in this table")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still writes what was measured
     seconds = 0.0
     if args.merge:
         for f in args.merge:
