@@ -47,7 +47,7 @@ def gemv_call(cfg: GemvConfig, x: torch.Tensor, out: torch.Tensor):  # noqa: ANN
 
 def random_w4(k, n):
     hi = 2**31 - 1
-    g = k // GS
+    g = -(-k // GS)  # K = 576 (SmolLM2) ends in a partial group
     return {"qweight": torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
             "qzeros": torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
             "scales": (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(),
@@ -91,7 +91,7 @@ def main(shapes: list[str]):
     name = torch.cuda.get_device_name()
     log(event="env", gpu=name, torch=torch.__version__, triton=triton.__version__)
     for (k, n) in [tuple(int(v) for v in s.split("x")) for s in shapes]:
-        w4_bytes = k * n // 2 + (k // GS) * n * 2 + (k // GS) * n // 2
+        w4_bytes = k * n // 2 + -(-k // GS) * n * 2 + -(-k // GS) * n // 2
         ncopy = max(2, -(-3 * L2_BYTES // w4_bytes))
         copies = [random_w4(k, n) for _ in range(ncopy)]
         x = torch.randn(1, k, device=DEV, dtype=torch.float16)
@@ -230,6 +230,7 @@ def cli() -> int:
             RESULTS.extend(r for r in rows if r.get("event") != "env" or not any(e.get("event") == "env"
                                                                                  for e in RESULTS))
             seconds = max(seconds, next((r["seconds"] for r in rows if r.get("event") == "done"), 0.0))
+        Path(args.out + ".json").write_text(json.dumps(RESULTS, indent=0))
     else:
         try:
             seconds = main(args.shapes)

@@ -105,12 +105,13 @@ def gemv_block_m(m: int, use_dot: bool) -> int:
 def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each.
 
-    M = 1 (the decode kernel): ~8 programs per SM of 128 columns, one pipeline stage, atomic split-K (best
-    of the session-4 H200 sweep on Llama-2-7B shapes, ``benchmarks/results/gemv_m1_h200_before.json``).
+    M = 1 (the decode kernel): ~2 programs per SM of 256 columns, K steps of 64, three pipeline stages,
+    one-launch "atomic_last" split-K: the fastest config on two of the three Llama-2-7B shapes and within 1%
+    on the third in the session-6 H200 sweep (``benchmarks/results/gemv_m1_h200.json``).
     """
     if m == 1:
-        split = max(1, min(round(8 * num_sms / -(-n // 128)), -(-k // 128), 32))
-        return GemvConfig(128, 128, split, 4, False, "atomic", 1)
+        split = max(1, min(round(2 * num_sms / -(-n // 256)), -(-k // 64), 64))
+        return GemvConfig(256, 64, split, 4, False, "atomic_last", 3)
     use_dot = m > 4
     bn, bk = (64, 128) if use_dot else (128, 128)
     k_tiles = -(-k // bk)
