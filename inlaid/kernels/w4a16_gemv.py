@@ -285,6 +285,22 @@ if HAS_TRITON:
         t += c_hi * x_hi[:, None]
         return t
 
+    _FENCE = tl.constexpr(not kernels_interpreted())  # the interpreter runs programs one at a time
+
+    @triton.jit
+    def _after_own_writes(tile):
+        """``tile``, once this thread's earlier global writes are performed GPU-wide (``fence.acq_rel.gpu``).
+
+        One thread bumps a split-K semaphore after a barrier, but a barrier orders the other threads' writes only
+        within the CTA: without each thread's own fence the tile's last program could read a partial or an atomic
+        add still in flight. Measured on the H200: the tensor-core lab kernel's "atomic_last" returned stale sums
+        in 4 of 200 runs without it (``benchmarks/results/kernels_notes.md``, session 6).
+        """
+        if _FENCE:
+            tile = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        return tile
+
     @triton.jit
     def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split,
                   MODE: tl.constexpr, CHUNK: tl.constexpr = 8):
@@ -297,7 +313,8 @@ if HAS_TRITON:
         else:
             tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
         if MODE == 2:
-            tl.debug_barrier()  # every thread's partial is issued before the release below
+            tile = _after_own_writes(tile)
+            tl.debug_barrier()  # every thread's partial is performed before the release below
             arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if arrived == n_split - 1:  # last program of this output tile: sum, cast, store, reset
                 tot = tl.zeros_like(acc)
@@ -310,7 +327,8 @@ if HAS_TRITON:
                          mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
         if MODE == 4:
-            tl.debug_barrier()  # every thread's atomic add is issued before the release below
+            tile = _after_own_writes(tile)
+            tl.debug_barrier()  # every thread's atomic add is performed before the release below
             arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if arrived == n_split - 1:  # last program of this tile: cast the sum, store it, re-zero the row
                 ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
