@@ -15,7 +15,8 @@ last group, the partial last tile) are masked. For small M, ``split_k``
 programs ``atomic_add`` fp32 partials into a zeroed buffer, cast afterwards.
 
 ``w4a16_linear`` dispatch (per call, by M = rows of x):
-GEMV for ``M <= gemv_max_m`` (16), tiled kernel for ``M <= fused_max_m``
+M = 1: the GEMV kernel; 2 <= M <= 16: the tensor-core kernel (``w4a16_tc``: CUDA, fp16/bf16, groups of
+128k or one group), else the small-M kernel (``w4a16_small_m``; both up to ``gemv_max_m``), tiled kernel for ``M <= fused_max_m``
 (tuned per GPU and shape in ``w4a16_configs.json``, else 64), else a Triton
 dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable Triton
 (CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a
@@ -41,6 +42,7 @@ from .w4_layout import (
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
+from .w4a16_tc import tc_usable, w4a16_tc
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -222,9 +224,16 @@ def w4a16_linear(
     (m, k), n = x2.shape, packed.out_features
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
-    if kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None:
+    small = kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None
+    if small and tc_usable(x2, kernel_group_size(packed.group_size, k)):
+        # tensor cores on an inline-PTX half2 unpack (H200: 13-25% faster than w4a16_small_m at M 4 and 16 on
+        # the Llama-2-7B shapes; benchmarks/results/small_m_tc_h200.md)
+        y = w4a16_tc(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
+                     locks=packed.locks, acc=packed.acc)
+    elif small:
         # each weight tile unpacked once for all rows, config SMALL_M_DEFAULT (H200: 1.00-1.13x fp16 cuBLAS at
-        # M 2..16, where the tiled GEMV was 0.70-1.01x; benchmarks/results/small_m_h200.md)
+        # M 2..16, where the tiled GEMV was 0.70-1.01x; benchmarks/results/small_m_h200.md); also the CPU
+        # interpreter's path (no inline assembly there) and groups below 128
         y = w4a16_small_m(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
                           locks=packed.locks)
     elif kernels and 0 < m <= min(gemv_max_m, GEMV_MAX_M) and config is None:

@@ -292,9 +292,9 @@ if HAS_TRITON:
         """``tile``, once this thread's earlier global writes are performed GPU-wide (``fence.acq_rel.gpu``).
 
         One thread bumps a split-K semaphore after a barrier, but a barrier orders the other threads' writes only
-        within the CTA: without each thread's own fence the tile's last program could read a partial or an atomic
-        add still in flight. Measured on the H200: the tensor-core lab kernel's "atomic_last" returned stale sums
-        in 4 of 200 runs without it (``benchmarks/results/kernels_notes.md``, session 6).
+        within the CTA: each writer fences its own partials / atomic adds first (CUDA's threadfence-reduction
+        pattern), so the tile's last program cannot read one still in flight. Costs ~0.1 us per M = 1 call on the
+        H200 (``gemv_m1_h200.md`` vs session 6's first sweep, ``kernels_notes.md``).
         """
         if _FENCE:
             tile = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile],
@@ -335,6 +335,10 @@ if HAS_TRITON:
                 tot = tl.load(ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=mask)
+                # the compiler may give the zeroing store another thread->element map than the load above: without
+                # this barrier a thread can zero a sum another thread has not read yet (seen on the H200 with the
+                # tensor-core lab kernel: 23 of 200 runs wrong, every buffer left clean)
+                tl.debug_barrier()
                 tl.store(ws_tile, tl.zeros_like(tot), mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
 

@@ -40,12 +40,10 @@ Design:
   buffers: CUDA-graph safe.
 
 ``SMALL_M_CONFIGS`` holds the candidate configurations a device run compares
-(``benchmarks/small_m_bench.py``); the dispatcher (``w4a16_gemm.w4a16_linear``)
-does not call this module yet. No GPU timing exists yet. Compile-time evidence
-only (triton 3.9 on the CPU box, sm_90, fp16, group 128, ptxas 12.9 -v): the
-dot candidates use 80-213 registers with no spills and lower ``tl.dot`` to
-``mma.sync`` (M = 16 is below wgmma's tile); the fma variant at BLOCK_M = 4
-spilled at 128 columns (255 registers) and fits in 128 registers at 64.
+(``benchmarks/small_m_bench.py``, ``benchmarks/results/small_m_h200.md``).
+``w4a16_gemm.w4a16_linear`` calls this kernel (``SMALL_M_DEFAULT``) where the
+tensor-core kernel ``w4a16_tc`` cannot run: under the CPU interpreter and for
+group sizes below 128.
 """
 
 from __future__ import annotations

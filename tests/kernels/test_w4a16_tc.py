@@ -1,0 +1,110 @@
+"""Tensor-core W4A16 kernel (``w4a16_tc``, inline PTX: CUDA only) vs the torch GPTQ reference.
+
+The kernel cannot run under the CPU interpreter (no inline assembly), so its numeric tests are ``gpu`` tests;
+on CPU the split arithmetic, ``tc_usable`` and the dispatcher's fallback to ``w4a16_small_m`` run. Weights are
+packed one nibble at a time here (independent of the module's pack helpers), the reference reads the original
+g_idx, outputs start NaN-poisoned, and every call must leave ``PackedW4.locks`` / ``PackedW4.acc`` zeroed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module, pack_nibbles  # skips the module without triton
+from inlaid.kernels import gptq_dequant
+
+wk = kernel_module("w4a16_gemm")
+tc = kernel_module("w4a16_tc")
+
+
+def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gs_eff = k if gs == -1 else gs
+    groups = -(-k // gs_eff)
+    codes = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
+    tensors = [t.to(DEVICE) for t in (pack_nibbles(codes), pack_nibbles((zeros - 1).t().contiguous()).t().contiguous(),
+                                      scales, g_idx)]
+    return tensors, wk.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, tensors, packed) -> None:
+    ref = gptq_dequant.gptq_linear(x.double(), tensors[0], tensors[1], tensors[2].double(), tensors[3], 4)
+    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
+    err, scale = (y.double() - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= TOL[x.dtype] * scale, f"max abs err {err:.3g} > {TOL[x.dtype]} * max|ref| {scale:.3g}"
+    assert int(packed.locks.abs().sum()) == 0 and float(packed.acc.abs().sum()) == 0, "buffers must stay zeroed"
+
+
+def test_split_covers_k_with_whole_steps() -> None:
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (128, 64)):
+        split, per = tc.tc_split(k, n, 256, sms=132)
+        assert per % tc.TC_BLOCK_K == 0 and (split - 1) * per < k <= split * per
+
+
+def test_usable_only_compiled_on_cuda_with_groups_of_128() -> None:
+    x = torch.randn(2, 256, device=DEVICE).half()
+    assert tc.tc_usable(x, 128) == HAS_CUDA and tc.tc_usable(x, 256) == HAS_CUDA
+    assert not tc.tc_usable(x, 64) and not tc.tc_usable(x.float(), 128)
+
+
+def test_dispatcher_falls_back_where_the_kernel_cannot_run() -> None:
+    tensors, packed = _case(256, 48, 64, act_order=True, seed=3)  # group 64: small-M kernel on every device
+    x = torch.randn(4, 256, device=DEVICE).half()
+    _check(wk.w4a16_linear(x, packed), x, tensors, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "k,n,gs,act_order,m,dtype",
+    [
+        (4096, 4096, 128, False, 4, torch.float16),
+        (11008, 4096, 128, True, 16, torch.bfloat16),
+        (4096, 11008, 128, True, 2, torch.float16),
+        (576, 1536, 128, False, 7, torch.bfloat16),  # SmolLM2: partial last group and step
+        (576, 48, -1, True, 3, torch.float16),  # one group per column; N below one tile
+        (1024, 4096, 256, False, 16, torch.float16),  # two steps per group
+    ],
+)
+def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int, dtype: torch.dtype) -> None:
+    tensors, packed = _case(k, n, gs, act_order, seed=k + n + m)
+    for _ in range(3):  # later calls reuse the semaphores and the fp32 buffer the first left zeroed
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, out=out,
+                        locks=packed.locks, acc=packed.acc)
+        assert y.data_ptr() == out.data_ptr()
+        _check(y, x, tensors, packed)
+    _check(wk.w4a16_linear(x, packed), x, tensors, packed)  # the dispatcher picks this kernel for 2 <= M <= 16
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_new_inputs() -> None:
+    tensors, packed = _case(4096, 4096, 128, act_order=True, seed=11)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
+    out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
+    call = lambda: tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,  # noqa: E731
+                               packed.group_size, out=out, locks=packed.locks)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(50):  # replays see fresh inputs: no stale sums, semaphores reset
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, x, tensors, packed)
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    tensors, packed = _case(256, 16, 64, act_order=False, seed=1)
+    with pytest.raises(ValueError, match="w4a16_tc needs"):
+        tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales, None, 64)
