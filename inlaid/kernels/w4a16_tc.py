@@ -27,12 +27,11 @@ Measured (H200, ``benchmarks/results/small_m_tc_h200.md``, ``benchmarks/small_m_
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, splitk_buffers
+from .w4a16_small_m import _num_sms
 
 __all__ = ["TC_BLOCK_K", "tc_usable", "w4a16_tc"]
 
@@ -122,11 +121,6 @@ if HAS_TRITON:
             t = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), d7, t)
             acc += t * s[None, :]
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n, n_split, MODE)
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tc_split(k: int, n: int, block_n: int, sms: int, programs_per_sm: int = 2) -> tuple[int, int]:

@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module, pack_nibbles  # skips the module without triton
+from triton_setup import (  # skips the module without triton
+    DEVICE, HAS_CUDA, TOL, capture_graph, gptq_case, kernel_module)
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")  # (re)loads the shared kernel modules under the interpreter first
@@ -27,22 +28,6 @@ NAMES = sorted(sm.SMALL_M_CONFIGS)
 COMBOS = [(torch.float16, 32, True), (torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
           (torch.float16, 128, True)]  # fmt: skip
 MS = (2, 3, 5, 16)
-
-
-def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
-    """Random GPTQ tensors and the kernel-ready ``PackedW4`` (``gs=-1``: one group per column)."""
-    g = torch.Generator().manual_seed(seed)
-    gs_eff = k if gs == -1 else gs
-    groups = -(-k // gs_eff)
-    codes = torch.randint(0, 16, (k, n), generator=g)
-    zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
-    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
-    g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
-    qweight = pack_nibbles(codes)
-    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
-    tensors = [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx)]
-    packed = wk.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
-    return tensors, packed
 
 
 def _reference(x: torch.Tensor, tensors) -> torch.Tensor:
@@ -72,7 +57,7 @@ def test_every_candidate_matches_reference(name: str, mi: int) -> None:
     m = MS[mi]
     dtype, gs, act_order = COMBOS[(mi + NAMES.index(name)) % len(COMBOS)]
     k, n = 256, 48  # 2-4 K tiles (split-K > 1 on any GPU size); n = 48 leaves partial N tiles
-    tensors, packed = _case(k, n, gs, act_order, seed=m * 100 + gs + act_order)
+    tensors, packed = gptq_case(k, n, gs, act_order, seed=m * 100 + gs + act_order)
     assert (packed.perm is not None) == act_order
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     _assert_close(_run(x, packed, name), _reference(x, tensors), TOL[dtype])
@@ -92,7 +77,7 @@ def test_every_candidate_matches_reference(name: str, mi: int) -> None:
     ],
 )
 def test_edge_cases(cfg, k: int, gs: int, m: int, dtype: torch.dtype) -> None:
-    tensors, packed = _case(k, 48, gs, act_order=gs in (32, 128), seed=k + m)
+    tensors, packed = gptq_case(k, 48, gs, act_order=gs in (32, 128), seed=k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     tol = 5e-3 if dtype == torch.float32 and HAS_CUDA else TOL[dtype]
     _assert_close(_run(x, packed, cfg), _reference(x, tensors), tol)
@@ -110,7 +95,7 @@ def test_split_count_and_defaults() -> None:
 
 
 def test_bad_inputs_raise_value_error() -> None:
-    tensors, packed = _case(64, 16, 16, act_order=False, seed=1)
+    tensors, packed = gptq_case(64, 16, 16, act_order=False, seed=1)
     x = torch.randn(2, 64, device=DEVICE).half()
     with pytest.raises(ValueError, match="unknown small-M config"):
         sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, None, 16, "nope")
@@ -162,14 +147,7 @@ def test_gpu_cuda_graph_replay_with_new_inputs(name: str) -> None:
     out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
     call = lambda: sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,  # noqa: E731
                                     packed.group_size, name, out=out, locks=packed.locks)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_graph(call)
     for _ in range(3):  # replays see fresh inputs: no stale workspace, semaphores reset
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))

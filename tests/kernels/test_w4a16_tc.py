@@ -11,24 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_setup import DEVICE, HAS_CUDA, TOL, kernel_module, pack_nibbles  # skips the module without triton
+from triton_setup import (  # skips the module without triton
+    DEVICE, HAS_CUDA, TOL, capture_graph, gptq_case, kernel_module)
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")
 tc = kernel_module("w4a16_tc")
-
-
-def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    gs_eff = k if gs == -1 else gs
-    groups = -(-k // gs_eff)
-    codes = torch.randint(0, 16, (k, n), generator=g)
-    zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
-    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
-    g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
-    tensors = [t.to(DEVICE) for t in (pack_nibbles(codes), pack_nibbles((zeros - 1).t().contiguous()).t().contiguous(),
-                                      scales, g_idx)]
-    return tensors, wk.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, tensors, packed) -> None:
@@ -52,7 +40,7 @@ def test_usable_only_compiled_on_cuda_with_groups_of_128() -> None:
 
 
 def test_dispatcher_falls_back_where_the_kernel_cannot_run() -> None:
-    tensors, packed = _case(256, 48, 64, act_order=True, seed=3)  # group 64: small-M kernel on every device
+    tensors, packed = gptq_case(256, 48, 64, act_order=True, seed=3)  # group 64: small-M kernel on every device
     x = torch.randn(4, 256, device=DEVICE).half()
     _check(wk.w4a16_linear(x, packed), x, tensors, packed)
 
@@ -70,7 +58,7 @@ def test_dispatcher_falls_back_where_the_kernel_cannot_run() -> None:
     ],
 )
 def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int, dtype: torch.dtype) -> None:
-    tensors, packed = _case(k, n, gs, act_order, seed=k + n + m)
+    tensors, packed = gptq_case(k, n, gs, act_order, seed=k + n + m)
     for _ in range(3):  # later calls reuse the semaphores and the fp32 buffer the first left zeroed
         x = torch.randn(m, k, device="cuda").to(dtype)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -83,19 +71,12 @@ def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int,
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_with_new_inputs() -> None:
-    tensors, packed = _case(4096, 4096, 128, act_order=True, seed=11)
+    tensors, packed = gptq_case(4096, 4096, 128, act_order=True, seed=11)
     x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
     out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
     call = lambda: tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,  # noqa: E731
                                packed.group_size, out=out, locks=packed.locks)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_graph(call)
     for _ in range(50):  # replays see fresh inputs: no stale sums, semaphores reset
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
@@ -105,6 +86,6 @@ def test_gpu_cuda_graph_replay_with_new_inputs() -> None:
 
 
 def test_bad_inputs_raise_value_error() -> None:
-    tensors, packed = _case(256, 16, 64, act_order=False, seed=1)
+    tensors, packed = gptq_case(256, 16, 64, act_order=False, seed=1)
     with pytest.raises(ValueError, match="w4a16_tc needs"):
         tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales, None, 64)

@@ -26,7 +26,8 @@ if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
-_KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_small_m", "w4a16_gemm", "lora_sgmv_triton",
+_KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_small_m", "w4a16_tc", "w4a16_gemm",
+                   "lora_sgmv_triton",
                    "lora_segment_triton", "paged_attention_triton", "rms_norm", "silu_mul",
                    "rotary_kv")  # dependency order: a reload must see reloaded dependencies
 
@@ -51,3 +52,34 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     for r in range(rows):
         words[r // 8] |= codes[r].to(torch.int64) << (4 * (r % 8))
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def capture_graph(call) -> "torch.cuda.CUDAGraph":  # noqa: ANN001
+    """A CUDA graph of ``call()``, run once on a side stream first (Triton compiles outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
+def gptq_case(k: int, n: int, gs: int, act_order: bool, seed: int):  # noqa: ANN201
+    """Random 4-bit GPTQ tensors ``[qweight, qzeros, scales, g_idx]`` on DEVICE (packed with ``pack_nibbles``)
+    and their kernel-ready ``PackedW4`` (``gs=-1``: one group per column)."""
+    from inlaid.kernels.w4_layout import prepare_w4
+
+    g = torch.Generator().manual_seed(seed)
+    gs_eff = k if gs == -1 else gs
+    groups = -(-k // gs_eff)
+    codes = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(1, 17, (groups, n), generator=g)  # 16 = stored 15 (+1 without wrap)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    g_idx = ((torch.randperm(k, generator=g) if act_order else torch.arange(k)) // gs_eff).to(torch.int32)
+    qweight = pack_nibbles(codes)
+    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
+    tensors = [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx)]
+    return tensors, prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
