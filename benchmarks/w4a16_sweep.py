@@ -15,8 +15,10 @@
    (``fused_max_m``).
 3. Writes ``<out>.json`` (the table, ``w4a16_configs`` format, keyed by the GPU
    name) and ``<out>_points.json`` (every measurement), prints ratios vs cuBLAS
-   and bandwidth vs 3.0 TB/s; ``--install`` copies the table over
-   ``inlaid/kernels/w4a16_configs.json``.
+   and bandwidth vs 3.0 TB/s; ``--install`` writes the table over
+   ``inlaid/kernels/w4a16_configs.json``, keeping the M = 1 entries that
+   ``benchmarks/gemv_m1_bench.py --write-table`` put there (its sweep covers
+   the M = 1 kernel's one-launch split-K mode).
 
     python benchmarks/w4a16_sweep.py --out /tmp/w4a16_configs --install --budget-s 150
     python benchmarks/w4a16_sweep.py --device cpu --quick --out /tmp/sweep   # interpreter smoke run
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -268,9 +269,30 @@ def main() -> int:
     for d in log["dropped"]:
         print("  DROPPED", d)
     if args.install:
-        shutil.copy(out.with_suffix(".json"), wc.TABLE_PATH)
-        print(f"installed {wc.TABLE_PATH}")
+        kept = keep_m1_entries(table, key)
+        wc.TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"installed {wc.TABLE_PATH}" + (f"; kept gemv_m1_bench's M = 1 entries for {kept}" if kept else ""))
     return 0
+
+
+def keep_m1_entries(table: dict, gpu_key: str) -> list[str]:
+    """Carry the installed table's M = 1 entries of ``gpu_key`` over into ``table`` when ``gemv_m1_bench.py``
+    wrote them (``_note_m1``): its M = 1 sweep covers the one-launch split-K mode and tiles this sweep does not."""
+    try:
+        old = json.loads(wc.TABLE_PATH.read_text())
+    except (OSError, ValueError):
+        return []
+    if "_note_m1" not in old:
+        return []
+    kept = []
+    new_gemv = table["gpus"][gpu_key]["gemv"]
+    for shape, entries in old.get("gpus", {}).get(gpu_key, {}).get("gemv", {}).items():
+        if "1" in entries:
+            new_gemv.setdefault(shape, {})["1"] = entries["1"]
+            kept.append(shape)
+    table["_note_m1"] = old["_note_m1"]
+    wc.parse_table(table)
+    return kept
 
 
 if __name__ == "__main__":
