@@ -6,11 +6,15 @@ a ``gpu`` test at Llama-2-7B projection shapes with 32 distinct adapters.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from triton_setup import (  # skips the module without triton
+    DEVICE,
+    TOL,
+    assert_close,
+    kernel_module,
+)
 
-from triton_setup import DEVICE, TOL, kernel_module  # skips the module without triton
 from inlaid.kernels import lora_sgmv
 
 lk = kernel_module("lora_sgmv_triton")
@@ -36,12 +40,6 @@ def _reference(x, out, a, b, scal, slots) -> torch.Tensor:
                                 lora_sgmv.build_segments(slots))
 
 
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    assert torch.isfinite(y).all(), "non-finite output: some element was not written or NaN leaked"
-    err = (y.double() - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs err {err:.3g} vs max|ref| {ref.abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3), (torch.bfloat16, None),
                                           (torch.float16, 24)])  # 24: many splits, most of them empty
 def test_apply_matches_sgmv_reference(dtype: torch.dtype, splits) -> None:
@@ -54,7 +52,7 @@ def test_apply_matches_sgmv_reference(dtype: torch.dtype, splits) -> None:
     before = out.clone()
     res = lk.lora_apply_triton(x, out, a, b, scal, slots, num_splits=splits)
     assert res.data_ptr() == out.data_ptr()
-    _assert_close(out, ref, TOL[dtype])
+    assert_close(out, ref, TOL[dtype])
     untouched = slots < 0
     assert torch.equal(out[untouched], before[untouched]), "rows with slot -1 must be left untouched"
 
@@ -71,7 +69,7 @@ def test_shrink_writes_every_element(monkeypatch: pytest.MonkeyPatch) -> None:
     ref = torch.einsum("ti,tri->tr", x.double(), a.double()[slots.long().clamp(min=0)])
     ref[slots < 0] = 0.0
     assert y.shape == (t, r) and y.dtype == torch.float32
-    _assert_close(y, ref, 1e-5)
+    assert_close(y, ref, 1e-5)
 
 
 def test_bad_inputs_raise_value_error() -> None:
@@ -96,7 +94,7 @@ def test_gpu_llama_shapes_32_adapters(rank: int, d_in: int, d_out: int) -> None:
         out = torch.randn(t, d_out, device=DEVICE, dtype=torch.float16)
         slots = torch.randint(-1, 33, (t,), device=DEVICE)
         ref = _reference(x, out, a, b, scal, slots)
-        _assert_close(lk.lora_apply_triton(x, out, a, b, scal, slots), ref, 1e-2)
+        assert_close(lk.lora_apply_triton(x, out, a, b, scal, slots), ref, 1e-2)
 
 
 def test_default_num_splits_fills_the_gpu_at_decode_batches() -> None:

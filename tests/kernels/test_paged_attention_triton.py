@@ -6,11 +6,15 @@ a ``gpu`` test at Llama-2-7B (MHA) and GQA shapes with long contexts.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from triton_setup import (  # skips the module without triton
+    DEVICE,
+    HAS_CUDA,
+    assert_close,
+    kernel_module,
+)
 
-from triton_setup import DEVICE, HAS_CUDA, kernel_module  # skips the module without triton
 from inlaid.kernels import paged_attention as ref_mod
 
 pk = kernel_module("paged_attention_triton")
@@ -35,12 +39,6 @@ def _reference(q, cache, tables, seq_lens, scale, window) -> torch.Tensor:
                                    int(seq_lens.max()), scale, sliding_window=window)
 
 
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
-    err = (y.double() - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs err {err:.3g} vs max|ref| {ref.abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize(
     "dtype,heads,kv_heads,block_size,splits,window",
     [
@@ -57,7 +55,7 @@ def test_decode_matches_reference(dtype, heads, kv_heads, block_size, splits, wi
     out = torch.full_like(q, float("nan"))
     y = pk.paged_decode_attention(q, cache, tables, lens, max(seq_lens), scale, window, num_splits=splits, out=out)
     assert y.data_ptr() == out.data_ptr()
-    _assert_close(y, _reference(q, cache, tables, lens, scale, window), TOL[dtype])
+    assert_close(y, _reference(q, cache, tables, lens, scale, window), TOL[dtype])
 
 
 def test_zero_length_rows_give_zeros_and_others_unaffected() -> None:
@@ -66,7 +64,7 @@ def test_zero_length_rows_give_zeros_and_others_unaffected() -> None:
         y = pk.paged_decode_attention(q, cache, tables, lens, 33, 0.25, num_splits=splits,
                                       out=torch.full_like(q, float("nan")))
         assert torch.equal(y[0], torch.zeros_like(y[0]))
-        _assert_close(y[1:], _reference(q[1:], cache, tables[1:], lens[1:], 0.25, None), TOL[torch.float32])
+        assert_close(y[1:], _reference(q[1:], cache, tables[1:], lens[1:], 0.25, None), TOL[torch.float32])
 
 
 def test_bad_inputs_raise_value_error() -> None:
@@ -86,4 +84,4 @@ def test_gpu_real_shapes(heads: int, kv_heads: int, dtype) -> None:
         q, cache, tables, lens = _setup(seq_lens, heads, kv_heads, 128, 16, dtype, seed=len(seq_lens))
         y = pk.paged_decode_attention(q, cache, tables, lens, max(seq_lens), 128**-0.5,
                                       out=torch.full_like(q, float("nan")))
-        _assert_close(y, _reference(q, cache, tables, lens, 128**-0.5, None), TOL[dtype])
+        assert_close(y, _reference(q, cache, tables, lens, 128**-0.5, None), TOL[dtype])

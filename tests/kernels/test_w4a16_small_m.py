@@ -15,9 +15,17 @@ import time
 
 import pytest
 import torch
-
 from triton_setup import (  # skips the module without triton
-    DEVICE, HAS_CUDA, TOL, capture_graph, gptq_case, kernel_module)
+    DEVICE,
+    HAS_CUDA,
+    TOL,
+    assert_close,
+    capture_graph,
+    gptq_case,
+    gptq_reference,
+    kernel_module,
+)
+
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")  # (re)loads the shared kernel modules under the interpreter first
@@ -28,18 +36,6 @@ NAMES = sorted(sm.SMALL_M_CONFIGS)
 COMBOS = [(torch.float16, 32, True), (torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
           (torch.float16, 128, True)]  # fmt: skip
 MS = (2, 3, 5, 16)
-
-
-def _reference(x: torch.Tensor, tensors) -> torch.Tensor:
-    qweight, qzeros, scales, g_idx = tensors
-    return gptq_dequant.gptq_linear(x.double(), qweight, qzeros, scales.double(), g_idx, 4)
-
-
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
-    err = (y.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
 
 
 def _run(x: torch.Tensor, packed, cfg) -> torch.Tensor:
@@ -60,7 +56,7 @@ def test_every_candidate_matches_reference(name: str, mi: int) -> None:
     tensors, packed = gptq_case(k, n, gs, act_order, seed=m * 100 + gs + act_order)
     assert (packed.perm is not None) == act_order
     x = torch.randn(m, k, device=DEVICE).to(dtype)
-    _assert_close(_run(x, packed, name), _reference(x, tensors), TOL[dtype])
+    assert_close(_run(x, packed, name), gptq_reference(x, *tensors), TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -80,7 +76,7 @@ def test_edge_cases(cfg, k: int, gs: int, m: int, dtype: torch.dtype) -> None:
     tensors, packed = gptq_case(k, 48, gs, act_order=gs in (32, 128), seed=k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     tol = 5e-3 if dtype == torch.float32 and HAS_CUDA else TOL[dtype]
-    _assert_close(_run(x, packed, cfg), _reference(x, tensors), tol)
+    assert_close(_run(x, packed, cfg), gptq_reference(x, *tensors), tol)
 
 
 def test_split_count_and_defaults() -> None:
@@ -95,7 +91,7 @@ def test_split_count_and_defaults() -> None:
 
 
 def test_bad_inputs_raise_value_error() -> None:
-    tensors, packed = gptq_case(64, 16, 16, act_order=False, seed=1)
+    _, packed = gptq_case(64, 16, 16, act_order=False, seed=1)
     x = torch.randn(2, 64, device=DEVICE).half()
     with pytest.raises(ValueError, match="unknown small-M config"):
         sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, None, 16, "nope")
@@ -136,7 +132,7 @@ def test_gpu_llama7b_shapes_every_candidate(k: int, n: int, gs: int, act_order: 
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = gptq_dequant.gptq_linear(x.float(), tensors[0], tensors[1], tensors[2].float(), tensors[3], 4).double()
         for name in NAMES:
-            _assert_close(_run(x, packed, name), ref, TOL[dtype])
+            assert_close(_run(x, packed, name), ref, TOL[dtype])
 
 
 @pytest.mark.gpu
@@ -145,7 +141,7 @@ def test_gpu_cuda_graph_replay_with_new_inputs(name: str) -> None:
     tensors, packed = _gpu_case(4096, 4096, 128, act_order=True)
     x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
     out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
-    call = lambda: sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,  # noqa: E731
+    call = lambda: sm.w4a16_small_m(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,
                                     packed.group_size, name, out=out, locks=packed.locks)
     graph = capture_graph(call)
     for _ in range(3):  # replays see fresh inputs: no stale workspace, semaphores reset
@@ -154,7 +150,7 @@ def test_gpu_cuda_graph_replay_with_new_inputs(name: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         ref = gptq_dequant.gptq_linear(x.float(), tensors[0], tensors[1], tensors[2].float(), tensors[3], 4)
-        _assert_close(out, ref.double(), TOL[torch.float16])
+        assert_close(out, ref.double(), TOL[torch.float16])
     assert int(packed.locks.abs().sum()) == 0
 
 

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_setup import (  # skips the module without triton
+    DEVICE,
+    assert_close,
+    gptq_reference,
+    kernel_module,
+    pack_nibbles,
+)
 
-from triton_setup import DEVICE, kernel_module, pack_nibbles  # skips the module without triton
 from inlaid.kernels import gptq_dequant
 
 wk = kernel_module("w4a16_gemm")
@@ -34,17 +40,6 @@ def _case(k: int, n: int, gs: int, act_order: bool, seed: int):
     return [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx.to(torch.int32))]
 
 
-def _reference(x: torch.Tensor, qweight, qzeros, scales, g_idx) -> torch.Tensor:
-    return gptq_dequant.gptq_linear(x.double(), qweight, qzeros, scales.double(), g_idx, 4)
-
-
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
-    err = (y.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
-
-
 def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
 
@@ -60,7 +55,7 @@ def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         (torch.bfloat16, 256, 32, False, None),
     ],
 )
-def test_tiled_gemm_matches_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, cfg) -> None:
+def test_tiled_gemm_matchesgptq_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, cfg) -> None:
     n, m = 48, 5  # n=48 leaves a partial N tile for block_n=32; m < block_m
     qweight, qzeros, scales, g_idx = _case(k, n, gs, act_order, seed=k + gs + act_order)
     packed = wk.prepare_w4(qweight, qzeros, scales, None if gs == -1 else g_idx, gs)
@@ -69,7 +64,7 @@ def test_tiled_gemm_matches_reference(dtype: torch.dtype, k: int, gs: int, act_o
     out = _poisoned(m, n, dtype)
     y = wk.w4a16_gemm(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg, out=out)
     assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
-    _assert_close(y, _reference(x, qweight, qzeros, scales, g_idx), rel=1e-2)
+    assert_close(y, gptq_reference(x, qweight, qzeros, scales, g_idx), rel=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -89,18 +84,18 @@ def test_tiled_gemm_matches_reference(dtype: torch.dtype, k: int, gs: int, act_o
         (torch.float16, 256, 64, False, 3, Gemv(32, 64, 2, 4, False, "atomic_last")),  # M>1: acc too short
     ],
 )
-def test_gemv_matches_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, m: int, cfg) -> None:
+def test_gemv_matchesgptq_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, m: int, cfg) -> None:
     n = 48  # leaves a partial N tile for block_n=32
     qweight, qzeros, scales, g_idx = _case(k, n, gs, act_order, seed=k + gs + m)
     packed = wk.prepare_w4(qweight, qzeros, scales, None if gs == -1 else g_idx, gs)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     out = _poisoned(m, n, dtype)
-    ref = _reference(x, qweight, qzeros, scales, g_idx)
+    ref = gptq_reference(x, qweight, qzeros, scales, g_idx)
     for _ in range(2):  # the second call reuses the semaphores and the fp32 row the first left zeroed
         y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
                           out=out, locks=packed.locks, acc=packed.acc)  # fmt: skip
         assert y.data_ptr() == out.data_ptr()
-        _assert_close(y, ref, rel=1e-2)
+        assert_close(y, ref, rel=1e-2)
         out.fill_(float("nan"))
     assert int(packed.locks.abs().sum()) == 0, "fixup modes must leave their semaphores zeroed for the next call"
     assert float(packed.acc.abs().sum()) == 0, "atomic_last must leave its fp32 row zeroed for the next call"
@@ -125,11 +120,11 @@ def test_linear_dispatch_all_paths_with_bias_and_3d_input() -> None:
     packed = wk.prepare_w4(qweight, qzeros, scales, g_idx, gs)
     x = torch.randn(2, 3, k, device=DEVICE).half()
     bias = torch.randn(n, device=DEVICE).half()
-    ref = _reference(x.reshape(-1, k), qweight, qzeros, scales, g_idx) + bias.double()
+    ref = gptq_reference(x.reshape(-1, k), qweight, qzeros, scales, g_idx) + bias.double()
     for fused, gemv in ((16, 16), (16, 0), (0, 0)):  # GEMV (M=6), tiled, dequantize + matmul
         y = wk.w4a16_linear(x, packed, bias=bias, fused_max_m=fused, gemv_max_m=gemv)
         assert y.shape == (2, 3, n) and y.dtype == torch.float16
-        _assert_close(y.reshape(-1, n), ref, rel=1e-2)
+        assert_close(y.reshape(-1, n), ref, rel=1e-2)
 
 
 def test_dequantize_w4_matches_reference_exactly_with_partial_group() -> None:
@@ -179,14 +174,14 @@ def test_gpu_real_shapes_every_path(k: int, n: int, gs: int, dtype: torch.dtype)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = gptq_dequant.gptq_linear(x.float(), qweight, qzeros, scales.float(), g_idx, 4).double()
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-        _assert_close(wk.w4a16_gemm(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, out=out), ref,
+        assert_close(wk.w4a16_gemm(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, out=out), ref,
                       rel=1e-2)
         if m <= wk.GEMV_MAX_M:
             for mode in ("reduce", "fixup", "atomic"):
                 cfg = Gemv(**{**wk.default_gemv_config(m, n, k).to_dict(), "mode": mode})
                 y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, cfg,
                                   out=torch.full((m, n), float("nan"), device="cuda", dtype=dtype), locks=packed.locks)
-                _assert_close(y, ref, rel=1e-2)
+                assert_close(y, ref, rel=1e-2)
             assert int(packed.locks.abs().sum()) == 0
-        _assert_close(wk.w4a16_linear(x, packed), ref, rel=1e-2)  # tuned table
-        _assert_close(wk.w4a16_linear(x, packed, fused_max_m=0, gemv_max_m=0), ref, rel=1e-2)
+        assert_close(wk.w4a16_linear(x, packed), ref, rel=1e-2)  # tuned table
+        assert_close(wk.w4a16_linear(x, packed, fused_max_m=0, gemv_max_m=0), ref, rel=1e-2)

@@ -54,7 +54,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def capture_graph(call) -> "torch.cuda.CUDAGraph":  # noqa: ANN001
+def capture_graph(call) -> torch.cuda.CUDAGraph:
     """A CUDA graph of ``call()``, run once on a side stream first (Triton compiles outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -67,7 +67,7 @@ def capture_graph(call) -> "torch.cuda.CUDAGraph":  # noqa: ANN001
     return graph
 
 
-def gptq_case(k: int, n: int, gs: int, act_order: bool, seed: int):  # noqa: ANN201
+def gptq_case(k: int, n: int, gs: int, act_order: bool, seed: int):
     """Random 4-bit GPTQ tensors ``[qweight, qzeros, scales, g_idx]`` on DEVICE (packed with ``pack_nibbles``)
     and their kernel-ready ``PackedW4`` (``gs=-1``: one group per column)."""
     from inlaid.kernels.w4_layout import prepare_w4
@@ -83,3 +83,18 @@ def gptq_case(k: int, n: int, gs: int, act_order: bool, seed: int):  # noqa: ANN
     qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous()
     tensors = [t.to(DEVICE) for t in (qweight, qzeros, scales, g_idx)]
     return tensors, prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs)
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    """Every element of ``y`` was written (no NaN poison left) and ``max|y - ref| <= rel * max|ref|``."""
+    assert torch.isfinite(y).all(), "some output elements were not written (NaN poison survived)"
+    err = (y.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
+
+
+def gptq_reference(x: torch.Tensor, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """``x @ W`` in float64 through the torch GPTQ reference (``gptq_dequant.gptq_linear``)."""
+    from inlaid.kernels import gptq_dequant
+
+    return gptq_dequant.gptq_linear(x.double(), qweight, qzeros, scales.double(), g_idx, 4)
