@@ -226,8 +226,8 @@ def w4a16_linear(
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
     small = kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None
     if small and tc_usable(x2, kernel_group_size(packed.group_size, k)):
-        # tensor cores on an inline-PTX half2 unpack (H200: 13-25% faster than w4a16_small_m at M 4 and 16 on
-        # the Llama-2-7B shapes; benchmarks/results/small_m_tc_h200.md)
+        # tensor cores on an inline-PTX half2 unpack (H200: 1.04-1.29x faster than w4a16_small_m at M 2..16 on
+        # the Llama-2-7B shapes, 0.95x at 4096x4096 M=16; benchmarks/results/small_m_tc_h200.md)
         y = w4a16_tc(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
                      locks=packed.locks, acc=packed.acc)
     elif small:

@@ -78,7 +78,7 @@ class GemvConfig:
     num_warps: int = 4
     use_dot: bool = False
     mode: str = "fixup"
-    """How split-K partials are summed: "reduce", "fixup" or "atomic" (see the module docstring)."""
+    """How split-K partials are summed: "reduce", "fixup", "atomic" or "atomic_last" (the module docstring)."""
     num_stages: int = 2
 
     def __post_init__(self) -> None:
@@ -106,8 +106,8 @@ def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfi
     """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each.
 
     M = 1 (the decode kernel): ~2 programs per SM of 256 columns, K steps of 64, three pipeline stages,
-    one-launch "atomic_last" split-K: the fastest config on two of the three Llama-2-7B shapes and within 1%
-    on the third in the session-6 H200 sweep (``benchmarks/results/gemv_m1_h200.json``).
+    one-launch "atomic_last" split-K: the fastest of the 256 configs on all three Llama-2-7B shapes in the
+    session-6 H200 sweep (``benchmarks/results/gemv_m1_h200.json``; on SmolLM2's shapes 64 columns won).
     """
     if m == 1:
         split = max(1, min(round(2 * num_sms / -(-n // 256)), -(-k // 64), 64))
@@ -293,8 +293,8 @@ if HAS_TRITON:
 
         One thread bumps a split-K semaphore after a barrier, but a barrier orders the other threads' writes only
         within the CTA: each writer fences its own partials / atomic adds first (CUDA's threadfence-reduction
-        pattern), so the tile's last program cannot read one still in flight. Costs ~0.1 us per M = 1 call on the
-        H200 (``gemv_m1_h200.md`` vs session 6's first sweep, ``kernels_notes.md``).
+        pattern), so the tile's last program cannot read one still in flight. Its cost on the H200 is below the
+        noise between two device calls (0.01-0.12 us per M = 1 call; ``kernels_notes.md``, session 6).
         """
         if _FENCE:
             tile = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile],

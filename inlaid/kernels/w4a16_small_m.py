@@ -35,9 +35,10 @@ Design:
 - split-K partials (fp32) are combined as in ``w4a16_gemv`` (its ``_epilogue``):
   "atomic" (``atomic_add`` into a zeroed [M, N] workspace + a cast kernel),
   "fixup" (one launch; the last program of a tile sums, found with a per-tile
-  semaphore that it resets, so ``PackedW4.locks`` stays zeroed) or "reduce"
-  (workspace [SPLIT_K, M, N] + a reduce kernel). No host sync, fixed-size
-  buffers: CUDA-graph safe.
+  semaphore that it resets, so ``PackedW4.locks`` stays zeroed), "reduce"
+  (workspace [SPLIT_K, M, N] + a reduce kernel) or "atomic_last" (one launch
+  over a zeroed [M, N] fp32 buffer, allocated per call here). No host sync,
+  fixed-size buffers: CUDA-graph safe.
 
 ``SMALL_M_CONFIGS`` holds the candidate configurations a device run compares
 (``benchmarks/small_m_bench.py``, ``benchmarks/results/small_m_h200.md``).
@@ -96,7 +97,7 @@ class SmallMConfig:
     num_warps: int = 4
     num_stages: int = 2
     mode: str = "atomic"
-    """How split-K partials are summed: "atomic", "fixup" or "reduce" (module docstring)."""
+    """How split-K partials are summed: "atomic", "fixup", "reduce" or "atomic_last" (module docstring)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS or self.unpack not in UNPACKS or self.mode not in MODES:

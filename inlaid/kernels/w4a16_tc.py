@@ -13,8 +13,8 @@ Design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpack):
   (``_unpack8``): ``lop3(word >> 4i, 0x000f000f, MAGIC)`` puts nibbles i and i + 4 into the mantissas of
   a half2 whose exponent makes it ``(MAGIC + code_i, MAGIC + code_{i+4})`` (fp16 ``0x6400`` = 1024, bf16
   ``0x4300`` = 128; exact), and one ``sub.{f16,bf16}x2`` of ``(MAGIC + zero)`` leaves ``code - zero``
-  (|.| <= 16, exact in 16 bits). The FMA kernels spend a shift, a LOP3, a float subtract and an FMA per
-  element; here the multiply-adds run on tensor cores;
+  (|.| <= 16, exact in 16 bits); the multiply-adds run on tensor cores. Loop instructions per element
+  (``python benchmarks/sass_count.py tc``): 3.40, vs 5.97 for the M = 1 FMA kernel's tuned tile;
 - nibble j of every word of the tile is a ``[16, BLOCK_N]`` operand ``d_j`` whose K index is the word row,
   so step t is 8 ``tl.dot(x[:, 8w + j], d_j)`` (x gathered with the same stride-8 pattern; the sum over K
   does not care about the order). The fp32 result is scaled once per step (one group per step);
@@ -22,7 +22,9 @@ Design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpack):
   program casts, stores and re-zeroes; one launch plus a memset when the caller's buffer is too small).
   No host sync, fixed shapes: CUDA-graph safe.
 
-Measured (H200, ``benchmarks/results/small_m_tc_h200.md``, ``benchmarks/small_m_tc_bench.py``).
+Measured on the H200 (``python benchmarks/small_m_tc_bench.py``, ``benchmarks/results/small_m_tc_h200.md``):
+1.04-1.29x faster than ``w4a16_small_m`` at M = 2..16 on the Llama-2-7B shapes except 4096 x 4096 at M = 16
+(0.95x); at M = 1 slower than the FMA GEMV (``tc_lab_h200_s6.json``), so the dispatcher keeps M = 1 there.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def w4a16_tc(
 
     ``locks`` (zeroed int32, >= cdiv(N, block_n) entries) and ``acc`` (zeroed fp32, >= M * N entries) are left
     zeroed (``PackedW4.locks`` / ``PackedW4.acc``); when missing or too short, zeroed buffers are allocated.
-    Defaults: the fastest config of the H200 lab sweep on Llama-2-7B shapes at M = 4 and 16.
+    Defaults (256 columns, 4 warps, 3 stages): the fastest of the four configs in ``small_m_tc_h200.md`` in 10
+    of its 12 rows (the other two: 256 columns, 1 stage, within 1%).
     """
     gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_tc")
     if not tc_usable(x, gs):
