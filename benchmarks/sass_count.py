@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("kernel", choices=("m1", "tc"))
     ap.add_argument("--block-n", type=int, default=256)
     ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc steps 128 rows)")
+    ap.add_argument("--block-m", type=int, default=16, help="tc only: rows per program")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
@@ -69,8 +70,8 @@ def main() -> int:
         from inlaid.kernels.w4a16_tc import _w4_tc_kernel as fn
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
                 "stride_om")
-        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages, "BF16": False,
-                 "MAGIC": 0x6400}
+        const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
+                 "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400}
         elems = args.block_n * 128
     sig = {**TYPES, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
     sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order
@@ -86,8 +87,10 @@ def main() -> int:
     body = loop_body(sass)
     per_elem = len(body) * args.warps * 32 / elems
     ops = collections.Counter(opcode(x) for x in body).most_common(8)
+    regs = max(map(int, re.findall(r"\bR(\d+)\b", sass))) + 1
+    spills = len(re.findall(r"\b[LS]TL(?:\.\w+)*\s", sass))
     print(f"{args.kernel} {const} warps={args.warps}: loop {len(body)} instructions, {per_elem:.2f} per element; "
-          f"top: {ops}")
+          f"~{regs} registers, {spills} local-memory (spill) instructions; top: {ops}")
     return 0
 
 

@@ -427,21 +427,48 @@ def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torc
     return out
 
 
+_SCRATCH: dict[tuple[str, int | None, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+"""Per (device, stream): every zeroed (fp32 sums, int32 semaphores) pair ``splitk_scratch`` handed out, newest last."""
+
+
+def splitk_scratch(device: torch.device, sums: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 ``[>= sums]`` and int32 ``[>= n_locks]`` buffers shared by this device and stream's one-launch
+    split-K calls ("fixup", "atomic_last"), which leave them zeroed again.
+
+    Calls on one stream run one after another, so they can share; another stream (a CUDA-graph capture) gets
+    its own pair. A request for more allocates a larger pair; the old ones are kept alive, because graphs
+    captured earlier read them.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    kept = _SCRATCH.setdefault((device.type, device.index, stream), [])
+    if kept and kept[-1][0].numel() >= sums and kept[-1][1].numel() >= n_locks:
+        return kept[-1]
+    grow = (2 * kept[-1][0].numel(), 2 * kept[-1][1].numel()) if kept else (0, 0)
+    pair = (torch.zeros(max(sums, grow[0], 1), device=device, dtype=torch.float32),
+            torch.zeros(max(n_locks, grow[1], 1), device=device, dtype=torch.int32))
+    kept.append(pair)
+    return pair
+
+
 def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None, n_locks: int,
                    acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for atomic
-    adds (the caller's zeroed ``acc`` for "atomic_last" when it is fp32 with >= m * n entries), fp32 partials
-    [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks (>= ``n_locks``) for the fixup and
-    "atomic_last" when the caller's are missing or too short."""
+    adds (the caller's zeroed ``acc`` for "atomic_last" when it is fp32 with >= m * n entries, else the shared
+    ``splitk_scratch``), fp32 partials [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks
+    (>= ``n_locks``) for the fixup and "atomic_last": the caller's, or the shared scratch's when they are missing
+    or too short."""
     (m, n), dev = out.shape, out.device
+    short = mode in (2, 4) and (locks is None or locks.numel() < n_locks)
     if mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n:
         ws = acc
-    elif mode >= 3:
+    elif mode == 4:
+        ws = splitk_scratch(dev, m * n, n_locks if short else 0)[0]
+    elif mode == 3:
         ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
     else:
         ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
-    if mode in (2, 4) and (locks is None or locks.numel() < n_locks):
-        locks = torch.zeros(n_locks, device=dev, dtype=torch.int32)
+    if short:
+        locks = splitk_scratch(dev, 0, n_locks)[1]
     return ws, locks
 
 

@@ -35,10 +35,12 @@ from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, splitk_buffers
 from .w4a16_small_m import _num_sms
 
-__all__ = ["TC_BLOCK_K", "tc_usable", "w4a16_tc"]
+__all__ = ["TC_BLOCK_K", "TC_BLOCK_M", "tc_block_m", "tc_usable", "w4a16_tc"]
 
 TC_BLOCK_K = 128
 """K rows per step: 16 word rows, the smallest K of an fp16/bf16 ``mma``; the group size must be a multiple."""
+TC_BLOCK_M = 64
+"""Most rows one program multiplies with its unpacked weight tile; larger M takes several row tiles."""
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 
 
@@ -86,21 +88,24 @@ if HAS_TRITON:
     def _w4_tc_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
-        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        BF16: tl.constexpr, MAGIC: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        # row tiles vary fastest in launch order: the programs that unpack the same weight tile run together
+        # and share its L2 lines (one row tile whenever M <= BLOCK_M)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         BKW: tl.constexpr = 16
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_w = tl.arange(0, BKW)
-        offs_m = tl.arange(0, 16)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         zshift = (offs_n % 8) * 4
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
             rows = k0 // 8 + offs_w
             mask_w = rows * 8 < k_hi
@@ -122,13 +127,19 @@ if HAS_TRITON:
             t = tl.dot(tl.load(xp + 6, mask=xm, other=0.0), d6, t)
             t = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), d7, t)
             acc += t * s[None, :]
-        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n, n_split, MODE)
+        tile = pid_n * tl.num_programs(0) + pid_m
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
 
 
-def tc_split(k: int, n: int, block_n: int, sms: int, programs_per_sm: int = 2) -> tuple[int, int]:
+def tc_block_m(m: int) -> int:
+    """Rows per program: M padded to a power of two >= 16 (an ``mma`` tile), at most ``TC_BLOCK_M``."""
+    return min(TC_BLOCK_M, max(16, 1 << max(0, (m - 1).bit_length())))
+
+
+def tc_split(k: int, n: int, block_n: int, sms: int, programs_per_sm: float = 2, m_tiles: int = 1) -> tuple[int, int]:
     """``(split, k_per_split)``: ~``programs_per_sm`` programs per SM, whole 128-row steps, no empty split."""
     steps = -(-k // TC_BLOCK_K)
-    want = max(1, min(round(programs_per_sm * sms / -(-n // block_n)), steps))
+    want = max(1, min(round(programs_per_sm * sms / (-(-n // block_n) * m_tiles)), steps))
     per = -(-steps // want)
     return -(-steps // per), per * TC_BLOCK_K
 
@@ -146,33 +157,38 @@ def w4a16_tc(
     block_n: int = 256,
     num_warps: int = 4,
     num_stages: int = 3,
+    block_m: int | None = None,
+    programs_per_sm: float = 2,
 ) -> torch.Tensor:
-    """``x [M, K] @ W [K, N]`` for 1 <= M <= 16 on CUDA (``tc_usable``); [M, N] in x.dtype.
+    """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype.
 
-    ``locks`` (zeroed int32, >= cdiv(N, block_n) entries) and ``acc`` (zeroed fp32, >= M * N entries) are left
-    zeroed (``PackedW4.locks`` / ``PackedW4.acc``); when missing or too short, zeroed buffers are allocated.
-    Defaults (256 columns, 4 warps, 3 stages): the fastest of the four configs in ``small_m_tc_h200.md`` in 10
-    of its 12 rows (the other two: 256 columns, 1 stage, within 1%).
+    ``block_m`` rows per program (default ``tc_block_m(M)``; more rows than that take several row tiles).
+    ``locks`` (zeroed int32, >= row tiles x cdiv(N, block_n) entries) and ``acc`` (zeroed fp32, >= M * N
+    entries) are left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); when missing or too short, the
+    device's shared split-K scratch serves (``w4a16_gemv.splitk_scratch``). Defaults (256 columns, 4 warps,
+    3 stages): the fastest of the four configs in ``small_m_tc_h200.md`` in 10 of its 12 rows (the other two:
+    256 columns, 1 stage, within 1%).
     """
     gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_tc")
     if not tc_usable(x, gs):
         raise ValueError(f"w4a16_tc needs compiled Triton on CUDA, fp16/bf16 x and a group size that is a multiple "
                          f"of {TC_BLOCK_K} (got {x.dtype} on {x.device}, group {group_size}); use w4a16_linear")
-    if not 0 <= x.shape[0] <= 16:
-        raise ValueError(f"w4a16_tc serves M <= 16 rows, got {x.shape[0]}; use w4a16_linear")
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
     (m, k), n = x.shape, qweight.shape[1]
     out = check_out(out, x, m, n)
     if m == 0:
         return out
-    split, k_per = tc_split(k, n, block_n, _num_sms(x.device.index or 0))
-    n_tiles = triton.cdiv(n, block_n)
+    bm = block_m or tc_block_m(m)
+    if bm < 16 or bm & (bm - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, block_n)
+    split, k_per = tc_split(k, n, block_n, _num_sms(x.device.index or 0), programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
-    ws, locks = splitk_buffers(out, split, mode, locks, n_tiles, acc)
-    _w4_tc_kernel[(n_tiles, split)](
+    ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
+    _w4_tc_kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=gs, BLOCK_N=block_n, MODE=mode, NUM_STAGES=num_stages, BF16=x.dtype == torch.bfloat16,
-        MAGIC=_MAGIC[x.dtype], num_warps=num_warps,
+        GROUP_SIZE=gs, BLOCK_M=bm, BLOCK_N=block_n, MODE=mode, NUM_STAGES=num_stages,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=num_warps,
     )
     return out

@@ -23,17 +23,46 @@ from triton_setup import (  # skips the module without triton
 
 wk = kernel_module("w4a16_gemm")
 tc = kernel_module("w4a16_tc")
+gemv = kernel_module("w4a16_gemv")
+
+
+def _scratch_zeroed() -> bool:
+    return all(int(a.count_nonzero()) == 0 and int(lk.count_nonzero()) == 0 for kept in gemv._SCRATCH.values()
+               for a, lk in kept)
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, tensors, packed) -> None:
     assert_close(y, gptq_reference(x, *tensors), TOL[x.dtype])
     assert int(packed.locks.abs().sum()) == 0 and float(packed.acc.abs().sum()) == 0, "buffers must stay zeroed"
+    assert _scratch_zeroed(), "the shared split-K scratch must stay zeroed"
 
 
 def test_split_covers_k_with_whole_steps() -> None:
     for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (128, 64)):
         split, per = tc.tc_split(k, n, 256, sms=132)
         assert per % tc.TC_BLOCK_K == 0 and (split - 1) * per < k <= split * per
+
+
+def test_block_m_pads_to_an_mma_tile_and_caps() -> None:
+    assert [tc.tc_block_m(m) for m in (1, 2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 16, 32, 32, 64, 64, 64, 64]
+    split, per = tc.tc_split(4096, 4096, 128, sms=132, programs_per_sm=2, m_tiles=4)
+    assert split * 4 * 32 <= 2 * 132 * 1.5 and (split - 1) * per < 4096 <= split * per
+
+
+def test_split_k_scratch_is_shared_per_stream_grows_and_keeps_old_buffers() -> None:
+    dev = torch.device("cpu")
+    gemv._SCRATCH.clear()
+    acc, locks = gemv.splitk_scratch(dev, 100, 10)
+    assert acc.numel() >= 100 and locks.numel() >= 10 and not acc.any() and not locks.any()
+    assert gemv.splitk_scratch(dev, 50, 5)[0] is acc  # enough: the same pair
+    bigger, _ = gemv.splitk_scratch(dev, 101, 1)
+    assert bigger.numel() >= 200 and bigger is not acc  # grows geometrically
+    kept = gemv._SCRATCH[("cpu", None, 0)]
+    assert any(a is acc for a, _ in kept), "graphs captured on the old pair still read it: it must stay alive"
+    out = torch.empty(4, 8)
+    ws, lk = gemv.splitk_buffers(out, 3, 4, None, 6, acc=torch.zeros(8))  # caller's acc too short: scratch
+    assert ws is bigger and lk is kept[-1][1]
+    gemv._SCRATCH.clear()
 
 
 def test_usable_only_compiled_on_cuda_with_groups_of_128() -> None:
@@ -58,6 +87,10 @@ def test_dispatcher_falls_back_where_the_kernel_cannot_run() -> None:
         (576, 1536, 128, False, 7, torch.bfloat16),  # SmolLM2: partial last group and step
         (576, 48, -1, True, 3, torch.float16),  # one group per column; N below one tile
         (1024, 4096, 256, False, 16, torch.float16),  # two steps per group
+        (4096, 4096, 128, False, 32, torch.float16),  # 32-row tile
+        (4096, 11008, 128, True, 64, torch.bfloat16),  # 64-row tile
+        (11008, 4096, 128, False, 100, torch.float16),  # two row tiles, the second partial
+        (576, 1536, 128, True, 256, torch.bfloat16),  # four row tiles
     ],
 )
 def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int, dtype: torch.dtype) -> None:
@@ -69,7 +102,19 @@ def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int,
                         locks=packed.locks, acc=packed.acc)
         assert y.data_ptr() == out.data_ptr()
         _check(y, x, tensors, packed)
-    _check(wk.w4a16_linear(x, packed), x, tensors, packed)  # the dispatcher picks this kernel for 2 <= M <= 16
+    _check(wk.w4a16_linear(x, packed), x, tensors, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,m", [(16, 40), (32, 96), (128, 200)])
+def test_gpu_row_tiles_with_each_block_m(block_m: int, m: int) -> None:
+    tensors, packed = gptq_case(4096, 4096, 128, act_order=True, seed=block_m + m)
+    for block_n, ppsm in ((128, 1), (64, 4)):  # no split and a 4-way-plus split: both epilogues
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        out = torch.full((m, 4096), float("nan"), device="cuda", dtype=torch.float16)
+        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, out=out,
+                        block_m=block_m, block_n=block_n, num_warps=8, programs_per_sm=ppsm)
+        _check(y, x, tensors, packed)
 
 
 @pytest.mark.gpu
@@ -92,3 +137,8 @@ def test_bad_inputs_raise_value_error() -> None:
     _, packed = gptq_case(256, 16, 64, act_order=False, seed=1)
     with pytest.raises(ValueError, match="w4a16_tc needs"):
         tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales, None, 64)
+    if HAS_CUDA:
+        _, packed = gptq_case(256, 16, 128, act_order=False, seed=1)
+        with pytest.raises(ValueError, match="block_m"):
+            tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales,
+                        None, 128, block_m=24)
