@@ -36,7 +36,7 @@ CATEGORIES = (  # first match wins
     ("w4 tiled gemm", r"_w4a16_kernel"),
     ("w4 dequantize", r"dequant"),
     ("lora", r"sgmv|segment|lora|shrink|expand"),
-    ("attention", r"paged|attention|attn"),
+    ("attention", r"paged|attention|attn|_decode_kernel|_combine_kernel"),
     ("fused norm/swiglu/rope", r"rms|silu|rotary"),
     ("cuBLAS (lm_head, dense)", r"gemm|gemv|cutlass|sm90_|nvjet|cublas"),
     ("sampling / softmax / reductions", r"softmax|argmax|reduce|topk|sort|sampl"),

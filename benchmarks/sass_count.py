@@ -68,6 +68,8 @@ def main() -> int:
         elems = args.block_n * args.block_k
     else:
         from inlaid.kernels.w4a16_tc import _w4_tc_kernel as fn
+        if os.environ.get("TC_NAT"):
+            from inlaid.kernels.w4a16_tc import _w4_tc_nat_kernel as fn
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
                 "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
@@ -86,7 +88,7 @@ def main() -> int:
         sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
     body = loop_body(sass)
     per_elem = len(body) * args.warps * 32 / elems
-    ops = collections.Counter(opcode(x) for x in body).most_common(8)
+    ops = collections.Counter(opcode(x) for x in body).most_common(int(os.environ.get("SASS_TOP", 8)))
     regs = max(map(int, re.findall(r"\bR(\d+)\b", sass))) + 1
     spills = len(re.findall(r"\b[LS]TL(?:\.\w+)*\s", sass))
     print(f"{args.kernel} {const} warps={args.warps}: loop {len(body)} instructions, {per_elem:.2f} per element; "

@@ -35,11 +35,14 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 MS = (2, 4, 8, 16)
 TC_CONFIGS = {"tc_default": {}, "tc_n128_s1": {"block_n": 128, "num_stages": 1},
               "tc_n256_s1": {"block_n": 256, "num_stages": 1}, "tc_n128_s3": {"block_n": 128, "num_stages": 3}}
-SWEEP = {f"tc_n{bn}_w{w}_s{st}_p{p}": {"block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p}
-         for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3) for p in (1, 2, 4)}
-SWEEP.update({f"tc_m128_n{bn}_w8_s{st}_p{p}": {"block_m": 128, "block_n": bn, "num_warps": 8, "num_stages": st,
-                                                "programs_per_sm": p}
+SWEEP = {f"nat_n{bn}_w{w}_s{st}_p{p}": {"block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p,
+                                        "natural": True}
+         for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4) for p in (1, 2)}
+SWEEP.update({f"nat_m128_n{bn}_w8_s{st}_p{p}": {"block_m": 128, "block_n": bn, "num_warps": 8, "num_stages": st,
+                                                 "programs_per_sm": p, "natural": True}
               for bn in (64, 128) for st in (2, 3) for p in (1, 2)})  # M >= 128 only (see run)
+SWEEP.update({f"tc_n256_w{w}_s{st}_p{p}": {"block_n": 256, "num_warps": w, "num_stages": st, "programs_per_sm": p}
+              for w, st, p in ((4, 2, 2), (4, 3, 2), (8, 3, 1))})  # the first sweep's best of the 8-dot kernel
 ROWS: list[dict] = []
 
 

@@ -131,6 +131,46 @@ if HAS_TRITON:
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
 
 
+    @triton.jit
+    def _w4_tc_nat_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        BKW: tl.constexpr = 16
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_w = tl.arange(0, BKW)
+        offs_k = tl.arange(0, 8 * BKW)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        zshift = (offs_n % 8) * 4
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
+            rows = k0 // 8 + offs_w
+            mask_w = rows * 8 < k_hi
+            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_w[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            zh = ((z >> zshift) & 0xF) + 1 + MAGIC
+            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack8(q, (zh | (zh << 16))[None, :], BF16)
+            e = tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7)))
+            w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))  # row 8w + j = nibble j of word w
+            xk = k0 + offs_k
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                         mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
+            acc += tl.dot(xt, w) * s[None, :]
+        tile = pid_n * tl.num_programs(0) + pid_m
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
+
 def tc_block_m(m: int) -> int:
     """Rows per program: M padded to a power of two >= 16 (an ``mma`` tile), at most ``TC_BLOCK_M``."""
     return min(TC_BLOCK_M, max(16, 1 << max(0, (m - 1).bit_length())))
@@ -159,6 +199,7 @@ def w4a16_tc(
     num_stages: int = 3,
     block_m: int | None = None,
     programs_per_sm: float = 2,
+    natural: bool = False,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype.
 
@@ -185,7 +226,8 @@ def w4a16_tc(
     split, k_per = tc_split(k, n, block_n, _num_sms(x.device.index or 0), programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
     ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
-    _w4_tc_kernel[(m_tiles, n_tiles, split)](
+    kernel = _w4_tc_nat_kernel if natural else _w4_tc_kernel
+    kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=bm, BLOCK_N=block_n, MODE=mode, NUM_STAGES=num_stages,

@@ -142,3 +142,14 @@ def test_bad_inputs_raise_value_error() -> None:
         with pytest.raises(ValueError, match="block_m"):
             tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales,
                         None, 128, block_m=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (5, torch.bfloat16), (32, torch.float16), (100, torch.bfloat16)])
+def test_gpu_natural_order_variant(m: int, dtype: torch.dtype) -> None:
+    tensors, packed = gptq_case(4096, 11008, 128, act_order=True, seed=m)
+    for block_n, warps, ppsm in ((128, 8, 1), (64, 4, 2)):
+        x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
+                        block_n=block_n, num_warps=warps, programs_per_sm=ppsm, natural=True)
+        _check(y, x, tensors, packed)
