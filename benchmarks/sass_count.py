@@ -6,7 +6,8 @@ disassembles it with the bundled ``nvdisasm`` and counts the instructions of the
 loop label to its backward branch). Per element = loop instructions x threads / elements per step.
 
     python benchmarks/sass_count.py m1                    # the M = 1 config of the tuned table
-    python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's default tile
+    python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's M <= 16 kernel
+    python benchmarks/sass_count.py tc --natural --block-m 64 --block-n 128 --warps 8   # its M > 16 kernel
     PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
 
 Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--block-n", type=int, default=256)
     ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc steps 128 rows)")
     ap.add_argument("--block-m", type=int, default=16, help="tc only: rows per program")
+    ap.add_argument("--natural", action="store_true", help="tc only: the one-dot-per-step kernel (M > 16)")
+    ap.add_argument("--top", type=int, default=8, help="how many opcodes to list")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
@@ -67,9 +70,9 @@ def main() -> int:
                  "NUM_STAGES": args.stages}
         elems = args.block_n * args.block_k
     else:
-        from inlaid.kernels.w4a16_tc import _w4_tc_kernel as fn
-        if os.environ.get("TC_NAT"):
-            from inlaid.kernels.w4a16_tc import _w4_tc_nat_kernel as fn
+        from inlaid.kernels import w4a16_tc
+
+        fn = w4a16_tc._w4_tc_nat_kernel if args.natural else w4a16_tc._w4_tc_kernel
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
                 "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
@@ -88,7 +91,7 @@ def main() -> int:
         sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
     body = loop_body(sass)
     per_elem = len(body) * args.warps * 32 / elems
-    ops = collections.Counter(opcode(x) for x in body).most_common(int(os.environ.get("SASS_TOP", 8)))
+    ops = collections.Counter(opcode(x) for x in body).most_common(args.top)
     regs = max(map(int, re.findall(r"\bR(\d+)\b", sass))) + 1
     spills = len(re.findall(r"\b[LS]TL(?:\.\w+)*\s", sass))
     print(f"{args.kernel} {const} warps={args.warps}: loop {len(body)} instructions, {per_elem:.2f} per element; "

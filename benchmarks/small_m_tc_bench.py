@@ -15,6 +15,7 @@ kernel must leave its shared split-K scratch zeroed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,20 +29,21 @@ from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 from inlaid.kernels.w4a16_small_m import w4a16_small_m  # noqa: E402
-from inlaid.kernels.w4a16_tc import w4a16_tc  # noqa: E402
+from inlaid.kernels.w4a16_tc import tc_config, w4a16_tc  # noqa: E402
 
 DEV, GS, L2_BYTES = "cuda", 128, 60 << 20
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 MS = (2, 4, 8, 16)
-TC_CONFIGS = {"tc_default": {}, "tc_n128_s1": {"block_n": 128, "num_stages": 1},
+TC_CONFIGS = {"tc_n128_s1": {"block_n": 128, "num_stages": 1},
               "tc_n256_s1": {"block_n": 256, "num_stages": 1}, "tc_n128_s3": {"block_n": 128, "num_stages": 3}}
-SWEEP = {f"nat_n{bn}_w{w}_s{st}_p{p}": {"block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p,
-                                        "natural": True}
+SWEEP = {f"nat_n{bn}_w{w}_s{st}_p{p}": {"block_n": bn, "num_warps": w, "num_stages": st,
+                                        "programs_per_sm": p, "natural": True}
          for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4) for p in (1, 2)}
 SWEEP.update({f"nat_m128_n{bn}_w8_s{st}_p{p}": {"block_m": 128, "block_n": bn, "num_warps": 8, "num_stages": st,
                                                  "programs_per_sm": p, "natural": True}
               for bn in (64, 128) for st in (2, 3) for p in (1, 2)})  # M >= 128 only (see run)
-SWEEP.update({f"tc_n256_w{w}_s{st}_p{p}": {"block_n": 256, "num_warps": w, "num_stages": st, "programs_per_sm": p}
+SWEEP.update({f"tc_n256_w{w}_s{st}_p{p}": {"block_n": 256, "num_warps": w, "num_stages": st,
+                                           "programs_per_sm": p, "natural": False}
               for w, st, p in ((4, 2, 2), (4, 3, 2), (8, 3, 1))})  # the first sweep's best of the 8-dot kernel
 ROWS: list[dict] = []
 
@@ -91,8 +93,12 @@ def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, 
             for name, kw in configs.items():
                 if kw.get("block_m", 16) > max(16, 1 << (m - 1).bit_length()):
                     continue  # a row tile far taller than M: padding only
-                impls[name] = (packed, lambda p, kw=kw: w4a16_tc(x, p.qweight, p.qzeros, p.scales, p.perm, GS,
-                                                                 out=out, locks=p.locks, acc=p.acc, **kw))
+                # tc_default: the library's tc_config(m); the others name what differs from the 8-dot kernel with
+                # M padded to a power of two in [16, 64] rows per tile
+                cfg = tc_config(m) if name == "tc_default" else dataclasses.replace(
+                    tc_config(m), **{"block_m": min(64, max(16, 1 << (m - 1).bit_length())), "natural": False, **kw})
+                impls[name] = (packed, lambda p, cfg=cfg: w4a16_tc(x, p.qweight, p.qzeros, p.scales, p.perm, GS,
+                                                                 out=out, locks=p.locks, acc=p.acc, config=cfg))
             for name, (copies, call) in impls.items():
                 row = {"shape": f"{k}x{n}", "m": m, "impl": name}
                 try:

@@ -2,9 +2,9 @@
 
 Torch reference: ``inlaid.kernels.gptq_dequant.gptq_linear`` (same layout,
 same math: dequantize in fp32, cast once, matmul). Layout, act-order and
-``PackedW4``: ``w4_layout`` (re-exported here for the callers). Small M
-(<= 16) goes to the GEMV kernel (``w4a16_gemv``); large M to dequantize +
-cuBLAS (``w4_dequant``).
+``PackedW4``: ``w4_layout`` (re-exported here for the callers). M = 1 goes to
+the GEMV kernel (``w4a16_gemv``), 2 <= M <= 128 on CUDA to the tensor-core
+kernel (``w4a16_tc``), large M to dequantize + cuBLAS (``w4_dequant``).
 
 Tiled kernel (``w4a16_gemm``, mid-size M): the fused dequantization sits in
 the K loop: a ``[BLOCK_K, BLOCK_N]`` tile of packed words (each word read for
@@ -15,12 +15,13 @@ last group, the partial last tile) are masked. For small M, ``split_k``
 programs ``atomic_add`` fp32 partials into a zeroed buffer, cast afterwards.
 
 ``w4a16_linear`` dispatch (per call, by M = rows of x):
-M = 1: the GEMV kernel; 2 <= M <= 16: the tensor-core kernel (``w4a16_tc``: CUDA, fp16/bf16, groups of
-128k or one group), else the small-M kernel (``w4a16_small_m``; both up to ``gemv_max_m``), tiled kernel for ``M <= fused_max_m``
-(tuned per GPU and shape in ``w4a16_configs.json``, else 64), else a Triton
-dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable Triton
-(CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a
-multiple of 8 (and not one group) also take the dequantize path.
+M = 1: the GEMV kernel; 2 <= M <= ``TC_MAX_M`` (128): the tensor-core kernel where it runs (``w4a16_tc``:
+compiled on CUDA, fp16/bf16, groups of 128k or one group); otherwise 2 <= M <= 16 take the small-M kernel
+(``w4a16_small_m``; both up to ``gemv_max_m``) and larger M the tiled kernel for ``M <= fused_max_m`` (tuned
+per GPU and shape in ``w4a16_configs.json``, else 64; an explicit ``fused_max_m`` also caps the tensor-core
+path above 16 rows), else a Triton dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable
+Triton (CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a multiple of 8 (and not
+one group) also take the dequantize path.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .w4_layout import (
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
-from .w4a16_tc import tc_usable, w4a16_tc
+from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -217,17 +218,20 @@ def w4a16_linear(
     gemv_max_m: int = GEMV_MAX_M,
     gemv: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """``x [..., K] @ W (+ bias)``: M = 1 GEMV, small-M kernel for 2 <= M <= 16 (both up to ``gemv_max_m``), tiled kernel for M <= ``fused_max_m`` (tuned
-    table when None), else dequantize + matmul (cuBLAS). ``config``/``gemv`` override the tuned configs."""
+    """``x [..., K] @ W (+ bias)`` by the module docstring's dispatch; ``config``/``gemv`` force the tiled kernel /
+    GEMV configs (and bypass the tensor-core kernel)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     (m, k), n = x2.shape, packed.out_features
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
+    tc = kernels and config is None and gemv is None and tc_usable(x2, kernel_group_size(packed.group_size, k))
     small = kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None
-    if small and tc_usable(x2, kernel_group_size(packed.group_size, k)):
-        # tensor cores on an inline-PTX half2 unpack (H200: 1.04-1.29x faster than w4a16_small_m at M 2..16 on
-        # the Llama-2-7B shapes, 0.95x at 4096x4096 M=16; benchmarks/results/small_m_tc_h200.md)
+    tc_max_m = TC_MAX_M if fused_max_m is None else min(TC_MAX_M, fused_max_m)
+    if (small and tc) or (tc and SMALL_M_MAX < m <= tc_max_m):
+        # tensor cores on an inline-PTX half2 unpack (H200, benchmarks/results/tc_sweep_h200.md: M 2..16
+        # 1.05-1.50x fp16 cuBLAS; M 64 / 128 1.8-2.4x / 1.25-1.6x faster than the tiled kernel or dequantize +
+        # cuBLAS, which win again at M = 256); an explicit fused_max_m also caps this path
         y = w4a16_tc(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
                      locks=packed.locks, acc=packed.acc)
     elif small:

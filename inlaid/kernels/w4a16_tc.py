@@ -1,33 +1,46 @@
-"""Tensor-core W4A16 for small batches (2 <= M <= 16) on CUDA: inline-PTX half2 unpack + ``tl.dot``.
+"""Tensor-core W4A16 on CUDA for 2 <= M <= ``TC_MAX_M``: inline-PTX half2 unpack + ``tl.dot``.
 
 Torch reference: ``inlaid.kernels.gptq_dequant.gptq_linear``; layout, act-order and ``PackedW4``:
-``w4_layout``. The CPU-testable small-M kernel (``w4a16_small_m``) serves the same calls where this one
-cannot run (the Triton interpreter has no inline assembly; group sizes below 128).
+``w4_layout``. The CPU-testable small-M kernel (``w4a16_small_m``) serves M <= 16 where these cannot run
+(the Triton interpreter has no inline assembly; group sizes below 128).
 
-Design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpack):
-- grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; a program owns BLOCK_N columns, all M (<= 16, padded to 16 for
-  ``mma``) rows and a contiguous K range of 128-row steps, so each step lies in one quantization group
-  (group size a multiple of 128, or one group);
+Shared design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpack):
+- grid ``(row tiles, cdiv(N, BLOCK_N), SPLIT_K)``; a program owns BLOCK_M rows (M padded to an ``mma``
+  tile of 16/32/64, more rows take several row tiles; row tiles vary fastest so the programs sharing a
+  weight tile run together), BLOCK_N columns and a contiguous K range of 128-row steps, so each step lies
+  in one quantization group (group size a multiple of 128, or one group);
 - each step loads a ``[16, BLOCK_N]`` tile of int32 words (word row w holds input rows 8w..8w+7) and turns
   every word into 8 exact 16-bit values ``code - zero`` with 11 PTX instructions
   (``_unpack8``): ``lop3(word >> 4i, 0x000f000f, MAGIC)`` puts nibbles i and i + 4 into the mantissas of
   a half2 whose exponent makes it ``(MAGIC + code_i, MAGIC + code_{i+4})`` (fp16 ``0x6400`` = 1024, bf16
   ``0x4300`` = 128; exact), and one ``sub.{f16,bf16}x2`` of ``(MAGIC + zero)`` leaves ``code - zero``
-  (|.| <= 16, exact in 16 bits); the multiply-adds run on tensor cores. Loop instructions per element
-  (``python benchmarks/sass_count.py tc``): 3.40, vs 5.97 for the M = 1 FMA kernel's tuned tile;
-- nibble j of every word of the tile is a ``[16, BLOCK_N]`` operand ``d_j`` whose K index is the word row,
-  so step t is 8 ``tl.dot(x[:, 8w + j], d_j)`` (x gathered with the same stride-8 pattern; the sum over K
-  does not care about the order). The fp32 result is scaled once per step (one group per step);
+  (|.| <= 16, exact in 16 bits); the multiply-adds run on tensor cores. The fp32 product is scaled once per
+  step (one group per step);
 - split-K: "atomic_last" (``w4a16_gemv``'s MODE 4: atomic adds into a zeroed fp32 buffer, the tile's last
-  program casts, stores and re-zeroes; one launch plus a memset when the caller's buffer is too small).
+  program casts, stores and re-zeroes; the caller's buffer or the stream's shared ``splitk_scratch``).
   No host sync, fixed shapes: CUDA-graph safe.
 
-Measured on the H200 (``python benchmarks/small_m_tc_bench.py``, ``benchmarks/results/small_m_tc_h200.md``):
-1.04-1.29x faster than ``w4a16_small_m`` at M = 2..16 on the Llama-2-7B shapes except 4096 x 4096 at M = 16
-(0.95x); at M = 1 slower than the FMA GEMV (``tc_lab_h200_s6.json``), so the dispatcher keeps M = 1 there.
+Two kernels, by how the unpacked nibbles meet x:
+- ``_w4_tc_kernel`` (M <= 16): nibble j of every word is a ``[16, BLOCK_N]`` operand ``d_j`` whose K index is
+  the word row, so a step is 8 ``tl.dot(x[:, 8w + j], d_j)`` with K = 16 (x gathered with the same stride-8
+  pattern; the sum over K does not care about the order). ``mma.sync`` on register operands; loop
+  instructions per element (``python benchmarks/sass_count.py tc --stages 2``): 3.30;
+- ``_w4_tc_nat_kernel`` (M > 16): the 8 nibble tiles are interleaved back into row order in registers
+  (``join`` + ``permute`` + ``reshape``: row 8w + j), x is one contiguous ``[BLOCK_M, 128]`` tile (pipelined
+  like any ``tl.dot`` operand) and a step is ONE ``tl.dot`` with K = 128. At 64-row tiles this is a single
+  wgmma chain per step; the 8-dot form there issues 8 shared-memory round trips with fences (SASS loop at
+  64 x 128, 8 warps: 378 instructions vs 568: ``python benchmarks/sass_count.py tc [--natural] --block-m 64
+  --block-n 128 --warps 8``), and was 2-3.5x slower at M >= 64 (``benchmarks/results/tc_sweep_h200.md``).
+
+Measured on the H200 (``benchmarks/results/tc_sweep_h200.md``, one run, CUDA graphs over weight copies > 3x L2):
+M = 2..16 1.05-1.50x fp16 cuBLAS (the small-M kernel: 0.91-1.11x); M = 64 and 128: 1.8-2.4x and 1.25-1.6x
+faster than the dispatcher's previous path (tiled kernel / dequantize + cuBLAS), but still 0.44-0.93x cuBLAS;
+M = 256: slower than dequantize + cuBLAS, hence ``TC_MAX_M``. At M = 1 the FMA GEMV is faster.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,12 +48,13 @@ from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, splitk_buffers
 from .w4a16_small_m import _num_sms
 
-__all__ = ["TC_BLOCK_K", "TC_BLOCK_M", "tc_block_m", "tc_usable", "w4a16_tc"]
+__all__ = ["TC_BLOCK_K", "TC_MAX_M", "TcConfig", "tc_config", "tc_usable", "w4a16_tc"]
 
 TC_BLOCK_K = 128
 """K rows per step: 16 word rows, the smallest K of an fp16/bf16 ``mma``; the group size must be a multiple."""
-TC_BLOCK_M = 64
-"""Most rows one program multiplies with its unpacked weight tile; larger M takes several row tiles."""
+TC_MAX_M = 128
+"""Largest M ``w4a16_linear`` sends here: at 256 rows dequantize + cuBLAS was faster on all three Llama-2-7B
+shapes, at 128 this kernel was (``benchmarks/results/tc_sweep_h200.md``)."""
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 
 
@@ -85,6 +99,22 @@ if HAS_TRITON:
                                              dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
     @triton.jit
+    def _step_weights(qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
+                      GROUP_SIZE: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+        """One 128-row step's weights: the 8 nibble tiles ``code - zero`` [16, BLOCK_N], the fp32 scales of the
+        step's group [BLOCK_N] and the mask of word rows inside the program's K range."""
+        rows = k0 // 8 + offs_w
+        mask_w = rows * 8 < k_hi
+        q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
+                    mask=mask_w[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+        g = k0 // GROUP_SIZE
+        s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+        zh = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1 + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _unpack8(q, (zh | (zh << 16))[None, :], BF16)
+        return d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w
+
+    @triton.jit
     def _w4_tc_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
@@ -104,18 +134,11 @@ if HAS_TRITON:
         mask_m = offs_m < M
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        zshift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
-            rows = k0 // 8 + offs_w
-            mask_w = rows * 8 < k_hi
-            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
-                        mask=mask_w[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
-            g = k0 // GROUP_SIZE
-            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            zh = ((z >> zshift) & 0xF) + 1 + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
-            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack8(q, (zh | (zh << 16))[None, :], BF16)
+            d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
+                qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
+                GROUP_SIZE, BF16, MAGIC)
             xp = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_w[None, :] * 8  # x[:, 8w + j] pairs with d_j
             xm = mask_m[:, None] & mask_w[None, :]
             t = tl.dot(tl.load(xp, mask=xm, other=0.0), d0)
@@ -130,7 +153,6 @@ if HAS_TRITON:
         tile = pid_n * tl.num_programs(0) + pid_m
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
 
-
     @triton.jit
     def _w4_tc_nat_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
@@ -138,7 +160,7 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        pid_m = tl.program_id(0)  # same grid as _w4_tc_kernel
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         BKW: tl.constexpr = 16
@@ -150,20 +172,15 @@ if HAS_TRITON:
         mask_m = offs_m < M
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        zshift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
-            rows = k0 // 8 + offs_w
-            mask_w = rows * 8 < k_hi
-            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
-                        mask=mask_w[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
-            g = k0 // GROUP_SIZE
-            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            zh = ((z >> zshift) & 0xF) + 1 + MAGIC
-            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack8(q, (zh | (zh << 16))[None, :], BF16)
+            d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
+                qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
+                GROUP_SIZE, BF16, MAGIC)
+            # e[w, n, c, b, a] = d_{4a + 2b + c}[w, n]; permuted to [w, a, b, c, n] its rows read 8w + j, the
+            # input-row order, so x needs no gather (the compiler keeps this a register/shared-memory relayout)
             e = tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7)))
-            w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))  # row 8w + j = nibble j of word w
+            w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))
             xk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
                          mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
@@ -171,9 +188,37 @@ if HAS_TRITON:
         tile = pid_n * tl.num_programs(0) + pid_m
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
 
-def tc_block_m(m: int) -> int:
-    """Rows per program: M padded to a power of two >= 16 (an ``mma`` tile), at most ``TC_BLOCK_M``."""
-    return min(TC_BLOCK_M, max(16, 1 << max(0, (m - 1).bit_length())))
+
+@dataclass(frozen=True)
+class TcConfig:
+    """Launch configuration of ``w4a16_tc`` (``tc_config(m)`` gives the measured default for M rows)."""
+
+    block_m: int = 16
+    """Rows per program: a power of two >= 16; M beyond it takes several row tiles."""
+    block_n: int = 256
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: float = 2
+    """Split K until about this many programs per SM (``tc_split``)."""
+    natural: bool = False
+    """``_w4_tc_nat_kernel`` (one K = 128 dot per step) instead of the 8-dot ``_w4_tc_kernel``."""
+
+    def __post_init__(self) -> None:
+        if self.block_m < 16 or self.block_m & (self.block_m - 1) or self.block_n < 16 or self.block_n & (
+                self.block_n - 1):  # fmt: skip
+            raise ValueError(f"block_m and block_n must be powers of two >= 16: {self}")
+        if self.num_warps < 1 or self.num_stages < 1 or self.programs_per_sm <= 0:
+            raise ValueError(f"num_warps, num_stages and programs_per_sm must be positive: {self}")
+
+
+def tc_config(m: int) -> TcConfig:
+    """The default for M rows: the fastest config (geometric mean over the three Llama-2-7B shapes) of the H200
+    sweep ``benchmarks/results/tc_sweep_h200.md`` in M's bucket."""
+    if m <= 16:  # 8-dot kernel, one 16-row tile (fastest at M = 16; within 3% of the best at 2..8)
+        return TcConfig(16, 256, 4, 2, 2, False)
+    if m <= 64:  # one 64-row tile: wgmma (a 32-row tile runs mma.sync and was slower at M = 32 than this at 64)
+        return TcConfig(64, 128, 4, 3, 2, True)
+    return TcConfig(64, 64, 4, 3, 2, True)
 
 
 def tc_split(k: int, n: int, block_n: int, sms: int, programs_per_sm: float = 2, m_tiles: int = 1) -> tuple[int, int]:
@@ -194,21 +239,13 @@ def w4a16_tc(
     out: torch.Tensor | None = None,
     locks: torch.Tensor | None = None,
     acc: torch.Tensor | None = None,
-    block_n: int = 256,
-    num_warps: int = 4,
-    num_stages: int = 3,
-    block_m: int | None = None,
-    programs_per_sm: float = 2,
-    natural: bool = False,
+    config: TcConfig | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype.
+    """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype; ``config`` default ``tc_config(M)``.
 
-    ``block_m`` rows per program (default ``tc_block_m(M)``; more rows than that take several row tiles).
     ``locks`` (zeroed int32, >= row tiles x cdiv(N, block_n) entries) and ``acc`` (zeroed fp32, >= M * N
     entries) are left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); when missing or too short, the
-    device's shared split-K scratch serves (``w4a16_gemv.splitk_scratch``). Defaults (256 columns, 4 warps,
-    3 stages): the fastest of the four configs in ``small_m_tc_h200.md`` in 10 of its 12 rows (the other two:
-    256 columns, 1 stage, within 1%).
+    stream's shared split-K scratch serves (``w4a16_gemv.splitk_scratch``).
     """
     gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_tc")
     if not tc_usable(x, gs):
@@ -219,18 +256,16 @@ def w4a16_tc(
     out = check_out(out, x, m, n)
     if m == 0:
         return out
-    bm = block_m or tc_block_m(m)
-    if bm < 16 or bm & (bm - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
-    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, block_n)
-    split, k_per = tc_split(k, n, block_n, _num_sms(x.device.index or 0), programs_per_sm, m_tiles)
+    cfg = config or tc_config(m)
+    m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    split, k_per = tc_split(k, n, cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
     ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
-    kernel = _w4_tc_nat_kernel if natural else _w4_tc_kernel
+    kernel = _w4_tc_nat_kernel if cfg.natural else _w4_tc_kernel
     kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=gs, BLOCK_M=bm, BLOCK_N=block_n, MODE=mode, NUM_STAGES=num_stages,
-        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=num_warps,
+        GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps,
     )
     return out

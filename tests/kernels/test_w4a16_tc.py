@@ -43,8 +43,12 @@ def test_split_covers_k_with_whole_steps() -> None:
         assert per % tc.TC_BLOCK_K == 0 and (split - 1) * per < k <= split * per
 
 
-def test_block_m_pads_to_an_mma_tile_and_caps() -> None:
-    assert [tc.tc_block_m(m) for m in (1, 2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 16, 32, 32, 64, 64, 64, 64]
+def test_default_configs_by_m_and_validation() -> None:
+    assert [(c.block_m, c.natural) for c in map(tc.tc_config, (1, 16, 17, 64, 65, 128))] == [
+        (16, False), (16, False), (64, True), (64, True), (64, True), (64, True)]
+    for bad in ({"block_m": 24}, {"block_n": 8}, {"num_warps": 0}, {"programs_per_sm": 0}):
+        with pytest.raises(ValueError):
+            tc.TcConfig(**bad)
     split, per = tc.tc_split(4096, 4096, 128, sms=132, programs_per_sm=2, m_tiles=4)
     assert split * 4 * 32 <= 2 * 132 * 1.5 and (split - 1) * per < 4096 <= split * per
 
@@ -106,22 +110,24 @@ def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m,m", [(16, 40), (32, 96), (128, 200)])
+@pytest.mark.parametrize("block_m,m", [(16, 40), (32, 96), (128, 200)])  # 8-dot kernel at 16, natural above
 def test_gpu_row_tiles_with_each_block_m(block_m: int, m: int) -> None:
     tensors, packed = gptq_case(4096, 4096, 128, act_order=True, seed=block_m + m)
     for block_n, ppsm in ((128, 1), (64, 4)):  # no split and a 4-way-plus split: both epilogues
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         out = torch.full((m, 4096), float("nan"), device="cuda", dtype=torch.float16)
+        cfg = tc.TcConfig(block_m=block_m, block_n=block_n, num_warps=8, programs_per_sm=ppsm, natural=block_m > 16)
         y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, out=out,
-                        block_m=block_m, block_n=block_n, num_warps=8, programs_per_sm=ppsm)
+                        config=cfg)
         _check(y, x, tensors, packed)
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_inputs() -> None:
+@pytest.mark.parametrize("m", [8, 48])  # 8-dot kernel; natural kernel on the stream's shared scratch
+def test_gpu_cuda_graph_replay_with_new_inputs(m: int) -> None:
     tensors, packed = gptq_case(4096, 4096, 128, act_order=True, seed=11)
-    x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
-    out = torch.empty(8, 4096, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, 4096, device="cuda", dtype=torch.float16)
     call = lambda: tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm,
                                packed.group_size, out=out, locks=packed.locks)
     graph = capture_graph(call)
@@ -131,17 +137,17 @@ def test_gpu_cuda_graph_replay_with_new_inputs() -> None:
         graph.replay()
         torch.cuda.synchronize()
         _check(out, x, tensors, packed)
+    call()  # an eager call between replays (another stream's scratch) changes nothing for the graph
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, x, tensors, packed)
 
 
 def test_bad_inputs_raise_value_error() -> None:
     _, packed = gptq_case(256, 16, 64, act_order=False, seed=1)
     with pytest.raises(ValueError, match="w4a16_tc needs"):
         tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales, None, 64)
-    if HAS_CUDA:
-        _, packed = gptq_case(256, 16, 128, act_order=False, seed=1)
-        with pytest.raises(ValueError, match="block_m"):
-            tc.w4a16_tc(torch.randn(2, 256, device=DEVICE).half(), packed.qweight, packed.qzeros, packed.scales,
-                        None, 128, block_m=24)
+
 
 
 @pytest.mark.gpu
@@ -150,6 +156,7 @@ def test_gpu_natural_order_variant(m: int, dtype: torch.dtype) -> None:
     tensors, packed = gptq_case(4096, 11008, 128, act_order=True, seed=m)
     for block_n, warps, ppsm in ((128, 8, 1), (64, 4, 2)):
         x = torch.randn(m, 4096, device="cuda", dtype=dtype)
-        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
-                        block_n=block_n, num_warps=warps, programs_per_sm=ppsm, natural=True)
+        cfg = tc.TcConfig(block_m=16 if m <= 16 else 64, block_n=block_n, num_warps=warps, programs_per_sm=ppsm,
+                          natural=True)
+        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, config=cfg)
         _check(y, x, tensors, packed)
