@@ -31,7 +31,7 @@ from inlaid.sampling import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("w4 gemv (M=1)", r"_w4_gemv_m1_kernel"),
-    ("w4 tensor-core", r"_w4_tc_kernel"),
+    ("w4 tensor-core", r"_w4_tc_(nat_)?kernel"),
     ("w4 small-M / gemv", r"_w4_(small_m|gemv)_kernel"),
     ("w4 tiled gemm", r"_w4a16_kernel"),
     ("w4 dequantize", r"dequant"),

@@ -21,8 +21,10 @@ partials, scales in fp32 and adds into ``out`` (read-modify-write, one
 rounding to out.dtype). Decode batches (T = number of sequences) are the
 target; for long prefills every token re-reads its adapter's A/B (T·R·(in+out)
 weight bytes), where the segment (SGMV) reference amortises them — callers may
-keep prefill on ``lora_apply``. Fusing q/k/v (or gate/up) into one launch is not
-done here: the pool keeps one stack per projection.
+keep prefill on ``lora_apply``. A fused group (q/k/v or gate/up: one shrink over
+their shared A buffer) expands in one launch too (``lora_expand_group``: the output
+blocks of all members in one grid), so a layer costs 4 shrink and 4 expand launches
+instead of 4 and 7.
 """
 
 from __future__ import annotations
@@ -58,19 +60,15 @@ if HAS_TRITON:
         tl.store(ws_ptr + sp * stride_wsp + t * stride_wt + offs_r, acc, mask=offs_r < R)
 
     @triton.jit
-    def _expand_kernel(
-        ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, T, D_OUT, R, NUM_SPLITS,
-        stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        slot = tl.load(slots_ptr + t).to(tl.int64)
+    def _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, pid_n, slot, D_OUT, R, NUM_SPLITS, r_off,
+                      stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr):
+        """``out[t, block] += scaling[slot] * (Σ_splits partials[:, t, r_off:r_off + R]) @ B[slot, block]ᵀ``."""
         n_eff = tl.where(slot >= 0, D_OUT, 0)  # slot -1: nothing loaded or stored, row untouched
         slot = tl.maximum(slot, 0)
         offs_r = tl.arange(0, BLOCK_R)
         offs_sp = tl.arange(0, BLOCK_SP)
-        part = tl.load(ws_ptr + offs_sp[:, None] * stride_wsp + t * stride_wt + offs_r[None, :],
+        part = tl.load(ws_ptr + offs_sp[:, None] * stride_wsp + t * stride_wt + r_off + offs_r[None, :],
                        mask=(offs_sp < NUM_SPLITS)[:, None] & (offs_r < R)[None, :], other=0.0)
         y = tl.sum(part, axis=0) * tl.load(scal_ptr + slot).to(tl.float32)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,6 +79,40 @@ if HAS_TRITON:
         o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
         o = tl.load(o_ptrs, mask=mask_n, other=0.0)
         tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _expand_kernel(
+        ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, T, D_OUT, R, NUM_SPLITS,
+        stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, tl.program_id(1), slot, D_OUT, R, NUM_SPLITS, 0,
+                      stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
+                      BLOCK_R, BLOCK_N, BLOCK_SP)
+
+    @triton.jit
+    def _expand_group_kernel(
+        ws_ptr, slots_ptr, T, R, NUM_SPLITS, stride_wsp, stride_wt,
+        b0, sc0, o0, n0, sb0, so0, b1, sc1, o1, n1, sb1, so1, b2, sc2, o2, n2, sb2, so2, nb0, nb1,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
+    ):
+        """The expands of a fused group (2 or 3 projections sharing one shrink) in one launch: output block
+        ``pid`` belongs to member 0 below ``nb0`` blocks, member 1 below ``nb0 + nb1``, else member 2; member j
+        reads ranks ``[j*R, (j+1)*R)`` of the group's partials. B stacks are ``[S, n_j, R]`` with rows of R."""
+        t = tl.program_id(0)
+        pid = tl.program_id(1)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        if pid < nb0:
+            _expand_block(ws_ptr, b0, sc0, o0, t, pid, slot, n0, R, NUM_SPLITS, 0, stride_wsp, stride_wt, sb0, R, 1,
+                          so0, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+        elif pid < nb0 + nb1:
+            _expand_block(ws_ptr, b1, sc1, o1, t, pid - nb0, slot, n1, R, NUM_SPLITS, R, stride_wsp, stride_wt, sb1,
+                          R, 1, so1, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+        else:
+            _expand_block(ws_ptr, b2, sc2, o2, t, pid - nb0 - nb1, slot, n2, R, NUM_SPLITS, 2 * R, stride_wsp,
+                          stride_wt, sb2, R, 1, so2, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
 
 
 def _check(x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor) -> None:
@@ -152,6 +184,43 @@ def lora_expand(
         BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])),
     )
     return out
+
+
+def lora_expand_group(
+    partials: torch.Tensor, b_stacks: list[torch.Tensor], scalings: list[torch.Tensor], token_slots: torch.Tensor,
+    outs: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """``lora_expand`` of 2 or 3 projections in one launch: member j adds its delta from ranks ``[j*R, (j+1)*R)``
+    of the group's shrink ``partials`` [P, T, n*R] (fp32) into ``outs[j]`` in place; returns ``outs``."""
+    n = len(b_stacks)
+    if not 2 <= n <= 3 or len(scalings) != n or len(outs) != n:
+        raise ValueError(f"a fused expand takes 2 or 3 (B, scalings, out) members, got {n}/{len(scalings)}/{len(outs)}")
+    r = b_stacks[0].shape[2]
+    if partials.dim() != 3 or partials.dtype != torch.float32 or partials.stride(2) != 1 or partials.shape[2] < n * r:
+        raise ValueError(f"partials must be fp32 [P, T, >= {n}*R] with unit rank stride, got {tuple(partials.shape)}")
+    for b, sc, out in zip(b_stacks, scalings, outs):
+        if b.dim() != 3 or b.shape[1:] != (out.shape[1], r) or b.stride(1) != r or b.stride(2) != 1:
+            raise ValueError(f"B {tuple(b.shape)} must be [S, out={out.shape[1]}, R={r}] with contiguous rows")
+        if out.shape[0] != partials.shape[1] or out.stride(1) != 1 or sc.shape != (b.shape[0],):
+            raise ValueError(f"out {tuple(out.shape)} must have {partials.shape[1]} rows (unit column stride) and "
+                             f"scalings [S={b.shape[0]}]")
+        _check(out, b.transpose(1, 2), token_slots)
+    t = partials.shape[1]
+    if t == 0:
+        return outs
+    block_n = 128
+    blocks = [triton.cdiv(out.shape[1], block_n) for out in outs]
+    args = []
+    for j in range(3):  # a 2-member group repeats member 1 as member 2 with no blocks
+        b, sc, out = (b_stacks[j], scalings[j], outs[j]) if j < n else (b_stacks[1], scalings[1], outs[1])
+        args += [b, sc, out, out.shape[1], b.stride(0), out.stride(0)]
+    _expand_group_kernel[(t, sum(blocks))](
+        partials, token_slots, t, r, partials.shape[0], partials.stride(0), partials.stride(1), *args,
+        blocks[0], blocks[1],
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
+        BLOCK_SP=max(2, triton.next_power_of_2(partials.shape[0])),
+    )
+    return outs
 
 
 def lora_apply_triton(

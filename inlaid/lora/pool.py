@@ -51,7 +51,9 @@ the device, so the forward is CUDA-graph capturable. The A stacks of q/k/v
 (and of gate/up), which read the same x, are views into one buffer
 ``[L, S, n*R, in]``: one shrink launch serves the whole group (x read once;
 partials cached in ``batch.lora_meta`` for the sibling projections, keyed by
-layer and the identity of x), then one expand per projection. Slot ids are
+layer and the identity of x), then one expand per projection; ``apply_group``
+(what the model calls for q/k/v and gate/up) also fuses the expands into one
+launch per group. Slot ids are
 not validated on this path (the scheduler assigns them; invalid ids are
 undefined behaviour on the device, like an out-of-range embedding id).
 """
@@ -238,6 +240,28 @@ class LoRAPool:
         if self.triton_prefill and x.is_cuda:
             return lseg.lora_apply_segments(x, out, a, b, sc, segments.token_order, self._segment_tiles(segments))
         return lora_apply(x, out, a, b, sc, segments)
+
+    def apply_group(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor, outs: Sequence[torch.Tensor],
+                    batch: ForwardBatch) -> list[torch.Tensor]:
+        """``apply`` for projections that read the same ``x`` (q/k/v, gate/up), each ``outs[j]`` updated in place.
+
+        On the device path a fused group (``FUSED_GROUPS``, its A stacks in one buffer) runs one shrink and ONE
+        expand launch for all members (``lora_sgmv_triton.lora_expand_group``); otherwise ``apply`` per member.
+        """
+        meta = batch.lora_meta
+        if meta is None and all(m in self.a for m in modules):
+            self.prepare(batch)
+            meta = batch.lora_meta
+        group = [self.group_of.get(m) for m in modules]
+        fused = (isinstance(meta, DecodeMeta) and 2 <= len(modules) <= 3 and None not in group
+                 and len({id(buf) for buf, _ in group}) == 1 and [j for _, j in group] == list(range(len(modules))))
+        if not fused:
+            return [self.apply(layer_idx, m, x, o, batch) for m, o in zip(modules, outs)]
+        if not meta.active:
+            return list(outs)
+        partials = lt.lora_shrink_partials(x, group[0][0][layer_idx], meta.token_slots)
+        return lt.lora_expand_group(partials, [self.b[m][layer_idx] for m in modules],
+                                    [self.scalings[m][layer_idx] for m in modules], meta.token_slots, list(outs))
 
     def _segment_tiles(self, segments: LoRASegments) -> torch.Tensor:
         """The kernel's tile table of ``segments``, built once per batch (every layer and projection reuses it)."""

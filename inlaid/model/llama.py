@@ -12,7 +12,8 @@ Invariants:
   prefills and decodes mix in one batch.
 - With a LoRA hook set, ``hook.prepare(batch)`` runs once per forward and
   ``hook.apply(layer_idx, module, x, out, batch)`` after every one of the seven
-  projections (q/k/v/o/gate/up/down are separate modules for that reason).
+  projections (q/k/v/o/gate/up/down are separate modules for that reason); q/k/v
+  and gate/up, which read the same x, reach it through one ``hook.apply_group``.
 - Tied embeddings: no ``lm_head`` module; logits use ``embed_tokens.weight``.
 - Tensor parallelism (``tp`` with world > 1, layout in ``inlaid.distributed.sharding``):
   each rank holds its heads, its KV heads (KV cache sharded the same way),
@@ -72,6 +73,17 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
     return layer.reduce(out)
 
 
+def _project_group(parent: nn.Module, names: tuple[str, ...], layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
+                   hook: LoRAHook | None) -> list[torch.Tensor]:
+    """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): one ``hook.apply_group`` call, so
+    the hook can run their LoRA kernels together."""
+    layers: list[ParallelLinear] = [getattr(parent, n) for n in names]
+    outs = [layer.forward_local(x) for layer in layers]
+    if hook is not None:
+        outs = hook.apply_group(layer_idx, names, x, outs, batch)
+    return [layer.reduce(out) for layer, out in zip(layers, outs)]
+
+
 def _layout(batch: ForwardBatch, num_tokens: int, window: int | None):  # noqa: ANN202
     """The batch's attention layout for ``window``, built by the first layer that asks (cached on the batch)."""
     if batch.attn_meta is None:
@@ -102,9 +114,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
         t = x.shape[0]
-        q = _project(self, "q_proj", self.layer_idx, x, batch, hook).view(t, self.num_heads, self.head_dim)
-        k = _project(self, "k_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
-        v = _project(self, "v_proj", self.layer_idx, x, batch, hook).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = _project_group(self, ("q_proj", "k_proj", "v_proj"), self.layer_idx, x, batch, hook)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
         # RoPE on q and k, k_rot and v into the cache (one kernel on CUDA fp16/bf16, the torch reference otherwise)
         q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
@@ -151,8 +163,7 @@ class DecoderLayer(nn.Module):
     def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
         if hook is None:
             return self.mlp(h)
-        gate = _project(self.mlp, "gate_proj", self.layer_idx, h, batch, hook)
-        up = _project(self.mlp, "up_proj", self.layer_idx, h, batch, hook)
+        gate, up = _project_group(self.mlp, ("gate_proj", "up_proj"), self.layer_idx, h, batch, hook)
         return _project(self.mlp, "down_proj", self.layer_idx, silu_mul(gate, up), batch, hook)
 
 

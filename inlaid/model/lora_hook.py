@@ -3,13 +3,16 @@
 The model never knows adapter formats: after each projection it calls
 ``hook.apply(layer_idx, module, x, out, batch)``, which adds the batched LoRA
 deltas of every token's adapter (``batch.lora_slots``, -1 = none) to ``out`` and
-returns it. ``inlaid.lora.pool.LoRAPool`` implements it.
+returns it; projections that read the same x (q/k/v, gate/up) go through one
+``hook.apply_group`` call instead, so the hook can batch their kernels.
+``inlaid.lora.pool.LoRAPool`` implements it.
 
 Module names are PEFT's: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -22,6 +25,11 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoRAHook(Protocol):
     def apply(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Return ``out + Σ_adapters scale·(x @ Aᵀ) @ Bᵀ`` for tokens of each adapter; x: [T, in], out: [T, out]."""
+        ...
+
+    def apply_group(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor, outs: Sequence[torch.Tensor],
+                    batch: ForwardBatch) -> list[torch.Tensor]:
+        """``apply`` for each ``(modules[j], outs[j])``, all reading ``x``; returns the updated outputs in order."""
         ...
 
     def prepare(self, batch: ForwardBatch) -> None:

@@ -73,6 +73,45 @@ def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.Mo
     assert len(calls) == 4 and calls[0] == (3, 24, 32), calls
 
 
+def test_apply_group_fuses_the_expands_and_matches_sgmv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v and gate/up through ``apply_group``: one shrink and one expand launch per group on the device path,
+    the same deltas as the SGMV path's per-module ``apply`` (adapter "b" targets only q/v of the group)."""
+    adapters = [random_adapter("a", SHAPES, 2, 4, seed=3, std=0.3),
+                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=4, std=0.3)]
+    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=flag) for flag in (True, False)]
+    for p in pools:
+        p.load(1, adapters[0])
+        p.load(2, adapters[1])
+    launches = []
+    for name in ("lora_shrink_partials", "lora_expand", "lora_expand_group"):
+        real = getattr(pool_mod.lt, name)
+        monkeypatch.setattr(pool_mod.lt, name, lambda *a, _n=name, _r=real, **k: launches.append(_n) or _r(*a, **k))
+    slots = [2, 1, -1, 1]
+    batches = [_batch(slots), _batch(slots)]
+    g = torch.Generator().manual_seed(5)
+    for group, d_in in ((("q_proj", "k_proj", "v_proj"), 32), (("gate_proj", "up_proj"), 32)):
+        x = torch.randn(len(slots), d_in, generator=g).to(DEV)
+        base = [torch.randn(len(slots), SHAPES[m][1], generator=g).to(DEV) for m in group]
+        got = pools[0].apply_group(0, group, x, [b.clone() for b in base], batches[0])
+        want = pools[1].apply_group(0, group, x, [b.clone() for b in base], batches[1])
+        for gm, wm, b in zip(got, want, base):
+            torch.testing.assert_close(gm, wm, atol=1e-4, rtol=1e-4)
+            assert torch.equal(gm[2], b[2])  # slot -1 row untouched
+    assert launches == ["lora_shrink_partials", "lora_expand_group"] * 2, launches
+
+
+def test_expand_group_rejects_bad_members() -> None:
+    b = torch.zeros(2, 16, 4, device=DEV)
+    part = torch.zeros(1, 3, 8, device=DEV)
+    sc, out, slots = torch.zeros(2, device=DEV), torch.zeros(3, 16, device=DEV), torch.zeros(3, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="2 or 3"):
+        lt.lora_expand_group(part, [b], [sc], slots, [out])
+    with pytest.raises(ValueError, match="partials"):
+        lt.lora_expand_group(torch.zeros(1, 3, 4, device=DEV), [b, b], [sc, sc], slots, [out, out])
+    with pytest.raises(ValueError, match="must be"):
+        lt.lora_expand_group(part, [b, b], [sc, sc], slots, [out, torch.zeros(3, 8, device=DEV)])
+
+
 @pytest.mark.gpu
 def test_prefill_segment_kernel_matches_torch_sgmv() -> None:
     """A prefill batch (is_decode_only False): the pool's segmented Triton path equals its torch SGMV loop."""

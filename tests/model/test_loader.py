@@ -122,6 +122,9 @@ class RecordingHook:
         self.calls.append((layer_idx, module, x.shape[-1], out.shape[-1]))
         return out
 
+    def apply_group(self, layer_idx, modules, x, outs, batch):
+        return [self.apply(layer_idx, m, x, o, batch) for m, o in zip(modules, outs)]
+
 
 def test_lora_hook_called_for_every_projection(tiny_llama_dir):
     model, arch, _ = load_model(ModelConfig(model=str(tiny_llama_dir)), CPU, torch.float32)
