@@ -73,7 +73,8 @@ def scratch_clean() -> bool:
                for a, lk in kept)
 
 
-def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, int], ...]) -> None:
+def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, int], ...],
+        block_m: int | None = None) -> None:
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for k, n in shapes:
         w4_bytes = k * n // 2 + -(-k // GS) * n * 5 // 2
@@ -94,9 +95,10 @@ def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, 
                 if kw.get("block_m", 16) > max(16, 1 << (m - 1).bit_length()):
                     continue  # a row tile far taller than M: padding only
                 # tc_default: the library's tc_config(m); the others name what differs from the 8-dot kernel with
-                # M padded to a power of two in [16, 64] rows per tile
+                # M padded to a power of two in [16, 64] rows per tile (or --block-m)
+                rows = block_m or min(64, max(16, 1 << (m - 1).bit_length()))
                 cfg = tc_config(m) if name == "tc_default" else dataclasses.replace(
-                    tc_config(m), **{"block_m": min(64, max(16, 1 << (m - 1).bit_length())), "natural": False, **kw})
+                    tc_config(m), **{"block_m": rows, "natural": False, **kw})
                 impls[name] = (packed, lambda p, cfg=cfg: w4a16_tc(x, p.qweight, p.qzeros, p.scales, p.perm, GS,
                                                                  out=out, locks=p.locks, acc=p.acc, config=cfg))
             for name, (copies, call) in impls.items():
@@ -159,6 +161,7 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
     ap.add_argument("--sweep", action="store_true", help="time every config of SWEEP (else TC_CONFIGS)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
+    ap.add_argument("--block-m", type=int, default=None, help="rows per tile of the configs that do not name one")
     ap.add_argument("--merge", nargs="+", help="no GPU: merge these runs' JSON files into one page")
     args = ap.parse_args()
     ms = tuple(int(v) for v in args.ms.split(","))
@@ -174,7 +177,7 @@ def main() -> int:
         return 0
     t0 = time.time()
     try:
-        run(ms, configs, shapes)
+        run(ms, configs, shapes, args.block_m)
     finally:  # a killed or failing run still leaves what it measured
         ROWS.append({"event": "end", "seconds": time.time() - t0})
         Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))

@@ -1,0 +1,95 @@
+"""SASS instruction count of a W4A16 kernel's main loop, compiled offline for sm_90 (no GPU needed).
+
+Compiles the M = 1 GEMV kernel (``m1``) or the tensor-core small-M kernel (``tc``) with Triton's own ptxas for
+an H100/H200 target, with the 16-divisibility a real launch specializes on (else loads look scalar),
+disassembles it with the bundled ``nvdisasm`` and counts the instructions of the longest loop body (from the
+loop label to its backward branch). Per element = loop instructions x threads / elements per step.
+
+    python benchmarks/sass_count.py m1                    # the M = 1 config of the tuned table
+    python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's default tile
+    PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
+
+Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+POINTERS = ("x_ptr", "qw_ptr", "qz_ptr", "sc_ptr", "out_ptr", "ws_ptr", "lock_ptr")
+TYPES = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "out_ptr": "*fp16",
+         "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+
+
+def loop_body(sass: str) -> list[str]:
+    """Instruction lines of the longest loop: from a label to the last backward branch to it."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [x for x in lines[labels[m.group(1)]:i + 1] if re.search(r"/\*[0-9a-f]{4}\*/\s", x)]
+            best = max(best, body, key=len)
+    return best
+
+
+def opcode(line: str) -> str:
+    return re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernel", choices=("m1", "tc"))
+    ap.add_argument("--block-n", type=int, default=256)
+    ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc steps 128 rows)")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.root))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if args.kernel == "m1":
+        from inlaid.kernels.w4a16_gemv import _w4_gemv_m1_kernel as fn
+        ints = ("N", "K", "k_per_split", "n_split", "stride_qk", "stride_zg", "stride_sg", "stride_om")
+        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "BLOCK_K": args.block_k, "MODE": 4,
+                 "NUM_STAGES": args.stages}
+        elems = args.block_n * args.block_k
+    else:
+        from inlaid.kernels.w4a16_tc import _w4_tc_kernel as fn
+        ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
+                "stride_om")
+        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages, "BF16": False,
+                 "MAGIC": 0x6400}
+        elems = args.block_n * 128
+    sig = {**TYPES, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
+    sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig)
+             if a in POINTERS or (a in ints and a not in ("M", "n_split"))}
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": args.warps})
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    body = loop_body(sass)
+    per_elem = len(body) * args.warps * 32 / elems
+    ops = collections.Counter(opcode(x) for x in body).most_common(8)
+    print(f"{args.kernel} {const} warps={args.warps}: loop {len(body)} instructions, {per_elem:.2f} per element; "
+          f"top: {ops}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Multi-LoRA shrink/expand over a heterogeneous batch: Triton BGMV kernels + launchers.
+
+Owns the GPU path of ``out[t] += scaling[s] * (x[t] @ A[s]ᵀ) @ B[s]ᵀ`` with
+``s = token_slots[t]`` (``-1`` = no adapter: row left untouched). The torch
+reference it must match is ``inlaid.kernels.lora_sgmv.lora_apply`` (SGMV) /
+``lora_apply_bgmv``; this module imports nothing from ``inlaid`` outside ``inlaid.kernels``.
+
+Shapes (one layer, one projection; same as the reference and ``LoRAPool``):
+``x`` [T, in], ``out`` [T, out], ``a_stack`` [S, R, in], ``b_stack`` [S, out, R]
+(ranks below R zero-padded, so every rank shares one buffer and the padding adds
+exactly 0), ``scalings`` [S] float, ``token_slots`` [T] int in [-1, S).
+
+Form: BGMV (one program per token x K-split for shrink, per token x output
+block for expand). The slot is read on the device from the fixed-shape
+``token_slots`` tensor: no host sync, no data-dependent shapes, no per-batch
+segment building, so the launches are CUDA-graph capturable for a fixed T.
+Slots must be < S (not checked on the device; the LoRA pool validates them
+when it assigns slots). Shrink splits the input dim over ``num_splits``
+programs writing fp32 partials ``[num_splits, T, R]``; expand sums the
+partials, scales in fp32 and adds into ``out`` (read-modify-write, one
+rounding to out.dtype). Decode batches (T = number of sequences) are the
+target; for long prefills every token re-reads its adapter's A/B (T·R·(in+out)
+weight bytes), where the segment (SGMV) reference amortises them — callers may
+keep prefill on ``lora_apply``. Fusing q/k/v (or gate/up) into one launch is not
+done here: the pool keeps one stack per projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr, a_ptr, slots_ptr, ws_ptr, T, D_IN, R, k_per_split,
+        stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        sp = tl.program_id(1)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        d_eff = tl.where(slot >= 0, D_IN, 0)  # slot -1: every load masked off, partials are 0
+        slot = tl.maximum(slot, 0)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        k_lo = sp * k_per_split
+        for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = (offs_k < d_eff) & (offs_k < k_lo + k_per_split)
+            x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
+            a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(ws_ptr + sp * stride_wsp + t * stride_wt + offs_r, acc, mask=offs_r < R)
+
+    @triton.jit
+    def _expand_kernel(
+        ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, T, D_OUT, R, NUM_SPLITS,
+        stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        n_eff = tl.where(slot >= 0, D_OUT, 0)  # slot -1: nothing loaded or stored, row untouched
+        slot = tl.maximum(slot, 0)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_sp = tl.arange(0, BLOCK_SP)
+        part = tl.load(ws_ptr + offs_sp[:, None] * stride_wsp + t * stride_wt + offs_r[None, :],
+                       mask=(offs_sp < NUM_SPLITS)[:, None] & (offs_r < R)[None, :], other=0.0)
+        y = tl.sum(part, axis=0) * tl.load(scal_ptr + slot).to(tl.float32)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_eff
+        b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0)
+        delta = tl.sum(b.to(tl.float32) * y[None, :], axis=1)
+        o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
+        o = tl.load(o_ptrs, mask=mask_n, other=0.0)
+        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _check(x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor) -> None:
+    if x.dim() != 2 or a_stack.dim() != 3 or x.shape[1] != a_stack.shape[2]:
+        raise ValueError(f"x [T, in] and A [S, R, in] must share in; got {tuple(x.shape)} and {tuple(a_stack.shape)}")
+    if token_slots.shape != (x.shape[0],) or token_slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_slots must be int32/int64 [T={x.shape[0]}], got {token_slots.dtype} {tuple(token_slots.shape)}")
+    if not triton_usable(x):
+        raise ValueError("Triton LoRA kernels need CUDA (or TRITON_INTERPRET=1); use lora_sgmv.lora_apply")
+
+
+def default_num_splits(num_tokens: int, d_in: int, num_sms: int = 132) -> int:
+    """K-splits for shrink: ~4 programs per SM at decode batch sizes (a bandwidth-bound read of A), >= 256 inputs
+    per split, at most 32 (round 2 capped this at 8 splits of >= 512 inputs: < 2 waves at batch 32)."""
+    return max(1, min(32, d_in // 256, -(-4 * num_sms // max(num_tokens, 1))))
+
+
+def lora_shrink_partials(
+    x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None
+) -> torch.Tensor:
+    """Unscaled ``x[t] @ A[slot_t]ᵀ`` as fp32 partial sums ``[num_splits, T, R]`` (rows of slot -1 are 0)."""
+    _check(x, a_stack, token_slots)
+    t, d_in = x.shape
+    r = a_stack.shape[1]
+    splits = num_splits or default_num_splits(t, d_in)
+    block_k = 128
+    k_per_split = -(-(-(-d_in // splits)) // block_k) * block_k  # ceil(d_in / splits) rounded up to BLOCK_K
+    ws = torch.empty(splits, t, r, device=x.device, dtype=torch.float32)
+    if t == 0:
+        return ws
+    _shrink_kernel[(t, splits)](
+        x, a_stack, token_slots, ws, t, d_in, r, k_per_split,
+        x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+        ws.stride(0), ws.stride(1),
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k,
+    )
+    return ws
+
+
+def lora_shrink(
+    x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None
+) -> torch.Tensor:
+    """Unscaled shrink ``y [T, R]`` fp32, ``y[t] = x[t] @ A[slot_t]ᵀ`` (0 for slot -1)."""
+    return lora_shrink_partials(x, a_stack, token_slots, num_splits).sum(dim=0)
+
+
+def lora_expand(
+    y: torch.Tensor, b_stack: torch.Tensor, scalings: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``out[t] += scaling[s] * y[t] @ B[s]ᵀ`` in place (``y`` [T, R] or partials [P, T, R]); returns out."""
+    ws = y if y.dim() == 3 else y.unsqueeze(0)
+    if ws.dtype != torch.float32 or ws.stride(2) != 1:
+        ws = ws.float().contiguous()
+    if b_stack.dim() != 3 or out.dim() != 2 or b_stack.shape[1:] != (out.shape[1], ws.shape[2]):
+        raise ValueError(f"B {tuple(b_stack.shape)} must be [S, out={out.shape[1]}, R={ws.shape[2]}]")
+    if ws.shape[1] != out.shape[0] or scalings.shape != (b_stack.shape[0],):
+        raise ValueError(f"y has {ws.shape[1]} tokens, out {out.shape[0]}; scalings must be [S={b_stack.shape[0]}]")
+    _check(out, b_stack.transpose(1, 2), token_slots)
+    t, d_out = out.shape
+    r = b_stack.shape[2]
+    if t == 0:
+        return out
+    block_n = 128
+    _expand_kernel[(t, triton.cdiv(d_out, block_n))](
+        ws, b_stack, token_slots, scalings, out, t, d_out, r, ws.shape[0],
+        ws.stride(0), ws.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
+        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])),
+    )
+    return out
+
+
+def lora_apply_triton(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    scalings: torch.Tensor,
+    token_slots: torch.Tensor,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Shrink + expand in two launches, same result as ``lora_sgmv.lora_apply``; updates ``out`` in place."""
+    if a_stack.shape[0] != b_stack.shape[0] or a_stack.shape[1] != b_stack.shape[2]:
+        raise ValueError(f"A {tuple(a_stack.shape)} and B {tuple(b_stack.shape)} must share S and R")
+    if len({x.dtype, out.dtype, a_stack.dtype, b_stack.dtype}) != 1:
+        raise ValueError(f"x, out, A, B must share one dtype; got {x.dtype}, {out.dtype}, {a_stack.dtype}, {b_stack.dtype}")
+    partials = lora_shrink_partials(x, a_stack, token_slots, num_splits)
+    return lora_expand(partials, b_stack, scalings, token_slots, out)

@@ -1,0 +1,129 @@
+"""Fused RMSNorm with an optional residual add: Triton kernel, launcher, torch reference and dispatcher.
+
+Owns ``rms_norm(x, weight, eps, residual=None)``, the semantics of HF Llama's ``LlamaRMSNorm`` (and of
+``inlaid.model.layers.RMSNorm``), optionally preceded by the residual add of a pre-norm decoder layer:
+
+- without ``residual``: ``out = weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)`` (x32 = x in fp32,
+  the final product rounded in the result dtype); returns ``out``.
+- with ``residual``: ``r = x + residual`` (rounded to x.dtype like torch's add), then the norm of ``r``;
+  returns ``(out, r)``: ``r`` is the new residual stream (a new tensor; inputs are never written).
+
+Dispatch (``fused_ok``): the Triton kernel for CUDA tensors in fp16/bf16 with a weight of the same dtype;
+the torch reference (``rms_norm_ref``, which is the model's pre-existing code) otherwise, so CPU and fp32
+numerics are unchanged. One program per row; the row lives in registers (hidden <= ``MAX_HIDDEN``).
+
+Exactness: the residual sum ``r``, the fp32 scaling, the cast and the weight product are elementwise and
+correctly rounded in both paths, so they agree bit for bit. The fp32 sum of squares is not: torch reduces in
+an order of its own (vectorized accumulators on CPU, a thread/warp tree on CUDA) and the kernel in another,
+so ``rsqrt(mean + eps)`` can differ in its last fp32 bits. That moves an output element by at most one unit
+in the last place of the output dtype, on the few elements whose fp32 value lies next to a rounding boundary
+(tests/kernels/test_fused_layer_ops.py bounds both). On CUDA the kernel uses the same mean (sum times 1/N)
+and the same ``rsqrtf`` as torch's CUDA code, so only the summation order differs.
+
+Launches have no host sync and no data-dependent shape (CUDA-graph capturable). Imports nothing from inlaid
+outside ``inlaid.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HIDDEN = 32768
+
+if HAS_TRITON:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def round_to(v, DTYPE: tl.constexpr, ON_CUDA: tl.constexpr):
+        """fp32 ``v`` rounded to nearest-even in ``DTYPE`` (the interpreter's own fp32->bf16 cast truncates)."""
+        if DTYPE == tl.bfloat16 and not ON_CUDA:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return v.to(DTYPE)
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, N, eps, inv_n,
+        stride_x, stride_res, stride_out, stride_rout,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+            x = round_to(x.to(tl.float32) + res.to(tl.float32), x.dtype, ON_CUDA)  # torch's add: fp32 op, one rounding
+            tl.store(rout_ptr + row * stride_rout + offs, x, mask=mask)
+        x32 = x.to(tl.float32)
+        ss = tl.sum(x32 * x32, axis=0)
+        if ON_CUDA:  # torch CUDA: mean = sum * (1/N) (MeanOps), rsqrt = rsqrtf
+            rstd = libdevice.rsqrt(ss * inv_n + eps)
+        else:  # torch CPU: mean = sum / N, rsqrt = 1 / sqrt
+            rstd = 1.0 / tl.sqrt_rn(ss / N + eps)
+        y = round_to(x32 * rstd, x.dtype, ON_CUDA)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        out = round_to(w.to(tl.float32) * y.to(tl.float32), out_ptr.dtype.element_ty, ON_CUDA)
+        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference (HF Llama RMSNorm; with ``residual``: norm of ``x + residual``, returned with it)."""
+    if residual is not None:
+        x = x + residual
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * x32.to(dtype)
+    return out if residual is None else (out, x)
+
+
+def fused_ok(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """True when ``rms_norm`` runs the Triton kernel: CUDA, Triton, fp16/bf16 x and weight, hidden <= MAX_HIDDEN."""
+    return (HAS_TRITON and x.is_cuda and x.dtype in FUSED_DTYPES and weight.dtype == x.dtype
+            and x.shape[-1] <= MAX_HIDDEN and (residual is None or residual.dtype == x.dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``out`` or ``(out, x + residual)``: the Triton kernel where ``fused_ok``, the torch reference otherwise."""
+    if fused_ok(x, weight, residual):
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ValueError on shapes it cannot take."""
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rms_norm: weight must have shape ({n},), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
+    if n > MAX_HIDDEN or not triton_usable(x):
+        raise ValueError(f"rms_norm_triton: needs Triton on x's device and hidden <= {MAX_HIDDEN} (got {n})")
+    x2 = _rows(x, n)
+    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    res2 = _rows(residual, n) if residual is not None else x2
+    rout = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else out
+    m = x2.shape[0]
+    if m > 0:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(m,)](
+            x2, res2, weight.contiguous(), out, rout, n, float(eps), 1.0 / n,
+            x2.stride(0), res2.stride(0), n, n,
+            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda,
+            num_warps=min(max(block // 512, 1), 16),
+        )
+    return out if residual is None else (out, rout)

@@ -1,0 +1,57 @@
+"""Dequantize monotone-g_idx 4-bit GPTQ tensors to a dense [K, N] weight (Triton kernel + torch path).
+
+Owns the large-M path of ``w4a16_gemm.w4a16_linear``: dequantize once, then
+``torch.matmul`` (cuBLAS). Torch reference: ``gptq_dequant.dequantize_gptq``
+with ``g_idx = arange(K) // group_size`` (bit-exact: the product is formed in
+fp32 and cast once). The last group may be partial (K % group_size != 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable
+from .w4_layout import unpack4_rows
+
+__all__ = ["dequantize_w4", "kernels_interpreted", "triton_usable"]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant4_kernel(
+        qw_ptr, qz_ptr, sc_ptr, w_ptr, N, K,
+        stride_qk, stride_zg, stride_sg, stride_wk,
+        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+        q = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :], mask=mask, other=0)
+        g = offs_k // GROUP_SIZE
+        z = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // 8)[None, :], mask=mask, other=0)
+        s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
+        zero = ((z >> ((offs_n % 8) * 4)[None, :]) & 0xF) + 1
+        code = (q >> ((offs_k % 8) * 4)[:, None]) & 0xF
+        w = (code - zero).to(tl.float32) * s.to(tl.float32)
+        tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_w4(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dense ``W [K, N]`` in ``dtype`` from monotone-g_idx 4-bit tensors (Triton when usable, else torch)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if not triton_usable(qweight):
+        codes = unpack4_rows(qweight)
+        zeros = unpack4_rows(qzeros.t().contiguous()).t() + 1
+        g = torch.arange(k, device=qweight.device) // group_size
+        return ((codes - zeros[g]).float() * scales.float()[g]).to(dtype)
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
+    w = torch.empty(k, n, device=qweight.device, dtype=dtype)
+    bk, bn = 64, 64
+    grid = (triton.cdiv(k, bk), triton.cdiv(n, bn))
+    _dequant4_kernel[grid](
+        qweight, qzeros, scales, w, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
+        GROUP_SIZE=group_size, BLOCK_K=bk, BLOCK_N=bn,
+    )
+    return w

@@ -1,0 +1,252 @@
+"""W4A16 on the standard 4-bit GPTQ layout: the tiled fused GEMM and the ``w4a16_linear`` dispatcher.
+
+Torch reference: ``inlaid.kernels.gptq_dequant.gptq_linear`` (same layout,
+same math: dequantize in fp32, cast once, matmul). Layout, act-order and
+``PackedW4``: ``w4_layout`` (re-exported here for the callers). Small M
+(<= 16) goes to the GEMV kernel (``w4a16_gemv``); large M to dequantize +
+cuBLAS (``w4_dequant``).
+
+Tiled kernel (``w4a16_gemm``, mid-size M): the fused dequantization sits in
+the K loop: a ``[BLOCK_K, BLOCK_N]`` tile of packed words (each word read for
+8 rows, L1 serves the repeats), the tile's scale/zero row (one row when
+BLOCK_K divides the group size, else one per K row: group 32/64 under a longer
+tile or one group per column), ``tl.dot`` in fp32. Rows past K (the partial
+last group, the partial last tile) are masked. For small M, ``split_k``
+programs ``atomic_add`` fp32 partials into a zeroed buffer, cast afterwards.
+
+``w4a16_linear`` dispatch (per call, by M = rows of x):
+M = 1: the GEMV kernel; 2 <= M <= 16: the tensor-core kernel (``w4a16_tc``: CUDA, fp16/bf16, groups of
+128k or one group), else the small-M kernel (``w4a16_small_m``; both up to ``gemv_max_m``), tiled kernel for ``M <= fused_max_m``
+(tuned per GPU and shape in ``w4a16_configs.json``, else 64), else a Triton
+dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable Triton
+(CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a
+multiple of 8 (and not one group) also take the dequantize path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
+from .w4_dequant import dequantize_w4
+from .w4_layout import (
+    PackedW4,
+    kernel_group_size,
+    pack4_rows,
+    prepare_act_order,
+    prepare_w4,
+    unpack4_rows,
+)
+from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
+from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
+from .w4a16_tc import tc_usable, w4a16_tc
+from .w4a16_configs import fused_max_m as tuned_fused_max_m
+from .w4a16_gemv import (
+    GEMV_MAX_M,
+    GemvConfig,
+    check_kernel_inputs,
+    default_gemv_config,
+    w4a16_gemv,
+)
+
+__all__ = [
+    "DEFAULT_FUSED_MAX_M",
+    "GEMV_MAX_M",
+    "HAS_TRITON",
+    "GemvConfig",
+    "PackedW4",
+    "W4Config",
+    "default_config",
+    "default_gemv_config",
+    "dequantize_w4",
+    "fit_config",
+    "kernels_interpreted",
+    "pack4_rows",
+    "prepare_act_order",
+    "prepare_w4",
+    "triton_usable",
+    "unpack4_rows",
+    "w4a16_gemm",
+    "w4a16_gemv",
+    "w4a16_linear",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class W4Config:
+    """Tile configuration of the tiled kernel (all powers of two)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(m: int, n: int, k: int, group_size: int) -> W4Config:
+    """Heuristic tile choice for an H100-class GPU (override with ``config=``)."""
+    if m <= 16:
+        cfg = W4Config(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
+    elif m <= 32:
+        cfg = W4Config(block_m=32, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=4)
+    elif m <= 64:
+        cfg = W4Config(block_m=64, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=4)
+    else:
+        cfg = W4Config(block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+    return fit_config(cfg, k, group_size)
+
+
+def fit_config(cfg: W4Config, k: int, group_size: int) -> W4Config:
+    """Shrink ``block_k`` towards a divisor of ``group_size`` (>= 16) and cap ``split_k`` at the K tiles."""
+    bk = cfg.block_k
+    while bk > 16 and kernel_group_size(group_size, k) % bk:
+        bk //= 2
+    split = max(1, min(cfg.split_k, -(-k // bk)))
+    return W4Config(cfg.block_m, cfg.block_n, bk, split, cfg.group_m, cfg.num_warps, cfg.num_stages)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _w4a16_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, M, N, K,
+        stride_xm, stride_xk, stride_qk, stride_zg, stride_sg, stride_om, stride_on,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * tl.cdiv(N, BLOCK_N)  # L2-friendly grouped ordering of output tiles
+        first_m = (pid // width) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group_rows
+        pid_n = (pid % width) // group_rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        zshift = (offs_n % 8) * 4
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t_lo = pid_k * per_split
+        t_hi = tl.minimum(t_lo + per_split, k_tiles)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(t_lo, t_hi):
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            q = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0)
+            if GROUP_SIZE % BLOCK_K == 0:  # one group per tile
+                g = (t * BLOCK_K) // GROUP_SIZE
+                z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)[None, :]
+                s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0)[None, :]
+            else:  # a scale/zero row per K row (cached gathers)
+                g = offs_k // GROUP_SIZE
+                gm = mask_k[:, None] & mask_n[None, :]
+                z = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // 8)[None, :], mask=gm, other=0)
+                s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=gm, other=0.0)
+            zero = ((z >> zshift[None, :]) & 0xF) + 1
+            code = (q >> ((offs_k % 8) * 4)[:, None]) & 0xF
+            w = (code - zero).to(tl.float32) * s.to(tl.float32)
+            if DOT_F32:  # fp32 x, or bf16 under the interpreter (its bf16 tl.dot is wrong)
+                acc += tl.dot(x.to(tl.float32), w)
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=mask)
+
+
+def w4a16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    group_size: int,
+    config: W4Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tiled fused ``x [M, K] @ W [K, N]`` for monotone-g_idx 4-bit tensors; returns [M, N] in x.dtype.
+
+    ``perm``: act-order permutation from ``prepare_w4`` (None when g_idx is
+    monotone). ``out`` (optional, [M, N] x.dtype) is fully overwritten and returned.
+    """
+    gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemm")
+    if perm is not None:
+        x = x.index_select(1, perm)
+    (m, k), n = x.shape, qweight.shape[1]
+    cfg = fit_config(config, k, group_size) if config is not None else default_config(m, n, k, group_size)
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device}, got {out.dtype} {tuple(out.shape)}")
+    if cfg.split_k > 1:
+        acc = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    else:
+        acc = out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _w4a16_kernel[grid](
+        x, qweight, qzeros, scales, acc, m, n, k, x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0),
+        scales.stride(0), acc.stride(0), acc.stride(1),
+        GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        GROUP_M=cfg.group_m, DOT_F32=dot_f32(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if out is None:
+        return acc if acc.dtype == x.dtype else acc.to(x.dtype)
+    return out if acc is out else out.copy_(acc)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: PackedW4,
+    bias: torch.Tensor | None = None,
+    fused_max_m: int | None = None,
+    config: W4Config | None = None,
+    gemv_max_m: int = GEMV_MAX_M,
+    gemv: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x [..., K] @ W (+ bias)``: M = 1 GEMV, small-M kernel for 2 <= M <= 16 (both up to ``gemv_max_m``), tiled kernel for M <= ``fused_max_m`` (tuned
+    table when None), else dequantize + matmul (cuBLAS). ``config``/``gemv`` override the tuned configs."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    (m, k), n = x2.shape, packed.out_features
+    kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
+    fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
+    small = kernels and 2 <= m <= SMALL_M_MAX and m <= gemv_max_m and config is None and gemv is None
+    if small and tc_usable(x2, kernel_group_size(packed.group_size, k)):
+        # tensor cores on an inline-PTX half2 unpack (H200: 1.04-1.29x faster than w4a16_small_m at M 2..16 on
+        # the Llama-2-7B shapes, 0.95x at 4096x4096 M=16; benchmarks/results/small_m_tc_h200.md)
+        y = w4a16_tc(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
+                     locks=packed.locks, acc=packed.acc)
+    elif small:
+        # each weight tile unpacked once for all rows, config SMALL_M_DEFAULT (H200: 1.00-1.13x fp16 cuBLAS at
+        # M 2..16, where the tiled GEMV was 0.70-1.01x; benchmarks/results/small_m_h200.md); also the CPU
+        # interpreter's path (no inline assembly there) and groups below 128
+        y = w4a16_small_m(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size,
+                          locks=packed.locks)
+    elif kernels and 0 < m <= min(gemv_max_m, GEMV_MAX_M) and config is None:
+        cfg = gemv or gemv_config(x2, m, n, k)
+        y = w4a16_gemv(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, cfg,
+                       locks=packed.locks, acc=packed.acc)  # fmt: skip
+    elif kernels and 0 < m <= fmax:
+        y = w4a16_gemm(x2, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, config)
+    else:
+        w = dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, x2.dtype)
+        xp = x2 if packed.perm is None else x2.index_select(1, packed.perm)
+        y = xp @ w
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, n)
+

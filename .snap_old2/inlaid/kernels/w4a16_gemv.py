@@ -1,0 +1,466 @@
+"""Small-M W4A16 (GEMV / skinny GEMM, M <= 16) on monotone 4-bit GPTQ tensors: Triton kernel + launcher.
+
+Torch reference: ``inlaid.kernels.gptq_dequant.gptq_linear`` (dequantize in
+fp32, cast once, matmul); layout and invariants: ``w4_layout``.
+
+Design (bandwidth-bound: every packed word is read from DRAM exactly once):
+- grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: a program owns
+  BLOCK_N output columns and a contiguous K range (a multiple of BLOCK_K);
+- each K step loads a ``[BLOCK_K/8, BLOCK_N]`` tile of int32 words, contiguous
+  along N (coalesced), and unpacks nibble j of every word with a static shift.
+  Codes become fp32 without an int->float convert: ``(c | 0x4B000000)`` read
+  as fp32 is ``2**23 + c``, and subtracting ``2**23 + zero`` is exact, so
+  ``d = c - zero`` costs shift, and/or, sub per element; the scale multiplies
+  the per-word-row partial sums once per 8 nibbles (FMA path, M = 1; with
+  2-4 rows the rows share one scaled tile instead, to save registers) or the
+  ``tl.dot`` result once per tile (one group per tile; ``d`` is exact in
+  fp16/bf16, so the tensor-core operand carries no rounding);
+- groups: when BLOCK_K divides the group size a tile has one scale/zero row;
+  otherwise (group 32/64 under a longer tile, or a partial last group) each
+  word row gathers its own (cached) scale/zero row. Rows past K are masked;
+- ``use_dot=False`` (M <= 4): fp32 FMAs against x rows, one ``[BLOCK_K/8,
+  BLOCK_N]`` accumulator per row (BLOCK_M <= 4, no tensor cores), reduced
+  once at the end; ``use_dot=True`` (M 5..16): 8 ``tl.dot`` of K = BLOCK_K/8
+  per step with M padded to 16;
+- M = 1 with one group per tile (the decode case; ``_w4_gemv_m1_kernel``):
+  x is loaded once per step as a contiguous ``[BLOCK_K/8, 8]`` slice and
+  split into its 8 nibble columns; nibble j (and j + 4 of ``word >> 16``) is
+  turned into fp32 without a shift: ``(word & 0xF << 4j) | exponent(2**(23-4j))``
+  reads as ``2**(23-4j) + code``, so each element costs one LOP3, one FADD
+  and one FFMA (``benchmarks/gemv_m1_bench.py`` measures it);
+- split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
+  [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
+  program of a tile, found with a per-tile semaphore, sums, casts and stores,
+  then resets the semaphore so the zeroed buffer stays reusable and the call
+  is CUDA-graph safe), "atomic" (fp32 ``atomic_add`` into a zeroed [M, N]
+  workspace, then a cast kernel) or "atomic_last" (one launch: atomic adds
+  into the caller's zeroed fp32 row ``PackedW4.acc``; the tile's last
+  program, found with the fixup's semaphore, casts the sum into ``out`` and
+  re-zeroes the row: no memset and no cast kernel per call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
+from .w4_layout import check_w4, kernel_group_size
+
+__all__ = [
+    "GEMV_MAX_M",
+    "GemvConfig",
+    "default_gemv_config",
+    "gemv_block_m",
+    "kernels_interpreted",
+    "triton_usable",
+    "w4a16_gemv",
+]
+
+GEMV_MAX_M = 16
+"""Largest M the GEMV kernel serves (the dispatcher's default)."""
+MODES = ("reduce", "fixup", "atomic", "atomic_last")
+_MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3, "atomic_last": 4}
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile configuration of the GEMV kernel (block sizes powers of two; block_m follows from M and use_dot)."""
+
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 8
+    num_warps: int = 4
+    use_dot: bool = False
+    mode: str = "fixup"
+    """How split-K partials are summed: "reduce", "fixup", "atomic" or "atomic_last" (the module docstring)."""
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"GemvConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not (_pow2(self.block_n) and _pow2(self.block_k) and self.block_k >= 8 and self.block_n >= 16):
+            raise ValueError(f"block_n (>= 16) and block_k (>= 8) must be powers of two: {self}")
+        if self.use_dot and self.block_k < 128:
+            raise ValueError(f"use_dot needs block_k >= 128 (tl.dot of K = block_k/8 >= 16): {self}")
+        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k, num_warps and num_stages must be >= 1: {self}")
+
+    def to_dict(self) -> dict:
+        return {"block_n": self.block_n, "block_k": self.block_k, "split_k": self.split_k,
+                "num_warps": self.num_warps, "use_dot": self.use_dot, "mode": self.mode,
+                "num_stages": self.num_stages}  # fmt: skip
+
+
+def gemv_block_m(m: int, use_dot: bool) -> int:
+    """Rows per program: 16 with tl.dot, else the next power of two >= M capped at 4."""
+    return 16 if use_dot else min(4, 1 << max(0, (m - 1).bit_length()))
+
+
+def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
+    """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each.
+
+    M = 1 (the decode kernel): ~2 programs per SM of 256 columns, K steps of 64, three pipeline stages,
+    one-launch "atomic_last" split-K: the fastest of the 256 configs on all three Llama-2-7B shapes in the
+    session-6 H200 sweep (``benchmarks/results/gemv_m1_h200.json``; on SmolLM2's shapes 64 columns won).
+    """
+    if m == 1:
+        split = max(1, min(round(2 * num_sms / -(-n // 256)), -(-k // 64), 64))
+        return GemvConfig(256, 64, split, 4, False, "atomic_last", 3)
+    use_dot = m > 4
+    bn, bk = (64, 128) if use_dot else (128, 128)
+    k_tiles = -(-k // bk)
+    split = max(1, min(-(-4 * num_sms // -(-n // bn)), k_tiles // 2, 32))
+    return GemvConfig(bn, bk, split, 4, use_dot, "fixup", 2)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
+                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fp32 scale and ``2**23 + zero`` of a K tile: [1, BN] (one group) or [BLOCK_K/8, BN] (per word row)."""
+        zshift = (offs_n % 8) * 4
+        if GROUP_SIZE % BLOCK_K == 0:
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            zm = (((z >> zshift) & 0xF) + 1).to(tl.float32)[None, :] + 8388608.0
+        else:
+            g = (rows * 8) // GROUP_SIZE
+            gm = mask_w[:, None] & mask_n[None, :]
+            s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // 8)[None, :], mask=gm, other=0)
+            zm = (((z >> zshift[None, :]) & 0xF) + 1).to(tl.float32) + 8388608.0
+        return s, zm
+
+    @triton.jit
+    def _fma_row(acc, x_ptr, row, M, stride_xm, kj, mask_w, w):
+        xr = tl.load(x_ptr + row * stride_xm + kj, mask=mask_w & ((kj * 0 + row) < M), other=0.0).to(tl.float32)
+        return acc + xr[:, None] * w
+
+    @triton.jit
+    def _w4_gemv_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        MODE: tl.constexpr, USE_DOT: tl.constexpr,
+        DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        # MODE 0: store out (n_split == 1); 1: partials to ws (reduce kernel follows); 2: fixup; 3: atomic_add to ws;
+        # 4: atomic_add to a zeroed ws that the tile's last program casts into out and re-zeroes.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m0 = tl.program_id(2) * BLOCK_M
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_w = tl.arange(0, BKW)
+        mask_n = offs_n < N
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a0 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a1 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a2 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        a3 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            rows = k0 // 8 + offs_w
+            mask_w = rows * 8 < k_hi
+            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
+                        other=0)
+            s, zm = _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
+                                GROUP_SIZE, BLOCK_K)
+            # d = code - zero (exact small integers); the scale is applied once per word row after the 8 nibbles
+            # (a word's 8 rows share a group: group_size % 8 == 0), not per element.
+            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            t0 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                d = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm  # [BKW, BN]
+                kj = k0 + offs_w * 8 + j
+                if USE_DOT:
+                    if GROUP_SIZE % BLOCK_K != 0:  # scales differ between word rows: scale before the dot
+                        d = d * s
+                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
+                                 mask=(offs_m < M)[:, None] & mask_w[None, :], other=0.0)
+                    if DOT_F32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong)
+                        t += tl.dot(xj.to(tl.float32), d)
+                    else:
+                        t += tl.dot(xj, d.to(xj.dtype))  # exact: |code - zero| <= 16
+                elif BLOCK_M == 1:  # one row: scale the word-row partial sums after the 8 nibbles
+                    t0 = _fma_row(t0, x_ptr, m0, M, stride_xm, kj, mask_w, d)
+                else:  # several rows share one scaled weight tile (no per-row partial sums: registers)
+                    w = d * s
+                    a0 = _fma_row(a0, x_ptr, m0, M, stride_xm, kj, mask_w, w)
+                    a1 = _fma_row(a1, x_ptr, m0 + 1, M, stride_xm, kj, mask_w, w)
+                    if BLOCK_M > 2:
+                        a2 = _fma_row(a2, x_ptr, m0 + 2, M, stride_xm, kj, mask_w, w)
+                        a3 = _fma_row(a3, x_ptr, m0 + 3, M, stride_xm, kj, mask_w, w)
+            if USE_DOT:
+                if GROUP_SIZE % BLOCK_K == 0:
+                    acc += t * s
+                else:
+                    acc += t
+            elif BLOCK_M == 1:
+                a0 += t0 * s
+        if not USE_DOT:  # assemble the [BLOCK_M, BN] result from the per-row accumulators (once)
+            r = tl.arange(0, BLOCK_M)[:, None]
+            acc = tl.where(r == 0, tl.sum(a0, axis=0)[None, :], 0.0)
+            if BLOCK_M > 1:
+                acc += tl.where(r == 1, tl.sum(a1, axis=0)[None, :], 0.0)
+            if BLOCK_M > 2:
+                acc += tl.where(r == 2, tl.sum(a2, axis=0)[None, :], 0.0)
+                acc += tl.where(r == 3, tl.sum(a3, axis=0)[None, :], 0.0)
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k,
+                  tl.program_id(2) * tl.num_programs(0) + pid_n, n_split, MODE)
+
+    @triton.jit
+    def _w4_gemv_m1_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        N, K, k_per_split, n_split, stride_qk, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        # M = 1 and GROUP_SIZE % BLOCK_K == 0 (one scale/zero row per tile); MODE as in _w4_gemv_kernel.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_w = tl.arange(0, BKW)
+        offs_j = tl.arange(0, 8)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        zshift = (offs_n % 8) * 4
+        acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            rows = k0 // 8 + offs_w
+            mask_w = rows * 8 < k_hi
+            q = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
+                        other=0, eviction_policy="evict_first")  # streamed once: keep L2 for x and the scales
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            zf = (((z >> zshift) & 0xF) + 1).to(tl.float32)
+            # x[8w + j] for the 8 nibbles j of word row w: one contiguous [BKW, 8] load, split into 8 [BKW] columns
+            xk = k0 + offs_w[:, None] * 8 + offs_j[None, :]
+            xs = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32).reshape(BKW, 2, 2, 2)
+            xc0, xc1 = tl.split(xs)  # j = 4a + 2b + c; split peels c, then b, then a
+            xb00, xb01 = tl.split(xc0)
+            xb10, xb11 = tl.split(xc1)
+            x0, x4 = tl.split(xb00)
+            x2, x6 = tl.split(xb01)
+            x1, x5 = tl.split(xb10)
+            x3, x7 = tl.split(xb11)
+            hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
+            t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+            t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
+            t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
+            t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
+            t = _nibble_pair(t, q, hi, x3, x7, zf, 3)
+            acc += t * s[None, :]
+        out = tl.sum(acc, axis=0)[None, :]
+        _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
+                  MODE)
+
+    @triton.jit
+    def _nibble_pair(t, lo, hi, x_lo, x_hi, zf, J: tl.constexpr):
+        """``t + x_lo * (code_J - zero) + x_hi * (code_{J+4} - zero)`` for every word of a tile.
+
+        Nibble J sits at bits 4J..4J+3 of ``lo`` (and nibble J+4 of the word in ``hi``). ORing in the exponent of
+        ``2**(23 - 4J)`` without shifting makes the word read as fp32 ``2**(23 - 4J) + code`` exactly, so one
+        and/or (LOP3) and one subtraction of ``2**(23 - 4J) + zero`` give the exact small integer ``code - zero``:
+        no per-element shift and no int->float convert.
+        """
+        off = (zf + (2.0 ** (23 - 4 * J)))[None, :]
+        expo = (150 - 4 * J) << 23  # biased exponent 127 + 23 - 4J
+        c_lo = ((lo & (0xF << (4 * J))) | expo).to(tl.float32, bitcast=True) - off
+        c_hi = ((hi & (0xF << (4 * J))) | expo).to(tl.float32, bitcast=True) - off
+        t += c_lo * x_lo[:, None]  # two separate accumulations: each is one FFMA
+        t += c_hi * x_hi[:, None]
+        return t
+
+    _FENCE = tl.constexpr(not kernels_interpreted())  # the interpreter runs programs one at a time
+
+    @triton.jit
+    def _after_own_writes(tile):
+        """``tile``, once this thread's earlier global writes are performed GPU-wide (``fence.acq_rel.gpu``).
+
+        One thread bumps a split-K semaphore after a barrier, but a barrier orders the other threads' writes only
+        within the CTA: each writer fences its own partials / atomic adds first (CUDA's threadfence-reduction
+        pattern), so the tile's last program cannot read one still in flight. Its cost on the H200 is below the
+        noise between two device calls (0.01-0.12 us per M = 1 call; ``kernels_notes.md``, session 6).
+        """
+        if _FENCE:
+            tile = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        return tile
+
+    @triton.jit
+    def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split,
+                  MODE: tl.constexpr, CHUNK: tl.constexpr = 8):
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if MODE == 0:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        elif MODE >= 3:
+            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        if MODE == 2:
+            tile = _after_own_writes(tile)
+            tl.debug_barrier()  # every thread's partial is performed before the release below
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == n_split - 1:  # last program of this output tile: sum, cast, store, reset
+                tot = tl.zeros_like(acc)
+                for p0 in range(0, n_split, CHUNK):  # CHUNK partials per load round (no recompile per split)
+                    offs_p = p0 + tl.arange(0, CHUNK)
+                    p_ptrs = ws_ptr + ((offs_p[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
+                    p_mask = (offs_p < n_split)[:, None, None] & mask[None, :, :]
+                    tot += tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"), axis=0)
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+        if MODE == 4:
+            tile = _after_own_writes(tile)
+            tl.debug_barrier()  # every thread's atomic add is performed before the release below
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == n_split - 1:  # last program of this tile: cast the sum, store it, re-zero the row
+                ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+                tot = tl.load(ws_tile, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+                # the compiler may give the zeroing store another thread->element map than the load above: without
+                # this barrier a thread can zero a sum another thread has not read yet (seen on the H200 with the
+                # tensor-core lab kernel: 23 of 200 runs wrong, every buffer left clean)
+                tl.debug_barrier()
+                tl.store(ws_tile, tl.zeros_like(tot), mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, n_split, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in range(n_split):
+            acc += tl.load(ws_ptr + p * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _split(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """``(split, k_per_split)``: K steps shared out with no empty split."""
+    k_tiles = -(-k // cfg.block_k)
+    per = -(-k_tiles // max(1, min(cfg.split_k, k_tiles)))
+    return -(-k_tiles // per), per * cfg.block_k
+
+
+def check_kernel_inputs(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                        group_size: int, name: str) -> int:
+    """The checks both W4A16 Triton kernels need; returns the kernel's group size (K when one group)."""
+    check_w4(x, qweight, qzeros, scales, group_size)
+    if not triton_usable(x):
+        raise ValueError(f"{name} needs Triton on CUDA (or TRITON_INTERPRET=1); use w4a16_linear to fall back")
+    if qweight.stride(1) != 1 or qzeros.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight, qzeros and scales must be contiguous along N (use prepare_w4)")
+    gs = kernel_group_size(group_size, x.shape[1])
+    if gs % 8:
+        raise ValueError(f"the W4A16 kernels need group_size % 8 == 0 (or one group), got {group_size}")
+    return gs
+
+
+def w4a16_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    group_size: int,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+    locks: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ W [K, N]`` for small M on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
+
+    ``perm``: act-order permutation of ``prepare_w4`` (or None). ``out`` (optional, [M, N] x.dtype, rows
+    contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
+    "fixup" and "atomic_last" modes, ``acc`` (zeroed fp32, >= M * N entries) the "atomic_last" mode; both are
+    left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); without them zeroed buffers are allocated per call.
+    """
+    gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemv")
+    x = (x.index_select(1, perm) if perm is not None else x).contiguous()
+    (m, k), n = x.shape, qweight.shape[1]
+    cfg = config or default_gemv_config(m, n, k)
+    out = check_out(out, x, m, n)
+    if m == 0:
+        return out
+    split, k_per = _split(k, cfg)
+    block_m = gemv_block_m(m, cfg.use_dot)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
+    mode = 0 if split == 1 else _MODE_ID[cfg.mode]
+    ws, locks = splitk_buffers(out, split, mode, locks, grid[0] * grid[2], acc)
+    if m == 1 and not cfg.use_dot and gs % cfg.block_k == 0:
+        _w4_gemv_m1_kernel[grid[:2]](
+            x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws, n, k, k_per, split, qweight.stride(0),
+            qzeros.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=gs, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        )
+    else:
+        _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)
+    finish_splitk(ws, out, split, mode)
+    return out
+
+
+def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """``out`` if it is a valid [m, n] result buffer for ``x`` (x.dtype, x.device, contiguous rows), else
+    ValueError; a new buffer when None."""
+    if out is None:
+        return torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device} (contiguous rows), got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    return out
+
+
+def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None, n_locks: int,
+                   acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for atomic
+    adds (the caller's zeroed ``acc`` for "atomic_last" when it is fp32 with >= m * n entries), fp32 partials
+    [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks (>= ``n_locks``) for the fixup and
+    "atomic_last" when the caller's are missing or too short."""
+    (m, n), dev = out.shape, out.device
+    if mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n:
+        ws = acc
+    elif mode >= 3:
+        ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
+    else:
+        ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
+    if mode in (2, 4) and (locks is None or locks.numel() < n_locks):
+        locks = torch.zeros(n_locks, device=dev, dtype=torch.int32)
+    return ws, locks
+
+
+def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) -> None:
+    """Sum the reduce mode's partials (or cast the atomic mode's fp32 sum) into ``out``; nothing otherwise."""
+    if mode in (1, 3):
+        m, n = out.shape
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
+                                                            split if mode == 1 else 1, BLOCK=1024)
+
+
+def _launch_general(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    out: torch.Tensor, ws: torch.Tensor, locks: torch.Tensor | None, grid: tuple[int, int, int],
+                    mode: int, split: int, k_per: int, gs: int, block_m: int, cfg: GemvConfig) -> None:
+    (m, k), n = x.shape, qweight.shape[1]
+    _w4_gemv_kernel[grid](
+        x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws,
+        m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=gs, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        MODE=mode, USE_DOT=cfg.use_dot, DOT_F32=dot_f32(x),
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )

@@ -1,0 +1,198 @@
+"""CUDA graphs for decode-only steps: static input buffers, batch padding, capture and replay.
+
+Owns the graphs of the model's decode forward at the batch sizes
+``CAPTURE_SIZES`` (a step of B sequences replays the graph of the smallest
+captured size >= B) and the static tensors they read. Prefill and mixed steps
+never come here (the ModelRunner runs them eagerly); the scheduler is unchanged.
+
+Invariants:
+- A graph reads only the static buffers of ``StaticDecodeBuffers`` (allocated
+  once for the largest size); ``fill`` copies a step's tensors into their first
+  B rows and pads the rest: token 0 at position 0, K/V written to the reserved
+  scratch block ``scratch_block`` (never handed to the scheduler), ``seq_len``
+  0 (attention returns 0 for that row), LoRA slot -1 (no delta), an all-scratch
+  block-table row. Padding rows therefore never touch a real sequence's cache.
+  ``fill`` re-pads only rows a previous step may have filled (host cost: no
+  padding launches while the batch size stays put).
+- ``block_tables`` are padded to ``max_blocks`` columns and attention is told
+  ``max_seq_len = max_blocks * block_size`` (its split count depends only on
+  that bound), so no shape depends on the step's data.
+- Graphs are keyed by (size, LoRA active, weights version): capturing while no
+  adapter is loaded skips every LoRA launch. A GPTQ hot-swap copies into the
+  linears' buffers (same storage), so the graphs stay valid; only a swap that
+  must allocate new tensors bumps ``GPTQLinearMethod.version``, and then the
+  old graphs are dropped and re-captured.
+- Capture runs the forward once eagerly on the padded static batch first
+  (Triton compiles, lazy one-time preparations happen outside the graph).
+- Capture vs. other threads (the re-quantization worker issues CUDA work from
+  its own thread while the engine serves): captures use
+  ``capture_error_mode="thread_local"`` and only run while ``capture_lock`` is
+  free. ``"global"`` (torch's default) makes an unsafe CUDA call of ANY thread
+  during a capture (the worker's ``cudaMalloc``, stream sync, ``.cpu()``) fail
+  and invalidate the capture; ``"thread_local"`` restricts that to the
+  capturing thread (PyTorch documents it for this case). Calls that conflict
+  with a capture in every mode (a device-wide sync, the legacy default stream,
+  a library's lazy ``cudaFree``) are kept out by the lock: a worker holds
+  ``capture_lock`` around each of its GPU work units, and ``run`` takes it
+  without waiting; when it is held, a step whose graph would have to be
+  captured runs the same forward eagerly on the static buffers instead (no
+  stall; the capture happens at a later step). Replays need no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+from inlaid.model.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def padded_size(num_seqs: int, sizes: tuple[int, ...] = CAPTURE_SIZES) -> int | None:
+    """Smallest captured size >= ``num_seqs`` (None when the batch is larger than every size)."""
+    if num_seqs < 1:
+        raise ValueError(f"a decode batch has at least one sequence, got {num_seqs}")
+    return next((s for s in sorted(sizes) if s >= num_seqs), None)
+
+
+class StaticDecodeBuffers:
+    """The fixed-address inputs of every decode graph, sized for ``max_size`` sequences."""
+
+    def __init__(self, max_size: int, max_blocks: int, block_size: int, scratch_block: int,
+                 device: torch.device) -> None:
+        if max_size < 1 or max_blocks < 1 or block_size < 1 or scratch_block < 0:
+            raise ValueError(f"bad static buffer geometry: size {max_size}, blocks {max_blocks}, "
+                             f"block_size {block_size}, scratch block {scratch_block}")
+        self.max_size, self.max_blocks, self.block_size = max_size, max_blocks, block_size
+        self.scratch_block = scratch_block
+        i64 = dict(device=device, dtype=torch.int64)
+        self.input_ids = torch.zeros(max_size, **i64)
+        self.positions = torch.zeros(max_size, **i64)
+        self.slot_mapping = torch.full((max_size,), scratch_block * block_size, **i64)
+        self.lora_slots = torch.full((max_size,), -1, **i64)
+        self.logits_indices = torch.arange(max_size, **i64)
+        self.query_start_loc = torch.arange(max_size + 1, device=device, dtype=torch.int32)
+        self.seq_lens = torch.zeros(max_size, device=device, dtype=torch.int32)
+        self.block_tables = torch.full((max_size, max_blocks), scratch_block, device=device, dtype=torch.int32)
+        self._dirty = 0
+        """Every row >= this holds padding (rows below may hold a sequence): ``fill`` pads only rows it must."""
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_blocks * self.block_size
+
+    def view(self, size: int) -> ForwardBatch:
+        """The static ForwardBatch of ``size`` rows (what a graph of that size is captured on)."""
+        return ForwardBatch(
+            input_ids=self.input_ids[:size], positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size], lora_slots=self.lora_slots[:size],
+            logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len,
+        )
+
+    def reset(self) -> None:
+        """Every row padding (what capture runs on: it writes only the scratch block)."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.lora_slots.fill_(-1)
+        self.seq_lens.zero_()
+        self.block_tables.fill_(self.scratch_block)
+        self._dirty = 0
+
+    def fill(self, batch: ForwardBatch, size: int) -> ForwardBatch:
+        """Copy a decode batch of B <= size sequences into rows 0..B-1, pad rows B..size-1; returns ``view(size)``."""
+        b = batch.num_seqs
+        if not batch.is_decode_only or batch.num_tokens != b:
+            raise ValueError("only decode-only batches (one token per sequence) can replay a CUDA graph")
+        if not b <= size <= self.max_size or batch.block_tables.shape[1] > self.max_blocks:
+            raise ValueError(f"batch of {b} seqs x {batch.block_tables.shape[1]} blocks does not fit graph size "
+                             f"{size} (max {self.max_size} x {self.max_blocks} blocks)")
+        w = batch.block_tables.shape[1]
+        self.input_ids[:b].copy_(batch.input_ids)
+        self.positions[:b].copy_(batch.positions)
+        self.slot_mapping[:b].copy_(batch.slot_mapping)
+        self.lora_slots[:b].copy_(batch.lora_slots)
+        self.seq_lens[:b].copy_(batch.seq_lens)
+        self.block_tables[:b, :w].copy_(batch.block_tables)
+        hi = min(size, self._dirty)
+        if b < hi:  # pad: rows from a previous, larger step must not leak into this one
+            self.input_ids[b:hi].zero_()
+            self.positions[b:hi].zero_()
+            self.slot_mapping[b:hi].fill_(self.scratch_block * self.block_size)
+            self.lora_slots[b:hi].fill_(-1)
+            self.seq_lens[b:hi].zero_()
+            self.block_tables[b:hi].fill_(self.scratch_block)
+        self._dirty = self._dirty if self._dirty > size else b
+        return self.view(size)
+
+
+class CudaGraphRunner:
+    """Captures (lazily, per size) and replays the model's decode forward; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_blocks: int, block_size: int,
+                 scratch_block: int, device: torch.device, sizes: tuple[int, ...] = CAPTURE_SIZES,
+                 lora_active: Callable[[], bool] = lambda: False, weights_version: Callable[[], int] = lambda: 0,
+                 ) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.model, self.kv_caches, self.sizes = model, kv_caches, tuple(sorted(sizes))
+        self.buffers = StaticDecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device)
+        self.lora_active, self.weights_version = lora_active, weights_version
+        self.graphs: dict[tuple[int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # graph memory pool shared by all sizes (handle from the first capture)
+        self._version: int | None = None
+        self.capture_lock = threading.Lock()
+        """Held by a capture here and by other threads' GPU work units (see the module docstring)."""
+        self.eager_fallbacks = 0
+        """Steps that ran eagerly because ``capture_lock`` was held when their graph had to be captured."""
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return (batch.is_decode_only and batch.num_tokens == batch.num_seqs and batch.num_seqs <= self.sizes[-1]
+                and batch.block_tables.shape[1] <= self.buffers.max_blocks)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states [B, hidden] of a decode batch (replay; capture first if this key is new)."""
+        size = padded_size(batch.num_seqs, self.sizes)
+        key = (size, bool(self.lora_active()), int(self.weights_version()))
+        if self._version is not None and key[2] != self._version:
+            # Weights were swapped: every graph points at old tensors. Dropping the graphs releases their memory
+            # pool, so its handle must go too: capturing into a released pool fails an allocator assertion.
+            self.graphs.clear()
+            self.pool = None
+        self._version = key[2]
+        if key not in self.graphs:
+            if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: never capture beside it
+                self.eager_fallbacks += 1
+                return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
+            try:
+                self.graphs[key] = self._capture(size)
+            finally:
+                self.capture_lock.release()
+        graph, out = self.graphs[key]
+        self.buffers.fill(batch, size)
+        graph.replay()
+        return out[: batch.num_seqs]
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.buffers.reset()
+        static = self.buffers.view(size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile kernels and run lazy preparations outside the graph
+                self.model(self.buffers.view(size), self.kv_caches)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self.model(static, self.kv_caches)
+        if self.pool is None:
+            self.pool = graph.pool()
+        logger.info("captured decode CUDA graph for batch size %d", size)
+        return graph, out

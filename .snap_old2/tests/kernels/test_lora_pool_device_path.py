@@ -1,0 +1,101 @@
+"""LoRAPool's sync-free Triton decode path (fused q/k/v and gate/up shrink) vs its SGMV path.
+
+Runs the Triton kernels under ``TRITON_INTERPRET=1`` on CPU (compiled on CUDA). Two pools hold the same
+adapters (different ranks, one targeting only some modules); every projection's delta of a decode batch with
+mixed slots (and -1) must match, and the fused group's shrink must run once per layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first `import triton`
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if not HAS_CUDA and type(sys.modules["triton"].language.standard.cdiv).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
+                allow_module_level=True)
+
+lt = importlib.import_module("inlaid.kernels.lora_sgmv_triton")
+if not HAS_CUDA and not lt.kernels_interpreted():
+    lt = importlib.reload(lt)
+pool_mod = importlib.reload(importlib.import_module("inlaid.lora.pool"))  # bind the (re)loaded kernels
+
+from inlaid.lora.synthetic import random_adapter  # noqa: E402
+from inlaid.model.batch import ForwardBatch  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+SHAPES = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+          "gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
+
+
+def _batch(slots: list[int]) -> ForwardBatch:
+    t = len(slots)
+    ar = torch.arange(t, device=DEV)
+    return ForwardBatch(ar, ar, ar, torch.arange(t + 1, device=DEV, dtype=torch.int32),
+                        torch.ones(t, device=DEV, dtype=torch.int32), torch.zeros(t, 1, device=DEV, dtype=torch.int32),
+                        torch.tensor(slots, device=DEV), ar, max_query_len=1, max_seq_len=1)
+
+
+def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapters = [random_adapter("a", SHAPES, 2, 4, seed=1, std=0.3),
+                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=2, std=0.3)]
+    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=flag) for flag in (True, False)]
+    for p in pools:
+        p.load(0, adapters[0])
+        p.load(2, adapters[1])
+    assert pools[0].triton_decode and not pools[1].triton_decode
+    assert pools[0].a["k_proj"].data_ptr() == pools[0].a["q_proj"].data_ptr() + 8 * 32 * 4  # views of one buffer
+    calls = []
+    real = pool_mod.lt.lora_shrink_partials
+    monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    slots = [0, -1, 2, 2, 0]
+    batches = [_batch(slots), _batch(slots)]
+    for p, b in zip(pools, batches):
+        p.prepare(b)
+    assert isinstance(batches[0].lora_meta, pool_mod.DecodeMeta)
+    g = torch.Generator().manual_seed(0)
+    for layer in (1,):
+        xs = {i: torch.randn(len(slots), i, generator=g).to(DEV) for i in (32, 48)}
+        for mod, (i, o) in SHAPES.items():
+            base = torch.randn(len(slots), o, generator=g).to(DEV)
+            got = pools[0].apply(layer, mod, xs[i], base.clone(), batches[0])
+            want = pools[1].apply(layer, mod, xs[i], base.clone(), batches[1])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert torch.equal(got[1], base[1])  # slot -1 row untouched
+    # one shrink for q/k/v, one for gate/up, one each for o and down
+    assert len(calls) == 4 and calls[0] == (3, 24, 32), calls
+
+
+@pytest.mark.gpu
+def test_prefill_segment_kernel_matches_torch_sgmv() -> None:
+    """A prefill batch (is_decode_only False): the pool's segmented Triton path equals its torch SGMV loop."""
+    adapters = [random_adapter("a", SHAPES, 2, 4, seed=1, std=0.3),
+                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=2, std=0.3)]
+    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float16) for _ in range(2)]
+    pools[1].triton_prefill = False
+    for p in pools:
+        p.load(0, adapters[0])
+        p.load(2, adapters[1])
+    assert pools[0].triton_prefill
+    slots = [0] * 40 + [-1] * 5 + [2] * 37 + [0] * 3
+    batches = []
+    for p in pools:
+        b = _batch(slots)
+        b.max_query_len = len(slots)  # a prefill: not decode-only
+        p.prepare(b)
+        batches.append(b)
+    g = torch.Generator().manual_seed(0)
+    xs = {i: torch.randn(len(slots), i, generator=g).to(DEV, torch.float16) for i in (32, 48)}
+    for mod, (i, o) in SHAPES.items():
+        base = torch.randn(len(slots), o, generator=g).to(DEV, torch.float16)
+        got = pools[0].apply(1, mod, xs[i], base.clone(), batches[0])
+        want = pools[1].apply(1, mod, xs[i], base.clone(), batches[1])
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+        assert torch.equal(got[40:45], base[40:45])
