@@ -162,11 +162,17 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="time every config of SWEEP (else TC_CONFIGS)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     ap.add_argument("--block-m", type=int, default=None, help="rows per tile of the configs that do not name one")
+    ap.add_argument("--ppsm", default=None, help="with --sweep: only the natural-order configs, at these comma-"
+                    "separated programs-per-SM values (occupancy study)")
     ap.add_argument("--merge", nargs="+", help="no GPU: merge these runs' JSON files into one page")
     args = ap.parse_args()
     ms = tuple(int(v) for v in args.ms.split(","))
     shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))
     configs = {"tc_default": {}, **(SWEEP if args.sweep else TC_CONFIGS)}
+    if args.ppsm:
+        configs = {"tc_default": {}, **{f"{name[:-3]}_p{p}": {**kw, "programs_per_sm": float(p)}
+                                        for name, kw in SWEEP.items() if name.startswith("nat_n") and name.endswith("_p1")
+                                        for p in args.ppsm.split(",")}}
     command = "python benchmarks/small_m_tc_bench.py " + " ".join(sys.argv[1:])
     if args.merge:
         for path in args.merge:  # the first run's env row heads the page
