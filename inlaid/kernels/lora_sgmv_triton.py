@@ -131,14 +131,14 @@ def default_num_splits(num_tokens: int, d_in: int, num_sms: int = 132) -> int:
 
 
 def lora_shrink_partials(
-    x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None
+    x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None,
+    block_k: int = 128, num_warps: int = 4,
 ) -> torch.Tensor:
     """Unscaled ``x[t] @ A[slot_t]ᵀ`` as fp32 partial sums ``[num_splits, T, R]`` (rows of slot -1 are 0)."""
     _check(x, a_stack, token_slots)
     t, d_in = x.shape
     r = a_stack.shape[1]
     splits = num_splits or default_num_splits(t, d_in)
-    block_k = 128
     k_per_split = -(-(-(-d_in // splits)) // block_k) * block_k  # ceil(d_in / splits) rounded up to BLOCK_K
     ws = torch.empty(splits, t, r, device=x.device, dtype=torch.float32)
     if t == 0:
@@ -147,7 +147,7 @@ def lora_shrink_partials(
         x, a_stack, token_slots, ws, t, d_in, r, k_per_split,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
         ws.stride(0), ws.stride(1),
-        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k, num_warps=num_warps,
     )
     return ws
 
@@ -160,7 +160,8 @@ def lora_shrink(
 
 
 def lora_expand(
-    y: torch.Tensor, b_stack: torch.Tensor, scalings: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor
+    y: torch.Tensor, b_stack: torch.Tensor, scalings: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
+    block_n: int = 128, num_warps: int = 4,
 ) -> torch.Tensor:
     """``out[t] += scaling[s] * y[t] @ B[s]ᵀ`` in place (``y`` [T, R] or partials [P, T, R]); returns out."""
     ws = y if y.dim() == 3 else y.unsqueeze(0)
@@ -175,20 +176,19 @@ def lora_expand(
     r = b_stack.shape[2]
     if t == 0:
         return out
-    block_n = 128
     _expand_kernel[(t, triton.cdiv(d_out, block_n))](
         ws, b_stack, token_slots, scalings, out, t, d_out, r, ws.shape[0],
         ws.stride(0), ws.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         out.stride(0), out.stride(1),
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
-        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])),
+        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])), num_warps=num_warps,
     )
     return out
 
 
 def lora_expand_group(
     partials: torch.Tensor, b_stacks: list[torch.Tensor], scalings: list[torch.Tensor], token_slots: torch.Tensor,
-    outs: list[torch.Tensor],
+    outs: list[torch.Tensor], block_n: int = 128, num_warps: int = 4,
 ) -> list[torch.Tensor]:
     """``lora_expand`` of 2 or 3 projections in one launch: member j adds its delta from ranks ``[j*R, (j+1)*R)``
     of the group's shrink ``partials`` [P, T, n*R] (fp32) into ``outs[j]`` in place; returns ``outs``."""
@@ -208,7 +208,6 @@ def lora_expand_group(
     t = partials.shape[1]
     if t == 0:
         return outs
-    block_n = 128
     blocks = [triton.cdiv(out.shape[1], block_n) for out in outs]
     args = []
     for j in range(3):  # a 2-member group repeats member 1 as member 2 with no blocks
@@ -218,7 +217,7 @@ def lora_expand_group(
         partials, token_slots, t, r, partials.shape[0], partials.stride(0), partials.stride(1), *args,
         blocks[0], blocks[1],
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
-        BLOCK_SP=max(2, triton.next_power_of_2(partials.shape[0])),
+        BLOCK_SP=max(2, triton.next_power_of_2(partials.shape[0])), num_warps=num_warps,
     )
     return outs
 

@@ -1,0 +1,154 @@
+"""Multi-LoRA decode launches of one Llama-2-7B layer (issue 8's LoRA target): launch shapes vs the W4 base.
+
+What ``LoRAPool``'s device path launches per layer at batch T (one adapter per token, all distinct, rank R on
+all 7 projections): a shrink over the q/k/v group's shared A buffer, over o, over gate/up, over down, and the
+expands (``lora_expand_group`` for q/k/v and gate/up, ``lora_expand`` for o and down). Variants change the
+launch parameters (expand ``block_n`` / warps, shrink splits / ``block_k``); ``seven_expands`` is the layout
+before session 7 (one expand per projection). Baseline in the same run: the layer's 7 W4 g128 projections at M
+= T through ``w4a16_linear`` (what the decode step runs). Timing: ``inlaid.bench.graph_timing`` over
+``--layers`` layers of distinct weights (> 3x the L2 in total, so every read is DRAM); every variant is checked
+against the default one (bit-identical sums are not expected across split counts: rel. error < 1e-3).
+
+    python benchmarks/lora_decode_bench.py --out benchmarks/results/lora_decode_h200   # GPU, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.kernels import lora_sgmv_triton as lt  # noqa: E402
+from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
+
+DEV = "cuda"
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+          "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+ROWS: list[dict] = []
+
+
+def log(**kw) -> None:
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def make_layer(slots: int, rank: int) -> dict:
+    """A/B stacks laid out like the pool's (a group's A stacks share one [S, n*R, in] buffer)."""
+    layer = {}
+    for group in GROUPS:
+        d_in = SHAPES[group[0]][0]
+        layer[group] = {"a": torch.randn(slots, len(group) * rank, d_in, device=DEV, dtype=torch.float16) * 0.02,
+                        "b": [torch.randn(slots, SHAPES[m][1], rank, device=DEV, dtype=torch.float16) * 0.02
+                              for m in group],
+                        "s": [torch.full((slots,), 2.0, device=DEV) for _ in group]}
+    return layer
+
+
+def run_layer(layer: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int, v: dict) -> None:
+    for group in GROUPS:
+        g = layer[group]
+        part = lt.lora_shrink_partials(xs[group], g["a"], slots, v.get("splits"), v.get("block_k", 128),
+                                       v.get("shrink_warps", 4))
+        kw = {"block_n": v.get("block_n", 128), "num_warps": v.get("expand_warps", 4)}
+        if len(group) > 1 and not v.get("seven_expands"):
+            lt.lora_expand_group(part, g["b"], g["s"], slots, [outs[m] for m in group], **kw)
+        else:
+            for j, m in enumerate(group):
+                lt.lora_expand(part[:, :, j * rank:(j + 1) * rank], g["b"][j], g["s"][j], slots, outs[m], **kw)
+
+
+def variants() -> dict[str, dict]:
+    out = {"default": {}, "seven_expands": {"seven_expands": True}}
+    for bn, ew, sp, bk in itertools.product((128, 256, 512), (4, 8), (None, 8, 32), (128, 256)):
+        out[f"n{bn}_ew{ew}_sp{sp or 'auto'}_k{bk}"] = {"block_n": bn, "expand_warps": ew, "splits": sp, "block_k": bk}
+    return out
+
+
+def run(batch: int, rank: int, n_layers: int) -> None:
+    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        batch=batch, rank=rank, layers=n_layers)
+    slots = torch.arange(batch, device=DEV, dtype=torch.int32)
+    layers = [make_layer(batch, rank) for _ in range(n_layers)]
+    xs = {g: torch.randn(batch, SHAPES[g[0]][0], device=DEV, dtype=torch.float16) for g in GROUPS}
+    outs = {m: torch.zeros(batch, o, device=DEV, dtype=torch.float16) for m, (_, o) in SHAPES.items()}
+    lora_bytes = sum(batch * rank * (i + o) * 2 for i, o in SHAPES.values())
+    ref = None
+    for name, v in variants().items():
+        try:
+            for o in outs.values():
+                o.zero_()
+            run_layer(layers[0], xs, outs, slots, rank, v)
+            got = torch.cat([outs[m].float() for m in SHAPES], dim=1)
+            ref = got if ref is None else ref
+            err = float((got - ref).abs().max() / ref.abs().max())
+            if not err < 1e-3:
+                log(event="wrong", variant=name, err=err)
+                continue
+            us = graph_time_us([lambda lay=lay: run_layer(lay, xs, outs, slots, rank, v) for lay in layers])
+            log(event="time", variant=name, us_per_layer=us, TBps=lora_bytes / us / 1e6, err=err)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the run
+            log(event="fail", variant=name, err=repr(e)[:300])
+    del layers
+    torch.cuda.empty_cache()
+    hi = 2**31 - 1
+    base = []
+    for _ in range(max(2, n_layers // 2)):
+        layer = {}
+        for m, (k, n) in SHAPES.items():
+            g = k // 128
+            layer[m] = wk.prepare_w4(torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
+                                     torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
+                                     (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(), None, 128)
+        base.append(layer)
+    xb = {m: torch.randn(batch, k, device=DEV, dtype=torch.float16) for m, (k, _) in SHAPES.items()}
+    us = graph_time_us([lambda lay=lay: [wk.w4a16_linear(xb[m], lay[m]) for m in SHAPES] for lay in base])
+    log(event="time", variant="w4_base_layer", us_per_layer=us)
+
+
+def to_markdown(seconds: float) -> str:
+    env = next(r for r in ROWS if r.get("event") == "env")
+    t = {r["variant"]: r for r in ROWS if r.get("event") == "time"}
+    base = t.get("w4_base_layer", {}).get("us_per_layer")
+    lines = [f"# Multi-LoRA decode launches of one Llama-2-7B layer ({env['gpu']}, torch {env['torch']}, triton "
+             f"{env['triton']})", "",
+             f"Command: `python benchmarks/lora_decode_bench.py ...` ({seconds:.0f} s). Batch {env['batch']}, "
+             f"{env['batch']} distinct rank-{env['rank']} adapters on all 7 projections, fp16, CUDA graph over "
+             f"{env['layers']} layers of distinct stacks (us per layer). `vs W4 base` = LoRA time / the 7 W4 g128 "
+             f"projections at M = {env['batch']} through `w4a16_linear` ({base and f'{base:.1f}'} us per layer, "
+             "same run).", "", "| variant | us per layer | TB/s | vs W4 base |", "|---|---|---|---|"]
+    for name, r in sorted(((k, v) for k, v in t.items() if k != "w4_base_layer"), key=lambda kv: kv[1]["us_per_layer"]):
+        ratio = "" if base is None else f"{r['us_per_layer'] / base:.1%}"
+        lines.append(f"| {name} | {r['us_per_layer']:.1f} | {r['TBps']:.2f} | {ratio} |")
+    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
+    lines += ["", f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=4, help="layers of distinct stacks (4 x 80 MB at rank 16)")
+    args = ap.parse_args()
+    t0 = time.time()
+    try:
+        run(args.batch, args.rank, args.layers)
+    finally:
+        Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))
+        if any(r.get("event") == "env" for r in ROWS):
+            Path(args.out + ".md").write_text(to_markdown(time.time() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
