@@ -15,7 +15,7 @@ last group, the partial last tile) are masked. For small M, ``split_k``
 programs ``atomic_add`` fp32 partials into a zeroed buffer, cast afterwards.
 
 ``w4a16_linear`` dispatch (per call, by M = rows of x):
-M = 1: the GEMV kernel; 2 <= M <= ``TC_MAX_M`` (128): the tensor-core kernel where it runs (``w4a16_tc``:
+M = 1: the GEMV kernel (``w4a16_linear_group``: 2-3 weights of one x in one launch); 2 <= M <= ``TC_MAX_M`` (128): the tensor-core kernel where it runs (``w4a16_tc``:
 compiled on CUDA, fp16/bf16, groups of 128k or one group); otherwise 2 <= M <= 16 take the small-M kernel
 (``w4a16_small_m``; both up to ``gemv_max_m``) and larger M the tiled kernel for ``M <= fused_max_m`` (tuned
 per GPU and shape in ``w4a16_configs.json``, else 64; an explicit ``fused_max_m`` also caps the tensor-core
@@ -27,6 +27,7 @@ one group) also take the dequantize path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,9 @@ from .w4a16_gemv import (
     GemvConfig,
     check_kernel_inputs,
     default_gemv_config,
+    m1_groupable,
     w4a16_gemv,
+    w4a16_gemv_m1_group,
 )
 
 __all__ = [
@@ -73,6 +76,7 @@ __all__ = [
     "w4a16_gemm",
     "w4a16_gemv",
     "w4a16_linear",
+    "w4a16_linear_group",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -207,6 +211,20 @@ def w4a16_gemm(
     if out is None:
         return acc if acc.dtype == x.dtype else acc.to(x.dtype)
     return out if acc is out else out.copy_(acc)
+
+
+def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
+                       biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up); a
+    single row (decode at batch 1) runs them as ONE launch of the M = 1 GEMV (``w4a16_gemv_m1_group``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if triton_usable(x2) and x2.shape[0] == 1:
+        cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), x2.shape[1])
+        if m1_groupable(x2, packs, cfg):
+            ys = w4a16_gemv_m1_group(x2, packs, cfg)
+            return [(y if b is None else y + b.to(y.dtype)).reshape(*x.shape[:-1], p.out_features)
+                    for y, p, b in zip(ys, packs, biases)]
+    return [w4a16_linear(x, p, b) for p, b in zip(packs, biases)]
 
 
 def w4a16_linear(

@@ -41,12 +41,13 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
-from .w4_layout import check_w4, kernel_group_size
+from .w4_layout import PackedW4, check_w4, kernel_group_size
 
 __all__ = [
     "GEMV_MAX_M",
@@ -54,8 +55,10 @@ __all__ = [
     "default_gemv_config",
     "gemv_block_m",
     "kernels_interpreted",
+    "m1_groupable",
     "triton_usable",
     "w4a16_gemv",
+    "w4a16_gemv_m1_group",
 ]
 
 GEMV_MAX_M = 16
@@ -227,8 +230,37 @@ if HAS_TRITON:
         NUM_STAGES: tl.constexpr,
     ):
         # M = 1 and GROUP_SIZE % BLOCK_K == 0 (one scale/zero row per tile); MODE as in _w4_gemv_kernel.
-        pid_n = tl.program_id(0)
+        _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
+                 stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, BLOCK_K,
+                 MODE, NUM_STAGES)
+
+    @triton.jit
+    def _w4_gemv_m1_group_kernel(
+        x_ptr, K, k_per_split, n_split, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        """``_w4_gemv_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch: column tile ``pid``
+        belongs to weight 0 below ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous
+        tensors: row strides are the widths)."""
+        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
+        if pid < nt0:
+            _m1_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0, n0 // 8, n0, n0, pid,
+                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+        elif pid < nt0 + nt1:
+            _m1_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1, n1 // 8, n1, n1, pid - nt0,
+                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+        else:
+            _m1_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2, n2 // 8, n2, n2,
+                     pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+
+    @triton.jit
+    def _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
+                 stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        """One program of the M = 1 kernel: column tile ``pid_n``, K range ``pid_k``."""
         BKW: tl.constexpr = BLOCK_K // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -414,6 +446,51 @@ def w4a16_gemv(
         _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)
     finish_splitk(ws, out, split, mode)
     return out
+
+
+def m1_groupable(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> bool:
+    """True when ``w4a16_gemv_m1_group`` can serve ``x`` [1, K] with these 2-3 weights in one launch: same K,
+    group size and act-order permutation, contiguous tensors, one scale row per ``config.block_k`` tile."""
+    if x.dim() != 2 or x.shape[0] != 1 or not 2 <= len(packs) <= 3 or config.use_dot:
+        return False
+    first = packs[0]
+    same = all(p.in_features == first.in_features and p.group_size == first.group_size
+               and (p.perm is first.perm or (p.perm is not None and first.perm is not None
+                                              and torch.equal(p.perm, first.perm))) for p in packs)  # fmt: skip
+    gs = kernel_group_size(first.group_size, first.in_features)
+    return (same and gs % config.block_k == 0 and x.shape[1] == first.in_features
+            and all(t.is_contiguous() for p in packs for t in (p.qweight, p.qzeros, p.scales)))
+
+
+def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> list[torch.Tensor]:
+    """``[x @ W_j for j]`` for x [1, K] and 2-3 weights that read it (q/k/v, gate/up): ONE launch of the M = 1
+    kernel over every weight's column tiles (``m1_groupable`` must hold). Outputs [1, N_j] in x.dtype; each
+    weight's ``locks`` / ``acc`` (``PackedW4``) are used and left zeroed as in ``w4a16_gemv``."""
+    if not m1_groupable(x, packs, config):
+        raise ValueError("w4a16_gemv_m1_group needs x [1, K] and 2-3 contiguous 4-bit weights with the same K, group "
+                         f"size and permutation, groups a multiple of block_k={config.block_k}; use w4a16_gemv")
+    for p in packs:
+        check_kernel_inputs(x, p.qweight, p.qzeros, p.scales, p.group_size, "w4a16_gemv_m1_group")
+    first = packs[0]
+    x = (x.index_select(1, first.perm) if first.perm is not None else x).contiguous()
+    k = x.shape[1]
+    gs = kernel_group_size(first.group_size, k)
+    split, k_per = _split(k, config)
+    mode = 0 if split == 1 else _MODE_ID[config.mode]
+    outs = [torch.empty(1, p.out_features, device=x.device, dtype=x.dtype) for p in packs]
+    tiles = [triton.cdiv(p.out_features, config.block_n) for p in packs]
+    members = []
+    for j in range(3):  # a 2-weight group repeats weight 1 as weight 2 with no tiles
+        p, out = (packs[j], outs[j]) if j < len(packs) else (packs[1], outs[1])
+        ws, locks = splitk_buffers(out, split, mode, p.locks, triton.cdiv(p.out_features, config.block_n), p.acc)
+        members += [p.qweight, p.qzeros, p.scales, out, ws, locks if mode in (2, 4) else ws, p.out_features]
+    _w4_gemv_m1_group_kernel[(sum(tiles), split)](
+        x, k, k_per, split, tiles[0], tiles[1], *members, GROUP_SIZE=gs, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, MODE=mode, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+    )
+    for j, p in enumerate(packs):
+        finish_splitk(members[7 * j + 4], outs[j], split, mode)
+    return outs
 
 
 def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:

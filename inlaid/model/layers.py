@@ -13,7 +13,8 @@ Invariants:
   ``in_features``/``out_features`` are the *local* (per-rank) sizes. A column
   layer's output is the rank's slice (no collective); a row layer's
   ``forward_local`` gives this rank's partial sum and ``reduce`` all-reduces it
-  (``forward`` = both). Callers that add to the partial output first (the LoRA
+  (``forward`` = both). ``forward_group`` runs sibling layers of one x (q/k/v, gate/up) through the method's
+  ``apply_group`` when it has one (the GPTQ method: one W4 kernel launch at batch 1). Callers that add to the partial output first (the LoRA
   hook) call the two halves, so a row layer costs one collective in total.
   The model itself always goes through ``llama._project`` (``forward_local`` then ``reduce``), never
   ``ParallelLinear.forward``, so module forward hooks on a linear do not fire; code that must see a
@@ -172,6 +173,19 @@ class ParallelLinear(nn.Module):
                 f"parallel={self.parallel}, tp={self.tp_size}, method={type(self.quant_method).__name__}")
 
 
+def forward_group(layers: list[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer.forward_local(x)]`` for sibling layers that read the same ``x`` (q/k/v, gate/up). When they share a
+    linear method that has ``apply_group`` (the GPTQ one), it may run them together (one kernel launch); a
+    method whose ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) is always called
+    per layer, so the wrapper sees every input."""
+    method = layers[0].quant_method
+    group = getattr(method, "apply_group", None)
+    if group is not None and all(type(lay.quant_method) is type(method) and "apply" not in vars(lay.quant_method)
+                                 for lay in layers):
+        return group(layers, x)
+    return [layer.forward_local(x) for layer in layers]
+
+
 class GatedMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); projections exposed for the LoRA hook."""
 
@@ -184,7 +198,8 @@ class GatedMLP(nn.Module):
         self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = forward_group([self.gate_proj, self.up_proj], x)  # column layers: no reduce to skip
+        return self.down_proj(silu_mul(gate, up))
 
 
 class VocabParallelEmbedding(nn.Embedding):

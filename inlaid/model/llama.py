@@ -51,7 +51,7 @@ from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
 from inlaid.kernels.silu_mul import silu_mul
-from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding
+from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, forward_group
 from inlaid.model.lora_hook import LoRAHook
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
 
 def _project_group(parent: nn.Module, names: tuple[str, ...], layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
                    hook: LoRAHook | None) -> list[torch.Tensor]:
-    """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): one ``hook.apply_group`` call, so
-    the hook can run their LoRA kernels together."""
+    """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): the base through
+    ``layers.forward_group`` and one ``hook.apply_group`` call, so both can batch their kernels."""
     layers: list[ParallelLinear] = [getattr(parent, n) for n in names]
-    outs = [layer.forward_local(x) for layer in layers]
+    outs = forward_group(layers, x)
     if hook is not None:
         outs = hook.apply_group(layer_idx, names, x, outs, batch)
     return [layer.reduce(out) for layer, out in zip(layers, outs)]

@@ -178,7 +178,8 @@ class _InputTap:
 
     ``apply`` is what both ``ParallelLinear.forward`` and ``forward_local`` (the path the model takes when a
     LoRA hook or tensor parallelism splits the call) run, so every forward is seen exactly once whichever
-    entry point the model uses; module forward hooks would miss ``forward_local``.
+    entry point the model uses; module forward hooks would miss ``forward_local``. ``layers.forward_group``
+    (q/k/v, gate/up) calls a wrapped method per layer instead of its grouped kernel, for the same reason.
     """
 
     def __init__(self, module: torch.nn.Module, acc: HessianAccumulator) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -120,18 +121,25 @@ class GPTQLinearMethod:
         return {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
                 "w4_locks": p.locks, "w4_acc": p.acc}  # fmt: skip
 
+    def _packed(self, layer: ParallelLinear, x: torch.Tensor) -> w4k.PackedW4 | None:
+        """The layer's W4A16 kernel tensors for ``x`` (prepared on first use), or None when the kernels cannot
+        serve it. Reads ``layer._buffers`` once (one atomic snapshot; see the module docstring)."""
+        if not (x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32 and self.num_groups is None):
+            return None
+        snap = dict(layer._buffers)
+        if snap.get("w4_qweight") is None:
+            prep = self.kernel_tensors(snap)
+            _install(layer, prep)
+            snap.update(prep)
+        gs = snap["w4_qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
+        return w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
+                            snap["w4_locks"], snap["w4_acc"])  # fmt: skip
+
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
-        snap = dict(layer._buffers)  # one atomic read; see the module docstring
-        if (x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32
-                and self.num_groups is None):  # W4A16 kernels
-            if snap.get("w4_qweight") is None:
-                prep = self.kernel_tensors(snap)
-                _install(layer, prep)
-                snap.update(prep)
-            gs = snap["w4_qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
-            packed = w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
-                                  snap["w4_locks"], snap["w4_acc"])  # fmt: skip
+        packed = self._packed(layer, x)
+        if packed is not None:  # W4A16 kernels
             return w4k.w4a16_linear(x, packed, layer.bias)
+        snap = dict(layer._buffers)  # one atomic read; see the module docstring
         w = snap.get("dq_weight")
         if w is not None and w.dtype == x.dtype:
             y = x @ w
@@ -139,6 +147,16 @@ class GPTQLinearMethod:
         # validated at load / swap (validate_layer): no per-forward host read-back of g_idx
         return gptq_linear(x, snap["qweight"], snap["qzeros"], snap["scales"].float(), snap["g_idx"], self.bits,
                            layer.bias, check_values=False)  # fmt: skip
+
+    def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+        """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels with a single row
+        (decode at batch 1) one launch (``w4a16_linear_group``), else one ``apply`` each."""
+        if x.reshape(-1, x.shape[-1]).shape[0] == 1:
+            packs = [lay.quant_method._packed(lay, x) if isinstance(lay.quant_method, GPTQLinearMethod) else None
+                     for lay in layers]
+            if None not in packs:
+                return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers])
+        return [lay.quant_method.apply(lay, x) for lay in layers]
 
     def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
         """After loading: build the dequantized cache if enabled (idempotent)."""
