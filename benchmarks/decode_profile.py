@@ -30,7 +30,7 @@ from e2e_decode import build_engine, make_w4  # noqa: E402
 from inlaid.sampling import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # first match wins
-    ("w4 gemv (M=1)", r"_w4_gemv_m1_kernel"),
+    ("w4 gemv (M=1)", r"_w4_gemv_m1_(group_)?kernel"),
     ("w4 tensor-core", r"_w4_tc_(nat_)?kernel"),
     ("w4 small-M / gemv", r"_w4_(small_m|gemv)_kernel"),
     ("w4 tiled gemm", r"_w4a16_kernel"),

@@ -450,13 +450,15 @@ def w4a16_gemv(
 
 def m1_groupable(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> bool:
     """True when ``w4a16_gemv_m1_group`` can serve ``x`` [1, K] with these 2-3 weights in one launch: same K,
-    group size and act-order permutation, contiguous tensors, one scale row per ``config.block_k`` tile."""
+    group size and act-order permutation tensor (or none), contiguous tensors, one scale row per
+    ``config.block_k`` tile. Host-side checks only (safe under CUDA-graph capture)."""
     if x.dim() != 2 or x.shape[0] != 1 or not 2 <= len(packs) <= 3 or config.use_dot:
         return False
     first = packs[0]
-    same = all(p.in_features == first.in_features and p.group_size == first.group_size
-               and (p.perm is first.perm or (p.perm is not None and first.perm is not None
-                                              and torch.equal(p.perm, first.perm))) for p in packs)  # fmt: skip
+    # the act-order permutation must be the same tensor (or absent): comparing contents would read the device
+    # back, which a CUDA-graph capture forbids, so equal copies of one permutation do not group
+    same = all(p.in_features == first.in_features and p.group_size == first.group_size and p.perm is first.perm
+               for p in packs)
     gs = kernel_group_size(first.group_size, first.in_features)
     return (same and gs % config.block_k == 0 and x.shape[1] == first.in_features
             and all(t.is_contiguous() for p in packs for t in (p.qweight, p.qzeros, p.scales)))

@@ -9,6 +9,8 @@ so a missing tile would be garbage: the reference comparison catches it), and ev
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from triton_setup import (  # skips the module without triton
@@ -27,15 +29,16 @@ from inlaid.kernels.w4_layout import prepare_w4  # noqa: E402
 
 
 def _group(k: int, widths: tuple[int, ...], gs: int, act_order: bool, seed: int):
-    """Weights of one x: random codes per weight, ONE shared g_idx (the same act-order permutation, as q/k/v of
-    one checkpoint have); returns ([tensors per weight], [PackedW4 per weight])."""
+    """Weights of one x: random codes per weight, ONE shared g_idx, and their ``PackedW4`` sharing one act-order
+    permutation tensor (the grouped kernel needs the same tensor); returns ([tensors per weight], [PackedW4])."""
     shared = gptq_case(k, 8, gs, act_order, seed)[0][3]
     tensors, packs = [], []
     for j, n in enumerate(widths):
         t = gptq_case(k, n, gs, False, seed + j + 1)[0]
         t[3] = shared
         tensors.append(t)
-        packs.append(prepare_w4(*t[:3], shared, k if gs == -1 else gs))
+        p = prepare_w4(*t[:3], shared, k if gs == -1 else gs)
+        packs.append(p if not packs else dataclasses.replace(p, perm=packs[0].perm))
     return tensors, packs
 
 
@@ -75,6 +78,8 @@ def test_not_groupable_cases_and_the_dispatcher_fallback() -> None:
     assert not gemv.m1_groupable(torch.randn(2, 256, device=DEVICE).half(), packs, cfg)  # two rows
     assert not gemv.m1_groupable(x, packs[:1], cfg)  # one weight
     assert not gemv.m1_groupable(x, [packs[0], other[0]], cfg)  # different permutations
+    copy = dataclasses.replace(packs[1], perm=packs[1].perm.clone())
+    assert not gemv.m1_groupable(x, [packs[0], copy], cfg)  # equal contents, another tensor: not compared
     assert not gemv.m1_groupable(x, packs, gemv.GemvConfig(32, 128, 2, 4, False, "atomic_last", 1))  # 2 groups/tile
     with pytest.raises(ValueError, match="w4a16_gemv_m1_group needs"):
         gemv.w4a16_gemv_m1_group(x, [packs[0], other[0]], cfg)
