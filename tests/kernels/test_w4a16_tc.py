@@ -55,7 +55,7 @@ def test_default_configs_by_m_and_validation() -> None:
 
 def test_split_k_scratch_is_shared_per_stream_grows_and_keeps_old_buffers() -> None:
     dev = torch.device("cpu")
-    gemv._SCRATCH.clear()
+    gemv._SCRATCH.pop(("cpu", None, 0), None)  # only the CPU entry: CUDA graphs of other tests may hold theirs
     acc, locks = gemv.splitk_scratch(dev, 100, 10)
     assert acc.numel() >= 100 and locks.numel() >= 10 and not acc.any() and not locks.any()
     assert gemv.splitk_scratch(dev, 50, 5)[0] is acc  # enough: the same pair
@@ -66,7 +66,7 @@ def test_split_k_scratch_is_shared_per_stream_grows_and_keeps_old_buffers() -> N
     out = torch.empty(4, 8)
     ws, lk = gemv.splitk_buffers(out, 3, 4, None, 6, acc=torch.zeros(8))  # caller's acc too short: scratch
     assert ws is bigger and lk is kept[-1][1]
-    gemv._SCRATCH.clear()
+    gemv._SCRATCH.pop(("cpu", None, 0), None)
 
 
 def test_usable_only_compiled_on_cuda_with_groups_of_128() -> None:
