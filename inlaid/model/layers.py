@@ -13,12 +13,14 @@ Invariants:
   ``in_features``/``out_features`` are the *local* (per-rank) sizes. A column
   layer's output is the rank's slice (no collective); a row layer's
   ``forward_local`` gives this rank's partial sum and ``reduce`` all-reduces it
-  (``forward`` = both). ``forward_group`` runs sibling layers of one x (q/k/v, gate/up) through the method's
-  ``apply_group`` when it has one (the GPTQ method: one W4 kernel launch at batch 1). Callers that add to the partial output first (the LoRA
+  (``forward`` = both). Callers that add to the partial output first (the LoRA
   hook) call the two halves, so a row layer costs one collective in total.
-  The model itself always goes through ``llama._project`` (``forward_local`` then ``reduce``), never
-  ``ParallelLinear.forward``, so module forward hooks on a linear do not fire; code that must see a
-  linear's input (calibration) wraps its ``quant_method.apply`` instead (``inlaid.quant.calibrate``).
+  ``forward_group`` runs sibling layers of one x (q/k/v, gate/up) through their method's ``apply_group`` when it
+  has one (the GPTQ method: one W4 kernel launch at batch 1).
+  The model mostly goes through ``llama._project`` / ``_project_group`` (``forward_local`` or
+  ``forward_group``, then ``reduce``), not ``ParallelLinear.forward``, so module forward hooks on a linear do
+  not see every call; code that must see a linear's input (calibration) wraps its ``quant_method.apply``
+  instead (``inlaid.quant.calibrate``).
 - ``VocabParallelEmbedding`` (world > 1 only): masked lookup of the rank's
   vocab rows, then one all-reduce.
 - The MLP here has no LoRA awareness; ``llama.py`` calls the LoRA hook after
