@@ -72,11 +72,11 @@ def main() -> int:
     else:
         from inlaid.kernels import w4a16_tc
 
-        fn = w4a16_tc._w4_tc_nat_kernel if args.natural else w4a16_tc._w4_tc_kernel
+        fn = w4a16_tc._w4_tc_kernel
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
                 "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
-                 "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400}
+                 "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400, "NATURAL": args.natural}
         elems = args.block_n * 128
     sig = {**TYPES, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
     sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order

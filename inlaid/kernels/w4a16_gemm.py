@@ -15,13 +15,14 @@ last group, the partial last tile) are masked. For small M, ``split_k``
 programs ``atomic_add`` fp32 partials into a zeroed buffer, cast afterwards.
 
 ``w4a16_linear`` dispatch (per call, by M = rows of x):
-M = 1: the GEMV kernel (``w4a16_linear_group``: 2-3 weights of one x in one launch); 2 <= M <= ``TC_MAX_M`` (128): the tensor-core kernel where it runs (``w4a16_tc``:
+M = 1: the GEMV kernel; 2 <= M <= ``TC_MAX_M`` (128): the tensor-core kernel where it runs (``w4a16_tc``:
 compiled on CUDA, fp16/bf16, groups of 128k or one group); otherwise 2 <= M <= 16 take the small-M kernel
 (``w4a16_small_m``; both up to ``gemv_max_m``) and larger M the tiled kernel for ``M <= fused_max_m`` (tuned
 per GPU and shape in ``w4a16_configs.json``, else 64; an explicit ``fused_max_m`` also caps the tensor-core
 path above 16 rows), else a Triton dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable
 Triton (CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a multiple of 8 (and not
-one group) also take the dequantize path.
+one group) also take the dequantize path. ``w4a16_linear_group`` serves 2-3 weights of one x (q/k/v,
+gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..128) when they share the input layout.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .w4_layout import (
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
-from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc
+from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc, w4a16_tc_group
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -52,6 +53,7 @@ from .w4a16_gemv import (
     check_kernel_inputs,
     default_gemv_config,
     m1_groupable,
+    share_input,
     w4a16_gemv,
     w4a16_gemv_m1_group,
 )
@@ -215,16 +217,23 @@ def w4a16_gemm(
 
 def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
                        biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up); a
-    single row (decode at batch 1) runs them as ONE launch of the M = 1 GEMV (``w4a16_gemv_m1_group``)."""
+    """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
+    ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
+    (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..``TC_MAX_M``."""
     x2 = x.reshape(-1, x.shape[-1])
-    if triton_usable(x2) and x2.shape[0] == 1:
-        cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), x2.shape[1])
+    m, k = x2.shape
+    ys = None
+    if triton_usable(x2) and m == 1:
+        cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):
             ys = w4a16_gemv_m1_group(x2, packs, cfg)
-            return [(y if b is None else y + b.to(y.dtype)).reshape(*x.shape[:-1], p.out_features)
-                    for y, p, b in zip(ys, packs, biases)]
-    return [w4a16_linear(x, p, b) for p, b in zip(packs, biases)]
+    elif 2 <= m <= TC_MAX_M and packs and tc_usable(x2, kernel_group_size(packs[0].group_size, k)) and share_input(
+            x2, packs):  # fmt: skip
+        ys = w4a16_tc_group(x2, packs)
+    if ys is None:
+        return [w4a16_linear(x, p, b) for p, b in zip(packs, biases)]
+    return [(y if b is None else y + b.to(y.dtype)).reshape(*x.shape[:-1], p.out_features)
+            for y, p, b in zip(ys, packs, biases)]
 
 
 def w4a16_linear(

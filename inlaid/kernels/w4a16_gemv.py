@@ -56,6 +56,7 @@ __all__ = [
     "gemv_block_m",
     "kernels_interpreted",
     "m1_groupable",
+    "share_input",
     "triton_usable",
     "w4a16_gemv",
     "w4a16_gemv_m1_group",
@@ -448,20 +449,24 @@ def w4a16_gemv(
     return out
 
 
-def m1_groupable(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> bool:
-    """True when ``w4a16_gemv_m1_group`` can serve ``x`` [1, K] with these 2-3 weights in one launch: same K,
-    group size and act-order permutation tensor (or none), contiguous tensors, one scale row per
-    ``config.block_k`` tile. Host-side checks only (safe under CUDA-graph capture)."""
-    if x.dim() != 2 or x.shape[0] != 1 or not 2 <= len(packs) <= 3 or config.use_dot:
+def share_input(x: torch.Tensor, packs: Sequence[PackedW4]) -> bool:
+    """True when 2-3 weights can run as one launch over ``x`` [M, K]: same K, group size and act-order permutation
+    tensor (or none; comparing contents would read the device back, which a CUDA-graph capture forbids, so equal
+    copies of one permutation do not qualify), contiguous tensors. Host-side checks only."""
+    if x.dim() != 2 or not 2 <= len(packs) <= 3:
         return False
     first = packs[0]
-    # the act-order permutation must be the same tensor (or absent): comparing contents would read the device
-    # back, which a CUDA-graph capture forbids, so equal copies of one permutation do not group
-    same = all(p.in_features == first.in_features and p.group_size == first.group_size and p.perm is first.perm
-               for p in packs)
-    gs = kernel_group_size(first.group_size, first.in_features)
-    return (same and gs % config.block_k == 0 and x.shape[1] == first.in_features
+    return (x.shape[1] == first.in_features
+            and all(p.in_features == first.in_features and p.group_size == first.group_size and p.perm is first.perm
+                    for p in packs)
             and all(t.is_contiguous() for p in packs for t in (p.qweight, p.qzeros, p.scales)))
+
+
+def m1_groupable(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> bool:
+    """True when ``w4a16_gemv_m1_group`` can serve ``x`` [1, K] with these weights in one launch: ``share_input``,
+    one row, and one scale row per ``config.block_k`` tile."""
+    return (share_input(x, packs) and x.shape[0] == 1 and not config.use_dot
+            and kernel_group_size(packs[0].group_size, packs[0].in_features) % config.block_k == 0)
 
 
 def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> list[torch.Tensor]:

@@ -20,12 +20,12 @@ Shared design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpa
   program casts, stores and re-zeroes; the caller's buffer or the stream's shared ``splitk_scratch``).
   No host sync, fixed shapes: CUDA-graph safe.
 
-Two kernels, by how the unpacked nibbles meet x:
-- ``_w4_tc_kernel`` (M <= 16): nibble j of every word is a ``[16, BLOCK_N]`` operand ``d_j`` whose K index is
+Two step forms (``_tc_tile``; constexpr ``NATURAL``), by how the unpacked nibbles meet x:
+- the 8-dot step (M <= 16): nibble j of every word is a ``[16, BLOCK_N]`` operand ``d_j`` whose K index is
   the word row, so a step is 8 ``tl.dot(x[:, 8w + j], d_j)`` with K = 16 (x gathered with the same stride-8
   pattern; the sum over K does not care about the order). ``mma.sync`` on register operands; loop
   instructions per element (``python benchmarks/sass_count.py tc --stages 2``): 3.30;
-- ``_w4_tc_nat_kernel`` (M > 16): the 8 nibble tiles are interleaved back into row order in registers
+- the natural-order step (``NATURAL``, M > 16): the 8 nibble tiles are interleaved back into row order in registers
   (``join`` + ``permute`` + ``reshape``: row 8w + j), x is one contiguous ``[BLOCK_M, 128]`` tile (pipelined
   like any ``tl.dot`` operand) and a step is ONE ``tl.dot`` with K = 128. At 64-row tiles this is a single
   wgmma chain per step; the 8-dot form there issues 8 shared-memory round trips with fences (SASS loop at
@@ -40,15 +40,17 @@ M = 256: slower than dequantize + cuBLAS, hence ``TC_MAX_M``. At M = 1 the FMA G
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
-from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, splitk_buffers
+from .w4_layout import PackedW4, kernel_group_size
+from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, share_input, splitk_buffers, splitk_scratch
 from .w4a16_small_m import _num_sms
 
-__all__ = ["TC_BLOCK_K", "TC_MAX_M", "TcConfig", "tc_config", "tc_usable", "w4a16_tc"]
+__all__ = ["TC_BLOCK_K", "TC_MAX_M", "TcConfig", "tc_config", "tc_usable", "w4a16_tc", "w4a16_tc_group"]
 
 TC_BLOCK_K = 128
 """K rows per step: 16 word rows, the smallest K of an fp16/bf16 ``mma``; the group size must be a multiple."""
@@ -115,78 +117,87 @@ if HAS_TRITON:
         return d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w
 
     @triton.jit
+    def _tc_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
+                 stride_qk, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
+                 GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr):
+        """One program: row tile ``pid_m`` (of ``m_tiles``), column tile ``pid_n``, K range ``pid_k``; the 8-dot
+        step, or with ``NATURAL`` the row-order step (module docstring)."""
+        BKW: tl.constexpr = 16
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_w = tl.arange(0, BKW)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
+            d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
+                qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
+                GROUP_SIZE, BF16, MAGIC)
+            if NATURAL:
+                # e[w, n, c, b, a] = d_{4a + 2b + c}[w, n]; permuted to [w, a, b, c, n] its rows read 8w + j, the
+                # input-row order, so x needs no gather (the compiler keeps this a register/shared-memory relayout)
+                e = tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7)))
+                w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))
+                xk = k0 + tl.arange(0, 8 * BKW)
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                             mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
+                acc += tl.dot(xt, w) * s[None, :]
+            else:
+                xp = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_w[None, :] * 8  # x[:, 8w + j] pairs with d_j
+                xm = mask_m[:, None] & mask_w[None, :]
+                t = tl.dot(tl.load(xp, mask=xm, other=0.0), d0)
+                t = tl.dot(tl.load(xp + 1, mask=xm, other=0.0), d1, t)
+                t = tl.dot(tl.load(xp + 2, mask=xm, other=0.0), d2, t)
+                t = tl.dot(tl.load(xp + 3, mask=xm, other=0.0), d3, t)
+                t = tl.dot(tl.load(xp + 4, mask=xm, other=0.0), d4, t)
+                t = tl.dot(tl.load(xp + 5, mask=xm, other=0.0), d5, t)
+                t = tl.dot(tl.load(xp + 6, mask=xm, other=0.0), d6, t)
+                t = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), d7, t)
+                acc += t * s[None, :]
+        tile = pid_n * m_tiles + pid_m
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
+
+    @triton.jit
     def _w4_tc_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
     ):
         # row tiles vary fastest in launch order: the programs that unpack the same weight tile run together
         # and share its L2 lines (one row tile whenever M <= BLOCK_M)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        BKW: tl.constexpr = 16
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_w = tl.arange(0, BKW)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
-            d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
-                qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
-                GROUP_SIZE, BF16, MAGIC)
-            xp = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_w[None, :] * 8  # x[:, 8w + j] pairs with d_j
-            xm = mask_m[:, None] & mask_w[None, :]
-            t = tl.dot(tl.load(xp, mask=xm, other=0.0), d0)
-            t = tl.dot(tl.load(xp + 1, mask=xm, other=0.0), d1, t)
-            t = tl.dot(tl.load(xp + 2, mask=xm, other=0.0), d2, t)
-            t = tl.dot(tl.load(xp + 3, mask=xm, other=0.0), d3, t)
-            t = tl.dot(tl.load(xp + 4, mask=xm, other=0.0), d4, t)
-            t = tl.dot(tl.load(xp + 5, mask=xm, other=0.0), d5, t)
-            t = tl.dot(tl.load(xp + 6, mask=xm, other=0.0), d6, t)
-            t = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), d7, t)
-            acc += t * s[None, :]
-        tile = pid_n * tl.num_programs(0) + pid_m
-        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
+        _tc_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
+                 stride_qk, stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                 tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC, NATURAL)
 
     @triton.jit
-    def _w4_tc_nat_kernel(
-        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
-        M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+    def _w4_tc_group_kernel(
+        x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)  # same grid as _w4_tc_kernel
-        pid_n = tl.program_id(1)
+        """``_w4_tc_kernel`` for 2-3 weights of one x in one launch: column tile ``pid`` belongs to weight 0 below
+        ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous tensors and outputs)."""
+        pid_m = tl.program_id(0)
+        pid = tl.program_id(1)
         pid_k = tl.program_id(2)
-        BKW: tl.constexpr = 16
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_w = tl.arange(0, BKW)
-        offs_k = tl.arange(0, 8 * BKW)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
-            d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
-                qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
-                GROUP_SIZE, BF16, MAGIC)
-            # e[w, n, c, b, a] = d_{4a + 2b + c}[w, n]; permuted to [w, a, b, c, n] its rows read 8w + j, the
-            # input-row order, so x needs no gather (the compiler keeps this a register/shared-memory relayout)
-            e = tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7)))
-            w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))
-            xk = k0 + offs_k
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
-                         mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
-            acc += tl.dot(xt, w) * s[None, :]
-        tile = pid_n * tl.num_programs(0) + pid_m
-        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
+        mt = tl.num_programs(0)
+        if pid < nt0:
+            _tc_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0, n0 // 8,
+                     n0, n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC,
+                     NATURAL)
+        elif pid < nt0 + nt1:
+            _tc_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1, n1 // 8,
+                     n1, n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC,
+                     NATURAL)
+        else:
+            _tc_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2, n2 // 8,
+                     n2, n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16,
+                     MAGIC, NATURAL)
 
 
 @dataclass(frozen=True)
@@ -201,7 +212,7 @@ class TcConfig:
     programs_per_sm: float = 2
     """Split K until about this many programs per SM (``tc_split``)."""
     natural: bool = False
-    """``_w4_tc_nat_kernel`` (one K = 128 dot per step) instead of the 8-dot ``_w4_tc_kernel``."""
+    """The natural-order step (one K = 128 dot per step) instead of the 8-dot step (``NATURAL``)."""
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1) or self.block_n < 16 or self.block_n & (
@@ -261,11 +272,49 @@ def w4a16_tc(
     split, k_per = tc_split(k, n, cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
     ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
-    kernel = _w4_tc_nat_kernel if cfg.natural else _w4_tc_kernel
-    kernel[(m_tiles, n_tiles, split)](
+    _w4_tc_kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, num_warps=cfg.num_warps,
     )
     return out
+
+
+def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig | None = None) -> list[torch.Tensor]:
+    """``[x @ W_j]`` for 2-3 weights that read ``x`` [M, K] (q/k/v, gate/up) in ONE launch of ``w4a16_tc``'s kernel
+    (``share_input`` and ``tc_usable`` must hold). Outputs [M, N_j] in x.dtype. The split-K sums and semaphores
+    come from the stream's shared scratch, one slice per weight, left zeroed."""
+    gs = kernel_group_size(packs[0].group_size, packs[0].in_features) if packs else 0
+    if not share_input(x, packs) or not tc_usable(x, gs):
+        raise ValueError("w4a16_tc_group needs x [M, K] on CUDA (fp16/bf16) and 2-3 contiguous 4-bit weights with the "
+                         f"same K, group size (a multiple of {TC_BLOCK_K}) and permutation tensor; use w4a16_tc")
+    for p in packs:
+        check_kernel_inputs(x, p.qweight, p.qzeros, p.scales, p.group_size, "w4a16_tc_group")
+    perm = packs[0].perm
+    x = (x.index_select(1, perm) if perm is not None else x).contiguous()
+    (m, k), widths = x.shape, [p.out_features for p in packs]
+    outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
+    if m == 0:
+        return outs
+    cfg = config or tc_config(m)
+    m_tiles = triton.cdiv(m, cfg.block_m)
+    tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
+    split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
+                            m_tiles)
+    mode = 0 if split == 1 else _MODE_ID["atomic_last"]
+    sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles)) if mode else (outs[0], outs[0])
+    members, s_off, l_off = [], 0, 0
+    for j in range(3):  # a 2-weight group repeats weight 1 as weight 2 with no tiles
+        jj = min(j, len(packs) - 1)
+        p, out, n = packs[jj], outs[jj], widths[jj]
+        ws, lk = (sums[s_off:s_off + m * n], locks[l_off:l_off + m_tiles * tiles[jj]]) if mode else (out, out)
+        if j < len(packs):
+            s_off, l_off = s_off + m * n, l_off + m_tiles * tiles[jj]
+        members += [p.qweight, p.qzeros, p.scales, out, ws, lk, n]
+    _w4_tc_group_kernel[(m_tiles, sum(tiles), split)](
+        x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *members,
+        GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, num_warps=cfg.num_warps,
+    )
+    return outs

@@ -149,14 +149,13 @@ class GPTQLinearMethod:
                            layer.bias, check_values=False)  # fmt: skip
 
     def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
-        """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels with a single row
-        (decode at batch 1) one launch (``w4a16_linear_group``), else one ``apply`` each."""
-        if x.reshape(-1, x.shape[-1]).shape[0] == 1:
-            packs = [lay.quant_method._packed(lay, x) if isinstance(lay.quant_method, GPTQLinearMethod) else None
-                     for lay in layers]
-            if None not in packs:
-                return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers])
-        return [lay.quant_method.apply(lay, x) for lay in layers]
+        """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels one launch for
+        decode-sized batches (``w4a16_linear_group``), else one ``apply`` each."""
+        packs = [lay.quant_method._packed(lay, x) if isinstance(lay.quant_method, GPTQLinearMethod) else None
+                 for lay in layers]
+        if None in packs:
+            return [lay.quant_method.apply(lay, x) for lay in layers]
+        return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers])
 
     def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
         """After loading: build the dequantized cache if enabled (idempotent)."""

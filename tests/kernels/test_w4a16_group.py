@@ -1,5 +1,6 @@
-"""Grouped M = 1 W4A16 GEMV (q/k/v, gate/up of one x in one launch) vs the torch GPTQ reference and vs per-weight
-calls; the GPTQ linear method's ``apply_group`` and the model's ``forward_group`` rules.
+"""Grouped W4A16 (q/k/v, gate/up of one x in one launch: the M = 1 GEMV and, on CUDA, the tensor-core kernel for
+M = 2..128) vs the torch GPTQ reference and vs per-weight calls; the GPTQ linear method's ``apply_group`` and
+the model's ``forward_group`` rules.
 
 CPU: the kernel under ``TRITON_INTERPRET=1`` on small shapes; CUDA: compiled, plus ``gpu`` tests at Llama-2-7B
 shapes (act-order, bias, CUDA-graph replays). Outputs start NaN-poisoned (``w4a16_gemv_m1_group`` allocates them,
@@ -25,6 +26,7 @@ from triton_setup import (  # skips the module without triton
 
 gemv = kernel_module("w4a16_gemv")
 wk = kernel_module("w4a16_gemm")
+tc = kernel_module("w4a16_tc")
 from inlaid.kernels.w4_layout import prepare_w4  # noqa: E402
 
 
@@ -43,7 +45,9 @@ def _group(k: int, widths: tuple[int, ...], gs: int, act_order: bool, seed: int)
 
 
 def _zeroed(packs) -> bool:
-    return all(int(p.locks.count_nonzero()) == 0 and int(p.acc.count_nonzero()) == 0 for p in packs)
+    """Each weight's semaphores and sums, and the shared split-K scratch (the tensor-core group's), are zero."""
+    shared = [t for kept in gemv._SCRATCH.values() for pair in kept for t in pair]
+    return all(int(t.count_nonzero()) == 0 for t in [*shared, *(b for p in packs for b in (p.locks, p.acc))])
 
 
 @pytest.mark.parametrize(
@@ -118,14 +122,27 @@ def test_gptq_apply_group_equals_apply_and_taps_disable_grouping() -> None:
     assert seen == [(1, 256)], "a wrapped apply must see the input even at one row"
 
 
+def test_tc_group_refuses_what_it_cannot_serve() -> None:
+    _, packs = _group(256, (32, 32), 128, False, seed=2)
+    with pytest.raises(ValueError, match="w4a16_tc_group needs"):  # on CPU: no tensor cores; on CUDA: fp32 x
+        tc.w4a16_tc_group(torch.randn(4, 256, device=DEVICE), packs)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("widths,k", [((4096, 4096, 4096), 4096), ((11008, 11008), 4096), ((1024, 256, 256), 1024)])
-def test_gpu_llama_shapes_through_the_dispatcher_and_graphs(widths, k) -> None:
-    tensors, packs = _group(k, widths, 128, True, seed=k)
+@pytest.mark.parametrize("widths,k,m", [((4096, 4096, 4096), 4096, 1), ((11008, 11008), 4096, 1),
+                                        ((1024, 256, 256), 1024, 1), ((4096, 1024, 1024), 4096, 7),
+                                        ((11008, 11008), 4096, 16), ((4096, 4096, 4096), 4096, 32),
+                                        ((1536, 1536), 576, 100)])
+def test_gpu_llama_shapes_through_the_dispatcher_and_graphs(widths, k, m) -> None:
+    tensors, packs = _group(k, widths, 128, True, seed=k + m)
     bias = [torch.randn(n, device="cuda").half() if j == 0 else None for j, n in enumerate(widths)]
-    x = torch.randn(1, k, device="cuda").half()
-    cfg = wk.gemv_config(x, 1, sum(widths), k)
-    assert gemv.m1_groupable(x, packs, cfg), cfg
+    x = torch.randn(m, k, device="cuda").half()
+    if m == 1:
+        assert gemv.m1_groupable(x, packs, wk.gemv_config(x, 1, sum(widths), k))
+    else:
+        assert gemv.share_input(x, packs) and tc.tc_usable(x, 128)
+        for y, t in zip(tc.w4a16_tc_group(x, packs), tensors):  # direct call: one launch for the group
+            assert_close(y, gptq_reference(x, *t), TOL[x.dtype])
     outs = []
     graph = capture_graph(lambda: outs.append(wk.w4a16_linear_group(x, packs, bias)))
     for _ in range(20):  # replays with fresh inputs: no stale sums, semaphores reset
