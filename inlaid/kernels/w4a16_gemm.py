@@ -22,7 +22,7 @@ per GPU and shape in ``w4a16_configs.json``, else 64; an explicit ``fused_max_m`
 path above 16 rows), else a Triton dequantize to a dense [K, N] weight + ``torch.matmul``. Without usable
 Triton (CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a multiple of 8 (and not
 one group) also take the dequantize path. ``w4a16_linear_group`` serves 2-3 weights of one x (q/k/v,
-gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..128) when they share the input layout.
+gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..16) when they share the input layout.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
                        biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
     ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
-    (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..``TC_MAX_M``."""
+    (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..16 rows; larger
+    M runs one ``w4a16_linear`` per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
@@ -227,8 +228,10 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):
             ys = w4a16_gemv_m1_group(x2, packs, cfg)
-    elif 2 <= m <= TC_MAX_M and packs and tc_usable(x2, kernel_group_size(packs[0].group_size, k)) and share_input(
-            x2, packs):  # fmt: skip
+    elif 2 <= m <= SMALL_M_MAX and packs and tc_usable(x2, kernel_group_size(packs[0].group_size, k)) and (
+            share_input(x2, packs)):  # fmt: skip
+        # grouped 8-dot launches: 1.14-1.70x separate ones at M = 8; the natural-order form above 16 rows was
+        # 0.67-0.78x at M = 32 on the 7B shapes, so it stays one launch per weight (gemv_group_h200.md)
         ys = w4a16_tc_group(x2, packs)
     if ys is None:
         return [w4a16_linear(x, p, b) for p, b in zip(packs, biases)]

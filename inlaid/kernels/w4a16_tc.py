@@ -284,7 +284,12 @@ def w4a16_tc(
 def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig | None = None) -> list[torch.Tensor]:
     """``[x @ W_j]`` for 2-3 weights that read ``x`` [M, K] (q/k/v, gate/up) in ONE launch of ``w4a16_tc``'s kernel
     (``share_input`` and ``tc_usable`` must hold). Outputs [M, N_j] in x.dtype. The split-K sums and semaphores
-    come from the stream's shared scratch, one slice per weight, left zeroed."""
+    come from the stream's shared scratch, one slice per weight, left zeroed.
+
+    Correct for any M (GPU tests to M = 100), but only faster than one launch per weight with the 8-dot step:
+    H200, ``benchmarks/results/gemv_group_h200.md``: M = 8 1.14-1.70x; M = 32 (natural-order step) 0.67-0.78x on
+    the 7B shapes (1.25x for GQA-8 q/k/v). A reading, not profiled: the branch around each member's pipelined
+    wgmma loop costs the natural form its pipelining. ``w4a16_linear_group`` therefore uses it up to 16 rows."""
     gs = kernel_group_size(packs[0].group_size, packs[0].in_features) if packs else 0
     if not share_input(x, packs) or not tc_usable(x, gs):
         raise ValueError("w4a16_tc_group needs x [M, K] on CUDA (fp16/bf16) and 2-3 contiguous 4-bit weights with the "

@@ -16,7 +16,7 @@ Invariants:
   (``forward`` = both). Callers that add to the partial output first (the LoRA
   hook) call the two halves, so a row layer costs one collective in total.
   ``forward_group`` runs sibling layers of one x (q/k/v, gate/up) through their method's ``apply_group`` when it
-  has one (the GPTQ method: one W4 kernel launch at batch 1).
+  has one (the GPTQ method: one W4 kernel launch for up to 16 rows).
   The model mostly goes through ``llama._project`` / ``_project_group`` (``forward_local`` or
   ``forward_group``, then ``reduce``), not ``ParallelLinear.forward``, so module forward hooks on a linear do
   not see every call; code that must see a linear's input (calibration) wraps its ``quant_method.apply``

@@ -149,8 +149,8 @@ class GPTQLinearMethod:
                            layer.bias, check_values=False)  # fmt: skip
 
     def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
-        """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels one launch for
-        decode-sized batches (``w4a16_linear_group``), else one ``apply`` each."""
+        """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels through
+        ``w4a16_linear_group`` (one launch for up to 16 rows), else one ``apply`` each."""
         packs = [lay.quant_method._packed(lay, x) if isinstance(lay.quant_method, GPTQLinearMethod) else None
                  for lay in layers]
         if None in packs:
