@@ -50,7 +50,7 @@ def category(name: str) -> str:
     return "other (copies, elementwise, index)"
 
 
-def profile_row(eng, batch: int, n_ad: int, steps: int, device: str) -> dict:  # noqa: ANN001
+def profile_row(eng, batch: int, n_ad: int, steps: int) -> dict:  # noqa: ANN001
     arch = eng.parts.arch
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
@@ -73,9 +73,9 @@ def profile_row(eng, batch: int, n_ad: int, steps: int, device: str) -> dict:  #
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
-        by_cat[category(ev.name)] = by_cat.get(category(ev.name), 0.0) + us
-        kernels[ev.name] = kernels.get(ev.name, 0.0) + us
+        cat = category(ev.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + ev.device_time
+        kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time
     total = sum(by_cat.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"batch": batch, "adapters": n_ad, "steps": steps, "wall_us_per_step": 1e6 * wall / steps,
@@ -112,7 +112,7 @@ def main() -> int:
     rows = []
     for pair in args.rows.split(","):  # adapter-free rows first: a loaded slot makes LoRA active
         batch, n_ad = (int(v) for v in pair.split(":"))
-        rows.append(profile_row(eng, batch, n_ad, args.steps, args.device))
+        rows.append(profile_row(eng, batch, n_ad, args.steps))
         print(json.dumps(rows[-1]), flush=True)
     res = {"device": torch.cuda.get_device_name(), "seconds": time.time() - t0, "rows": rows,
            "command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:])}

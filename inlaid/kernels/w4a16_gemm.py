@@ -228,8 +228,7 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):
             ys = w4a16_gemv_m1_group(x2, packs, cfg)
-    elif 2 <= m <= SMALL_M_MAX and packs and tc_usable(x2, kernel_group_size(packs[0].group_size, k)) and (
-            share_input(x2, packs)):  # fmt: skip
+    elif 2 <= m <= SMALL_M_MAX and share_input(x2, packs) and tc_usable(x2, kernel_group_size(packs[0].group_size, k)):
         # grouped 8-dot launches: 1.14-1.70x separate ones at M = 8; the natural-order form above 16 rows was
         # 0.67-0.78x at M = 32 on the 7B shapes, so it stays one launch per weight (gemv_group_h200.md)
         ys = w4a16_tc_group(x2, packs)

@@ -486,18 +486,27 @@ def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: Gemv
     mode = 0 if split == 1 else _MODE_ID[config.mode]
     outs = [torch.empty(1, p.out_features, device=x.device, dtype=x.dtype) for p in packs]
     tiles = [triton.cdiv(p.out_features, config.block_n) for p in packs]
-    members = []
-    for j in range(3):  # a 2-weight group repeats weight 1 as weight 2 with no tiles
-        p, out = (packs[j], outs[j]) if j < len(packs) else (packs[1], outs[1])
-        ws, locks = splitk_buffers(out, split, mode, p.locks, triton.cdiv(p.out_features, config.block_n), p.acc)
-        members += [p.qweight, p.qzeros, p.scales, out, ws, locks if mode in (2, 4) else ws, p.out_features]
+    bufs = [splitk_buffers(out, split, mode, p.locks, t, p.acc) for p, out, t in zip(packs, outs, tiles)]
+    bufs = [(ws, locks if mode in (2, 4) else ws) for ws, locks in bufs]
     _w4_gemv_m1_group_kernel[(sum(tiles), split)](
-        x, k, k_per, split, tiles[0], tiles[1], *members, GROUP_SIZE=gs, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, MODE=mode, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+        x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), GROUP_SIZE=gs,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, MODE=mode, NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps,
     )
-    for j, p in enumerate(packs):
-        finish_splitk(members[7 * j + 4], outs[j], split, mode)
+    for (ws, _), out in zip(bufs, outs):
+        finish_splitk(ws, out, split, mode)
     return outs
+
+
+def group_args(packs: Sequence[PackedW4], outs: Sequence[torch.Tensor],
+               bufs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """The grouped kernels' per-weight arguments, flat: (qweight, qzeros, scales, out, sums, locks, N) for 3
+    weights; a 2-weight group repeats weight 1 as weight 2 (the kernels give it no tiles)."""
+    args: list = []
+    for j in range(3):
+        i = min(j, len(packs) - 1)
+        args += [packs[i].qweight, packs[i].qzeros, packs[i].scales, outs[i], *bufs[i], packs[i].out_features]
+    return args
 
 
 def check_out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -542,18 +551,19 @@ def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor
     (>= ``n_locks``) for the fixup and "atomic_last": the caller's, or the shared scratch's when they are missing
     or too short."""
     (m, n), dev = out.shape, out.device
+    own_acc = mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n
     short = mode in (2, 4) and (locks is None or locks.numel() < n_locks)
-    if mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n:
-        ws = acc
-    elif mode == 4:
-        ws = splitk_scratch(dev, m * n, n_locks if short else 0)[0]
+    need_sums = mode == 4 and not own_acc
+    shared_sums, shared_locks = None, None
+    if need_sums or short:  # one lookup of the stream's scratch for both
+        shared_sums, shared_locks = splitk_scratch(dev, m * n if need_sums else 0, n_locks if short else 0)
+    if mode == 4:
+        ws = acc if own_acc else shared_sums
     elif mode == 3:
         ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
     else:
         ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
-    if short:
-        locks = splitk_scratch(dev, 0, n_locks)[1]
-    return ws, locks
+    return ws, shared_locks if short else locks
 
 
 def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) -> None:

@@ -47,7 +47,16 @@ import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4_layout import PackedW4, kernel_group_size
-from .w4a16_gemv import _MODE_ID, check_kernel_inputs, check_out, share_input, splitk_buffers, splitk_scratch
+from .w4a16_gemv import (
+    _MODE_ID,
+    _pow2,
+    check_kernel_inputs,
+    check_out,
+    group_args,
+    share_input,
+    splitk_buffers,
+    splitk_scratch,
+)
 from .w4a16_small_m import _num_sms
 
 __all__ = ["TC_BLOCK_K", "TC_MAX_M", "TcConfig", "tc_config", "tc_usable", "w4a16_tc", "w4a16_tc_group"]
@@ -215,8 +224,7 @@ class TcConfig:
     """The natural-order step (one K = 128 dot per step) instead of the 8-dot step (``NATURAL``)."""
 
     def __post_init__(self) -> None:
-        if self.block_m < 16 or self.block_m & (self.block_m - 1) or self.block_n < 16 or self.block_n & (
-                self.block_n - 1):  # fmt: skip
+        if not (_pow2(self.block_m) and _pow2(self.block_n) and self.block_m >= 16 and self.block_n >= 16):
             raise ValueError(f"block_m and block_n must be powers of two >= 16: {self}")
         if self.num_warps < 1 or self.num_stages < 1 or self.programs_per_sm <= 0:
             raise ValueError(f"num_warps, num_stages and programs_per_sm must be positive: {self}")
@@ -225,10 +233,10 @@ class TcConfig:
 def tc_config(m: int) -> TcConfig:
     """The default for M rows: the fastest config (geometric mean over the three Llama-2-7B shapes) of the H200
     sweep ``benchmarks/results/tc_sweep_h200.md`` in M's bucket."""
-    if m <= 16:  # 8-dot kernel, one 16-row tile (fastest at M = 16; within 3% of the best at 2..8)
-        return TcConfig(16, 256, 4, 2, 2, False)
-    if m <= 64:  # one 64-row tile: wgmma (a 32-row tile runs mma.sync and was slower at M = 32 than this at 64)
-        return TcConfig(64, 128, 4, 3, 2, True)
+    if m <= 16:  # 8-dot step, 16-row tile: the fastest 8-dot config at M = 2, 4, 8 on all three shapes, within
+        return TcConfig(16, 256, 4, 2, 2, False)  # 1.8% of the best at 16 (tc_n256_w4_s2_p2 in the sweep)
+    if m <= 64:  # one 64-row tile (wgmma): M = 32 on 32-row tiles (mma.sync) took 21-49 us in the sweep, on this
+        return TcConfig(64, 128, 4, 3, 2, True)  # one 17-33 us (tc_sweep_m32_h200.md)
     return TcConfig(64, 64, 4, 3, 2, True)
 
 
@@ -308,17 +316,15 @@ def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig 
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
                             m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
-    sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles)) if mode else (outs[0], outs[0])
-    members, s_off, l_off = [], 0, 0
-    for j in range(3):  # a 2-weight group repeats weight 1 as weight 2 with no tiles
-        jj = min(j, len(packs) - 1)
-        p, out, n = packs[jj], outs[jj], widths[jj]
-        ws, lk = (sums[s_off:s_off + m * n], locks[l_off:l_off + m_tiles * tiles[jj]]) if mode else (out, out)
-        if j < len(packs):
-            s_off, l_off = s_off + m * n, l_off + m_tiles * tiles[jj]
-        members += [p.qweight, p.qzeros, p.scales, out, ws, lk, n]
+    bufs = [(out, out) for out in outs]  # MODE 0 writes out directly
+    if mode:  # one slice of the stream's shared scratch per weight
+        sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles))
+        bufs, s0, l0 = [], 0, 0
+        for n, t in zip(widths, tiles):
+            bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
+            s0, l0 = s0 + m * n, l0 + m_tiles * t
     _w4_tc_group_kernel[(m_tiles, sum(tiles), split)](
-        x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *members,
+        x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, num_warps=cfg.num_warps,
     )

@@ -248,10 +248,9 @@ class LoRAPool:
         On the device path a fused group (``FUSED_GROUPS``, its A stacks in one buffer) runs one shrink and ONE
         expand launch for all members (``lora_sgmv_triton.lora_expand_group``); otherwise ``apply`` per member.
         """
-        meta = batch.lora_meta
-        if meta is None and all(m in self.a for m in modules):
+        if batch.lora_meta is None:
             self.prepare(batch)
-            meta = batch.lora_meta
+        meta = batch.lora_meta
         group = [self.group_of.get(m) for m in modules]
         fused = (isinstance(meta, DecodeMeta) and 2 <= len(modules) <= 3 and None not in group
                  and len({id(buf) for buf, _ in group}) == 1 and [j for _, j in group] == list(range(len(modules))))

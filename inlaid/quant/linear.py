@@ -124,7 +124,8 @@ class GPTQLinearMethod:
     def _packed(self, layer: ParallelLinear, x: torch.Tensor) -> w4k.PackedW4 | None:
         """The layer's W4A16 kernel tensors for ``x`` (prepared on first use), or None when the kernels cannot
         serve it. Reads ``layer._buffers`` once (one atomic snapshot; see the module docstring)."""
-        if not (x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32 and self.num_groups is None):
+        if not (x.is_cuda and self.bits == 4 and w4k.HAS_TRITON and x.dtype != torch.float32
+                and self.num_groups is None):
             return None
         snap = dict(layer._buffers)
         if snap.get("w4_qweight") is None:
@@ -151,8 +152,7 @@ class GPTQLinearMethod:
     def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
         """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels through
         ``w4a16_linear_group`` (one launch for up to 16 rows), else one ``apply`` each."""
-        packs = [lay.quant_method._packed(lay, x) if isinstance(lay.quant_method, GPTQLinearMethod) else None
-                 for lay in layers]
+        packs = [lay.quant_method._packed(lay, x) for lay in layers]  # forward_group: every method is a GPTQ one
         if None in packs:
             return [lay.quant_method.apply(lay, x) for lay in layers]
         return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers])
