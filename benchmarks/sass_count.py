@@ -8,6 +8,7 @@ loop label to its backward branch). Per element = loop instructions x threads / 
     python benchmarks/sass_count.py m1                    # the M = 1 config of the tuned table
     python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's M <= 16 kernel
     python benchmarks/sass_count.py tc --natural --block-m 64 --block-n 128 --warps 8   # its M > 16 kernel
+    python benchmarks/sass_count.py tc --swap --natural --block-m 32 --block-n 128      # swapped operands
     PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
 
 Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
@@ -53,6 +54,7 @@ def main() -> int:
     ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc steps 128 rows)")
     ap.add_argument("--block-m", type=int, default=16, help="tc only: rows per program")
     ap.add_argument("--natural", action="store_true", help="tc only: the one-dot-per-step kernel (M > 16)")
+    ap.add_argument("--swap", action="store_true", help="tc only: out^T = W^T x^T (weights as MMA operand A)")
     ap.add_argument("--top", type=int, default=8, help="how many opcodes to list")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
@@ -76,7 +78,7 @@ def main() -> int:
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg",
                 "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
-                 "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400, "NATURAL": args.natural}
+                 "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400, "NATURAL": args.natural, "SWAP": args.swap}
         elems = args.block_n * 128
     sig = {**TYPES, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
     sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order

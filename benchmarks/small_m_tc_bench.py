@@ -2,7 +2,8 @@
 
 Same run, same GPU, Llama-2-7B shapes, group 128, fp16: ``cublas_fp16`` (dense weights), ``small_m``
 (``w4a16_small_m`` with its default config, M <= 16), ``tc`` (``w4a16_tc`` with a few tile configs, or with
-``--sweep`` every block_n x warps x stages x programs-per-SM of ``SWEEP``; ``tc_default`` = the library default
+``--sweep`` every block_n x warps x stages x programs-per-SM of ``SWEEP``, with ``--swap`` those of ``SWAP_SWEEP``
+(swapped operands); ``tc_default`` = the library default
 for that M) and ``installed`` (``w4a16_linear``: whatever the tree's dispatcher picks). Timing:
 ``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every call reads DRAM. Every
 implementation is checked against the fp32 reference (rel. error < 1e-2) before timing, and the tensor-core
@@ -10,6 +11,7 @@ kernel must leave its shared split-K scratch zeroed.
 
     python benchmarks/small_m_tc_bench.py --out benchmarks/results/small_m_tc_h200   # GPU, ~1 min
     python benchmarks/small_m_tc_bench.py --ms 16,32,64,128,256 --sweep --out ...   # config sweep, minutes
+    python benchmarks/small_m_tc_bench.py --swap --ms 32,64,128 --out benchmarks/results/tc_swap_large_h200
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ SWEEP.update({f"nat_m128_n{bn}_w8_s{st}_p{p}": {"block_m": 128, "block_n": bn, "
 SWEEP.update({f"tc_n256_w{w}_s{st}_p{p}": {"block_n": 256, "num_warps": w, "num_stages": st,
                                            "programs_per_sm": p, "natural": False}
               for w, st, p in ((4, 2, 2), (4, 3, 2), (8, 3, 1))})  # the first sweep's best of the 8-dot kernel
+SWAP_SWEEP = {f"swap{'_nat' if nat else ''}_n{bn}_w{w}_s{st}_p{p}": {
+    "block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p, "natural": nat, "swap": True}
+    for nat in (False, True) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4) for p in (2,)}
+SWAP_SWEEP.update({f"swap{'_nat' if nat else ''}_n128_w4_s3_p{p}": {
+    "block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": p, "natural": nat, "swap": True}
+    for nat in (False, True) for p in (1, 4)})
 ROWS: list[dict] = []
 
 
@@ -94,11 +102,11 @@ def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, 
             for name, kw in configs.items():
                 if kw.get("block_m", 16) > max(16, 1 << (m - 1).bit_length()):
                     continue  # a row tile far taller than M: padding only
-                # tc_default: the library's tc_config(m); the others name what differs from the 8-dot kernel with
+                # tc_default: the library's tc_config(m, n); the others name what differs from the 8-dot kernel with
                 # M padded to a power of two in [16, 64] rows per tile (or --block-m)
                 rows = block_m or min(64, max(16, 1 << (m - 1).bit_length()))
-                cfg = tc_config(m) if name == "tc_default" else dataclasses.replace(
-                    tc_config(m), **{"block_m": rows, "natural": False, **kw})
+                cfg = tc_config(m, n) if name == "tc_default" else dataclasses.replace(
+                    tc_config(m, n), **{"block_m": rows, "natural": False, "swap": False, **kw})
                 impls[name] = (packed, lambda p, cfg=cfg: w4a16_tc(x, p.qweight, p.qzeros, p.scales, p.perm, GS,
                                                                  out=out, locks=p.locks, acc=p.acc, config=cfg))
             for name, (copies, call) in impls.items():
@@ -160,6 +168,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
     ap.add_argument("--sweep", action="store_true", help="time every config of SWEEP (else TC_CONFIGS)")
+    ap.add_argument("--swap", action="store_true", help="time the swapped-operand configs of SWAP_SWEEP")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     ap.add_argument("--block-m", type=int, default=None, help="rows per tile of the configs that do not name one")
     ap.add_argument("--ppsm", default=None, help="with --sweep: only the natural-order configs, at these comma-"
@@ -168,7 +177,7 @@ def main() -> int:
     args = ap.parse_args()
     ms = tuple(int(v) for v in args.ms.split(","))
     shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))
-    configs = {"tc_default": {}, **(SWEEP if args.sweep else TC_CONFIGS)}
+    configs = {"tc_default": {}, **(SWAP_SWEEP if args.swap else SWEEP if args.sweep else TC_CONFIGS)}
     if args.ppsm:
         configs = {"tc_default": {}, **{f"{name[:-3]}_p{p}": {**kw, "programs_per_sm": float(p)}
                                         for name, kw in SWEEP.items() if name.startswith("nat_n") and name.endswith("_p1")

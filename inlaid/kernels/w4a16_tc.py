@@ -32,6 +32,13 @@ Two step forms (``_tc_tile``; constexpr ``NATURAL``), by how the unpacked nibble
   64 x 128, 8 warps: 378 instructions vs 568: ``python benchmarks/sass_count.py tc [--natural] --block-m 64
   --block-n 128 --warps 8``), and was 2-3.5x slower at M >= 64 (``benchmarks/results/tc_sweep_h200.md``).
 
+Swapped operands (``SWAP``, the default above 16 rows): the tile computes out^T = W^T x^T, so the unpacked
+weights are wgmma's operand A, which it reads from registers (``HGMMA ... R, gdesc`` in the SASS; the natural
+step's relayout still passes through shared memory: STS + LDSM), x^T is operand B, and M becomes the MMA's N (8..256 in steps of 8): M = 32 runs a 32-row tile with no
+padding, where the unswapped form needs the 64-row wgmma M. H200, geometric mean over the three 7B shapes
+(``tc_swap_large_h200.md``): 9% / 3% / 7% faster than the unswapped default at M = 32 / 64 / 128. At M <= 16
+the swapped forms lost to the 8-dot step (``tc_swap_small_h200.md``).
+
 Measured on the H200 (``benchmarks/results/tc_sweep_h200.md``, one run, CUDA graphs over weight copies > 3x L2):
 M = 2..16 1.05-1.50x fp16 cuBLAS (the small-M kernel: 0.91-1.11x); M = 64 and 128: 1.8-2.4x and 1.25-1.6x
 faster than the dispatcher's previous path (tiled kernel / dequantize + cuBLAS), but still 0.44-0.93x cuBLAS;
@@ -129,7 +136,8 @@ if HAS_TRITON:
     def _tc_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
                  stride_qk, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
                  GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
+                 SWAP: tl.constexpr):
         """One program: row tile ``pid_m`` (of ``m_tiles``), column tile ``pid_n``, K range ``pid_k``; the 8-dot
         step, or with ``NATURAL`` the row-order step (module docstring)."""
         BKW: tl.constexpr = 16
@@ -140,7 +148,10 @@ if HAS_TRITON:
         mask_m = offs_m < M
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:  # out^T = W^T x^T: the unpacked weights are wgmma's register operand A, x^T operand B
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, 8 * BKW, num_stages=NUM_STAGES):
             d0, d1, d2, d3, d4, d5, d6, d7, s, mask_w = _step_weights(
                 qw_ptr, qz_ptr, sc_ptr, k0, k_hi, offs_w, offs_n, mask_n, stride_qk, stride_zg, stride_sg,
@@ -149,11 +160,29 @@ if HAS_TRITON:
                 # e[w, n, c, b, a] = d_{4a + 2b + c}[w, n]; permuted to [w, a, b, c, n] its rows read 8w + j, the
                 # input-row order, so x needs no gather (the compiler keeps this a register/shared-memory relayout)
                 e = tl.join(tl.join(tl.join(d0, d1), tl.join(d2, d3)), tl.join(tl.join(d4, d5), tl.join(d6, d7)))
-                w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))
                 xk = k0 + tl.arange(0, 8 * BKW)
-                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
-                             mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
-                acc += tl.dot(xt, w) * s[None, :]
+                if SWAP:
+                    w = tl.reshape(tl.permute(e, (1, 0, 4, 3, 2)), (BLOCK_N, 8 * BKW))
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None],
+                                 mask=mask_m[None, :] & (xk < k_hi)[:, None], other=0.0)
+                    acc += tl.dot(w, xt) * s[:, None]
+                else:
+                    w = tl.reshape(tl.permute(e, (0, 4, 3, 2, 1)), (8 * BKW, BLOCK_N))
+                    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                                 mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
+                    acc += tl.dot(xt, w) * s[None, :]
+            elif SWAP:
+                xp = x_ptr + offs_m[None, :] * stride_xm + k0 + offs_w[:, None] * 8  # x[8w + j, :]^T pairs with d_j
+                xm = mask_m[None, :] & mask_w[:, None]
+                t = tl.dot(tl.trans(d0), tl.load(xp, mask=xm, other=0.0))
+                t = tl.dot(tl.trans(d1), tl.load(xp + 1, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d2), tl.load(xp + 2, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d3), tl.load(xp + 3, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d4), tl.load(xp + 4, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d5), tl.load(xp + 5, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d6), tl.load(xp + 6, mask=xm, other=0.0), t)
+                t = tl.dot(tl.trans(d7), tl.load(xp + 7, mask=xm, other=0.0), t)
+                acc += t * s[:, None]
             else:
                 xp = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_w[None, :] * 8  # x[:, 8w + j] pairs with d_j
                 xm = mask_m[:, None] & mask_w[None, :]
@@ -166,6 +195,8 @@ if HAS_TRITON:
                 t = tl.dot(tl.load(xp + 6, mask=xm, other=0.0), d6, t)
                 t = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), d7, t)
                 acc += t * s[None, :]
+        if SWAP:
+            acc = tl.trans(acc)
         tile = pid_n * m_tiles + pid_m
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, tile, n_split, MODE)
 
@@ -174,20 +205,20 @@ if HAS_TRITON:
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr, SWAP: tl.constexpr,
     ):
         # row tiles vary fastest in launch order: the programs that unpack the same weight tile run together
         # and share its L2 lines (one row tile whenever M <= BLOCK_M)
         _tc_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
                  stride_qk, stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                 tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC, NATURAL)
+                 tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC, NATURAL, SWAP)
 
     @triton.jit
     def _w4_tc_group_kernel(
         x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr, SWAP: tl.constexpr,
     ):
         """``_w4_tc_kernel`` for 2-3 weights of one x in one launch: column tile ``pid`` belongs to weight 0 below
         ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous tensors and outputs)."""
@@ -198,20 +229,20 @@ if HAS_TRITON:
         if pid < nt0:
             _tc_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0, n0 // 8,
                      n0, n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC,
-                     NATURAL)
+                     NATURAL, SWAP)
         elif pid < nt0 + nt1:
             _tc_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1, n1 // 8,
                      n1, n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16, MAGIC,
-                     NATURAL)
+                     NATURAL, SWAP)
         else:
             _tc_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2, n2 // 8,
                      n2, n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, BF16,
-                     MAGIC, NATURAL)
+                     MAGIC, NATURAL, SWAP)
 
 
 @dataclass(frozen=True)
 class TcConfig:
-    """Launch configuration of ``w4a16_tc`` (``tc_config(m)`` gives the measured default for M rows)."""
+    """Launch configuration of ``w4a16_tc`` (``tc_config(m, n)`` gives the measured default)."""
 
     block_m: int = 16
     """Rows per program: a power of two >= 16; M beyond it takes several row tiles."""
@@ -222,6 +253,8 @@ class TcConfig:
     """Split K until about this many programs per SM (``tc_split``)."""
     natural: bool = False
     """The natural-order step (one K = 128 dot per step) instead of the 8-dot step (``NATURAL``)."""
+    swap: bool = False
+    """Compute out^T = W^T x^T (``SWAP``): the unpacked weights are the MMA's register operand A, M its N."""
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_m) and _pow2(self.block_n) and self.block_m >= 16 and self.block_n >= 16):
@@ -230,14 +263,19 @@ class TcConfig:
             raise ValueError(f"num_warps, num_stages and programs_per_sm must be positive: {self}")
 
 
-def tc_config(m: int) -> TcConfig:
-    """The default for M rows: the fastest config (geometric mean over the three Llama-2-7B shapes) of the H200
-    sweep ``benchmarks/results/tc_sweep_h200.md`` in M's bucket."""
+def tc_config(m: int, n: int = 4096) -> TcConfig:
+    """The default for M rows and N output columns: the fastest config (geometric mean over the Llama-2-7B
+    shapes) of the H200 sweeps (``benchmarks/results/tc_sweep_h200.md``, ``tc_swap_*_h200.md``) in M's bucket."""
     if m <= 16:  # 8-dot step, 16-row tile: the fastest 8-dot config at M = 2, 4, 8 on all three shapes, within
         return TcConfig(16, 256, 4, 2, 2, False)  # 1.8% of the best at 16 (tc_n256_w4_s2_p2 in the sweep)
-    if m <= 64:  # one 64-row tile (wgmma): M = 32 on 32-row tiles (mma.sync) took 21-49 us in the sweep, on this
-        return TcConfig(64, 128, 4, 3, 2, True)  # one 17-33 us (tc_sweep_m32_h200.md)
-    return TcConfig(64, 64, 4, 3, 2, True)
+    # M > 16: swapped operands (out^T = W^T x^T, M as the wgmma N), natural order, 64 columns: the fastest of 41
+    # swapped configs at M = 32 / 64 / 128 on tiles of min(64, M) rows, 9% / 3% / 7% faster than the unswapped
+    # 64-row tile (geometric means, tc_swap_large_h200.md). Above 64 rows one 128-row tile with 2 stages is
+    # faster still where N <= 4096 (4096x4096 26.6 -> 22.6 us, 11008x4096 61.3 -> 47.2 at M = 96) but slower at
+    # N = 11008 (60.6 -> 69.1), which keeps 64-row tiles (tc_swap_bm128_h200.md)
+    if m > 64 and n <= 4096:
+        return TcConfig(128, 64, 4, 2, 2, True, True)
+    return TcConfig(min(64, 1 << (m - 1).bit_length()), 64, 4, 3, 2, True, True)
 
 
 def tc_split(k: int, n: int, block_n: int, sms: int, programs_per_sm: float = 2, m_tiles: int = 1) -> tuple[int, int]:
@@ -260,7 +298,7 @@ def w4a16_tc(
     acc: torch.Tensor | None = None,
     config: TcConfig | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype; ``config`` default ``tc_config(M)``.
+    """``x [M, K] @ W [K, N]`` on CUDA (``tc_usable``); [M, N] in x.dtype; ``config`` default ``tc_config(M, N)``.
 
     ``locks`` (zeroed int32, >= row tiles x cdiv(N, block_n) entries) and ``acc`` (zeroed fp32, >= M * N
     entries) are left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); when missing or too short, the
@@ -275,7 +313,7 @@ def w4a16_tc(
     out = check_out(out, x, m, n)
     if m == 0:
         return out
-    cfg = config or tc_config(m)
+    cfg = config or tc_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
@@ -284,7 +322,8 @@ def w4a16_tc(
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
         m, n, k, k_per, split, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, num_warps=cfg.num_warps,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, SWAP=cfg.swap,
+        num_warps=cfg.num_warps,
     )
     return out
 
@@ -310,7 +349,7 @@ def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig 
     outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
     if m == 0:
         return outs
-    cfg = config or tc_config(m)
+    cfg = config or tc_config(m, max(widths))
     m_tiles = triton.cdiv(m, cfg.block_m)
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
@@ -326,6 +365,7 @@ def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig 
     _w4_tc_group_kernel[(m_tiles, sum(tiles), split)](
         x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, num_warps=cfg.num_warps,
+        BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, SWAP=cfg.swap,
+        num_warps=cfg.num_warps,
     )
     return outs

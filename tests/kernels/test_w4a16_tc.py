@@ -44,8 +44,10 @@ def test_split_covers_k_with_whole_steps() -> None:
 
 
 def test_default_configs_by_m_and_validation() -> None:
-    assert [(c.block_m, c.natural) for c in map(tc.tc_config, (1, 16, 17, 64, 65, 128))] == [
-        (16, False), (16, False), (64, True), (64, True), (64, True), (64, True)]
+    assert [(c.block_m, c.natural, c.swap) for c in map(tc.tc_config, (1, 16, 17, 32, 33, 64, 128))] == [
+        (16, False, False), (16, False, False), (32, True, True), (32, True, True), (64, True, True),
+        (64, True, True), (128, True, True)]
+    assert tc.tc_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles above 64 rows
     for bad in ({"block_m": 24}, {"block_n": 8}, {"num_warps": 0}, {"programs_per_sm": 0}):
         with pytest.raises(ValueError):
             tc.TcConfig(**bad)
@@ -159,4 +161,20 @@ def test_gpu_natural_order_variant(m: int, dtype: torch.dtype) -> None:
         cfg = tc.TcConfig(block_m=16 if m <= 16 else 64, block_n=block_n, num_warps=warps, programs_per_sm=ppsm,
                           natural=True)
         y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, config=cfg)
+        _check(y, x, tensors, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("natural", [False, True])
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (5, torch.bfloat16), (32, torch.float16),
+                                     (100, torch.bfloat16)])
+def test_gpu_swapped_operands_variant(natural: bool, m: int, dtype: torch.dtype) -> None:
+    tensors, packed = gptq_case(4096, 11008, 128, act_order=True, seed=m + natural)
+    for block_m, block_n, warps, ppsm in ((16, 128, 4, 1), (32, 64, 4, 2), (64, 256, 8, 2)):
+        x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+        out = torch.full((m, 11008), float("nan"), device="cuda", dtype=dtype)
+        cfg = tc.TcConfig(block_m=block_m, block_n=block_n, num_warps=warps, programs_per_sm=ppsm, natural=natural,
+                          swap=True)
+        y = tc.w4a16_tc(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, packed.group_size, out=out,
+                        config=cfg)
         _check(y, x, tensors, packed)
