@@ -50,10 +50,8 @@ if HAS_TRITON:
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, N, eps, inv_n,
         stride_x, stride_res, stride_out, stride_rout,
-        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr,
     ):
-        if PDL_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -106,8 +104,7 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None = None, pdl_trigger: bool = False,
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ValueError on shapes it cannot take."""
     n = x.shape[-1]
     if weight.shape != (n,):
@@ -126,7 +123,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(m,)](
             x2, res2, weight.contiguous(), out, rout, n, float(eps), 1.0 / n,
             x2.stride(0), res2.stride(0), n, n,
-            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda, PDL_TRIGGER=pdl_trigger,
+            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda,
             num_warps=min(max(block // 512, 1), 16),
         )
     return out if residual is None else (out, rout)

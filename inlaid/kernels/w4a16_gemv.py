@@ -228,12 +228,12 @@ if HAS_TRITON:
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         N, K, k_per_split, n_split, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, PDL: tl.constexpr = 0,
+        NUM_STAGES: tl.constexpr,
     ):
         # M = 1 and GROUP_SIZE % BLOCK_K == 0 (one scale/zero row per tile); MODE as in _w4_gemv_kernel.
         _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
                  stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, BLOCK_K,
-                 MODE, NUM_STAGES, PDL)
+                 MODE, NUM_STAGES)
 
     @triton.jit
     def _w4_gemv_m1_group_kernel(
@@ -260,7 +260,7 @@ if HAS_TRITON:
     @triton.jit
     def _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
                  stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
         """One program of the M = 1 kernel: column tile ``pid_n``, K range ``pid_k``."""
         BKW: tl.constexpr = BLOCK_K // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,11 +269,6 @@ if HAS_TRITON:
         offs_j = tl.arange(0, 8)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        if PDL == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        elif PDL == 2:
-            _pdl_prologue(qw_ptr, k_lo // 8, (k_hi + 7) // 8, pid_n * BLOCK_N, N, stride_qk, BLOCK_N)
         zshift = (offs_n % 8) * 4
         acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
@@ -305,23 +300,6 @@ if HAS_TRITON:
         out = tl.sum(acc, axis=0)[None, :]
         _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
                   MODE)
-
-    @triton.jit
-    def _pdl_prologue(qw_ptr, row_lo, row_hi, n_lo, N, stride_qk, BLOCK_N: tl.constexpr, ROWS: tl.constexpr = 16):
-        """Programmatic dependent launch: let the next kernel start, prefetch this program's weight words
-        (rows ``row_lo..row_hi``, columns ``n_lo..n_lo + BLOCK_N``) into L2 while the kernel before still runs,
-        then wait for it (its writes, x among them, are visible after ``gdc_wait``). Weights are never written by
-        a decode step, so reading them before the wait is safe."""
-        tl.extra.cuda.gdc_launch_dependents()
-        LINES: tl.constexpr = BLOCK_N // 32  # 128-byte lines per word row
-        cols = n_lo + tl.arange(0, LINES) * 32
-        for r0 in range(row_lo, row_hi, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            ok = (rows < row_hi)[:, None] & (cols < N)[None, :]
-            ptrs = qw_ptr + tl.where(ok, rows[:, None] * stride_qk + cols[None, :], 0)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-        tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _nibble_pair(t, lo, hi, x_lo, x_hi, zf, J: tl.constexpr):
@@ -439,7 +417,6 @@ def w4a16_gemv(
     out: torch.Tensor | None = None,
     locks: torch.Tensor | None = None,
     acc: torch.Tensor | None = None,
-    pdl: int = 0,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N]`` for small M on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
 
@@ -464,8 +441,7 @@ def w4a16_gemv(
         _w4_gemv_m1_kernel[grid[:2]](
             x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws, n, k, k_per, split, qweight.stride(0),
             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=gs, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, PDL=pdl, num_warps=cfg.num_warps,
-            launch_pdl=pdl > 0,
+            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )
     else:
         _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)
