@@ -85,8 +85,7 @@ class DecodeMeta:
     def __init__(self, token_slots: torch.Tensor, active: bool) -> None:
         self.token_slots = token_slots
         self.active = active
-        self.shrunk: dict[tuple[int, int], list] = {}
-        """(layer, A buffer) -> [x, partials, side stream to join before use or None]."""
+        self.shrunk: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class LoRAPool:
@@ -142,8 +141,6 @@ class LoRAPool:
         """Prefill/mixed batches on CUDA: one segmented (SGMV) Triton shrink + expand per projection instead of
         the torch loop over slots (``lora_segment_triton``); False keeps the torch reference."""
         self._tiles: tuple[LoRASegments, torch.Tensor] | None = None  # tiles of the last segments used
-        self._side = torch.cuda.Stream(self.device) if self.triton_decode and self.device.type == "cuda" else None
-        """Where ``prefetch`` runs the shrinks, beside the base projection (created here: never during a capture)."""
         self.slot_names: list[str | None] = [None] * num_slots
         self._num_loaded = 0  # slots holding an adapter (kept by load/clear: read on every step)
         self._host_prepared: tuple[torch.Tensor, LoRASegments] | None = None  # last segments built from host slots
@@ -261,7 +258,7 @@ class LoRAPool:
             return [self.apply(layer_idx, m, x, o, batch) for m, o in zip(modules, outs)]
         if not meta.active:
             return list(outs)
-        partials = self._shrunk(meta, layer_idx, modules[0], x)
+        partials = lt.lora_shrink_partials(x, group[0][0][layer_idx], meta.token_slots)
         return lt.lora_expand_group(partials, [self.b[m][layer_idx] for m in modules],
                                     [self.scalings[m][layer_idx] for m in modules], meta.token_slots, list(outs))
 
@@ -271,66 +268,22 @@ class LoRAPool:
             self._tiles = (segments, lseg.segment_tiles(segments.starts, segments.slots, self.device))
         return self._tiles[1]
 
-    def prefetch(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor, batch: ForwardBatch) -> None:
-        """Start the shrink(s) of ``modules`` on ``x`` before the base projection runs (device path only).
-
-        On CUDA the shrink goes to a side stream that first waits for ``x``: the base W4 kernels leave bandwidth
-        and SM slots free at decode sizes, so the shrink runs beside them; the expand (``apply`` /
-        ``apply_group``) makes the compute stream wait for it. In a CUDA graph the fork and join become graph
-        edges. Elsewhere (the CPU interpreter) the shrink runs at once. Results are cached in
-        ``batch.lora_meta`` like a sibling's shrink; a module the slots do not hold is skipped.
-        """
-        if batch.lora_meta is None:
-            self.prepare(batch)
-        meta = batch.lora_meta
-        if not isinstance(meta, DecodeMeta) or not meta.active:
-            return
-        for module in modules:
-            if module in self.a and self._cached(meta, layer_idx, module, x) is None:
-                buf = self._source(module)
-                a, key = buf[layer_idx], (layer_idx, buf.data_ptr())
-                if self._side is None or not x.is_cuda:
-                    meta.shrunk[key] = [x, lt.lora_shrink_partials(x, a, meta.token_slots), None]
-                    continue
-                main = torch.cuda.current_stream(x.device)
-                self._side.wait_stream(main)
-                with torch.cuda.stream(self._side):
-                    partials = lt.lora_shrink_partials(x, a, meta.token_slots)
-                partials.record_stream(main)  # used on the compute stream: not reusable before its expand ran
-                meta.shrunk[key] = [x, partials, self._side]
-
-    def _source(self, module: str) -> torch.Tensor:
-        """The A stacks [L, S, R', in] this module's shrink reads: its fused group's shared buffer or its own."""
-        return self.group_of[module][0] if module in self.group_of else self.a[module]
-
-    def _cached(self, meta: DecodeMeta, layer_idx: int, module: str, x: torch.Tensor) -> list | None:
-        """The cache entry of ``module``'s A source for this very ``x`` (None if absent or for another x)."""
-        hit = meta.shrunk.get((layer_idx, self._source(module).data_ptr()))
-        return hit if hit is not None and hit[0] is x else None
-
-    def _shrunk(self, meta: DecodeMeta, layer_idx: int, module: str, x: torch.Tensor) -> torch.Tensor:
-        """The fp32 shrink partials of ``module``'s A source on ``x``: from the cache (joining the side stream
-        that computed them, once) or computed now and cached for the siblings."""
-        hit = self._cached(meta, layer_idx, module, x)
-        if hit is None:
-            buf = self._source(module)
-            hit = meta.shrunk[(layer_idx, buf.data_ptr())] = [x, lt.lora_shrink_partials(x, buf[layer_idx],
-                                                                                          meta.token_slots), None]
-        if hit[2] is not None:
-            torch.cuda.current_stream(x.device).wait_stream(hit[2])
-            hit[2] = None
-        return hit[1]
-
     def _apply_device(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor,
                       meta: DecodeMeta) -> torch.Tensor:
-        """BGMV on the device; a fused group's shrink runs once and is reused by the others (and a ``prefetch``ed
-        one is joined here)."""
+        """BGMV on the device; a fused group's shrink runs once (first member) and is reused by the others."""
         if not meta.active:
             return out
-        partials = self._shrunk(meta, layer_idx, module, x)
+        r = self.max_rank
         if module in self.group_of:
-            j, r = self.group_of[module][1], self.max_rank
-            partials = partials[:, :, j * r : (j + 1) * r]
+            buf, j = self.group_of[module]
+            key = (layer_idx, buf.data_ptr())
+            hit = meta.shrunk.get(key)
+            if hit is None or hit[0] is not x:
+                hit = (x, lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots))
+                meta.shrunk[key] = hit
+            partials = hit[1][:, :, j * r : (j + 1) * r]
+        else:
+            partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
 

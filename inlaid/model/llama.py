@@ -13,8 +13,7 @@ Invariants:
 - With a LoRA hook set, ``hook.prepare(batch)`` runs once per forward and
   ``hook.apply(layer_idx, module, x, out, batch)`` after every one of the seven
   projections (q/k/v/o/gate/up/down are separate modules for that reason); q/k/v
-  and gate/up, which read the same x, reach it through one ``hook.apply_group``; ``hook.prefetch`` runs
-  first with the same x (the pool starts the shrink beside the base projection).
+  and gate/up, which read the same x, reach it through one ``hook.apply_group``.
 - Tied embeddings: no ``lm_head`` module; logits use ``embed_tokens.weight``.
 - Tensor parallelism (``tp`` with world > 1, layout in ``inlaid.distributed.sharding``):
   each rank holds its heads, its KV heads (KV cache sharded the same way),
@@ -68,8 +67,6 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
     Under TP a row layer's deltas (from this rank's slice of x) join its partial sum before the one all-reduce.
     """
     layer: ParallelLinear = getattr(parent, name)
-    if hook is not None:
-        hook.prefetch(layer_idx, (name,), x, batch)  # the LoRA shrink may run beside the base projection
     out = layer.forward_local(x)
     if hook is not None:
         out = hook.apply(layer_idx, name, x, out, batch)
@@ -81,8 +78,6 @@ def _project_group(parent: nn.Module, names: tuple[str, ...], layer_idx: int, x:
     """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): the base through
     ``layers.forward_group`` and one ``hook.apply_group`` call, so both can batch their kernels."""
     layers: list[ParallelLinear] = [getattr(parent, n) for n in names]
-    if hook is not None:
-        hook.prefetch(layer_idx, names, x, batch)
     outs = forward_group(layers, x)
     if hook is not None:
         outs = hook.apply_group(layer_idx, names, x, outs, batch)

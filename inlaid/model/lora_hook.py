@@ -4,9 +4,7 @@ The model never knows adapter formats: after each projection it calls
 ``hook.apply(layer_idx, module, x, out, batch)``, which adds the batched LoRA
 deltas of every token's adapter (``batch.lora_slots``, -1 = none) to ``out`` and
 returns it; projections that read the same x (q/k/v, gate/up) go through one
-``hook.apply_group`` call instead, so the hook can batch their kernels. Before
-the base projection runs, the model calls ``hook.prefetch`` with the same x, so
-the hook can start its x-only work (the shrink) beside the base kernels.
+``hook.apply_group`` call instead, so the hook can batch their kernels.
 ``inlaid.lora.pool.LoRAPool`` implements it.
 
 Module names are PEFT's: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
@@ -32,12 +30,6 @@ class LoRAHook(Protocol):
     def apply_group(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor, outs: Sequence[torch.Tensor],
                     batch: ForwardBatch) -> list[torch.Tensor]:
         """``apply`` for each ``(modules[j], outs[j])``, all reading ``x``; returns the updated outputs in order."""
-        ...
-
-    def prefetch(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor, batch: ForwardBatch) -> None:
-        """Called before the base projections of ``modules`` run on ``x``: the hook may start work that needs
-        only ``x`` (the LoRA shrink) so it overlaps them; ``apply`` / ``apply_group`` must still give the same
-        result if it does nothing."""
         ...
 
     def prepare(self, batch: ForwardBatch) -> None:

@@ -100,47 +100,6 @@ def test_apply_group_fuses_the_expands_and_matches_sgmv(monkeypatch: pytest.Monk
     assert launches == ["lora_shrink_partials", "lora_expand_group"] * 2, launches
 
 
-def test_prefetch_starts_each_shrink_once_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``prefetch`` before the base (what the model does) gives the deltas of the plain path, with one shrink per
-    A source (q/k/v share one), none repeated by ``apply`` / ``apply_group``; on CUDA the shrink ran on the pool's
-    side stream and the expand joined it. Off the device path (SGMV pool) and for another x it does nothing."""
-    adapters = [random_adapter("a", SHAPES, 2, 4, seed=6, std=0.3),
-                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=7, std=0.3)]
-    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=flag) for flag in (True, False)]
-    for p in pools:
-        p.load(0, adapters[0])
-        p.load(1, adapters[1])
-    assert (pools[0]._side is not None) == HAS_CUDA
-    shrinks = []
-    real = pool_mod.lt.lora_shrink_partials
-    monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials",
-                        lambda *a, **k: shrinks.append(torch.cuda.current_stream() if HAS_CUDA else None)
-                        or real(*a, **k))
-    slots = [1, 0, -1, 1, 0]
-    batches = [_batch(slots), _batch(slots)]
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(len(slots), 32, generator=g).to(DEV)
-    for p, b in zip(pools, batches):
-        p.prefetch(1, ("q_proj", "k_proj", "v_proj"), x, b)
-        p.prefetch(1, ("o_proj",), x, b)
-    assert len(shrinks) == 2  # q/k/v's shared A and o's; the SGMV pool's prefetch does nothing
-    if HAS_CUDA:
-        assert all(s == pools[0]._side for s in shrinks)
-    base = {m: torch.randn(len(slots), SHAPES[m][1], generator=g).to(DEV) for m in ("q_proj", "k_proj", "v_proj")}
-    got = pools[0].apply_group(1, ("q_proj", "k_proj", "v_proj"), x, [b.clone() for b in base.values()], batches[0])
-    want = pools[1].apply_group(1, ("q_proj", "k_proj", "v_proj"), x, [b.clone() for b in base.values()],
-                                batches[1])
-    o_base = torch.randn(len(slots), 32, generator=g).to(DEV)
-    got.append(pools[0].apply(1, "o_proj", x, o_base.clone(), batches[0]))
-    want.append(pools[1].apply(1, "o_proj", x, o_base.clone(), batches[1]))
-    assert len(shrinks) == 2  # both expands reused the prefetched partials
-    for gm, wm in zip(got, want):
-        torch.testing.assert_close(gm, wm, atol=1e-4, rtol=1e-4)
-    y = x.clone()  # another x (same values): the cache must not serve it
-    pools[0].apply(1, "o_proj", y, o_base.clone(), batches[0])
-    assert len(shrinks) == 3
-
-
 def test_expand_group_rejects_bad_members() -> None:
     b = torch.zeros(2, 16, 4, device=DEV)
     part = torch.zeros(1, 3, 8, device=DEV)

@@ -114,13 +114,9 @@ class RecordingHook:
     def __init__(self):
         self.prepared = 0
         self.calls = []
-        self.prefetched = []
 
     def prepare(self, batch):
         self.prepared += 1
-
-    def prefetch(self, layer_idx, modules, x, batch):
-        self.prefetched.append((layer_idx, tuple(modules), x.shape[-1]))
 
     def apply(self, layer_idx, module, x, out, batch):
         self.calls.append((layer_idx, module, x.shape[-1], out.shape[-1]))
@@ -141,6 +137,3 @@ def test_lora_hook_called_for_every_projection(tiny_llama_dir):
     shapes = arch.lora_module_shapes()
     expected = [(i, m, *shapes[m]) for i in range(arch.num_layers) for m in LORA_MODULES]
     assert sorted(hook.calls) == sorted(expected)
-    # one prefetch per base launch group, with the same x: q/k/v, o, gate/up, down
-    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
-    assert sorted(hook.prefetched) == sorted((i, g, shapes[g[0]][0]) for i in range(arch.num_layers) for g in groups)
