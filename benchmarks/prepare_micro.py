@@ -1,5 +1,12 @@
 """Host cost of the parts of a graphed decode step's input preparation, each timed alone (GPU idle, as after
-the previous step's token read-back). CUDA only.
+the previous step's token read-back). CUDA only; an engine on SmolLM2 shapes with dummy weights, ``--batches``
+running requests, then one scheduled decode step whose inputs are rebuilt many times.
+
+Columns (median host us of 200 calls): ``decode_arrays`` / ``pack`` / ``upload`` (the numpy inputs, their two
+packed arrays, the two pinned host->device copies) and ``build_forward_inputs`` (all of it, plus the
+ForwardBatch views); ``fill`` (copying a batch into the graph's static buffers); ``replay`` (launching the
+captured graph); ``graphs.run`` (fill + replay); ``logits+sample+tolist`` (logits of the graph's output,
+sampling, the token read-back); ``execute`` (a whole runner step, GPU forward included, median of 50).
 
     python benchmarks/prepare_micro.py --batches 1 32 --out benchmarks/results/prepare_micro_h200
 """
