@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
     args = ap.parse_args()
+    if args.swap and not args.natural:
+        ap.error("--swap needs --natural (swapped operands exist for the natural-order step only)")
     sys.path.insert(0, str(args.root))
     import triton
     from triton.backends.compiler import GPUTarget

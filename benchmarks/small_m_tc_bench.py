@@ -47,12 +47,12 @@ SWEEP.update({f"nat_m128_n{bn}_w8_s{st}_p{p}": {"block_m": 128, "block_n": bn, "
 SWEEP.update({f"tc_n256_w{w}_s{st}_p{p}": {"block_n": 256, "num_warps": w, "num_stages": st,
                                            "programs_per_sm": p, "natural": False}
               for w, st, p in ((4, 2, 2), (4, 3, 2), (8, 3, 1))})  # the first sweep's best of the 8-dot kernel
-SWAP_SWEEP = {f"swap{'_nat' if nat else ''}_n{bn}_w{w}_s{st}_p{p}": {
-    "block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p, "natural": nat, "swap": True}
-    for nat in (False, True) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4) for p in (2,)}
-SWAP_SWEEP.update({f"swap{'_nat' if nat else ''}_n128_w4_s3_p{p}": {
-    "block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": p, "natural": nat, "swap": True}
-    for nat in (False, True) for p in (1, 4)})
+SWAP_SWEEP = {f"swap_nat_n{bn}_w{w}_s{st}_p{p}": {  # swapped operands: natural-order step only (TcConfig)
+    "block_n": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p, "natural": True, "swap": True}
+    for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4) for p in (2,)}
+SWAP_SWEEP.update({f"swap_nat_n128_w4_s3_p{p}": {
+    "block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": p, "natural": True, "swap": True}
+    for p in (1, 4)})
 ROWS: list[dict] = []
 
 

@@ -37,7 +37,8 @@ weights are wgmma's operand A, which it reads from registers (``HGMMA ... R, gde
 step's relayout still passes through shared memory: STS + LDSM), x^T is operand B, and M becomes the MMA's N (8..256 in steps of 8): M = 32 runs a 32-row tile with no
 padding, where the unswapped form needs the 64-row wgmma M. H200, geometric mean over the three 7B shapes
 (``tc_swap_large_h200.md``): 9% / 3% / 7% faster than the unswapped default at M = 32 / 64 / 128. At M <= 16
-the swapped forms lost to the 8-dot step (``tc_swap_small_h200.md``).
+the swapped forms (natural, and a swapped 8-dot step since removed: commit 927314b) lost to the 8-dot step
+(``tc_swap_small_h200.md``).
 
 Measured on the H200 (``benchmarks/results/tc_sweep_h200.md``, one run, CUDA graphs over weight copies > 3x L2):
 M = 2..16 1.05-1.50x fp16 cuBLAS (the small-M kernel: 0.91-1.11x); M = 64 and 128: 1.8-2.4x and 1.25-1.6x
@@ -139,7 +140,8 @@ if HAS_TRITON:
                  NUM_STAGES: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, NATURAL: tl.constexpr,
                  SWAP: tl.constexpr):
         """One program: row tile ``pid_m`` (of ``m_tiles``), column tile ``pid_n``, K range ``pid_k``; the 8-dot
-        step, or with ``NATURAL`` the row-order step (module docstring)."""
+        step, or with ``NATURAL`` the row-order step, with ``SWAP`` on swapped operands (module docstring)."""
+        tl.static_assert(NATURAL or not SWAP, "swapped operands need the natural-order step")
         BKW: tl.constexpr = 16
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -171,18 +173,6 @@ if HAS_TRITON:
                     xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
                                  mask=mask_m[:, None] & (xk < k_hi)[None, :], other=0.0)
                     acc += tl.dot(xt, w) * s[None, :]
-            elif SWAP:
-                xp = x_ptr + offs_m[None, :] * stride_xm + k0 + offs_w[:, None] * 8  # x[8w + j, :]^T pairs with d_j
-                xm = mask_m[None, :] & mask_w[:, None]
-                t = tl.dot(tl.trans(d0), tl.load(xp, mask=xm, other=0.0))
-                t = tl.dot(tl.trans(d1), tl.load(xp + 1, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d2), tl.load(xp + 2, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d3), tl.load(xp + 3, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d4), tl.load(xp + 4, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d5), tl.load(xp + 5, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d6), tl.load(xp + 6, mask=xm, other=0.0), t)
-                t = tl.dot(tl.trans(d7), tl.load(xp + 7, mask=xm, other=0.0), t)
-                acc += t * s[:, None]
             else:
                 xp = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_w[None, :] * 8  # x[:, 8w + j] pairs with d_j
                 xm = mask_m[:, None] & mask_w[None, :]
@@ -254,13 +244,16 @@ class TcConfig:
     natural: bool = False
     """The natural-order step (one K = 128 dot per step) instead of the 8-dot step (``NATURAL``)."""
     swap: bool = False
-    """Compute out^T = W^T x^T (``SWAP``): the unpacked weights are the MMA's register operand A, M its N."""
+    """Compute out^T = W^T x^T (``SWAP``, natural step only): the unpacked weights are the MMA's register operand
+    A, M its N."""
 
     def __post_init__(self) -> None:
         if not (_pow2(self.block_m) and _pow2(self.block_n) and self.block_m >= 16 and self.block_n >= 16):
             raise ValueError(f"block_m and block_n must be powers of two >= 16: {self}")
         if self.num_warps < 1 or self.num_stages < 1 or self.programs_per_sm <= 0:
             raise ValueError(f"num_warps, num_stages and programs_per_sm must be positive: {self}")
+        if self.swap and not self.natural:
+            raise ValueError(f"swap needs the natural-order step (natural=True): {self}")
 
 
 def tc_config(m: int, n: int = 4096) -> TcConfig:
