@@ -12,7 +12,10 @@ Dummy-weight models through the real engine (``LLMEngine``: scheduler, ModelRunn
 Decode tok/s = B * (new - 1) / (T_total - T_first) (prefill excluded; ``decode_baseline.run_inlaid``). Roofline:
 bytes per decode step = every weight read once (linears, lm_head, norms) + distinct adapters' LoRA weights +
 the KV cache read at the mean context, at ``--peak-tbps`` (3.0 TB/s for an H100); fraction = measured /
-roofline tok/s. ``--w4-b1-only`` keeps just the W4 7B batch-1 rows (short device runs). A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
+roofline tok/s. ``--w4-b1-only`` keeps just the W4 7B batch-1 rows (short device runs); ``--w4-only`` skips
+the bf16 7B model. ``--overlap ab`` measures every row with overlapped engine steps off, then on (same engine,
+``LLMEngine.overlap``; graphed rows only), so the two columns are a same-run A/B; the default, ``auto``, is the
+engine's default. A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
 
     python benchmarks/e2e_decode.py --out benchmarks/results/e2e_decode
 """
@@ -78,30 +81,38 @@ def lora_bytes(arch, adapters: int, rank: int = 16, elem: int = 2) -> int:  # no
     return adapters * arch.num_layers * rank * elem * sum(i + o for i, o in arch.lora_module_shapes().values())
 
 
-def measure(eng, arch, wbytes: int, batch: int, n_ad: int, graphs: bool, args, label: dict) -> dict:  # noqa: ANN001
+def measure(eng, arch, wbytes: int, batch: int, n_ad: int, graphs: bool, args, label: dict,  # noqa: ANN001
+            overlap: bool | None = None) -> dict:
     runner = eng.parts.runner
-    saved = runner.graphs
+    saved, saved_overlap = runner.graphs, eng.overlap
     runner.graphs = saved if graphs else None
+    eng.overlap = saved_overlap if overlap is None else overlap
     try:
         gen = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, arch.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
         adapters = [f"a{i % n_ad}" if n_ad else None for i in range(batch)]
         run_inlaid(eng, prompts, adapters, 4, args.device)  # warm-up: compiles kernels, captures graphs
         tf, tt = run_inlaid(eng, prompts, adapters, args.new_tokens, args.device)
+        used_overlap = eng.overlap
     finally:
-        runner.graphs = saved
+        runner.graphs, eng.overlap = saved, saved_overlap
     tps = decode_tps(batch, args.new_tokens, tf, tt)
     step_bytes = wbytes + lora_bytes(arch, min(n_ad, batch)) + kv_bytes(arch, batch, args.prompt_len + args.new_tokens / 2)
     roof = batch / (step_bytes / (args.peak_tbps * 1e12))
-    row = {**label, "batch": batch, "adapters": n_ad, "graphs": graphs, "decode_tps": tps,
+    row = {**label, "batch": batch, "adapters": n_ad, "graphs": graphs, "overlap": used_overlap, "decode_tps": tps, "total_s": tt,
            "step_ms": 1e3 * batch / tps, "bytes_per_step_MB": step_bytes / 1e6, "roofline_tps": roof,
            "frac_roofline": tps / roof}
     print(json.dumps(row), flush=True)
     return row
 
 
+def overlaps(args) -> tuple[bool | None, ...]:  # noqa: ANN001
+    """The overlap settings each row is measured with (None: the engine's default)."""
+    return {"ab": (False, True), "on": (True,), "off": (False,)}.get(args.overlap, (None,))
+
+
 def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa: ANN001
-    for quant in ("w4g128",) if args.w4_b1_only else ("w4g128", "bf16"):
+    for quant in ("w4g128",) if args.w4_b1_only or args.w4_only else ("w4g128", "bf16"):
         if time.monotonic() > deadline:
             skipped.append(f"llama2-7b {quant}")
             continue
@@ -117,8 +128,9 @@ def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa:
             if time.monotonic() > deadline:
                 skipped.append(f"llama2-7b {quant} b{batch} a{n_ad} graphs={graphs}")
                 continue
-            rows.append(safe(measure, eng, arch, wb, batch, n_ad, graphs, args,
-                             {"model": "llama2-7b", "weights": quant}))
+            for ov in overlaps(args) if graphs else (None,):  # the A/B is for graphed steps
+                rows.append(safe(measure, eng, arch, wb, batch, n_ad, graphs, args,
+                                 {"model": "llama2-7b", "weights": quant}, ov))
         del eng
         torch.cuda.empty_cache()
 
@@ -132,7 +144,8 @@ def bench_small(args, rows: list, skipped: list, deadline: float) -> None:  # no
         if time.monotonic() > deadline:
             skipped.append(f"smollm2 b{batch} a{n_ad} graphs={graphs}")
             continue
-        rows.append(safe(measure, eng, arch, wb, batch, n_ad, graphs, args, label))
+        for ov in overlaps(args) if graphs else (None,):
+            rows.append(safe(measure, eng, arch, wb, batch, n_ad, graphs, args, label, ov))
     for n_ad in (8, 32, 100):
         if time.monotonic() > deadline:
             skipped.append(f"smollm2 vs peft a{n_ad}")
@@ -164,7 +177,7 @@ def safe(fn, *a):  # noqa: ANN001, ANN201
 
 
 def to_markdown(res: dict) -> str:
-    cols = ["model", "weights", "batch", "adapters", "graphs", "decode_tps", "step_ms", "roofline_tps",
+    cols = ["model", "weights", "batch", "adapters", "graphs", "overlap", "decode_tps", "step_ms", "roofline_tps",
             "frac_roofline", "hf_peft_decode_tps", "ratio_vs_hf_peft"]
 
     def fmt(v) -> str:  # noqa: ANN001
@@ -174,6 +187,20 @@ def to_markdown(res: dict) -> str:
              f"{res['new_tokens']} new tokens, HF {res['hf_new_tokens']})", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in res["rows"]]
+    if res.get("overlap") == "ab":
+        lines += ["", "Overlapped steps, on vs off (same engine, measured one after the other). Decode tok/s excludes "
+                  "the first step; the request's whole time (prefill included) is the check that needs no step "
+                  "boundary (on a CPU the ahead step runs inside the first step, which flatters decode tok/s):", "",
+                  "| model | weights | batch | adapters | graphs | off tok/s | on tok/s | on / off | off s | on s "
+                  "| off s / on s |", "|---" * 11 + "|"]
+        key = ("model", "weights", "batch", "adapters", "graphs")
+        off = {tuple(r[k] for k in key): r for r in res["rows"] if r.get("overlap") is False}
+        for r in res["rows"]:
+            base = off.get(tuple(r[k] for k in key))
+            if r.get("overlap") is True and base is not None:
+                lines.append("| " + " | ".join(fmt(r[k]) for k in key) + f" | {base['decode_tps']:.4g} | "
+                             f"{r['decode_tps']:.4g} | {r['decode_tps'] / base['decode_tps']:.3f} | "
+                             f"{base['total_s']:.4g} | {r['total_s']:.4g} | {base['total_s'] / r['total_s']:.3f} |")
     if res["skipped"]:
         lines += ["", "Skipped (budget): " + "; ".join(res["skipped"])]
     return "\n".join(lines) + "\n"
@@ -192,6 +219,9 @@ def main() -> int:
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--w4-b1-only", action="store_true",
                     help="short run: only the W4 g128 Llama-2-7B-shaped model at batch 1 (graphs, then eager)")
+    ap.add_argument("--w4-only", action="store_true", help="skip the bf16 Llama-2-7B-shaped model")
+    ap.add_argument("--overlap", choices=("auto", "on", "off", "ab"), default="auto",
+                    help="overlapped engine steps per row: the engine's default, on, off, or both (off, then on)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -205,7 +235,7 @@ def main() -> int:
         bench_7b(args, rows, skipped, deadline)
     if not args.w4_b1_only:
         bench_small(args, rows, skipped, deadline)
-    res = {"device": dev, "peak_tbps": args.peak_tbps, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    res = {"device": dev, "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "hf_new_tokens": args.hf_new_tokens, "rows": [r for r in rows if r], "skipped": skipped,
            "elapsed_s": time.monotonic() - t0}
     md = to_markdown(res)

@@ -83,7 +83,7 @@ def main() -> int:
             "replay": timed(graph.replay),
             "graphs.run": timed(lambda: graphs.run(batch)),
             "logits+sample+tolist": timed(lambda: runner._sample(hidden[:b], batch,
-                                                                 [s for s in seqs if s.sample])),
+                                                                 [s for s in seqs if s.sample]).tolist()),
             "execute": timed(lambda: runner.execute(out), 50),
         }
         rows.append(row)

@@ -9,7 +9,7 @@ Builds a real ``LLMEngine`` and runs decode steps at batch 1 / 32 / 128, with no
 - ``forward``: the model forward (eager) or graph replay, host time (on CUDA: launch time; the GPU time is
   reported separately from CUDA events around it);
 - ``sample``: logits of the sampling rows, the sampler and the one device->host copy of the sampled ids (on CUDA
-  this is where the host waits for the GPU: the engine's only synchronisation);
+  this is where the host waits for the GPU: the engine's only synchronisation; ``ModelRunner.collect``);
 - ``output``: ``Scheduler.update`` (append tokens, stop checks) and the engine's output processing
   (incremental detokenization, stop strings, ``RequestOutput``);
 - ``other``: the rest of ``step`` (runner glue, between-steps callbacks, bookkeeping).
@@ -18,6 +18,8 @@ Phases are exclusive (a nested phase pauses its parent) and timed by wrapping th
 engine carries no timer), on ``--clock``: this thread's CPU time on CPU (other processes on a shared box do not
 inflate it), ``time.perf_counter`` on CUDA. The wrappers' own cost (~1-2 us per phase call, measured at start)
 is subtracted from ``host_non_forward``. Nothing here adds a synchronisation the engine does not already do.
+Steps are not overlapped here (``LLMEngine.overlap`` off): with overlap one step's phases would interleave with
+the next one's (``e2e_decode.py --overlap ab`` measures what overlapping saves).
 
 ``--profile`` adds a cProfile top-20 (by internal time) of the timed decode steps of each configuration.
 ``--baseline old.json`` adds a before/after table to the markdown (non-forward host time per step).
@@ -167,6 +169,8 @@ def instrument(eng: LLMEngine, timer: PhaseTimer, gpu: GpuForwardTimer) -> None:
     runner._forward = gpu.wrap(runner._forward)
     _wrap(runner, "_forward", timer, "forward")
     _wrap(runner, "_sample", timer, "sample")
+    if hasattr(runner, "collect"):  # the token read-back moved out of _sample with overlapped steps
+        _wrap(runner, "collect", timer, "sample")
     if runner.graphs is not None:
         _wrap(runner.graphs.buffers, "fill", timer, "prepare")
 
@@ -204,6 +208,7 @@ def build_engine(args: argparse.Namespace, n_adapters: int, tmp: Path) -> LLMEng
         device=args.device,
     )
     eng = LLMEngine(cfg)
+    eng.overlap = False  # one step at a time, so the phases are this step's (module docstring)
     if args.quant == "w4":
         from e2e_decode import make_w4
 

@@ -105,8 +105,13 @@ class SchedulerConfig:
     """Requests waiting longer than this are promoted ahead of SRTF order (inlaid policy)."""
     max_queue_len: int = 1024
     """Waiting requests beyond this are rejected (the server answers 503)."""
+    overlap_steps: str = "auto"
+    """Launch the next decode step before reading the current one's tokens, so host work overlaps the device
+    (steady decode only; ``LLMEngine``): "on", "off", or "auto" (on for a single CUDA device)."""
 
     def __post_init__(self) -> None:
+        if self.overlap_steps not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_steps must be auto|on|off, got {self.overlap_steps!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_adapters_per_step", "max_queue_len"):

@@ -181,6 +181,7 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
     wrapped.stops |= set(engine.parts.extra_eos_ids)
     wrapped.other = next(t for t in range(3, vocab) if t not in wrapped.stops)
     engine.runner.execute = wrapped  # type: ignore[method-assign]
+    overlap, engine.overlap = engine.overlap, False  # steps through ``execute`` (the wrapper), one at a time
     pending = sorted(specs, key=lambda s: s.arrival)
     by_id = {s.request_id: s for s in specs}
     done: dict[str, RequestRecord] = {}
@@ -222,6 +223,7 @@ def replay(engine: LLMEngine, specs: Sequence[RequestSpec], sched: SchedulerConf
                         bar.update(1)
     finally:
         engine.runner.execute = runner_execute  # type: ignore[method-assign]
+        engine.overlap = overlap
         del sch.schedule  # the class's method again
     return ReplayResult(done, sch.stats, clock.t, step_times, time.perf_counter() - t_wall, samples, complete,
                         step_log)

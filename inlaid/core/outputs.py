@@ -9,6 +9,10 @@ Invariants:
 - ``block_ids`` already hold room for ``start_pos + len(token_ids)`` tokens.
 - ``adapter_loads`` are applied by the runner *before* the forward, so every
   ``adapter_slot`` in ``scheduled`` names a slot holding that adapter.
+- An *ahead* output (``SchedulerOutput.ahead``, from ``Scheduler.schedule_ahead``) is planned before the
+  previous step's tokens are known: its sequences are exactly the previous step's, in the same order, each
+  one decode token whose id is that step's sampled token for the same request (``token_ids`` hold
+  ``PENDING_TOKEN``; the runner takes the ids from the device).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inlaid.sampling import SamplingParams
+
+PENDING_TOKEN = -1
+"""Stands for a token the previous step samples on the device (the input of an ahead step's sequence)."""
 
 
 @dataclass
@@ -49,6 +56,8 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
     """Requests freed since the last step; the runner drops their per-request state."""
+    ahead: bool = False
+    """Planned by ``Scheduler.schedule_ahead`` (see the module docstring)."""
 
     @property
     def num_batched_tokens(self) -> int:

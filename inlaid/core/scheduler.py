@@ -26,6 +26,13 @@ Invariants:
   new request until its slot frees (its running count only falls, so the slot
   frees in bounded time and the starving request, first in policy order, takes
   it); every other admission goes on, so the batch does not empty.
+- ``schedule_ahead(prev)`` plans the step after ``prev`` *before* ``update(prev)`` (the engine overlaps the
+  host's work with the device, ``LLMEngine``). It does so only in steady decode: ``prev`` sampled every one of
+  its sequences, they are the running requests in the same order, none can finish by length at ``prev``, no
+  waiting request could be admitted or preempt, and the KV blocks for one more token each are free. It then
+  schedules one token per running request (``PENDING_TOKEN``: the device feeds ``prev``'s sampled ids) and
+  never preempts, loads an adapter or admits. ``update`` needs no change: it runs for ``prev`` first, and a
+  request that finishes there (EOS, stop string, abort) is skipped when the ahead step's results arrive.
 - Pure Python, no torch; time comes from the injected ``clock``.
 """
 
@@ -40,7 +47,7 @@ from dataclasses import dataclass, field
 from inlaid.config import SchedulerConfig
 from inlaid.core.adapter_slots import AdapterSlots
 from inlaid.core.block_manager import BlockManager
-from inlaid.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from inlaid.core.outputs import PENDING_TOKEN, RunnerOutput, ScheduledSeq, SchedulerOutput
 from inlaid.core.policies import Policy, make_policy
 from inlaid.core.predictor import LengthPredictor
 from inlaid.request import Request, RequestStatus
@@ -347,6 +354,44 @@ class Scheduler:
             self._schedule_waiting(out, budget, now, ordered)
         self._record(out)
         return out
+
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Plan the step after ``prev`` before its results are applied, or None when decode is not steady
+        (see the module docstring; the caller then runs ``update(prev)`` and ``schedule()`` as usual)."""
+        if not self._steady(prev):
+            return None
+        bm = self.block_manager
+        grow = [len(seq.token_ids) + 1 for seq in prev.scheduled]  # prev's tokens (not yet counted) + one
+        if sum(bm.num_new_blocks(r, g) for r, g in zip(self.running, grow)) > bm.num_free_blocks:
+            return None
+        out = SchedulerOutput(finished_ids=self._finished_ids, ahead=True)
+        self._finished_ids = []
+        for req, g, seq in zip(self.running, grow, prev.scheduled):
+            out.scheduled.append(ScheduledSeq(
+                request_id=req.request_id, token_ids=[PENDING_TOKEN], start_pos=req.num_computed_tokens + g - 1,
+                block_ids=list(bm.allocate_for(req, g)), adapter_slot=seq.adapter_slot, sample=True,
+                sampling_params=req.sampling_params, num_output_tokens=req.num_output_tokens + 1,
+            ))
+        self._record(out)
+        return out
+
+    def _steady(self, prev: SchedulerOutput) -> bool:
+        """True when ``prev`` (scheduled, not yet updated) is followed by the same decode batch for sure."""
+        cfg = self.cfg
+        if prev.is_empty or prev.preempted_ids or len(prev.scheduled) != len(self.running):
+            return False
+        if len(self.running) > cfg.max_num_batched_tokens:
+            return False
+        seats_full = len(self.running) >= cfg.max_num_seqs and not self.policy.preempts_for_priority
+        if self.waiting and not seats_full:  # an admission (or priority preemption) may change the batch
+            return False
+        for seq, req in zip(prev.scheduled, self.running):
+            if seq.request_id != req.request_id or not seq.sample or seq.start_pos != req.num_computed_tokens:
+                return False
+            if (req.num_output_tokens + 1 >= req.sampling_params.max_tokens
+                    or req.num_tokens + 1 >= self.max_model_len):  # prev's token ends it by length
+                return False
+        return True
 
     def _record(self, out: SchedulerOutput) -> None:
         if out.is_empty:

@@ -16,8 +16,19 @@ Invariants:
   ``inlaid.distributed.TPWorkerError`` out of ``step()`` (never swallowed, never
   a hang). ``shutdown()`` stops the worker processes.
 - ``between_steps`` callbacks run at the start of every ``step()`` (and on
-  ``run_between_steps()``), before anything is scheduled: the one place where
-  background work (layer swaps of a re-quantization) may change the model.
+  ``run_between_steps()``), before anything is scheduled, and only while no step
+  is in flight: the one place where background work (layer swaps of a
+  re-quantization) may change the model.
+- Overlapped steps (``SchedulerConfig.overlap_steps``; on by default on a single
+  CUDA device): ``step()`` launches the step after the current one
+  (``Scheduler.schedule_ahead``, steady decode only) *before* waiting for the
+  current one's tokens, so the host's bookkeeping, detokenization and the next
+  step's input preparation run while the device computes. Each ``step()`` still
+  returns the outputs of exactly one step, in order; the step left in flight is
+  finished by the next ``step()`` (``has_unfinished_requests`` stays True until
+  then). No overlap while ``between_steps`` callbacks are registered (a swap
+  must not run beside a step that reads the weights) or with a runner that has
+  no ``launch`` (tensor parallelism).
 """
 
 from __future__ import annotations
@@ -63,6 +74,10 @@ class LLMEngine:
         """Set by a driver that sleeps while idle (AsyncLLM): wakes it to run ``run_between_steps``."""
         self.requantizer: Any = None
         """The ``inlaid.quant.requant.Requantizer`` of the served base, created by the first calibrated add."""
+        self.overlap = self._overlap_default()
+        """Launch the next (ahead) step before reading this one's tokens (see the module docstring)."""
+        self._inflight: tuple[Any, Any] | None = None
+        """(SchedulerOutput, StepHandle) of the ahead step launched by the previous ``step()``."""
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
 
@@ -87,8 +102,16 @@ class LLMEngine:
 
         return adapter_status(self, name)
 
+    def _overlap_default(self) -> bool:
+        mode = self.config.scheduler.overlap_steps
+        capable = hasattr(self.runner, "launch") and self.config.parallel.tensor_parallel_size == 1
+        return capable and (mode == "on" or (mode == "auto" and self.parts.device.type == "cuda"))
+
     def run_between_steps(self) -> None:
-        """Run the between-steps callbacks (each one's error is logged, never raised into serving)."""
+        """Run the between-steps callbacks (each one's error is logged, never raised into serving); deferred
+        to the next ``step()`` while a step is in flight."""
+        if self._inflight is not None:
+            return
         for fn in list(self.between_steps):
             try:
                 fn()
@@ -183,25 +206,45 @@ class LLMEngine:
             self._pending.append(self._finish_output(req, ""))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
+        return bool(self._requests) or bool(self._pending) or self._inflight is not None
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns outputs of requests that progressed or finished."""
         self.run_between_steps()
         outputs, self._pending = self._pending, []
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty and not sched_out.adapter_loads:
-            return outputs
+        current, self._inflight = self._inflight, None
+        if current is None:
+            sched_out = self.scheduler.schedule()
+            if sched_out.is_empty and not sched_out.adapter_loads:
+                return outputs
+            current = (sched_out, None)
+        sched_out, handle = current
         try:
-            result = self.runner.execute(sched_out)
+            result = self._run(sched_out, handle)
         except TPWorkerError:
             raise  # the rank group is unusable: fail loudly
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             logger.exception("step failed; failing its %d requests", len(sched_out.scheduled))
-            return outputs + self._fail_step(sched_out, f"step failed: {exc}")
+            failed = self._fail_step(sched_out, f"step failed: {exc}")
+            if self._inflight is not None:  # the ahead step ran the same requests: already failed above
+                self._fail_step(self._inflight[0], f"step failed: {exc}")
+                self._inflight = None
+            return outputs + failed
         outputs.extend(self._process_outputs(sched_out, result))
         return outputs
+
+    def _run(self, sched_out: Any, handle: Any) -> Any:
+        """The step's RunnerOutput; with overlap, the ahead step is launched before waiting for it."""
+        if not self.overlap:
+            return self.runner.execute(sched_out)
+        if handle is None:
+            handle = self.runner.launch(sched_out)
+        if not self.between_steps:
+            ahead = self.scheduler.schedule_ahead(sched_out)
+            if ahead is not None:
+                self._inflight = (ahead, self.runner.launch(ahead, handle))
+        return self.runner.collect(handle)
 
     def _process_outputs(self, sched_out: Any, result: Any) -> list[RequestOutput]:
         """The step's output processing: scheduler update (tokens, stop checks), then detokenize each request."""

@@ -9,7 +9,11 @@ Invariants:
 - Adapter copies listed in ``SchedulerOutput.adapter_loads`` happen before the
   forward, so a step never sees a half-loaded slot.
 - A step's inputs reach the device in two ``non_blocking`` copies from pinned staging buffers (CUDA); the
-  only device->host copy of a step is the sampled token ids (``_sample``), the engine's one synchronisation.
+  only device->host copy of a step is the sampled token ids, started by ``launch`` (``non_blocking`` into
+  pinned memory, then an event) and waited for by ``collect``: the engine's one synchronisation. Between the
+  two the host is free, so the engine can ``launch`` the next (ahead) step first; ``execute`` is both at once.
+- An ahead step (``SchedulerOutput.ahead``) takes its input ids from the previous launch's sampled tokens on
+  the device (a device copy, stream-ordered after that sampling), never from the host.
 - Per-request generators exist only for seeded requests and are dropped when
   the scheduler reports the request finished.
 - With CUDA graphs (default on CUDA for fp16/bf16) one extra KV block past ``num_blocks`` is
@@ -25,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -49,6 +54,20 @@ def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype, tp_
     """Bytes of K and V for one block across all layers (of one rank's KV heads under TP)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * arch.num_layers * block_size * local_heads(arch, tp_size)[1] * arch.head_dim * elem
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampled tokens on the device and their pending copy to the host."""
+
+    request_ids: list[str] = field(default_factory=list)
+    """The sampling sequences' ids, in row order (empty: nothing was sampled, or a TP worker)."""
+    tokens: torch.Tensor | None = None
+    """[S] int64 sampled ids on the device (an ahead step's inputs)."""
+    host: torch.Tensor | None = None
+    """Their host copy (pinned on CUDA; valid once ``ready`` has completed)."""
+    ready: torch.cuda.Event | None = None
+    """Recorded after the host copy (CUDA only)."""
 
 
 class ModelRunner:
@@ -109,23 +128,56 @@ class ModelRunner:
         for slot, name in loads.items():
             self.lora_pool.load(slot, self.get_adapter(name))
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step; returns a token for every sequence with ``sample=True``."""
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Queue one step's forward, sampling and token copy on the device; returns without waiting for them.
+
+        ``prev``: the handle of the step launched just before, whose sampled tokens an ahead ``out`` reads.
+        """
         for rid in out.finished_ids:
             self._generators.pop(rid, None)
         self.load_adapters(out.adapter_loads)
         if out.is_empty:
-            return RunnerOutput()
+            return StepHandle()
         batch, host_slots = build_forward_inputs(out, self.block_size, self.device, self._staging)
+        if out.ahead:
+            self._feed_pending(out, batch, prev)
         hidden = self._forward(batch, host_slots)
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
-            return RunnerOutput()
+            return StepHandle()
         tokens = self._sample(hidden, batch, sampling)
         if tokens is None:
+            return StepHandle()
+        handle = StepHandle([s.request_id for s in sampling], tokens, tokens)
+        if tokens.is_cuda:
+            handle.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            handle.host.copy_(tokens, non_blocking=True)
+            handle.ready = torch.cuda.Event()
+            handle.ready.record()
+        return handle
+
+    def collect(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step's tokens and return them (the step's only synchronisation)."""
+        if not handle.request_ids:
             return RunnerOutput()
-        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens)})
+        if handle.ready is not None:
+            handle.ready.synchronize()
+        return RunnerOutput(sampled=dict(zip(handle.request_ids, handle.host.tolist())))
+
+    @staticmethod
+    def _feed_pending(out: SchedulerOutput, batch: ForwardBatch, prev: StepHandle | None) -> None:
+        """An ahead step's input ids are ``prev``'s sampled tokens, row for row (a device copy)."""
+        ids = [s.request_id for s in out.scheduled]
+        if prev is None or prev.tokens is None or prev.request_ids != ids:
+            raise ValueError("an ahead step must follow the launch that samples its inputs, with the same "
+                             f"sequences in the same order; got {ids[:4]} after "
+                             f"{None if prev is None else prev.request_ids[:4]}")
+        batch.input_ids.copy_(prev.tokens)
 
     def _forward(self, batch: ForwardBatch, host_slots: np.ndarray | None = None) -> torch.Tensor:
         """Hidden states of the step: a CUDA graph replay for decode-only batches that fit, else eager
@@ -136,10 +188,11 @@ class ModelRunner:
             self.lora_pool.prepare(batch, host_slots)
         return self.model(batch, self.kv_caches)
 
-    def _sample(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list[ScheduledSeq]) -> list[int] | None:
-        """Logits of the sampling rows and one token per row, copied to the host once (None on TP workers)."""
+    def _sample(self, hidden: torch.Tensor, batch: ForwardBatch,
+                sampling: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Logits of the sampling rows and one token per row, on the device (None on TP workers)."""
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         if not self.tp.is_driver:
             return None
         gens = [self._generator(s.request_id, s.sampling_params.seed) for s in sampling]
-        return sample(logits, [s.sampling_params for s in sampling], gens).tolist()
+        return sample(logits, [s.sampling_params for s in sampling], gens)

@@ -8,6 +8,9 @@ Invariants:
   draw and needs only one random vector per row.
 - A row with ``seed`` draws from its own ``torch.Generator`` kept by the caller per
   request, so its tokens do not depend on what else is in the batch.
+- No host synchronisation: per-row parameters reach the device in ``non_blocking``
+  copies and every branch is decided from the host-side params, so the engine can
+  queue the next step while this one runs.
 """
 
 from __future__ import annotations
@@ -44,13 +47,17 @@ def sample(
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return tokens
-    rows = torch.tensor(sampled_rows, device=logits.device)
+    dev = logits.device
+
+    def upload(values: list, dtype: torch.dtype) -> torch.Tensor:  # pageable non_blocking: no stream sync
+        return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+    rows = upload(sampled_rows, torch.int64)
     sub = logits.index_select(0, rows).float()
-    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
-    sub = sub / temps.unsqueeze(1)
-    top_k = torch.tensor([params[i].top_k for i in sampled_rows], device=logits.device)
-    top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device, dtype=sub.dtype)
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    sub = sub / upload([params[i].temperature for i in sampled_rows], sub.dtype).unsqueeze(1)
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled_rows):
+        top_k = upload([params[i].top_k for i in sampled_rows], torch.int64)
+        top_p = upload([params[i].top_p for i in sampled_rows], sub.dtype)
         sub = _apply_top_k_top_p(sub, top_k, top_p)
     probs = sub.softmax(dim=-1)
     noise = torch.empty_like(probs)

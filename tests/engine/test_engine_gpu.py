@@ -91,3 +91,30 @@ def test_non_w4_gptq_decode_under_cuda_graphs_equals_eager(bits: int, tiny_llama
     eager = LLM(model=str(tmp_path / "q"), device="cuda", dtype="float16", block_size=4, num_blocks=256)
     eager.engine.parts.runner.graphs = None
     assert with_graphs == [o.token_ids for o in eager.generate(prompts, params)]
+
+
+def test_overlapped_steps_give_the_same_tokens_as_plain_steps_on_cuda(tiny_llama_dir: Path,
+                                                                       tiny_adapters: dict[str, Path]) -> None:
+    """bf16 with CUDA graphs: overlap on by default, the ahead steps' inputs come from the device; tokens
+    (greedy and seeded sampling, adapters mixed, one request ending early) equal the plain steps'."""
+    llm = LLM(model=str(tiny_llama_dir), adapters={k: str(v) for k, v in tiny_adapters.items()}, device="cuda",
+              dtype="bfloat16", block_size=4, num_blocks=256, max_loras=4)
+    eng = llm.engine
+    assert eng.overlap and eng.runner.graphs is not None
+    params = [SamplingParams(max_tokens=16, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=30, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=1.0, seed=5)]
+    ahead = [0]
+    plan = eng.scheduler.schedule_ahead
+
+    def counted(prev: SchedulerOutput) -> SchedulerOutput | None:
+        out = plan(prev)
+        ahead[0] += out is not None
+        return out
+
+    eng.scheduler.schedule_ahead = counted  # type: ignore[method-assign]
+    on = llm.generate(PROMPTS, params, adapter=ADAPTERS)
+    eng.overlap = False
+    off = llm.generate(PROMPTS, params, adapter=ADAPTERS)
+    assert [(o.token_ids, o.finish_reason) for o in on] == [(o.token_ids, o.finish_reason) for o in off]
+    assert ahead[0] >= 5 and eng.scheduler.block_manager.usage() == 0
