@@ -185,6 +185,7 @@ def to_markdown(res: dict) -> str:
 
     lines = [f"# End-to-end decode ({res['device']}, peak {res['peak_tbps']} TB/s; prompt {res['prompt_len']}, "
              f"{res['new_tokens']} new tokens, HF {res['hf_new_tokens']})", "",
+             f"Command: `{res.get('command', 'python benchmarks/e2e_decode.py')}`", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in res["rows"]]
     if res.get("overlap") == "ab":
@@ -235,7 +236,8 @@ def main() -> int:
         bench_7b(args, rows, skipped, deadline)
     if not args.w4_b1_only:
         bench_small(args, rows, skipped, deadline)
-    res = {"device": dev, "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    res = {"device": dev, "command": "python benchmarks/e2e_decode.py " + " ".join(sys.argv[1:]),
+           "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "hf_new_tokens": args.hf_new_tokens, "rows": [r for r in rows if r], "skipped": skipped,
            "elapsed_s": time.monotonic() - t0}
     md = to_markdown(res)
