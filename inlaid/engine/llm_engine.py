@@ -26,9 +26,11 @@ Invariants:
   step's input preparation run while the device computes. Each ``step()`` still
   returns the outputs of exactly one step, in order; the step left in flight is
   finished by the next ``step()`` (``has_unfinished_requests`` stays True until
-  then). No overlap while ``between_steps`` callbacks are registered (a swap
-  must not run beside a step that reads the weights) or with a runner that has
-  no ``launch`` (tensor parallelism).
+  then). No step runs ahead while a ``between_steps`` callback has work waiting
+  (its ``pending()`` is True; a callback without ``pending`` always counts as
+  waiting), so such work runs at most two steps late and never beside a step
+  that reads the weights; none with a runner that has no ``launch`` (tensor
+  parallelism).
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ class LLMEngine:
         mode = self.config.scheduler.overlap_steps
         capable = hasattr(self.runner, "launch") and self.config.parallel.tensor_parallel_size == 1
         return capable and (mode == "on" or (mode == "auto" and self.parts.device.type == "cuda"))
+
+    def _between_steps_pending(self) -> bool:
+        """Whether a between-steps callback has work waiting (then no step may run ahead of it)."""
+        return any(getattr(fn, "pending", None) is None or fn.pending() for fn in self.between_steps)
 
     def run_between_steps(self) -> None:
         """Run the between-steps callbacks (each one's error is logged, never raised into serving); deferred
@@ -240,7 +246,7 @@ class LLMEngine:
             return self.runner.execute(sched_out)
         if handle is None:
             handle = self.runner.launch(sched_out)
-        if not self.between_steps:
+        if not self._between_steps_pending():
             ahead = self.scheduler.schedule_ahead(sched_out)
             if ahead is not None:
                 self._inflight = (ahead, self.runner.launch(ahead, handle))

@@ -72,8 +72,22 @@ def attach_requantizer(engine: "LLMEngine", **options: Any) -> "Requantizer":
         options["swap_target"] = TPSwapTarget(path, parts.arch, parts.model, engine.runner, parts.dtype)
     rq = Requantizer(path, parts.arch, parts.model, device=parts.device, serve_dtype=parts.dtype,
                      on_ready=lambda: engine.waker() if engine.waker is not None else None, **options)  # fmt: skip
-    engine.between_steps.append(rq.apply_ready_swaps)
+    engine.between_steps.append(SwapDrain(rq))
     return rq
+
+
+class SwapDrain:
+    """The engine's between-steps callback of a Requantizer: applies the layers that are ready. ``pending``
+    tells the engine not to run a step ahead while swaps wait (``LLMEngine``'s overlapped steps)."""
+
+    def __init__(self, requantizer: Any) -> None:
+        self.requantizer = requantizer
+
+    def __call__(self) -> int:
+        return self.requantizer.apply_ready_swaps()
+
+    def pending(self) -> bool:
+        return self.requantizer.has_ready_swaps()
 
 
 def add_adapter_with_calibration(engine: "LLMEngine", name: str, path: str, calibration: Calibration) -> None:

@@ -208,6 +208,11 @@ class Requantizer:
         with self._lock:
             return [j.status() for j in self._jobs.values()]
 
+    def has_ready_swaps(self) -> bool:
+        """True while quantized layers wait for ``apply_ready_swaps``."""
+        with self._lock:
+            return bool(self._swaps)
+
     def busy(self) -> bool:
         """True while a job is pending or running, or swaps wait to be applied."""
         with self._lock:

@@ -149,3 +149,42 @@ def test_an_ahead_step_needs_the_launch_that_samples_its_inputs(pair: tuple[LLM,
     eng.abort_request(["x"])
     while eng.has_unfinished_requests():
         eng.step()
+
+
+class _FakeRequantizer:
+    """What ``SwapDrain`` needs of a Requantizer: swaps become ready from outside, the engine applies them."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine, self.ready, self.applied_with_step_in_flight = engine, 0, []
+
+    def has_ready_swaps(self) -> bool:
+        return self.ready > 0
+
+    def apply_ready_swaps(self) -> int:
+        self.applied_with_step_in_flight.append(self.engine._inflight is not None)
+        n, self.ready = self.ready, 0
+        return n
+
+
+def test_steps_run_ahead_until_a_swap_waits_then_it_lands_within_two_steps(pair: tuple[LLM, LLM]) -> None:
+    from inlaid.engine.requant_hook import SwapDrain
+
+    eng = pair[0].engine
+    rq = _FakeRequantizer(eng)
+    count = _count_ahead(eng)
+    eng.between_steps.append(SwapDrain(rq))
+    try:
+        eng.add_request(None, PROMPTS[4], SamplingParams(max_tokens=16, ignore_eos=True))
+        for _ in range(4):
+            eng.step()
+        assert count[0] >= 2 and eng._inflight is not None  # nothing waits: decode runs ahead
+        rq.ready = 1  # a layer is quantized in the background
+        steps = 0
+        while rq.ready:
+            eng.step()
+            steps += 1
+        assert steps <= 2 and rq.applied_with_step_in_flight and not any(rq.applied_with_step_in_flight)
+        while eng.has_unfinished_requests():
+            eng.step()
+    finally:
+        eng.between_steps.clear()
