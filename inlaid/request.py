@@ -31,12 +31,16 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        # a set lookup: asked several times per request per step (``.name`` goes through enum's descriptor)
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         """OpenAI's finish_reason ("stop" | "length" | "abort" | "error"), or None while live."""
         return self.value if self.finished else None
+
+
+_FINISHED = frozenset(s for s in RequestStatus if s.name.startswith("FINISHED"))
 
 
 @dataclass(eq=False)
