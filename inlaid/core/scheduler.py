@@ -361,16 +361,20 @@ class Scheduler:
         if not self._steady(prev):
             return None
         bm = self.block_manager
-        grow = [len(seq.token_ids) + 1 for seq in prev.scheduled]  # prev's tokens (not yet counted) + one
-        if sum(bm.num_new_blocks(r, g) for r, g in zip(self.running, grow)) > bm.num_free_blocks:
+        plan = []  # (request, tokens to hold beyond the computed ones: prev's (not yet counted) + one, new blocks)
+        for req, seq in zip(self.running, prev.scheduled):
+            g = len(seq.token_ids) + 1
+            plan.append((req, g, bm.num_new_blocks(req, g), seq.adapter_slot))
+        if sum(p[2] for p in plan) > bm.num_free_blocks:
             return None
         out = SchedulerOutput(finished_ids=self._finished_ids, ahead=True)
         self._finished_ids = []
-        for req, g, seq in zip(self.running, grow, prev.scheduled):
+        for req, g, new_blocks, slot in plan:
+            table = bm.allocate_for(req, g) if new_blocks else bm.block_table(req.request_id)
             out.scheduled.append(ScheduledSeq(
                 request_id=req.request_id, token_ids=[PENDING_TOKEN], start_pos=req.num_computed_tokens + g - 1,
-                block_ids=list(bm.allocate_for(req, g)), adapter_slot=seq.adapter_slot, sample=True,
-                sampling_params=req.sampling_params, num_output_tokens=req.num_output_tokens + 1,
+                block_ids=list(table), adapter_slot=slot, sample=True, sampling_params=req.sampling_params,
+                num_output_tokens=req.num_output_tokens + 1,
             ))
         self._record(out)
         return out
