@@ -128,7 +128,7 @@ def test_linear_dispatch_all_paths_with_bias_and_3d_input() -> None:
 
 
 def test_dequantize_w4_matches_reference_exactly_with_partial_group() -> None:
-    for k, gs in ((128, 32), (96, 64)):
+    for k, gs in ((128, 32), (96, 64), (96, 20), (256, 256)):  # group 20: the torch path (not a multiple of 8)
         qweight, qzeros, scales, g_idx = _case(k, 32, gs, act_order=False, seed=3)
         w = wk.dequantize_w4(qweight, qzeros, scales, gs, torch.float16)
         assert torch.equal(w, gptq_dequant.dequantize_gptq(qweight, qzeros, scales, g_idx, 4))
