@@ -62,7 +62,7 @@ if HAS_TRITON:
             a = tl.load(a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None],
                         mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R] = A[slot]ᵀ tile
             if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), a.to(tl.float32))
+                acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")  # fp32 means fp32
             else:
                 acc += tl.dot(x, a)
         pos = start + offs_t
@@ -72,7 +72,7 @@ if HAS_TRITON:
     def _seg_expand_kernel(
         p_ptr, b_ptr, scal_ptr, order_ptr, tiles_ptr, out_ptr, n_tiles, D_OUT, R,
         stride_pt, stride_bs, stride_bn, stride_ot,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
         nb = tl.program_id(1)
         start, slot, offs_t, mask_t, tok = _tile(order_ptr, tiles_ptr, n_tiles, BLOCK_T)
@@ -84,7 +84,10 @@ if HAS_TRITON:
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)  # fp32 [BLOCK_T, BLOCK_R]
         b = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # B[slot]ᵀ [BLOCK_R, BLOCK_N]
-        delta = tl.dot(p, b) * tl.load(scal_ptr + slot).to(tl.float32)
+        if IEEE:  # fp32 output: no TF32 rounding (torch's fp32 matmul default); else TF32 is finer than the output
+            delta = tl.dot(p, b, input_precision="ieee") * tl.load(scal_ptr + slot).to(tl.float32)
+        else:
+            delta = tl.dot(p, b) * tl.load(scal_ptr + slot).to(tl.float32)
         o_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :]
         o_mask = mask_t[:, None] & mask_n[None, :]
         o = tl.load(o_ptrs, mask=o_mask, other=0.0)
@@ -148,6 +151,7 @@ def lora_apply_segments(
     _seg_expand_kernel[(n_tiles, triton.cdiv(out.shape[1], block_n))](
         p, b_stack, scalings, token_order, tiles, out_c, n_tiles, out.shape[1], r, p.stride(0), b_stack.stride(0),
         b_stack.stride(1), out_c.stride(0), BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n,
+        IEEE=out.dtype == torch.float32,
     )
     if out_c is not out:
         out.copy_(out_c)

@@ -166,7 +166,7 @@ if HAS_TRITON:
             code = (q >> ((offs_k % 8) * 4)[:, None]) & 0xF
             w = (code - zero).to(tl.float32) * s.to(tl.float32)
             if DOT_F32:  # fp32 x, or bf16 under the interpreter (its bf16 tl.dot is wrong)
-                acc += tl.dot(x.to(tl.float32), w)
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on

@@ -193,7 +193,7 @@ if HAS_TRITON:
                     xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
                                  mask=(offs_m < M)[:, None] & mask_w[None, :], other=0.0)
                     if DOT_F32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong)
-                        t += tl.dot(xj.to(tl.float32), d)
+                        t += tl.dot(xj.to(tl.float32), d, input_precision="ieee")
                     else:
                         t += tl.dot(xj, d.to(xj.dtype))  # exact: |code - zero| <= 16
                 elif BLOCK_M == 1:  # one row: scale the word-row partial sums after the 8 nibbles
