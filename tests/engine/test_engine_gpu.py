@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import count_ahead_steps
 
 from inlaid import LLM, SamplingParams
 from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
@@ -104,15 +105,7 @@ def test_overlapped_steps_give_the_same_tokens_as_plain_steps_on_cuda(tiny_llama
     params = [SamplingParams(max_tokens=16, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True),
               SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=30, seed=11, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=1.0, seed=5)]
-    ahead = [0]
-    plan = eng.scheduler.schedule_ahead
-
-    def counted(prev: SchedulerOutput) -> SchedulerOutput | None:
-        out = plan(prev)
-        ahead[0] += out is not None
-        return out
-
-    eng.scheduler.schedule_ahead = counted  # type: ignore[method-assign]
+    ahead = count_ahead_steps(eng)
     on = llm.generate(PROMPTS, params, adapter=ADAPTERS)
     eng.overlap = False
     off = llm.generate(PROMPTS, params, adapter=ADAPTERS)

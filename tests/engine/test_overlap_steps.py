@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import count_ahead_steps
 
 from inlaid import LLM, SamplingParams
-from inlaid.core.outputs import SchedulerOutput
 from inlaid.engine.llm_engine import LLMEngine
 from inlaid.worker.model_runner import ModelRunner
 
@@ -30,19 +30,6 @@ def pair(tiny_llama_dir: Path, tiny_adapters: dict[str, Path]) -> tuple[LLM, LLM
     return _llm(tiny_llama_dir, tiny_adapters, "on"), _llm(tiny_llama_dir, tiny_adapters, "off")
 
 
-def _count_ahead(engine: LLMEngine) -> list[int]:
-    count = [0]
-    plan = engine.scheduler.schedule_ahead
-
-    def counted(prev: SchedulerOutput) -> SchedulerOutput | None:
-        out = plan(prev)
-        count[0] += out is not None
-        return out
-
-    engine.scheduler.schedule_ahead = counted  # type: ignore[method-assign]
-    return count
-
-
 def test_overlap_is_on_by_request_and_off_by_default_on_cpu(pair: tuple[LLM, LLM],
                                                              tiny_llama_dir: Path) -> None:
     assert pair[0].engine.overlap and not pair[1].engine.overlap
@@ -51,7 +38,7 @@ def test_overlap_is_on_by_request_and_off_by_default_on_cpu(pair: tuple[LLM, LLM
 
 def test_same_tokens_text_and_finish_reasons(pair: tuple[LLM, LLM]) -> None:
     on, off = pair
-    count = _count_ahead(on.engine)
+    count = count_ahead_steps(on.engine)
     params = [SamplingParams(max_tokens=12, ignore_eos=True),
               SamplingParams(max_tokens=3, ignore_eos=True),  # finishes by length while others decode
               SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True),
@@ -171,7 +158,7 @@ def test_steps_run_ahead_until_a_swap_waits_then_it_lands_within_two_steps(pair:
 
     eng = pair[0].engine
     rq = _FakeRequantizer(eng)
-    count = _count_ahead(eng)
+    count = count_ahead_steps(eng)
     eng.between_steps.append(SwapDrain(rq))
     try:
         eng.add_request(None, PROMPTS[4], SamplingParams(max_tokens=16, ignore_eos=True))
@@ -199,7 +186,7 @@ def test_async_llm_streams_with_overlapped_steps(tiny_llama_dir: Path, tiny_adap
     from inlaid.engine.async_llm import AsyncLLM
 
     engine = _llm(tiny_llama_dir, tiny_adapters, "on").engine
-    count = _count_ahead(engine)
+    count = count_ahead_steps(engine)
     llm = AsyncLLM(engine)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     want = [o.text for o in pair[1].generate(PROMPTS[:3], params, adapter=["a", None, "b"])]
