@@ -30,6 +30,10 @@ Per-batch metadata: ``attention_layout`` computes what every layer of one forwar
 sequence and row, the padded mask); passing it as ``layout=`` skips recomputing it per layer (a prefill step
 of a 32-layer model ran those ~25 ops 32 times). Same result either way.
 
+Fresh prefill of one sequence (``fresh_prefill_attention``): when the step holds a single sequence with no
+cached context (its T tokens are the whole sequence), the keys and values in the cache are exactly the step's
+own k and v, so attention needs no gather, padding or mask: causal SDPA on q, k, v directly.
+
 Cost note: the reference pads queries to [B, max_query_len] and keys to
 [B, max_seq_len]; memory is O(B * max_query_len * max_seq_len) for the mask,
 fine for CPU and tests, not for large mixed GPU batches (the Triton kernel's job).
@@ -174,3 +178,17 @@ def paged_attention(
         enable_gqa=num_heads != kv_heads,
     )  # [B, H, Lq, D]
     return out.transpose(1, 2)[seq_idx, row]
+
+
+def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's first T tokens over themselves: q [T, H, D], k and v [T, KVH, D] (the
+    K/V just written to the cache); returns [T, H, D]. Equals ``paged_attention`` for a one-sequence batch whose
+    ``seq_lens`` is T (no sliding window shorter than T)."""
+    num_heads, kv_heads = q.shape[1], k.shape[1]
+    if num_heads % kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype),
+        is_causal=True, scale=scale, enable_gqa=num_heads != kv_heads,
+    )  # [1, H, T, D]
+    return out[0].transpose(0, 1)

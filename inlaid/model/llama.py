@@ -45,7 +45,7 @@ from torch import nn
 
 from inlaid.kernels import paged_attention_triton as pat
 from inlaid.kernels import rotary_kv
-from inlaid.kernels.paged_attention import attention_layout, paged_attention
+from inlaid.kernels.paged_attention import attention_layout, fresh_prefill_attention, paged_attention
 from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
@@ -96,6 +96,13 @@ def _layout(batch: ForwardBatch, num_tokens: int, window: int | None):  # noqa: 
     return layout
 
 
+def _fresh_single_sequence(batch: ForwardBatch, num_tokens: int, window: int | None) -> bool:
+    """One sequence whose step holds all its tokens (no cached context), so causal attention over the step's own
+    k and v is the whole attention (host-side ints only: no device read-back)."""
+    return (num_tokens > 1 and batch.num_seqs == 1 and batch.max_seq_len == num_tokens
+            and (window is None or num_tokens <= window))
+
+
 class Attention(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, device: torch.device | None, dtype: torch.dtype | None,
                  tp: TPContext | None = None) -> None:
@@ -122,6 +129,8 @@ class Attention(nn.Module):
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
             attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
                                               self.scale, sliding_window=self.sliding_window)
+        elif _fresh_single_sequence(batch, t, self.sliding_window):  # its K/V are this step's k, v: no gather
+            attn = fresh_prefill_attention(q, k, v, self.scale)
         else:
             attn = paged_attention(
                 q, kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,

@@ -10,6 +10,7 @@ import torch
 from inlaid.kernels.paged_attention import (
     allocate_kv_caches,
     attention_layout,
+    fresh_prefill_attention,
     kv_cache_shape,
     paged_attention,
     write_kv,
@@ -86,6 +87,25 @@ def test_matches_naive(specs):
     out, ref = _run_case(specs)
     assert out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t, kv_heads", [(1, KVH), (9, KVH), (16, H)])
+def test_fresh_prefill_attention_matches_the_paged_path_and_naive(t: int, kv_heads: int) -> None:
+    """One sequence, no cached context: causal SDPA on the step's own k, v equals the paged reference."""
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(t, H, D, generator=gen)
+    k, v = torch.randn(t, kv_heads, D, generator=gen), torch.randn(t, kv_heads, D, generator=gen)
+    cache = allocate_kv_caches(1, 8, BS, kv_heads, D, torch.float32, "cpu")[0]
+    blocks = [5, 2, 7, 0][: -(-t // BS)]
+    write_kv(k, v, cache, torch.tensor([blocks[p // BS] * BS + p % BS for p in range(t)]))
+    paged = paged_attention(q, cache, torch.tensor([blocks], dtype=torch.int32), torch.tensor([t], dtype=torch.int32),
+                            torch.tensor([0, t], dtype=torch.int32), t, t, 1 / math.sqrt(D))
+    got = fresh_prefill_attention(q, k, v, 1 / math.sqrt(D))
+    assert got.shape == (t, H, D)
+    torch.testing.assert_close(got, paged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), _naive(q, k, v, 0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        fresh_prefill_attention(q, torch.randn(t, 3, D), torch.randn(t, 3, D), 1.0)
 
 
 def test_sliding_window():

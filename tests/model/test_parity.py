@@ -127,3 +127,25 @@ def test_chunked_prefill_mixed_with_decode(pair):
     torch.testing.assert_close(torch.cat([l1[:6], l2[:7]]), _hf_logits(ref, long_prompt), atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat([l1[6:], l2[7:8]]), _hf_logits(ref, short + extra), atol=ATOL, rtol=0)
     torch.testing.assert_close(l2[8:], _hf_logits(ref, fresh), atol=ATOL, rtol=0)
+
+
+def test_single_sequence_prefill_takes_the_fresh_path(pair, monkeypatch):
+    """One sequence with no cached context: attention runs on the step's own k, v (no paged gather), for every
+    layer whose sliding window covers the prompt; the logits still equal HF's. A later chunk of the same
+    sequence (context in the cache) goes through the paged path."""
+    import inlaid.model.llama as llama
+
+    ours, ref, arch = pair
+    calls = []
+    real = llama.fresh_prefill_attention
+    monkeypatch.setattr(llama, "fresh_prefill_attention", lambda *a: calls.append(1) or real(*a))
+    seq = _seqs(arch, [11], seed=7)[0]
+    paged, caches = PagedSequences(48, BLOCK, seed=5), _caches(arch)
+    logits = _run(ours, make_batch([paged.step_item(0, seq[:8])], BLOCK), caches)
+    windows = arch.sliding_windows
+    assert len(calls) == sum(w is None or w >= 8 for w in windows)
+    torch.testing.assert_close(logits, _hf_logits(ref, seq[:8]), atol=ATOL, rtol=0)
+    calls.clear()
+    logits = _run(ours, make_batch([paged.step_item(0, seq[8:])], BLOCK), caches)
+    assert calls == []
+    torch.testing.assert_close(logits, _hf_logits(ref, seq)[8:], atol=ATOL, rtol=0)
