@@ -4,6 +4,11 @@ Owns the large-M path of ``w4a16_gemm.w4a16_linear``: dequantize once, then
 ``torch.matmul`` (cuBLAS). Torch reference: ``gptq_dequant.dequantize_gptq``
 with ``g_idx = arange(K) // group_size`` (bit-exact: the product is formed in
 fp32 and cast once). The last group may be partial (K % group_size != 0).
+
+Kernel layout: a program owns whole packed words (8 rows of W each) x a column block, so each word, zero and
+scale is loaded once and nibble j of word row r is stored as the contiguous row 8r + j. That needs the 8 rows
+of a word to share a group (group sizes that are multiples of 8, as GPTQ writes them); any other group size
+takes the torch path.
 """
 
 from __future__ import annotations
