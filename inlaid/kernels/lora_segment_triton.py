@@ -84,7 +84,8 @@ if HAS_TRITON:
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)  # fp32 [BLOCK_T, BLOCK_R]
         b = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # B[slot]ᵀ [BLOCK_R, BLOCK_N]
-        if IEEE:  # fp32 output: no TF32 rounding (torch's fp32 matmul default); else TF32 is finer than the output
+        if IEEE:  # fp32 output: no TF32 rounding (torch's fp32 matmul default); TF32 keeps as many mantissa bits
+            # as an fp16 output and more than a bf16 one
             delta = tl.dot(p, b, input_precision="ieee") * tl.load(scal_ptr + slot).to(tl.float32)
         else:
             delta = tl.dot(p, b) * tl.load(scal_ptr + slot).to(tl.float32)

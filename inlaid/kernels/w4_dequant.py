@@ -58,7 +58,8 @@ def dequantize_w4(
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
     w = torch.empty(k, n, device=qweight.device, dtype=dtype)
     # 128 K rows x 128 columns per program (7B shapes: 1.33-1.50x the per-element kernel it replaced,
-    # benchmarks/results/dequant_h100.md); small weights take 64 x 64 tiles so that every SM gets work
+    # benchmarks/results/dequant_h100_before.md vs dequant_h100.md); small weights take 64 x 64 tiles so that
+    # every SM gets work
     bw, bn = (16, 128) if triton.cdiv(k // 8, 16) * triton.cdiv(n, 128) >= 256 else (8, 64)
     grid = (triton.cdiv(k // 8, bw), triton.cdiv(n, bn))
     _dequant4_kernel[grid](
