@@ -43,13 +43,20 @@ def _batch(slots: list[int]) -> ForwardBatch:
                         torch.tensor(slots, device=DEV), ar, max_query_len=1, max_seq_len=1)
 
 
-def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.MonkeyPatch) -> None:
-    adapters = [random_adapter("a", SHAPES, 2, 4, seed=1, std=0.3),
-                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=2, std=0.3)]
+def _pools(seed: int, slots: tuple[int, int]) -> list:
+    """The device-path and SGMV-path pools (fp32), each holding adapter "a" (rank 4, all targets) in ``slots[0]``
+    and "b" (rank 8, q/v/down only) in ``slots[1]``; adapter seeds ``seed`` and ``seed + 1``."""
+    adapters = [random_adapter("a", SHAPES, 2, 4, seed=seed, std=0.3),
+                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=seed + 1, std=0.3)]
     pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=flag) for flag in (True, False)]
     for p in pools:
-        p.load(0, adapters[0])
-        p.load(2, adapters[1])
+        for slot, adapter in zip(slots, adapters):
+            p.load(slot, adapter)
+    return pools
+
+
+def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    pools = _pools(seed=1, slots=(0, 2))
     assert pools[0].triton_decode and not pools[1].triton_decode
     assert pools[0].a["k_proj"].data_ptr() == pools[0].a["q_proj"].data_ptr() + 8 * 32 * 4  # views of one buffer
     calls = []
@@ -76,12 +83,7 @@ def test_device_path_matches_sgmv_and_fuses_group_shrinks(monkeypatch: pytest.Mo
 def test_apply_group_fuses_the_expands_and_matches_sgmv(monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v and gate/up through ``apply_group``: one shrink and one expand launch per group on the device path,
     the same deltas as the SGMV path's per-module ``apply`` (adapter "b" targets only q/v of the group)."""
-    adapters = [random_adapter("a", SHAPES, 2, 4, seed=3, std=0.3),
-                random_adapter("b", SHAPES, 2, 8, targets=["q_proj", "v_proj", "down_proj"], seed=4, std=0.3)]
-    pools = [pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=flag) for flag in (True, False)]
-    for p in pools:
-        p.load(1, adapters[0])
-        p.load(2, adapters[1])
+    pools = _pools(seed=3, slots=(1, 2))
     launches = []
     for name in ("lora_shrink_partials", "lora_expand", "lora_expand_group"):
         real = getattr(pool_mod.lt, name)
