@@ -1,6 +1,8 @@
 """M = 1 W4A16 GEMV on the GPU as a decode step sees it (issue 8): the tuned ``w4a16_linear``, a sweep of
-``GemvConfig`` candidates of the M = 1 kernel, fp16 cuBLAS, and torch's own int4 kernel (tinygemm,
-``aten._weight_int4pack_mm``, bf16 only) as the reference of what a well-kept library reaches on this GPU.
+``GemvConfig`` candidates of the M = 1 kernel (its half2 tile, ``w4a16_gemv.half2_path``), the same kernel's fp32
+tile at its session-9 winners (``m1_fp32_tile``: the half2 tile's baseline in the same run), fp16 cuBLAS, and
+torch's own int4 kernel (tinygemm, ``aten._weight_int4pack_mm``, bf16 only) as the reference of what a well-kept
+library reaches on this GPU.
 
 Timing: one CUDA graph holding one call per weight copy, with enough copies (> 3x the L2) that every call
 reads its weights from DRAM, replayed 5 times, best replay / calls (launch-free, like a graphed decode step).
@@ -27,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
+from inlaid.kernels import w4a16_gemv as wg  # noqa: E402
 from inlaid.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
+
+gemv_half2 = wg.half2_path
 
 DEV = "cuda"
 GS = 128
@@ -68,18 +73,22 @@ SHAPES = ("4096x4096", "4096x11008", "11008x4096", "576x1536", "1536x576")
 
 
 def candidates() -> list[dict]:
-    """M = 1 kernel configs: tile width x warps (2-4 warps for narrow tiles, 4-8 for wide), K step 64/128
-    (group 128 allows <= 128), pipeline depth, the two one-output-row split-K modes, programs per SM."""
+    """M = 1 kernel configs: tile width x warps (2 warps for the narrowest tiles, 4-8 for the widest), K step
+    64/128 (group 128 allows <= 128), pipeline depth, programs per SM; one-launch "atomic_last" split-K."""
     out = []
-    for bn, warps_set in ((32, (2, 4)), (64, (2, 4)), (128, (4, 8)), (256, (4, 8))):
+    for bn, warps_set in ((32, (2,)), (64, (2, 4)), (128, (2, 4)), (256, (4, 8)), (512, (4, 8))):
         for warps in warps_set:
             for bk in (64, 128):
-                for stages in (1, 3):
-                    for mode in ("atomic", "atomic_last"):
-                        for ppsm in (1, 2, 4, 8):
-                            out.append({"bn": bn, "bk": bk, "warps": warps, "stages": stages, "mode": mode,
-                                        "ppsm": ppsm})
+                for stages in (1, 3, 4):
+                    for ppsm in (1, 2, 4):
+                        out.append({"bn": bn, "bk": bk, "warps": warps, "stages": stages, "mode": "atomic_last",
+                                    "ppsm": ppsm})
     return out
+
+
+FP32_TILE = ({"bn": 256, "bk": 64, "warps": 4, "stages": 3, "mode": "atomic_last", "ppsm": 2},
+             {"bn": 64, "bk": 128, "warps": 4, "stages": 1, "mode": "atomic_last", "ppsm": 2})
+"""The fp32 tile's session-9 winners (``gemv_m1_h100.md``): the baseline of the half2 tile in the same run."""
 
 
 def checked_err(call, p, out: torch.Tensor, ref: torch.Tensor) -> float:  # noqa: ANN001
@@ -140,22 +149,25 @@ def main(shapes: list[str]):
         except Exception as e:  # noqa: BLE001
             log(event="fail", shape=f"{k}x{n}", impl="tinygemm", err=repr(e)[:300])
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        k_steps = -(-k // 64)
-        for cfgd in candidates():
-            split = max(1, min(round(cfgd["ppsm"] * sms / -(-n // cfgd["bn"])), k_steps))
-            cfg = GemvConfig(cfgd["bn"], cfgd["bk"], split, cfgd["warps"], False, cfgd["mode"], cfgd["stages"])
-            try:
-                call = gemv_call(cfg, x, out)
-                err_before = checked_err(call, packed[0], out, ref)
-                t = graph_time(call, packed)
-                err = max(err_before, checked_err(call, packed[0], out, ref))  # the replays left exact buffers
-                if not err < 1e-2:
-                    log(event="wrong", shape=f"{k}x{n}", err=err, **cfgd)
-                    continue
-                log(event="time", shape=f"{k}x{n}", impl="m1_kernel", us=t, tbps=w4_bytes / t / 1e6,
-                    x_cublas=t_cublas / t, err=err, split=split, **cfgd)
-            except Exception as e:  # noqa: BLE001
-                log(event="fail", shape=f"{k}x{n}", err=repr(e)[:200], **cfgd)
+        for impl, cfgs in (("m1_kernel", candidates()), ("m1_fp32_tile", FP32_TILE)):
+            for cfgd in cfgs:
+                split = max(1, min(round(cfgd["ppsm"] * sms / -(-n // cfgd["bn"])), -(-k // cfgd["bk"])))
+                cfg = GemvConfig(cfgd["bn"], cfgd["bk"], split, cfgd["warps"], False, cfgd["mode"], cfgd["stages"])
+                wg.half2_path = gemv_half2 if impl == "m1_kernel" else (lambda _x: False)
+                try:
+                    call = gemv_call(cfg, x, out)
+                    err_before = checked_err(call, packed[0], out, ref)
+                    t = graph_time(call, packed)
+                    err = max(err_before, checked_err(call, packed[0], out, ref))  # the replays left exact buffers
+                    if not err < 1e-2:
+                        log(event="wrong", shape=f"{k}x{n}", impl=impl, err=err, **cfgd)
+                        continue
+                    log(event="time", shape=f"{k}x{n}", impl=impl, us=t, tbps=w4_bytes / t / 1e6,
+                        x_cublas=t_cublas / t, err=err, split=split, **cfgd)
+                except Exception as e:  # noqa: BLE001
+                    log(event="fail", shape=f"{k}x{n}", impl=impl, err=repr(e)[:200], **cfgd)
+                finally:
+                    wg.half2_path = gemv_half2
         del copies, packed
         torch.cuda.empty_cache()
     return time.time() - t_start
@@ -179,7 +191,8 @@ def to_markdown(seconds: float) -> str:
              "Command: `python benchmarks/gemv_m1_bench.py --out ...` "
              f"({seconds:.0f} s). CUDA graph of one call per weight copy (copies > 3x L2: every call reads DRAM), "
              "best of 5 replays; group 128; fp16 except tinygemm (bf16 only). `installed` = `w4a16_linear` with "
-             "the committed tuned table; `m1_kernel` = the fastest `GemvConfig` of the sweep; x cuBLAS = fp16 "
+             "the committed tuned table; `m1_kernel` = the fastest `GemvConfig` of the sweep (half2 tile); "
+             "`m1_fp32_tile` = the same kernel's fp32 tile at its session-9 winners; x cuBLAS = fp16 "
              "cuBLAS time / this time; TB/s = packed weight + scales + zeros bytes / time.", "",
              "| shape (KxN) | impl | us | TB/s | x cuBLAS fp16 | rel. err | config |", "|---|---|---|---|---|---|---|"]
     for (shape, impl), r in sorted(best.items()):
@@ -191,7 +204,7 @@ def to_markdown(seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(path: Path) -> list[str]:
+def write_table(path: Path, page: str) -> list[str]:
     """Put the fastest correct M = 1 config of every measured shape into the tuned table (``w4a16_configs``'s
     keys: power-of-two buckets of N and K) under this GPU's name; returns the keys written."""
     from inlaid.kernels.w4a16_configs import shape_key
@@ -210,7 +223,9 @@ def write_table(path: Path) -> list[str]:
                                          "num_warps": r["warps"], "use_dot": False, "mode": r["mode"],
                                          "num_stages": r["stages"]}
         written.append(f"{key} <- {shape}")
-    table["_note_m1"] = f"M=1 entries: benchmarks/gemv_m1_bench.py on {env['gpu']} (gemv_m1_{gpu.lower()}.md)"
+    notes = table.get("_note_m1")
+    table["_note_m1"] = {**(notes if isinstance(notes, dict) else {}),
+                         gpu: f"benchmarks/gemv_m1_bench.py on {env['gpu']} ({page})"}
     path.write_text(json.dumps(table, indent=1) + "\n")
     return written
 
@@ -240,7 +255,7 @@ def cli() -> int:
     if any(r.get("event") == "env" for r in RESULTS):
         Path(args.out + ".md").write_text(to_markdown(seconds))
         if args.write_table:
-            print("\n".join(write_table(args.write_table)))
+            print("\n".join(write_table(args.write_table, Path(args.out).name + ".md")))
     return 0
 
 

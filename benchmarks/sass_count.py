@@ -5,7 +5,8 @@ an H100/H200 target, with the 16-divisibility a real launch specializes on (else
 disassembles it with the bundled ``nvdisasm`` and counts the instructions of the longest loop body (from the
 loop label to its backward branch). Per element = loop instructions x threads / elements per step.
 
-    python benchmarks/sass_count.py m1                    # the M = 1 config of the tuned table
+    python benchmarks/sass_count.py m1                    # the M = 1 kernel's fp32 tile
+    python benchmarks/sass_count.py m1 --half2 --block-n 128 --block-k 128 --warps 2 --stages 4   # its half2 tile
     python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's M <= 16 kernel
     python benchmarks/sass_count.py tc --natural --block-m 64 --block-n 128 --warps 8   # its M > 16 kernel
     python benchmarks/sass_count.py tc --swap --natural --block-m 32 --block-n 128      # swapped operands
@@ -58,6 +59,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=8, help="how many opcodes to list")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--half2", action="store_true", help="m1 only: the half2 PTX tile (fp16/bf16 x on a GPU)")
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
     args = ap.parse_args()
     if args.swap and not args.natural:
@@ -71,7 +73,7 @@ def main() -> int:
         from inlaid.kernels.w4a16_gemv import _w4_gemv_m1_kernel as fn
         ints = ("N", "K", "k_per_split", "n_split", "stride_qk", "stride_zg", "stride_sg", "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "BLOCK_K": args.block_k, "MODE": 4,
-                 "NUM_STAGES": args.stages}
+                 "NUM_STAGES": args.stages, "HALF2": args.half2}
         elems = args.block_n * args.block_k
     else:
         from inlaid.kernels import w4a16_tc

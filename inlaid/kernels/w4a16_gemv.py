@@ -11,23 +11,39 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   Codes become fp32 without an int->float convert: ``(c | 0x4B000000)`` read
   as fp32 is ``2**23 + c``, and subtracting ``2**23 + zero`` is exact, so
   ``d = c - zero`` costs shift, and/or, sub per element; the scale multiplies
-  the per-word-row partial sums once per 8 nibbles (FMA path, M = 1; with
-  2-4 rows the rows share one scaled tile instead, to save registers) or the
-  ``tl.dot`` result once per tile (one group per tile; ``d`` is exact in
+  the tile (FMA path: 2-4 rows share one scaled tile, to save registers) or
+  the ``tl.dot`` result once per tile (one group per tile; ``d`` is exact in
   fp16/bf16, so the tensor-core operand carries no rounding);
 - groups: when BLOCK_K divides the group size a tile has one scale/zero row;
   otherwise (group 32/64 under a longer tile, or a partial last group) each
   word row gathers its own (cached) scale/zero row. Rows past K are masked;
-- ``use_dot=False`` (M <= 4): fp32 FMAs against x rows, one ``[BLOCK_K/8,
+- ``use_dot=False`` (M 2..4): fp32 FMAs against x rows, one ``[BLOCK_K/8,
   BLOCK_N]`` accumulator per row (BLOCK_M <= 4, no tensor cores), reduced
-  once at the end; ``use_dot=True`` (M 5..16): 8 ``tl.dot`` of K = BLOCK_K/8
-  per step with M padded to 16;
-- M = 1 with one group per tile (the decode case; ``_w4_gemv_m1_kernel``):
+  once at the end; ``use_dot=True`` (M 5..16, or any M): 8 ``tl.dot`` of
+  K = BLOCK_K/8 per step with M padded to 16;
+- M = 1 without ``use_dot`` (the decode case; ``_w4_gemv_m1_kernel``), with
+  BLOCK_K halved until one group covers a step (``m1_fit``):
   x is loaded once per step as a contiguous ``[BLOCK_K/8, 8]`` slice and
   split into its 8 nibble columns; nibble j (and j + 4 of ``word >> 16``) is
   turned into fp32 without a shift: ``(word & 0xF << 4j) | exponent(2**(23-4j))``
   reads as ``2**(23-4j) + code``, so each element costs one LOP3, one FADD
   and one FFMA (``benchmarks/gemv_m1_bench.py`` measures it);
+- M = 1, fp16/bf16 x on a GPU (``half2_path``): the same tile in half2 PTX,
+  about half the instructions per element, because the fp32 path is
+  issue-bound (a read-only kernel on the same grid moves the weights in
+  ~60% of its time; ``benchmarks/gemv_read_floor.py``). Nibbles j
+  and j + 4 sit in the two 16-bit halves of a word, so one LOP3 with
+  ``0x64006400`` makes the half2 (1024 + code_j, 1024 + code_j+4) (nibbles
+  1, 3 land 16x higher and are scaled by 1/16 in the same HFMA2 that
+  subtracts 1024 + zero): exact fp16 ``code - zero`` in [-16, 15] for two
+  elements per instruction. Four HFMA2 then sum the word's 8 products
+  against ``x * 2**-7`` in fp16 (|x'| <= 512 for any fp16 x, so a sum of
+  four products stays below 2**15: no overflow; bf16 x beyond +-65504 is
+  outside that bound), the two halves join in fp32, the scale multiplies
+  once per word and the result by 128 once per tile. Rounding: each word's
+  8-term partial sum carries fp16 (11-bit) rounding, ~2x the fp32 path's
+  error against an fp64 reference and below the fp16 output's own rounding
+  over a sum of K products;
 - split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
   [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
   program of a tile, found with a per-tile semaphore, sums, casts and stores,
@@ -42,7 +58,7 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,7 +70,9 @@ __all__ = [
     "GemvConfig",
     "default_gemv_config",
     "gemv_block_m",
+    "half2_path",
     "kernels_interpreted",
+    "m1_fit",
     "m1_groupable",
     "share_input",
     "triton_usable",
@@ -109,13 +127,15 @@ def gemv_block_m(m: int, use_dot: bool) -> int:
 def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
     """Untuned fallback (used when the tuned table has no entry): ~4 programs per SM, >= 2 K steps each.
 
-    M = 1 (the decode kernel): ~2 programs per SM of 256 columns, K steps of 64, three pipeline stages,
-    one-launch "atomic_last" split-K: the fastest of the 256 configs on all three Llama-2-7B shapes in the
-    session-6 H200 sweep (``benchmarks/results/gemv_m1_h200.json``; on SmolLM2's shapes 64 columns won).
+    M = 1 (the decode kernel), one-launch "atomic_last" split-K, K steps of 64: for N >= 4096 ~4 programs per
+    SM of 512 columns and no pipelining (the half2 tile's fastest config on all three Llama-2-7B shapes in the
+    session-10 H100 sweep, ``benchmarks/results/gemv_m1_h100_half2.json``); narrower outputs ~2 programs per SM
+    of 256 columns, three stages (the fp32 tile's session-6 H200 winner, ``gemv_m1_h200.json``).
     """
     if m == 1:
-        split = max(1, min(round(2 * num_sms / -(-n // 256)), -(-k // 64), 64))
-        return GemvConfig(256, 64, split, 4, False, "atomic_last", 3)
+        bn, per_sm, stages = (512, 4, 1) if n >= 4096 else (256, 2, 3)
+        split = max(1, min(round(per_sm * num_sms / -(-n // bn)), -(-k // 64), 64))
+        return GemvConfig(bn, 64, split, 4, False, "atomic_last", stages)
     use_dot = m > 4
     bn, bk = (64, 128) if use_dot else (128, 128)
     k_tiles = -(-k // bk)
@@ -183,7 +203,6 @@ if HAS_TRITON:
             # d = code - zero (exact small integers); the scale is applied once per word row after the 8 nibbles
             # (a word's 8 rows share a group: group_size % 8 == 0), not per element.
             t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            t0 = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
                 d = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm  # [BKW, BN]
                 kj = k0 + offs_w * 8 + j
@@ -196,9 +215,8 @@ if HAS_TRITON:
                         t += tl.dot(xj.to(tl.float32), d, input_precision="ieee")
                     else:
                         t += tl.dot(xj, d.to(xj.dtype))  # exact: |code - zero| <= 16
-                elif BLOCK_M == 1:  # one row: scale the word-row partial sums after the 8 nibbles
-                    t0 = _fma_row(t0, x_ptr, m0, M, stride_xm, kj, mask_w, d)
-                else:  # several rows share one scaled weight tile (no per-row partial sums: registers)
+                else:  # 2-4 rows share one scaled weight tile (no per-row partial sums: registers); M = 1 runs
+                    # _w4_gemv_m1_kernel
                     w = d * s
                     a0 = _fma_row(a0, x_ptr, m0, M, stride_xm, kj, mask_w, w)
                     a1 = _fma_row(a1, x_ptr, m0 + 1, M, stride_xm, kj, mask_w, w)
@@ -210,8 +228,6 @@ if HAS_TRITON:
                     acc += t * s
                 else:
                     acc += t
-            elif BLOCK_M == 1:
-                a0 += t0 * s
         if not USE_DOT:  # assemble the [BLOCK_M, BN] result from the per-row accumulators (once)
             r = tl.arange(0, BLOCK_M)[:, None]
             acc = tl.where(r == 0, tl.sum(a0, axis=0)[None, :], 0.0)
@@ -228,19 +244,19 @@ if HAS_TRITON:
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         N, K, k_per_split, n_split, stride_qk, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
+        NUM_STAGES: tl.constexpr, HALF2: tl.constexpr,
     ):
         # M = 1 and GROUP_SIZE % BLOCK_K == 0 (one scale/zero row per tile); MODE as in _w4_gemv_kernel.
         _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
                  stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, BLOCK_K,
-                 MODE, NUM_STAGES)
+                 MODE, NUM_STAGES, HALF2)
 
     @triton.jit
     def _w4_gemv_m1_group_kernel(
         x_ptr, K, k_per_split, n_split, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
+        NUM_STAGES: tl.constexpr, HALF2: tl.constexpr,
     ):
         """``_w4_gemv_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch: column tile ``pid``
         belongs to weight 0 below ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous
@@ -249,19 +265,68 @@ if HAS_TRITON:
         pid_k = tl.program_id(1)
         if pid < nt0:
             _m1_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0, n0 // 8, n0, n0, pid,
-                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
         elif pid < nt0 + nt1:
             _m1_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1, n1 // 8, n1, n1, pid - nt0,
-                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+                     pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
         else:
             _m1_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2, n2 // 8, n2, n2,
-                     pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES)
+                     pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
+
+    # One word of the half2 path: $1 = the word, $2..$5 = half2 (x'_j, x'_j+4) for j = 0..3, $6 = half2 of
+    # 1024 + zero, $7 = half2 of -(64 + zero); $0 = fp32 sum of the word's 8 products (module docstring).
+    _ASM_WORD_H2 = tl.constexpr("""{
+    .reg .b32 t0, t1, t2, t3, q2, a, c16;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c16, 0x2C002C00;
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 q2, $1, 8;
+    lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
+    sub.f16x2 t0, t0, $6;
+    fma.rn.f16x2 t1, t1, c16, $7;
+    sub.f16x2 t2, t2, $6;
+    fma.rn.f16x2 t3, t3, c16, $7;
+    mul.rn.f16x2 a, t0, $2;
+    fma.rn.f16x2 a, t1, $3, a;
+    fma.rn.f16x2 a, t2, $4, a;
+    fma.rn.f16x2 a, t3, $5, a;
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }""")  # lop3 0xEA = (a & b) | c; 0x2C00 = fp16 1/16; 1024 + 16 c scaled by 1/16 is 64 + c
+    H2_X_SCALE = tl.constexpr(0.0078125)
+    """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum below 2**15."""
+
+    @triton.jit
+    def _half2_pair(a, b):
+        """int32 holding fp16 ``a`` in the low and ``b`` in the high half (plain integer ops, so the compiler
+        shares one pack among the columns that broadcast it)."""
+        return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
+        """fp32 [BKW, BLOCK_N]: each word's sum of (code_j - zero) * x'_j over its 8 nibbles (``_ASM_WORD_H2``);
+        ``zc`` [BLOCK_N] the zeros, ``x0..x7`` [BKW] fp16 x' of nibble j of every word row."""
+        z1 = zc + 0x6400  # fp16 bits of 1024 + zero (exact: ulp 1 there)
+        z2 = (zc << 4) + 0xD400  # fp16 bits of -(64 + zero) (ulp 1/16 there)
+        shp: tl.constexpr = (BKW, BLOCK_N)
+        return tl.inline_asm_elementwise(
+            _ASM_WORD_H2, "=f,r,r,r,r,r,r,r",
+            [q, tl.broadcast_to(_half2_pair(x0, x4)[:, None], shp), tl.broadcast_to(_half2_pair(x1, x5)[:, None], shp),
+             tl.broadcast_to(_half2_pair(x2, x6)[:, None], shp), tl.broadcast_to(_half2_pair(x3, x7)[:, None], shp),
+             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
+            dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
     def _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
                  stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
-        """One program of the M = 1 kernel: column tile ``pid_n``, K range ``pid_k``."""
+                 BLOCK_K: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr, HALF2: tl.constexpr):
+        """One program of the M = 1 kernel: column tile ``pid_n``, K range ``pid_k``; ``HALF2``: the half2 PTX
+        tile (``half2_path``), else the fp32 one."""
         BKW: tl.constexpr = BLOCK_K // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -279,10 +344,13 @@ if HAS_TRITON:
             g = k0 // GROUP_SIZE
             s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            zf = (((z >> zshift) & 0xF) + 1).to(tl.float32)
+            zc = ((z >> zshift) & 0xF) + 1
             # x[8w + j] for the 8 nibbles j of word row w: one contiguous [BKW, 8] load, split into 8 [BKW] columns
             xk = k0 + offs_w[:, None] * 8 + offs_j[None, :]
-            xs = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32).reshape(BKW, 2, 2, 2)
+            xs = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32)
+            if HALF2:
+                xs = (xs * H2_X_SCALE).to(tl.float16)
+            xs = xs.reshape(BKW, 2, 2, 2)
             xc0, xc1 = tl.split(xs)  # j = 4a + 2b + c; split peels c, then b, then a
             xb00, xb01 = tl.split(xc0)
             xb10, xb11 = tl.split(xc1)
@@ -290,14 +358,20 @@ if HAS_TRITON:
             x2, x6 = tl.split(xb01)
             x1, x5 = tl.split(xb10)
             x3, x7 = tl.split(xb11)
-            hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
-            t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-            t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
-            t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
-            t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
-            t = _nibble_pair(t, q, hi, x3, x7, zf, 3)
+            if HALF2:
+                t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW, BLOCK_N)
+            else:
+                zf = zc.to(tl.float32)
+                hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
+                t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+                t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
+                t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
+                t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
+                t = _nibble_pair(t, q, hi, x3, x7, zf, 3)
             acc += t * s[None, :]
         out = tl.sum(acc, axis=0)[None, :]
+        if HALF2:
+            out = out * (1.0 / H2_X_SCALE)
         _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
                   MODE)
 
@@ -385,6 +459,21 @@ if HAS_TRITON:
         tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def half2_path(x: torch.Tensor) -> bool:
+    """True when the M = 1 kernel runs its half2 PTX tile for ``x``: fp16/bf16 on CUDA, compiled (the Triton
+    interpreter cannot run PTX; fp32 x keeps fp32 math)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not kernels_interpreted()
+
+
+def m1_fit(cfg: GemvConfig, group_size: int) -> GemvConfig:
+    """``cfg`` with ``block_k`` halved until it divides the kernel group size (``group_size % 8 == 0``): the
+    M = 1 kernel reads one scale row per K step, so a table entry tuned on group 128 still serves group 32/64."""
+    bk = cfg.block_k
+    while group_size % bk and bk > 8:
+        bk //= 2
+    return cfg if bk == cfg.block_k else replace(cfg, block_k=bk)
+
+
 def _split(k: int, cfg: GemvConfig) -> tuple[int, int]:
     """``(split, k_per_split)``: K steps shared out with no empty split."""
     k_tiles = -(-k // cfg.block_k)
@@ -432,16 +521,18 @@ def w4a16_gemv(
     out = check_out(out, x, m, n)
     if m == 0:
         return out
+    if m == 1 and not cfg.use_dot:
+        cfg = m1_fit(cfg, gs)
     split, k_per = _split(k, cfg)
     block_m = gemv_block_m(m, cfg.use_dot)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     mode = 0 if split == 1 else _MODE_ID[cfg.mode]
     ws, locks = splitk_buffers(out, split, mode, locks, grid[0] * grid[2], acc)
-    if m == 1 and not cfg.use_dot and gs % cfg.block_k == 0:
+    if m == 1 and not cfg.use_dot:
         _w4_gemv_m1_kernel[grid[:2]](
             x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws, n, k, k_per, split, qweight.stride(0),
             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=gs, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, HALF2=half2_path(x), num_warps=cfg.num_warps,
         )
     else:
         _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)
@@ -464,9 +555,9 @@ def share_input(x: torch.Tensor, packs: Sequence[PackedW4]) -> bool:
 
 def m1_groupable(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> bool:
     """True when ``w4a16_gemv_m1_group`` can serve ``x`` [1, K] with these weights in one launch: ``share_input``,
-    one row, and one scale row per ``config.block_k`` tile."""
+    one row, the fp32/half2 tile (not ``use_dot``) and a kernel group size that is a multiple of 8."""
     return (share_input(x, packs) and x.shape[0] == 1 and not config.use_dot
-            and kernel_group_size(packs[0].group_size, packs[0].in_features) % config.block_k == 0)
+            and kernel_group_size(packs[0].group_size, packs[0].in_features) % 8 == 0)
 
 
 def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: GemvConfig) -> list[torch.Tensor]:
@@ -482,6 +573,7 @@ def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: Gemv
     x = (x.index_select(1, first.perm) if first.perm is not None else x).contiguous()
     k = x.shape[1]
     gs = kernel_group_size(first.group_size, k)
+    config = m1_fit(config, gs)
     split, k_per = _split(k, config)
     mode = 0 if split == 1 else _MODE_ID[config.mode]
     outs = [torch.empty(1, p.out_features, device=x.device, dtype=x.dtype) for p in packs]
@@ -491,7 +583,7 @@ def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: Gemv
     _w4_gemv_m1_group_kernel[(sum(tiles), split)](
         x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), GROUP_SIZE=gs,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, MODE=mode, NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
+        HALF2=half2_path(x), num_warps=config.num_warps,
     )
     for (ws, _), out in zip(bufs, outs):
         finish_splitk(ws, out, split, mode)

@@ -57,6 +57,7 @@ def _zeroed(packs) -> bool:
         ((48, 48), 128, False, gemv.GemvConfig(16, 64, 3, 4, False, "fixup", 2)),  # gate/up-like
         ((40, 24, 16), -1, False, gemv.GemvConfig(16, 32, 1, 4, False, "atomic_last", 1)),  # one group, no split
         ((32, 32), 64, False, gemv.GemvConfig(32, 64, 4, 4, False, "reduce", 1)),
+        ((32, 32), 32, True, gemv.GemvConfig(32, 128, 2, 4, False, "atomic_last", 1)),  # K step fitted to 32
     ],
 )
 def test_group_matches_reference_and_single_calls(widths, gs, act_order, cfg) -> None:
@@ -84,7 +85,9 @@ def test_not_groupable_cases_and_the_dispatcher_fallback() -> None:
     assert not gemv.m1_groupable(x, [packs[0], other[0]], cfg)  # different permutations
     copy = dataclasses.replace(packs[1], perm=packs[1].perm.clone())
     assert not gemv.m1_groupable(x, [packs[0], copy], cfg)  # equal contents, another tensor: not compared
-    assert not gemv.m1_groupable(x, packs, gemv.GemvConfig(32, 128, 2, 4, False, "atomic_last", 1))  # 2 groups/tile
+    long_step = gemv.GemvConfig(32, 128, 2, 4, False, "atomic_last", 1)  # two groups per step: fitted to one
+    assert gemv.m1_groupable(x, packs, long_step) and gemv.m1_fit(long_step, 64).block_k == 64
+    assert not gemv.m1_groupable(x, packs, dataclasses.replace(long_step, use_dot=True))  # not the M = 1 tile
     with pytest.raises(ValueError, match="w4a16_gemv_m1_group needs"):
         gemv.w4a16_gemv_m1_group(x, [packs[0], other[0]], cfg)
     # the dispatcher runs such a group one weight at a time, with the same results

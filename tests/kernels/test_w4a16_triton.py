@@ -82,6 +82,7 @@ def test_tiled_gemm_matchesgptq_reference(dtype: torch.dtype, k: int, gs: int, a
         (torch.float16, 512, 128, False, 1, Gemv(32, 128, 3, 4, False, "atomic_last")),  # M=1, one launch
         (torch.bfloat16, 576, 128, True, 1, Gemv(16, 128, 5, 4, False, "atomic_last")),  # partial last group
         (torch.float16, 256, 64, False, 3, Gemv(32, 64, 2, 4, False, "atomic_last")),  # M>1: acc too short
+        (torch.float16, 256, 32, True, 1, Gemv(32, 128, 2, 4, False, "atomic_last")),  # M=1: K step fitted to 32
     ],
 )
 def test_gemv_matchesgptq_reference(dtype: torch.dtype, k: int, gs: int, act_order: bool, m: int, cfg) -> None:
@@ -185,3 +186,34 @@ def test_gpu_real_shapes_every_path(k: int, n: int, gs: int, dtype: torch.dtype)
             assert int(packed.locks.abs().sum()) == 0
         assert_close(wk.w4a16_linear(x, packed), ref, rel=1e-2)  # tuned table
         assert_close(wk.w4a16_linear(x, packed, fused_max_m=0, gemv_max_m=0), ref, rel=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_half2_tile_matches_the_fp32_tile_and_stays_finite_at_the_fp16_limit(dtype: torch.dtype) -> None:
+    """The M = 1 kernel's half2 PTX tile (fp16/bf16 x) against an fp64 reference and against the fp32 tile (fp32
+    x): ordinary activations, then the worst word of the overflow bound: x = 65504 on its 8 channels and
+    code - zero = -16 there, so each half of its fp16 sum reaches 4 * 16 * (65504 * 2**-7) ~ 2**15 and must stay
+    finite (group 0's scales are small so that the fp16 output itself cannot overflow)."""
+    gemv = kernel_module("w4a16_gemv")
+    k, n, gs = 4096, 1024, 128
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(1, 16, (k // gs, n), generator=gen)
+    scales = torch.rand(k // gs, n, generator=gen) * 0.02 + 1e-3
+    codes[:8], zeros[0], scales[0] = 0, 16, 1e-4  # word row 0: code - zero = -16 on every column
+    qweight = pack_nibbles(codes).cuda()
+    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous().cuda()
+    scales, g_idx = scales.half().cuda(), (torch.arange(k) // gs).to(torch.int32).cuda()
+    packed = wk.prepare_w4(qweight, qzeros, scales, g_idx, gs)
+    for big in (False, True):
+        x = torch.randn(1, k, generator=gen)
+        if big:
+            x[0, :8] = 65504.0
+        x = x.to(dtype).cuda()
+        assert gemv.half2_path(x) and not gemv.half2_path(x.float())
+        ref = gptq_reference(x, qweight, qzeros, scales, g_idx)
+        y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, out=_poisoned(1, n, dtype))
+        y32 = wk.w4a16_gemv(x.float(), packed.qweight, packed.qzeros, packed.scales, packed.perm, gs)
+        assert_close(y32, ref, rel=1e-5)
+        assert_close(y, ref, rel=3e-3 if dtype == torch.float16 else 1e-2)  # also: every element finite
