@@ -37,9 +37,11 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   1, 3 land 16x higher and are scaled by 1/16 in the same HFMA2 that
   subtracts 1024 + zero): exact fp16 ``code - zero`` in [-16, 15] for two
   elements per instruction. Four HFMA2 then sum the word's 8 products
-  against ``x * 2**-7`` in fp16 (|x'| <= 512 for any fp16 x, so a sum of
-  four products stays below 2**15: no overflow; bf16 x beyond +-65504 is
-  outside that bound), the two halves join in fp32, the scale multiplies
+  against ``x' = x * 2**-7`` in fp16 (|x'| <= 512 for any fp16 x, so a sum
+  of four products (|code - zero| <= 16) stays within 2**15: no overflow;
+  bf16 x can overflow a word's sum only beyond |x| ~ 131,000; x' is made in
+  fp32 and rounded to fp16 in PTX, ``_fp16_opaque``), the two halves join in
+  fp32, the scale multiplies
   once per word and the result by 128 once per tile. Rounding: each word's
   8-term partial sum carries fp16 (11-bit) rounding, ~2x the fp32 path's
   error against an fp64 reference and below the fp16 output's own rounding
@@ -302,6 +304,14 @@ if HAS_TRITON:
     """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum below 2**15."""
 
     @triton.jit
+    def _fp16_opaque(v):
+        """fp32 -> fp16 (round to nearest) in inline PTX, so the compiler cannot move it before the multiply that
+        produced ``v``: LLVM rewrites ``fptrunc(x * 2**-7)`` as an fp16 multiply after the truncation, which turns
+        bf16 x beyond 65504 into inf (seen on the H100: every output -inf for x = 65504 in bf16)."""
+        return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,f", [v], dtype=tl.float16, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
     def _half2_pair(a, b):
         """int32 holding fp16 ``a`` in the low and ``b`` in the high half (plain integer ops, so the compiler
         shares one pack among the columns that broadcast it)."""
@@ -349,7 +359,7 @@ if HAS_TRITON:
             xk = k0 + offs_w[:, None] * 8 + offs_j[None, :]
             xs = tl.load(x_ptr + xk, mask=xk < k_hi, other=0.0).to(tl.float32)
             if HALF2:
-                xs = (xs * H2_X_SCALE).to(tl.float16)
+                xs = _fp16_opaque(xs * H2_X_SCALE)
             xs = xs.reshape(BKW, 2, 2, 2)
             xc0, xc1 = tl.split(xs)  # j = 4a + 2b + c; split peels c, then b, then a
             xb00, xb01 = tl.split(xc0)
