@@ -29,23 +29,22 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   reads as ``2**(23-4j) + code``, so each element costs one LOP3, one FADD
   and one FFMA (``benchmarks/gemv_m1_bench.py`` measures it);
 - M = 1, fp16/bf16 x on a GPU (``half2_path``): the same tile in half2 PTX,
-  about half the instructions per element, because the fp32 path is
+  about half the instructions per element, because the fp32 tile is
   issue-bound (a read-only kernel on the same grid moves the weights in
-  ~60% of its time; ``benchmarks/gemv_read_floor.py``). Nibbles j
-  and j + 4 sit in the two 16-bit halves of a word, so one LOP3 with
+  50-60% of its time; ``benchmarks/gemv_read_floor.py``). Nibbles j and
+  j + 4 sit in the two 16-bit halves of a word, so one LOP3 with
   ``0x64006400`` makes the half2 (1024 + code_j, 1024 + code_j+4) (nibbles
-  1, 3 land 16x higher and are scaled by 1/16 in the same HFMA2 that
-  subtracts 1024 + zero): exact fp16 ``code - zero`` in [-16, 15] for two
+  1 and 3 land 16x higher and are scaled by 1/16 in the same HFMA2 that
+  subtracts 1024 + zero): exact fp16 ``code - zero`` in [-16, 14] for two
   elements per instruction. Four HFMA2 then sum the word's 8 products
-  against ``x' = x * 2**-7`` in fp16 (|x'| <= 512 for any fp16 x, so a sum
-  of four products (|code - zero| <= 16) stays within 2**15: no overflow;
-  bf16 x can overflow a word's sum only beyond |x| ~ 131,000; x' is made in
-  fp32 and rounded to fp16 in PTX, ``_fp16_opaque``), the two halves join in
-  fp32, the scale multiplies
-  once per word and the result by 128 once per tile. Rounding: each word's
-  8-term partial sum carries fp16 (11-bit) rounding, ~2x the fp32 path's
-  error against an fp64 reference and below the fp16 output's own rounding
-  over a sum of K products;
+  against ``x' = x * 2**-7`` in fp16: |x'| <= 512 for any fp16 x, so a sum
+  of four products (|code - zero| <= 16) stays within 2**15 and never
+  overflows (bf16 x can overflow a word's sum only beyond |x| ~ 131,000);
+  x' is made in fp32 and rounded to fp16 in PTX (``_fp16_opaque``). The two
+  halves join in fp32, the scale multiplies once per word and the result is
+  multiplied by 128 once per tile. Rounding: each word's 8-term partial sum
+  carries fp16 (11-bit) rounding, ~2x the fp32 tile's error against an fp64
+  reference and below the fp16 output's own rounding of a K-term sum;
 - split-K partials (fp32) are combined by ``mode``: "reduce" (workspace
   [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
   program of a tile, found with a per-tile semaphore, sums, casts and stores,
@@ -301,7 +300,8 @@ if HAS_TRITON:
     add.f32 $0, flo, fhi;
     }""")  # lop3 0xEA = (a & b) | c; 0x2C00 = fp16 1/16; 1024 + 16 c scaled by 1/16 is 64 + c
     H2_X_SCALE = tl.constexpr(0.0078125)
-    """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum below 2**15."""
+    """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum to at most
+    2**15 in magnitude."""
 
     @triton.jit
     def _fp16_opaque(v):
