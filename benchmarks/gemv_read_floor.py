@@ -38,28 +38,22 @@ def log(**kw) -> None:
 
 
 @triton.jit
-def _read_kernel(q_ptr, out_ptr, N, KW, rows_per, BN: tl.constexpr, BR: tl.constexpr, ST: tl.constexpr):
-    """XOR of this program's [rows_per, BN] words into out[BN] (plain loads)."""
+def _read_kernel(src, out_ptr, N, KW, rows_per, BN: tl.constexpr, BR: tl.constexpr, ST: tl.constexpr,
+                 TMA: tl.constexpr):
+    """XOR of this program's [rows_per, BN] words into out[BN]: plain loads from the pointer ``src`` or, with
+    ``TMA``, loads through the tensor descriptor ``src`` (whole [BR, BN] boxes: the last box of a range may read
+    rows of the next one; zeros past the tensor)."""
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     r_lo = tl.program_id(1) * rows_per
     r_hi = tl.minimum(r_lo + rows_per, KW)
     acc = tl.zeros((BR, BN), dtype=tl.int32)
     for r0 in tl.range(r_lo, r_hi, BR, num_stages=ST):
-        rows = r0 + tl.arange(0, BR)
-        acc ^= tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < r_hi)[:, None] & (offs_n < N)[None, :],
-                       other=0, eviction_policy="evict_first")
-    tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < N, sem="relaxed")
-
-
-@triton.jit
-def _read_tma_kernel(desc, out_ptr, N, KW, rows_per, BN: tl.constexpr, BR: tl.constexpr, ST: tl.constexpr):
-    """``_read_kernel`` with TMA loads (rows past the range belong to the next program only at the end of K)."""
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    r_lo = tl.program_id(1) * rows_per
-    r_hi = tl.minimum(r_lo + rows_per, KW)
-    acc = tl.zeros((BR, BN), dtype=tl.int32)
-    for r0 in tl.range(r_lo, r_hi, BR, num_stages=ST):
-        acc ^= desc.load([r0, tl.program_id(0) * BN])
+        if TMA:
+            acc ^= src.load([r0, tl.program_id(0) * BN])
+        else:
+            rows = r0 + tl.arange(0, BR)
+            acc ^= tl.load(src + rows[:, None] * N + offs_n[None, :], mask=(rows < r_hi)[:, None] & (offs_n < N)[None, :],
+                           other=0, eviction_policy="evict_first")
     tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < N, sem="relaxed")
 
 
@@ -81,13 +75,9 @@ def read_rows(k: int, n: int, packed: list, sms: int) -> None:
         rows_per = -(-(-(-kw // br)) // split) * br
         grid = (triton.cdiv(n, bn), -(-kw // rows_per))
         for kind in ("plain", "tma"):
-            if kind == "plain":
-                calls = [lambda p=p: _read_kernel[grid](p.qweight, sink, n, kw, rows_per, BN=bn, BR=br, ST=st)
-                         for p in packed]
-            else:
-                descs = [TensorDescriptor.from_tensor(p.qweight, [br, bn]) for p in packed]
-                calls = [lambda d=d: _read_tma_kernel[grid](d, sink, n, kw, rows_per, BN=bn, BR=br, ST=st)
-                         for d in descs]
+            srcs = [TensorDescriptor.from_tensor(p.qweight, [br, bn]) if kind == "tma" else p.qweight for p in packed]
+            calls = [lambda src=src: _read_kernel[grid](src, sink, n, kw, rows_per, BN=bn, BR=br, ST=st,
+                                                        TMA=kind == "tma") for src in srcs]
             try:
                 t = graph_time_us(calls)
                 log(event="time", shape=shape, impl=f"read_only_{kind}", us=t, tbps=qbytes / t / 1e6,
