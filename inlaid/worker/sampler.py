@@ -9,8 +9,8 @@ Invariants:
 - A row with ``seed`` draws from its own ``torch.Generator`` kept by the caller per
   request, so its tokens do not depend on what else is in the batch.
 - No host synchronisation: per-row parameters reach the device in ``non_blocking``
-  copies and every branch is decided from the host-side params, so the engine can
-  queue the next step while this one runs.
+  copies from pinned memory and every branch is decided from the host-side params,
+  so the engine can queue the next step while this one runs.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ def sample(
         return tokens
     dev = logits.device
 
-    def upload(values: list, dtype: torch.dtype) -> torch.Tensor:  # pageable non_blocking: no stream sync
-        return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+    def upload(values: list, dtype: torch.dtype) -> torch.Tensor:
+        # from pinned memory: CUDA documents a pageable source as one where the driver may synchronize with the
+        # stream before staging the copy
+        host = torch.tensor(values, dtype=dtype)
+        return (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
 
     rows = upload(sampled_rows, torch.int64)
     sub = logits.index_select(0, rows).float()
