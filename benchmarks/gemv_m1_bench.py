@@ -29,10 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
-from inlaid.kernels import w4a16_gemv as wg  # noqa: E402
 from inlaid.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
-
-gemv_half2 = wg.half2_path
 
 DEV = "cuda"
 GS = 128
@@ -45,9 +42,9 @@ def log(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def gemv_call(cfg: GemvConfig, x: torch.Tensor, out: torch.Tensor):  # noqa: ANN201
+def gemv_call(cfg: GemvConfig, x: torch.Tensor, out: torch.Tensor, half2: bool | None = None):  # noqa: ANN201
     return lambda c: w4a16_gemv(x, c.qweight, c.qzeros, c.scales, c.perm, c.group_size, cfg, out=out, locks=c.locks,
-                                acc=c.acc)
+                                acc=c.acc, half2=half2)
 
 
 def random_w4(k, n):
@@ -153,9 +150,8 @@ def main(shapes: list[str]):
             for cfgd in cfgs:
                 split = max(1, min(round(cfgd["ppsm"] * sms / -(-n // cfgd["bn"])), -(-k // cfgd["bk"])))
                 cfg = GemvConfig(cfgd["bn"], cfgd["bk"], split, cfgd["warps"], False, cfgd["mode"], cfgd["stages"])
-                wg.half2_path = gemv_half2 if impl == "m1_kernel" else (lambda _x: False)
                 try:
-                    call = gemv_call(cfg, x, out)
+                    call = gemv_call(cfg, x, out, half2=None if impl == "m1_kernel" else False)
                     err_before = checked_err(call, packed[0], out, ref)
                     t = graph_time(call, packed)
                     err = max(err_before, checked_err(call, packed[0], out, ref))  # the replays left exact buffers
@@ -166,8 +162,6 @@ def main(shapes: list[str]):
                         x_cublas=t_cublas / t, err=err, split=split, **cfgd)
                 except Exception as e:  # noqa: BLE001
                     log(event="fail", shape=f"{k}x{n}", impl=impl, err=repr(e)[:200], **cfgd)
-                finally:
-                    wg.half2_path = gemv_half2
         del copies, packed
         torch.cuda.empty_cache()
     return time.time() - t_start

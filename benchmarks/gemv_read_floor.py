@@ -106,13 +106,9 @@ def main() -> float:
         read_rows(k, n, packed, sms)
         t = graph_time_us([lambda p=p: wk.w4a16_linear(x, p) for p in packed])
         log(event="time", shape=shape, impl="installed_half2", us=t, tbps=wbytes / t / 1e6)
-        cfg, half2 = gemv_config(x, 1, n, k), wg.half2_path
-        wg.half2_path = lambda _x: False  # the same kernel and config, fp32 tile
-        try:
-            t = graph_time_us([lambda p=p: wg.w4a16_gemv(x, p.qweight, p.qzeros, p.scales, None, GS, cfg, out=out,
-                                                         locks=p.locks, acc=p.acc) for p in packed])
-        finally:
-            wg.half2_path = half2
+        cfg = gemv_config(x, 1, n, k)  # the same kernel and config, fp32 tile
+        t = graph_time_us([lambda p=p: wg.w4a16_gemv(x, p.qweight, p.qzeros, p.scales, None, GS, cfg, out=out,
+                                                     locks=p.locks, acc=p.acc, half2=False) for p in packed])
         log(event="time", shape=shape, impl="fp32_tile", us=t, tbps=wbytes / t / 1e6)
         del packed
         torch.cuda.empty_cache()

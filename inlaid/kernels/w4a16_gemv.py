@@ -29,9 +29,11 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   reads as ``2**(23-4j) + code``, so each element costs one LOP3, one FADD
   and one FFMA (``benchmarks/gemv_m1_bench.py`` measures it);
 - M = 1, fp16/bf16 x on a GPU (``half2_path``): the same tile in half2 PTX,
-  about half the instructions per element, because the fp32 tile is
-  issue-bound (a read-only kernel on the same grid moves the weights in
-  50-60% of its time; ``benchmarks/gemv_read_floor.py``). Nibbles j and
+  3.25-3.65 SASS instructions per element against the fp32 tile's 5.1-6.0
+  (``benchmarks/sass_count.py m1 [--half2]``), because the fp32 tile is
+  issue-bound (at 11008x4096 a read-only kernel on the same grid takes
+  9.7 us, the fp32 tile 16.5-18.4 us: ``benchmarks/gemv_read_floor.py``,
+  ``benchmarks/results/gemv_read_floor_h100.md``). Nibbles j and
   j + 4 sit in the two 16-bit halves of a word, so one LOP3 with
   ``0x64006400`` makes the half2 (1024 + code_j, 1024 + code_j+4) (nibbles
   1 and 3 land 16x higher and are scaled by 1/16 in the same HFMA2 that
@@ -516,6 +518,7 @@ def w4a16_gemv(
     out: torch.Tensor | None = None,
     locks: torch.Tensor | None = None,
     acc: torch.Tensor | None = None,
+    half2: bool | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N]`` for small M on monotone 4-bit tensors (``w4_layout``); [M, N] in x.dtype.
 
@@ -523,7 +526,10 @@ def w4a16_gemv(
     contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
     "fixup" and "atomic_last" modes, ``acc`` (zeroed fp32, >= M * N entries) the "atomic_last" mode; both are
     left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); without them zeroed buffers are allocated per call.
+    ``half2``: the M = 1 kernel's tile, half2 or fp32 (default ``half2_path(x)``; True only where that holds).
     """
+    if half2 and not half2_path(x):
+        raise ValueError("the half2 tile needs fp16/bf16 x on a GPU with compiled Triton (half2_path)")
     gs = check_kernel_inputs(x, qweight, qzeros, scales, group_size, "w4a16_gemv")
     x = (x.index_select(1, perm) if perm is not None else x).contiguous()
     (m, k), n = x.shape, qweight.shape[1]
@@ -542,7 +548,8 @@ def w4a16_gemv(
         _w4_gemv_m1_kernel[grid[:2]](
             x, qweight, qzeros, scales, out, ws, locks if mode in (2, 4) else ws, n, k, k_per, split, qweight.stride(0),
             qzeros.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=gs, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, HALF2=half2_path(x), num_warps=cfg.num_warps,
+            BLOCK_K=cfg.block_k, MODE=mode, NUM_STAGES=cfg.num_stages, HALF2=half2_path(x) if half2 is None else half2,
+            num_warps=cfg.num_warps,
         )
     else:
         _launch_general(x, qweight, qzeros, scales, out, ws, locks, grid, mode, split, k_per, gs, block_m, cfg)

@@ -158,6 +158,8 @@ def test_bad_inputs_raise_value_error() -> None:
         wk.w4a16_gemm(torch.randn(2, 64, device=DEVICE).half(), qweight, qzeros, scales, None, 24)
     with pytest.raises(ValueError, match="% 8"):  # 4 groups of 20 rows (the last partial): not kernel-ready
         wk.w4a16_gemv(torch.randn(2, 64, device=DEVICE).half(), qweight, qzeros, scales, None, 20)
+    with pytest.raises(ValueError, match="half2 tile"):  # fp32 x (and the CPU interpreter) have no half2 tile
+        wk.w4a16_gemv(torch.randn(1, 64, device=DEVICE), qweight, qzeros, scales, None, 16, half2=True)
 
 
 @pytest.mark.gpu
@@ -216,4 +218,6 @@ def test_gpu_half2_tile_matches_the_fp32_tile_and_stays_finite_at_the_fp16_limit
         y = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, out=_poisoned(1, n, dtype))
         y32 = wk.w4a16_gemv(x.float(), packed.qweight, packed.qzeros, packed.scales, packed.perm, gs)
         assert_close(y32, ref, rel=1e-5)
+        y_fp32_tile = wk.w4a16_gemv(x, packed.qweight, packed.qzeros, packed.scales, packed.perm, gs, half2=False)
+        assert_close(y_fp32_tile, ref, rel=3e-3 if dtype == torch.float16 else 1e-2)
         assert_close(y, ref, rel=3e-3 if dtype == torch.float16 else 1e-2)  # also: every element finite
