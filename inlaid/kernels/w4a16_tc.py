@@ -34,8 +34,9 @@ Two step forms (``_tc_tile``; constexpr ``NATURAL``), by how the unpacked nibble
 
 Swapped operands (``SWAP``, the default above 16 rows): the tile computes out^T = W^T x^T, so the unpacked
 weights are wgmma's operand A, which it reads from registers (``HGMMA ... R, gdesc`` in the SASS; the natural
-step's relayout still passes through shared memory: STS + LDSM), x^T is operand B, and M becomes the MMA's N (8..256 in steps of 8): M = 32 runs a 32-row tile with no
-padding, where the unswapped form needs the 64-row wgmma M. H200, geometric mean over the three 7B shapes
+step's relayout still passes through shared memory: STS + LDSM), x^T is operand B, and M becomes the MMA's N
+(8..256 in steps of 8): M = 32 runs a 32-row tile with no padding, where the unswapped form needs the 64-row
+wgmma M. H200, geometric mean over the three 7B shapes
 (``tc_swap_large_h200.md``): 9% / 3% / 7% faster than the unswapped default at M = 32 / 64 / 128. At M <= 16
 the swapped forms (natural, and a swapped 8-dot step since removed: commit 927314b) lost to the 8-dot step
 (``tc_swap_small_h200.md``).
