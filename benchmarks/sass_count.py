@@ -10,6 +10,8 @@ loop label to its backward branch). Per element = loop instructions x threads / 
     python benchmarks/sass_count.py tc --block-n 256      # w4a16_tc's M <= 16 kernel
     python benchmarks/sass_count.py tc --natural --block-m 64 --block-n 128 --warps 8   # its M > 16 kernel
     python benchmarks/sass_count.py tc --swap --natural --block-m 32 --block-n 128      # swapped operands
+    python benchmarks/sass_count.py tcl --block-m 32 --block-n 64       # the tensor-core layout's step (w4a16_tcl)
+    python benchmarks/sass_count.py tcl1 --block-n 256 --stages 2      # its M = 1 GEMV
     PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
 
 Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
@@ -50,9 +52,9 @@ def opcode(line: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("m1", "tc"))
+    ap.add_argument("kernel", choices=("m1", "tc", "tcl", "tcl1"))
     ap.add_argument("--block-n", type=int, default=256)
-    ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc steps 128 rows)")
+    ap.add_argument("--block-k", type=int, default=64, help="m1 only (tc, tcl and tcl1 step 128 rows)")
     ap.add_argument("--block-m", type=int, default=16, help="tc only: rows per program")
     ap.add_argument("--natural", action="store_true", help="tc only: the one-dot-per-step kernel (M > 16)")
     ap.add_argument("--swap", action="store_true", help="tc only: out^T = W^T x^T (weights as MMA operand A)")
@@ -75,6 +77,17 @@ def main() -> int:
         const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "BLOCK_K": args.block_k, "MODE": 4,
                  "NUM_STAGES": args.stages, "HALF2": args.half2}
         elems = args.block_n * args.block_k
+    elif args.kernel == "tcl":
+        from inlaid.kernels.w4a16_tcl import _w4_tcl_kernel as fn
+        ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_zg", "stride_sg", "stride_om")
+        const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
+                 "NUM_STAGES": args.stages, "WARPS": args.warps, "BF16": False, "MAGIC": 0x6400}
+        elems = args.block_n * 128
+    elif args.kernel == "tcl1":
+        from inlaid.kernels.w4a16_tcl import _w4_tcl_m1_kernel as fn
+        ints = ("N", "K", "k_per_split", "n_split", "stride_zg", "stride_sg", "stride_om")
+        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages}
+        elems = args.block_n * 128
     else:
         from inlaid.kernels import w4a16_tc
 

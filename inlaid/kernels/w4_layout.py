@@ -11,6 +11,15 @@ Layout (K = in_features, N = out_features, G = ceil(K / group_size) groups):
   as stored + 1, no wrap, like AutoGPTQ);
 - ``scales`` float [G, N]; ``W[k, n] = scales[g, n] * (code[k, n] - zero[g, n])``.
 
+Tensor-core layout (``PackedW4.layout == "tc"``; ``to_tc_layout`` / ``from_tc_layout``): the same int32 words
+and ``[K/8, N]`` shape, stored as ``[K/128, N, 16]``: 128-row step s, column n holds 16 contiguous words, and
+word c = 4t + v (t, v < 4) nibble j = 4*j2 + 2*j1 + j0 (j's bits) holds input row
+``128s + j2 + 2t + 8j0 + 16j1 + 32v``. Why (``w4a16_tcl``): a thread that loads 4 consecutive words of a column
+and unpacks each with one LOP3 per nibble pair (j, j + 4) holds exactly the (k, k + 1) pairs that wgmma's
+register operand A wants at lane t (k = 2t, 2t + 1, 2t + 8, 2t + 9 of each 16-row slice), so the unpacked
+weights feed the tensor cores without a shared-memory relayout; and each step of a column tile is one
+contiguous read. Used on CUDA where K and the group size are multiples of 128 (``tc_layout_fits``).
+
 Invariants of a ``PackedW4`` (what the kernels rely on):
 - the group of input row k is ``k // group_size`` ("monotone" g_idx); the last
   group may be partial (K % group_size != 0, allowed by the GPTQ format);
@@ -104,6 +113,46 @@ def prepare_act_order(
     return pack4_rows(unpack4_rows(qweight)[perm]), perm.to(qweight.device)
 
 
+TC_STEP = 128
+"""Input rows per step of the tensor-core layout (16 words per column)."""
+
+
+def tc_layout_fits(k: int, group_size: int) -> bool:
+    """True when a [K, N] 4-bit weight can be stored in the tensor-core layout: whole 128-row steps, each inside
+    one quantization group (the kernels scale a step's product once)."""
+    return k % TC_STEP == 0 and kernel_group_size(group_size, k) % TC_STEP == 0
+
+
+def _tc_rows() -> torch.Tensor:
+    """int64 [16, 8]: the input row (within its step) of word c, nibble j in the tensor-core layout."""
+    c, j = torch.arange(16)[:, None], torch.arange(8)[None, :]
+    return (j // 4) + 2 * (c // 4) + 8 * (j % 2) + 16 * ((j // 2) % 2) + 32 * (c % 4)
+
+
+def to_tc_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ ``qweight`` [K/8, N] (row k = nibble k % 8 of word k // 8) -> the tensor-core layout (module
+    docstring), same shape and dtype; K must be a multiple of 128."""
+    kw, n = qweight.shape
+    if qweight.dtype != torch.int32 or (kw * 8) % TC_STEP:
+        raise ValueError(f"to_tc_layout needs int32 [K/8, N] with K a multiple of {TC_STEP}, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    codes = unpack4_rows(qweight).reshape(kw // 16, TC_STEP, n)  # [steps, row in step, N]
+    picked = codes[:, _tc_rows().to(qweight.device).reshape(-1), :]  # [steps, 16 * 8 (c, j), N]
+    words = pack4_rows(picked.reshape(-1, n)).reshape(kw // 16, 16, n)  # nibble j of word c, [steps, 16, N]
+    return words.transpose(1, 2).contiguous().view(kw, n)  # [steps, N, 16] in memory
+
+
+def from_tc_layout(qtc: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_tc_layout``: the GPTQ [K/8, N] words."""
+    kw, n = qtc.shape
+    words = qtc.contiguous().view(kw // 16, n, 16).transpose(1, 2)  # [steps, 16 (c), N]
+    shifts = torch.arange(0, 32, 4, device=qtc.device, dtype=torch.int32)
+    codes = (words.unsqueeze(2) >> shifts[None, None, :, None]) & 0xF  # [steps, 16, 8, N]
+    rows = torch.empty_like(codes.reshape(kw // 16, TC_STEP, n))
+    rows[:, _tc_rows().to(qtc.device).reshape(-1), :] = codes.reshape(kw // 16, TC_STEP, n)
+    return pack4_rows(rows.reshape(kw * 8, n))
+
+
 @dataclass(frozen=True)
 class PackedW4:
     """Kernel-ready 4-bit weight: monotone-g_idx tensors plus the act-order permutation (or None)."""
@@ -117,6 +166,8 @@ class PackedW4:
     """Zeroed int32 semaphores for the GEMV kernel's "fixup" and "atomic_last" modes (the kernel re-zeroes them)."""
     acc: torch.Tensor | None = None
     """Zeroed fp32 [N] row the M = 1 GEMV's "atomic_last" mode sums into (the kernel re-zeroes it)."""
+    layout: str = "gptq"
+    """Word order of ``qweight``: "gptq" (the checkpoint's) or "tc" (the tensor-core layout, module docstring)."""
 
     @property
     def in_features(self) -> int:
@@ -133,13 +184,22 @@ def lock_count(n: int) -> int:
 
 
 def prepare_w4(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, group_size: int
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, group_size: int,
+    layout: str = "gptq",
 ) -> PackedW4:
-    """Validate a 4-bit GPTQ checkpoint's tensors once and make them kernel-ready (``group_size=-1``: per-channel)."""
+    """Validate a 4-bit GPTQ checkpoint's tensors once and make them kernel-ready (``group_size=-1``: per-channel).
+
+    ``layout``: "gptq" keeps the checkpoint's word order; "tc" stores the tensor-core layout (module docstring;
+    ValueError unless ``tc_layout_fits``). ``w4a16_gemm.prepare_w4`` chooses it on CUDA where it fits."""
     k = qweight.shape[0] * 8
     gs = k if group_size == -1 else group_size
     if gs < 1:
         raise ValueError(f"group_size must be -1 or >= 1, got {group_size}")
+    if layout not in ("gptq", "tc"):
+        raise ValueError(f"layout must be 'gptq' or 'tc', got {layout!r}")
+    if layout == "tc" and not tc_layout_fits(k, gs):
+        raise ValueError(f"the tensor-core layout needs K ({k}) and the group size ({gs}) to be multiples of "
+                         f"{TC_STEP}; use layout='gptq'")
     if g_idx is None:
         g_idx = torch.arange(k, device=qweight.device) // gs
     qw, perm = prepare_act_order(qweight, g_idx, gs)
@@ -147,4 +207,5 @@ def prepare_w4(
     n = qw.shape[1]
     locks = torch.zeros(lock_count(n), device=qw.device, dtype=torch.int32)
     acc = torch.zeros(n, device=qw.device, dtype=torch.float32)
-    return PackedW4(qw.contiguous(), qzeros.contiguous(), scales.contiguous(), perm, gs, locks, acc)
+    qw = to_tc_layout(qw) if layout == "tc" else qw.contiguous()
+    return PackedW4(qw, qzeros.contiguous(), scales.contiguous(), perm, gs, locks, acc, layout)

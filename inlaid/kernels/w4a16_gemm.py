@@ -23,6 +23,10 @@ path above 16 rows), else a Triton dequantize to a dense [K, N] weight + ``torch
 Triton (CPU, no interpreter) a torch dequantize + matmul. Group sizes that are not a multiple of 8 (and not
 one group) also take the dequantize path. ``w4a16_linear_group`` serves 2-3 weights of one x (q/k/v,
 gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..16) when they share the input layout.
+
+A weight in the tensor-core layout (``PackedW4.layout == "tc"``: ``serving_layout`` picks it on CUDA where K and
+the group size are multiples of 128) takes ``w4a16_tcl`` for 1 <= M <= ``TC_MAX_M`` (fp16/bf16, compiled; one
+launch for 2-3 weights of one x up to 16 rows) and the dequantize path otherwise.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from .w4_layout import (
     pack4_rows,
     prepare_act_order,
     prepare_w4,
+    tc_layout_fits,
     unpack4_rows,
 )
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
 from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc, w4a16_tc_group
+from .w4a16_tcl import tcl_usable, w4a16_tcl, w4a16_tcl_group
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -73,6 +79,7 @@ __all__ = [
     "pack4_rows",
     "prepare_act_order",
     "prepare_w4",
+    "serving_layout",
     "triton_usable",
     "unpack4_rows",
     "w4a16_gemm",
@@ -215,6 +222,25 @@ def w4a16_gemm(
     return out if acc is out else out.copy_(acc)
 
 
+def serving_layout(qweight: torch.Tensor, group_size: int) -> str:
+    """The ``PackedW4.layout`` a served 4-bit weight gets (``group_size`` as ``prepare_w4`` takes it, -1 =
+    per-channel): "tc" on CUDA with compiled Triton where ``tc_layout_fits``, else "gptq". A pure function of
+    the device, K and the group size, so the layer that prepares the tensors and the one that reads them back
+    agree without storing it."""
+    k = qweight.shape[0] * 8
+    gs = k if group_size == -1 else group_size
+    compiled = HAS_TRITON and qweight.is_cuda and not kernels_interpreted()
+    return "tc" if compiled and tc_layout_fits(k, gs) else "gptq"
+
+
+def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4) -> torch.Tensor:
+    """``x2 [M, K] @ W`` for a "tc"-layout weight: ``w4a16_tcl`` where it runs, else dequantize + matmul."""
+    if tcl_usable(x2, packed):
+        return w4a16_tcl(x2, packed)
+    w = dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, x2.dtype, layout="tc")
+    return (x2 if packed.perm is None else x2.index_select(1, packed.perm)) @ w
+
+
 def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
                        biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
@@ -224,7 +250,10 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
-    if triton_usable(x2) and m == 1:
+    if all(p.layout == "tc" for p in packs):
+        if m <= SMALL_M_MAX and share_input(x2, packs) and all(tcl_usable(x2, p) for p in packs):
+            ys = w4a16_tcl_group(x2, packs)
+    elif triton_usable(x2) and m == 1:
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):
             ys = w4a16_gemv_m1_group(x2, packs, cfg)
@@ -252,6 +281,12 @@ def w4a16_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     (m, k), n = x2.shape, packed.out_features
+    if packed.layout == "tc":
+        if fused_max_m is not None or config is not None or gemv is not None:
+            raise ValueError("fused_max_m / config / gemv choose among the GPTQ-layout kernels; this weight is in the "
+                             "tensor-core layout (prepare_w4(..., layout='gptq') keeps the checkpoint's)")
+        y = _tc_layout_linear(x2, packed)
+        return (y if bias is None else y + bias.to(y.dtype)).reshape(*lead, n)
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m
     tc = kernels and config is None and gemv is None and tc_usable(x2, kernel_group_size(packed.group_size, k))

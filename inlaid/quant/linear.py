@@ -117,7 +117,8 @@ class GPTQLinearMethod:
         if self.bits != 4 or not tensors["qweight"].is_cuda or not w4k.HAS_TRITON or self.num_groups is not None:
             return {}
         gs = tensors["qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
-        p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs)
+        p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs,
+                           layout=w4k.serving_layout(tensors["qweight"], gs))
         return {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
                 "w4_locks": p.locks, "w4_acc": p.acc}  # fmt: skip
 
@@ -134,7 +135,7 @@ class GPTQLinearMethod:
             snap.update(prep)
         gs = snap["w4_qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
         return w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
-                            snap["w4_locks"], snap["w4_acc"])  # fmt: skip
+                            snap["w4_locks"], snap["w4_acc"], w4k.serving_layout(snap["w4_qweight"], gs))  # fmt: skip
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed(layer, x)

@@ -1,0 +1,187 @@
+"""W4A16 on the tensor-core layout (``w4a16_tcl``) vs the GPTQ-layout kernels vs fp16 cuBLAS, M = 1..256 (issue 8).
+
+Same run, same GPU, Llama-2-7B shapes, group 128, fp16. Per shape and M: ``cublas_fp16`` (dense weights),
+``gptq`` (``w4a16_linear`` on the checkpoint's layout: the GEMV at M = 1, ``w4a16_tc`` at 2..128, dequantize +
+cuBLAS above) and ``tcl`` (``w4a16_linear`` on the same weights in the tensor-core layout, as a served model
+gets them); with ``--sweep-m1`` also ``TclConfig`` candidates of the M = 1 GEMV (``m1_<block_n>_w<warps>_s<stages>
+_p<programs per SM>``) and with ``--sweep`` those of the tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s
+<stages>_p<programs per SM>``). Timing: ``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every
+call reads DRAM. Every implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers
+left zeroed) before it is timed. TB/s counts the packed words, zeros and scales once.
+
+    python benchmarks/tcl_bench.py --out benchmarks/results/tcl_h100              # GPU, ~1 min
+    python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_sweep_h100   # config sweeps
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.kernels import gptq_dequant  # noqa: E402
+from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
+from inlaid.kernels import w4a16_tcl as tcl  # noqa: E402
+from inlaid.kernels.w4a16_gemv import _SCRATCH  # noqa: E402
+
+DEV, GS, L2_BYTES = "cuda", 128, 60 << 20
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+M1_SWEEP = {f"m1_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(16, bn, w, st, p)
+            for bn, w, st, p in itertools.product((128, 256, 512), (4, 8), (1, 2, 3), (2, 4, 8)) if bn >= 16 * w}
+SWEEP = {f"tc_{bm}_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(bm, bn, w, st, p)
+         for bm in (16, 32, 64) for bn, w, st, p in (
+             *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4)), *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),
+             *itertools.product((128,), (8,), (2, 3), (1, 2)), *itertools.product((256,), (8,), (2,), (1, 2)))}
+ROWS: list[dict] = []
+
+
+def log(**kw) -> None:
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def random_w4(k: int, n: int) -> dict:
+    hi, g = 2**31 - 1, k // GS
+    return {"qweight": torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
+            "qzeros": torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
+            "scales": (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(),
+            "g_idx": torch.arange(k, device=DEV, dtype=torch.int32) // GS}
+
+
+def clean() -> bool:
+    return all(int(a.count_nonzero()) == 0 and int(lk.count_nonzero()) == 0 for kept in _SCRATCH.values()
+               for a, lk in kept)
+
+
+def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
+    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    for k, n in shapes:
+        w4_bytes = k * n // 2 + k // GS * n * 5 // 2
+        raw = [random_w4(k, n) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
+        packs = {lay: [wk.prepare_w4(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], GS, layout=lay) for c in raw]
+                 for lay in ("gptq", "tc")}
+        dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(max(2, -(-3 * L2_BYTES // (2 * k * n))))]
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            out = torch.empty(m, n, device=DEV, dtype=torch.float16)
+            ref = gptq_dequant.gptq_linear(x.float(), raw[0]["qweight"], raw[0]["qzeros"], raw[0]["scales"].float(),
+                                           raw[0]["g_idx"], 4)
+            impls = {"cublas_fp16": (dense, lambda d: torch.matmul(x, d, out=out)),
+                     "gptq": (packs["gptq"], lambda p: wk.w4a16_linear(x, p)),
+                     "tcl": (packs["tc"], lambda p: wk.w4a16_linear(x, p))}
+            if sweep_m1 and m == 1:
+                impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
+                              for name, cfg in M1_SWEEP.items()})
+            if sweep and 2 <= m <= tcl.TC_MAX_M:  # row tiles of min(64, M) rows (padded to 16)
+                rows = min(64, max(16, 1 << (m - 1).bit_length()))
+                impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
+                              for name, cfg in SWEEP.items() if cfg.block_m == rows})
+            for name, (copies, call) in impls.items():
+                row = {"shape": f"{k}x{n}", "m": m, "impl": name}
+                try:
+                    if name != "cublas_fp16":
+                        err = float((call(copies[0]).float() - ref).abs().max() / ref.abs().max())
+                        torch.cuda.synchronize()
+                        if not (err < 1e-2 and clean()):
+                            log(event="wrong", err=err, **row)
+                            continue
+                        row["err"] = err
+                    row["us"] = graph_time_us([lambda c=c: call(c) for c in copies])
+                    row["tbps"] = w4_bytes / row["us"] / 1e6
+                    if not clean():
+                        log(event="wrong", err="split-K scratch left dirty", **row)
+                        continue
+                    log(event="time", **row)
+                except Exception as e:  # noqa: BLE001 - one failing candidate must not stop the run
+                    log(event="fail", err=repr(e)[:300], **row)
+        del raw, packs, dense
+        torch.cuda.empty_cache()
+
+
+def to_markdown(seconds: float, command: str) -> str:
+    env = next(r for r in ROWS if r.get("event") == "env")
+    t = {(r["shape"], r["m"], r["impl"]): r["us"] for r in ROWS if r.get("event") == "time"}
+    lines = [f"# W4A16 on the tensor-core layout vs the GPTQ layout vs fp16 cuBLAS ({env['gpu']}, torch "
+             f"{env['torch']}, triton {env['triton']})", "",
+             f"Command: `{command}` ({seconds:.0f} s). us per call, CUDA graph over weight copies > 3x L2, group 128, "
+             "fp16; x = cuBLAS time / this time. `gptq`: `w4a16_linear` on the checkpoint's layout (the GEMV at "
+             "M = 1, `w4a16_tc` at 2..128, dequantize + cuBLAS above); `tcl`: `w4a16_linear` on the tensor-core "
+             "layout (`w4a16_tcl` to 128 rows, dequantize + cuBLAS above); TB/s of the W4 bytes at `tcl`.", "",
+             "| shape (KxN) | M | cuBLAS fp16 | gptq | x | tcl | x | tcl vs gptq | tcl TB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    shapes = sorted({r["shape"] for r in ROWS if "shape" in r}, key=lambda s: [int(v) for v in s.split("x")])
+    ms = sorted({r["m"] for r in ROWS if "m" in r})
+    for s in shapes:
+        k, n = (int(v) for v in s.split("x"))
+        w4_bytes = k * n // 2 + k // GS * n * 5 // 2
+        for m in ms:
+            cb, g, c = (t.get((s, m, i)) for i in ("cublas_fp16", "gptq", "tcl"))
+            if cb is None:
+                continue
+            f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+            x = lambda v: "" if v is None else f"{cb / v:.2f}"  # noqa: E731
+            lines.append(f"| {s} | {m} | {f(cb)} | {f(g)} | {x(g)} | {f(c)} | {x(c)} | "
+                         f"{'' if g is None or c is None else f'{g / c:.2f}'} | "
+                         f"{'' if c is None else f'{w4_bytes / c / 1e6:.2f}'} |")
+    sweep = [(r["us"], r["shape"], r["impl"]) for r in ROWS if r.get("event") == "time" and r["impl"].startswith("m1_")]
+    if sweep:
+        names = sorted({i for _, _, i in sweep})
+        geo = {i: 1.0 for i in names}
+        for us, s, i in sweep:
+            geo[i] *= us / t[(s, 1, "tcl")]
+        best = sorted(names, key=lambda i: geo[i])[:5]
+        lines += ["", f"M = 1 sweep ({len(names)} configs): geometric-mean time vs the installed default, best five: "
+                  + ", ".join(f"{i} {geo[i] ** (1 / len(shapes)):.3f}" for i in best)]
+        for s in shapes:
+            row = sorted((us, i) for us, s2, i in sweep if s2 == s)[:3]
+            lines.append(f"- {s}: " + ", ".join(f"{i} {us:.2f} us" for us, i in row))
+    tc_rows = [(r["us"], r["shape"], r["m"], r["impl"]) for r in ROWS
+               if r.get("event") == "time" and r["impl"].startswith("tc_")]
+    if tc_rows:
+        lines += ["", f"Tensor-core step sweep ({len({i for *_, i in tc_rows})} configs): the fastest three per shape and M "
+                  "(us), against `tcl` (the installed default)"]
+        for s in shapes:
+            for m in ms:
+                row = sorted((us, i) for us, s2, m2, i in tc_rows if s2 == s and m2 == m)[:3]
+                if row:
+                    lines.append(f"- {s}, M = {m}: " + ", ".join(f"{i} {us:.2f}" for us, i in row)
+                                 + f" (tcl {t[(s, m, 'tcl')]:.2f})")
+    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
+    lines += ["", f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
+    ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates")
+    ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
+                    "(2 <= M <= TC_MAX_M, tiles of min(64, M) rows)")
+    args = ap.parse_args()
+    ms = tuple(int(v) for v in args.ms.split(","))
+    shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))
+    command = "python benchmarks/tcl_bench.py " + " ".join(sys.argv[1:])
+    t0 = time.time()
+    try:
+        run(ms, shapes, args.sweep_m1, args.sweep)
+    finally:  # a killed or failing run still leaves what it measured
+        ROWS.append({"event": "end", "seconds": time.time() - t0})
+        Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))
+        if any(r.get("event") == "env" for r in ROWS):
+            Path(args.out + ".md").write_text(to_markdown(time.time() - t0, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

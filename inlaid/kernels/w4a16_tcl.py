@@ -1,0 +1,364 @@
+"""W4A16 on the tensor-core layout (``PackedW4.layout == "tc"``), M = 1..``TC_MAX_M``: Triton kernels + launchers.
+
+Torch reference: ``gptq_dequant.gptq_linear`` on ``w4_layout.from_tc_layout(qweight)``; the layout (which input
+row each nibble holds) is defined in ``w4_layout``. CUDA only, compiled (inline PTX); ``w4a16_gemm.w4a16_linear``
+sends every other case of a "tc" weight (CPU, the Triton interpreter, fp32 x, M > ``TC_MAX_M``) to
+``w4_dequant.dequantize_w4`` + matmul.
+
+A program owns BLOCK_N output columns and a K range of whole 128-row steps (grid: row tiles, column tiles,
+split-K); a step reads 16 contiguous words per column (one quantization group: the group size is a multiple of
+128). Two tiles over the same words:
+
+- the tensor-core step (2 <= M <= ``TC_MAX_M``, ``_tcl_tile``): operands swapped (out^T = W^T x^T, M is
+  wgmma's N: 16..64 rows per tile), the ``[BLOCK_N, 16]`` word tile unpacked by ``_unpack_words`` (fp16: four LOP3,
+  one shift and four HSUB2/HFMA2 per word, exact ``code - zero``; bf16: ``w4a16_tc._unpack8``) and relabelled with ``join`` /
+  ``permute`` / ``reshape`` only into wgmma's register operand A. In this layout a thread's 4 consecutive
+  words hold exactly the (k, k + 1) pairs of its lane in the A fragment, so the relabel stays in registers:
+  no shared-memory relayout (STS + LDSM in the GPTQ-layout kernel, ``w4a16_tc``) and no pair shuffles (PRMT):
+  ``python benchmarks/sass_count.py tcl`` counts 3.2-3.8 SASS instructions per weight element in the loop at
+  64 columns, against 4.91 for ``w4a16_tc``'s swapped step. The load puts 8 rows per warp, wgmma wants 16, so
+  row bit 3 moves into the registers and the warp bits up by one (``_rows_to_mma``); the epilogue undoes it so
+  its stores and split-K atomics stay contiguous (F32x4 atomics).
+- the M = 1 GEMV (``_m1_tcl_tile``): ``w4a16_gemv``'s half2 word (``_half2_words``: 4 HFMA2 over the word's
+  (j, j + 4) nibble pairs against fp16 x' = x * 2**-7); here the pair (j, j + 4) is the consecutive input pair
+  (k, k + 1).
+
+Split-K: "atomic_last" (``w4a16_gemv`` MODE 4: the tile's last program casts, stores and re-zeroes the fp32
+sums): one launch, no host sync, fixed shapes, CUDA-graph safe.
+
+Measured on the H100 (``benchmarks/results/tcl_h100.md``: fp16 cuBLAS and the GPTQ-layout kernels in the same
+run; ``docs/kernels.md``, "Session 11").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
+from .w4_layout import TC_STEP, PackedW4, kernel_group_size
+from .w4a16_gemv import _MODE_ID, check_out, group_args, splitk_buffers
+from .w4a16_small_m import _num_sms
+from .w4a16_tc import _MAGIC, TC_MAX_M, tc_split
+
+__all__ = ["TclConfig", "tcl_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+
+if HAS_TRITON:
+    from .w4a16_gemv import H2_X_SCALE, _epilogue, _fp16_opaque, _half2_words
+    from .w4a16_tc import _unpack8
+
+    STEP = tl.constexpr(TC_STEP)
+
+    # fp16 unpack of one word in 9 PTX instructions (``w4a16_tc._unpack8`` takes 11): nibbles 1/5 and 3/7 are
+    # read in place at 16x (no shift) and scaled back by the HFMA2 that subtracts, (1024 + 16c) / 16 - (64 + z)
+    # = c - z exactly (ulp 1/16 at 64..128). $9 = half2(1024 + z), $10 = half2(-(64 + z)); outputs as _unpack8's:
+    # $j = code_j - zero for nibble j (the low half of register j % 4 holds j < 4, the high half j + 4)
+    _ASM9_F16 = tl.constexpr("""{
+    .reg .b32 a, b, c, d, s, c16;
+    mov.b32 c16, 0x2C002C00;
+    lop3.b32 a, $8, 0x000f000f, 0x64006400, 0xea;
+    lop3.b32 b, $8, 0x00f000f0, 0x64006400, 0xea;
+    shr.u32 s, $8, 8;
+    lop3.b32 c, s, 0x000f000f, 0x64006400, 0xea;
+    lop3.b32 d, s, 0x00f000f0, 0x64006400, 0xea;
+    sub.f16x2 a, a, $9;
+    fma.rn.f16x2 b, b, c16, $10;
+    sub.f16x2 c, c, $9;
+    fma.rn.f16x2 d, d, c16, $10;
+    mov.b32 {$0, $4}, a;
+    mov.b32 {$1, $5}, b;
+    mov.b32 {$2, $6}, c;
+    mov.b32 {$3, $7}, d;
+    }""")
+
+    @triton.jit
+    def _unpack_words(q, zc, BF16: tl.constexpr, MAGIC: tl.constexpr):
+        """8 tensors ``code_j - zero`` (j = nibble) of the int32 words ``q``; ``zc`` = zero + 1 (the GPTQ +1),
+        broadcastable to q. fp16: ``_ASM9_F16``; bf16: ``w4a16_tc._unpack8``."""
+        if BF16:
+            zh = zc + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
+            return _unpack8(q, tl.broadcast_to(zh | (zh << 16), q.shape), True)
+        else:
+            z1 = zc + 0x6400  # fp16 bits of 1024 + zero
+            z2 = (zc << 4) + 0xD400  # fp16 bits of -(64 + zero)
+            return tl.inline_asm_elementwise(_ASM9_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                             [q, tl.broadcast_to(z1 | (z1 << 16), q.shape),
+                                              tl.broadcast_to(z2 | (z2 << 16), q.shape)],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+    @triton.jit
+    def _rows_to_mma(v, BLOCK_N: tl.constexpr, WARPS: tl.constexpr, TAIL: tl.constexpr):
+        """Rows of ``v`` [BLOCK_N, TAIL] relabelled (hi, b, warp bits, lo3) -> (hi, warp bits, b, lo3): the load's
+        warps own 8 consecutive rows, wgmma's 16 (row bit 3 in registers)."""
+        r = tl.reshape(v, (BLOCK_N // (16 * WARPS), 2, WARPS, 8, TAIL))
+        return tl.reshape(tl.permute(r, (0, 2, 1, 3, 4)), (BLOCK_N, TAIL))
+
+    @triton.jit
+    def _rows_from_mma(v, BLOCK_N: tl.constexpr, WARPS: tl.constexpr, TAIL: tl.constexpr):
+        """Inverse of ``_rows_to_mma``."""
+        r = tl.reshape(v, (BLOCK_N // (16 * WARPS), WARPS, 2, 8, TAIL))
+        return tl.reshape(tl.permute(r, (0, 2, 1, 3, 4)), (BLOCK_N, TAIL))
+
+    @triton.jit
+    def _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
+                  stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
+                  GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+                  NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+        """One program of the tensor-core step: rows ``pid_m`` (of ``m_tiles``), columns ``pid_n``, K range
+        ``pid_k`` (module docstring)."""
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_na = _rows_to_mma(offs_n[:, None], BLOCK_N, WARPS, 1)  # [BLOCK_N, 1]: the column of each MMA row
+        offs_c = tl.arange(0, 16)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        k_lo = tl.multiple_of(pid_k * k_per_split, STEP)
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        zshift = (offs_n % 8) * 4
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
+            q = tl.load(qw_ptr + ((k0 // STEP) * N + offs_n)[:, None] * 16 + offs_c[None, :],
+                        mask=mask_n[:, None], other=0, eviction_policy="evict_first")  # [BLOCK_N, 16] words
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack_words(q, (((z >> zshift) & 0xF) + 1)[:, None], BF16, MAGIC)
+            # e[n, c, j2, j1, j0] = nibble 4 j2 + 2 j1 + j0 of word c = 4t + v; as [n, v, j1, j0, t, j2] its K index
+            # is 32v + 16j1 + 8j0 + 2t + j2, the input row w4_layout stores there
+            e = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+            w = tl.reshape(tl.permute(tl.reshape(e, (BLOCK_N, 4, 4, 2, 2, 2)), (0, 2, 4, 5, 1, 3)), (BLOCK_N, STEP))
+            w = _rows_to_mma(w, BLOCK_N, WARPS, STEP)
+            xk = k0 + tl.arange(0, STEP)  # K and the split are whole steps: no K mask
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=mask_m[None, :], other=0.0)
+            acc += tl.dot(w, xt) * s
+        acc = tl.trans(_rows_from_mma(acc, BLOCK_N, WARPS, BLOCK_M))
+        _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n * m_tiles + pid_m,
+                  n_split, MODE)
+
+    @triton.jit
+    def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
+                     stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring)."""
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_c = tl.arange(0, 16)
+        k_lo = tl.multiple_of(pid_k * k_per_split, STEP)
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        zshift = (offs_n % 8) * 4
+        cc = offs_c[:, None, None, None]
+        x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
+                 + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
+            q = tl.load(qw_ptr + ((k0 // STEP) * N + offs_n)[None, :] * 16 + offs_c[:, None],
+                        mask=mask_n[None, :], other=0, eviction_policy="evict_first")  # [16, BLOCK_N] words
+            g = k0 // GROUP_SIZE
+            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+            zc = ((z >> zshift) & 0xF) + 1
+            # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
+            # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
+            xs = _fp16_opaque(tl.load(x_ptr + k0 + x_idx).to(tl.float32) * H2_X_SCALE)
+            lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
+            lo0, lo1 = tl.split(lo)  # j0 = 0 / 1
+            hi0, hi1 = tl.split(hi)
+            x0, x2 = tl.split(lo0)  # j1 = 0 / 1: nibble j = 2 j1 + j0
+            x1, x3 = tl.split(lo1)
+            x4, x6 = tl.split(hi0)
+            x5, x7 = tl.split(hi1)
+            acc += _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N) * s[None, :]
+        out = tl.sum(acc, axis=0)[None, :] * (1.0 / H2_X_SCALE)
+        _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
+                  MODE)
+
+    @triton.jit
+    def _w4_tcl_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, k_per_split, n_split, stride_xm, stride_zg, stride_sg, stride_om,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+    ):
+        # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
+        _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
+                  stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                  tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC)
+
+    @triton.jit
+    def _w4_tcl_group_kernel(
+        x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+    ):
+        """``_w4_tcl_kernel`` for 2-3 weights of one x: column tile ``pid`` belongs to weight 0 below ``nt0``
+        tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous tensors: row strides are the widths)."""
+        pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+        if pid < nt0:
+            _tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0 // 8, n0,
+                      n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC)
+        elif pid < nt0 + nt1:
+            _tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1 // 8, n1,
+                      n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16,
+                      MAGIC)
+        else:
+            _tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2 // 8, n2,
+                      n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS,
+                      BF16, MAGIC)
+
+    @triton.jit
+    def _w4_tcl_m1_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg, stride_sg,
+        stride_om, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg,
+                     stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+
+    @triton.jit
+    def _w4_tcl_m1_group_kernel(
+        x_ptr, K, k_per_split, n_split, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above)."""
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        if pid < nt0:
+            _m1_tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0 // 8, n0, n0, pid,
+                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+        elif pid < nt0 + nt1:
+            _m1_tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1 // 8, n1, n1,
+                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+        else:
+            _m1_tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2 // 8, n2, n2,
+                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+
+
+@dataclass(frozen=True)
+class TclConfig:
+    """Launch configuration of ``w4a16_tcl`` (``tcl_config`` / ``tcl_m1_config`` give the measured defaults)."""
+
+    block_m: int = 16
+    """Rows per program (the wgmma N; a power of two in 16..64; ignored at M = 1); more rows take more tiles."""
+    block_n: int = 64
+    """Columns per program: a power of two >= 16 * num_warps (16 rows of the wgmma M per warp)."""
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: float = 2
+    """Split K until about this many programs per SM."""
+
+    def __post_init__(self) -> None:
+        pow2 = all(v > 0 and v & (v - 1) == 0 for v in (self.block_m, self.block_n, self.num_warps))
+        if not pow2 or self.block_m < 16 or self.block_n < 16 * self.num_warps:
+            raise ValueError(f"block_m (>= 16), block_n (>= 16 * num_warps) and num_warps must be powers of two: "
+                             f"{self}")
+        if self.num_stages < 1 or self.programs_per_sm <= 0:
+            raise ValueError(f"num_stages and programs_per_sm must be positive: {self}")
+
+
+def tcl_config(m: int) -> TclConfig:
+    """Default for 2 <= M <= ``TC_MAX_M`` rows: the fastest of the H100 sweep in M's bucket
+    (``benchmarks/results/tcl_sweep_h100.md``: M = 2, 8, 16, 32, 64, 128 x the Llama-2-7B shapes)."""
+    if m <= 16:  # fastest at M = 2, 8 and 16 on all three shapes
+        return TclConfig(16, 128, 8, 3, 2)
+    if m <= 32:  # fastest on the two large shapes; 0.6% behind the best on 4096x4096
+        return TclConfig(32, 64, 4, 3, 4)
+    return TclConfig(64, 64, 4, 3, 2)  # M = 64 and 128 (two row tiles): fastest or within 1% on all shapes
+
+
+def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
+    """Default of the M = 1 GEMV for one K x N weight, or (``group``) a grouped launch (``block_m`` unused): the
+    fastest of the H100 sweeps (``benchmarks/results/tcl_sweep_h100.md``): 128 columns and ~4 programs per SM
+    on 4096x4096 and for the grouped q/k/v and gate/up launches, 512 columns and ~2 per SM on the larger single
+    7B shapes; no pipelining."""
+    return TclConfig(16, 128, 4, 1, 4) if group or k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)
+
+
+def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
+    """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, CUDA, compiled
+    Triton, fp16/bf16, 1 <= M <= ``TC_MAX_M``."""
+    return (HAS_TRITON and packed.layout == "tc" and x.is_cuda and not kernels_interpreted()
+            and x.dtype in _MAGIC and x.dim() == 2 and 1 <= x.shape[0] <= TC_MAX_M)
+
+
+def _check(x: torch.Tensor, packs: Sequence[PackedW4], name: str) -> None:
+    for p in packs:
+        if not tcl_usable(x, p) or p.in_features != x.shape[1]:
+            raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA (compiled Triton, 1 <= M <= {TC_MAX_M}) and "
+                             f"'tc'-layout weights with K = {x.shape[1]}; got {x.dtype} {tuple(x.shape)} on "
+                             f"{x.device}, layout {p.layout!r}, K = {p.in_features}; use w4a16_linear")
+
+
+def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
+              config: TclConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ W`` for a "tc"-layout weight (``tcl_usable``); [M, N] in x.dtype. ``packed.locks`` /
+    ``packed.acc`` (or the stream's shared split-K scratch when short) are used and left zeroed."""
+    _check(x, [packed], "w4a16_tcl")
+    x = (x.index_select(1, packed.perm) if packed.perm is not None else x).contiguous()
+    (m, k), n = x.shape, packed.out_features
+    out = check_out(out, x, m, n)
+    gs = kernel_group_size(packed.group_size, k)
+    sms = _num_sms(x.device.index or 0)
+    if m == 1:
+        cfg = config or tcl_m1_config(k, n)
+        n_tiles = triton.cdiv(n, cfg.block_n)
+        split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm)
+        mode = 0 if split == 1 else _MODE_ID["atomic_last"]
+        ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
+        _w4_tcl_m1_kernel[(n_tiles, split)](
+            x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, n, k, k_per, split,
+            packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
+            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+        return out
+    cfg = config or tcl_config(m)
+    m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
+    mode = 0 if split == 1 else _MODE_ID["atomic_last"]
+    ws, locks = splitk_buffers(out, split, mode, packed.locks, m_tiles * n_tiles, packed.acc)
+    _w4_tcl_kernel[(m_tiles, n_tiles, split)](
+        x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, m, n, k, k_per, split,
+        x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
+        GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+        WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps)
+    return out
+
+
+def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfig | None = None) -> list[torch.Tensor]:
+    """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
+    permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
+    come from the stream's shared scratch (one slice per weight), left zeroed."""
+    from .w4a16_gemv import share_input, splitk_scratch
+
+    _check(x, packs, "w4a16_tcl_group")
+    if not share_input(x, packs):
+        raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
+                         "tensor; use w4a16_tcl per weight")
+    first = packs[0]
+    x = (x.index_select(1, first.perm) if first.perm is not None else x).contiguous()
+    (m, k), widths = x.shape, [p.out_features for p in packs]
+    gs = kernel_group_size(first.group_size, k)
+    outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
+    cfg = config or (tcl_m1_config(k, max(widths), group=True) if m == 1 else tcl_config(m))
+    m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
+    tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
+    split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
+                            m_tiles)
+    mode = 0 if split == 1 else _MODE_ID["atomic_last"]
+    bufs = [(out, out) for out in outs]  # MODE 0 writes out directly
+    if mode:
+        sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles))
+        bufs, s0, l0 = [], 0, 0
+        for n, t in zip(widths, tiles):
+            bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
+            s0, l0 = s0 + m * n, l0 + m_tiles * t
+    if m == 1:
+        _w4_tcl_m1_group_kernel[(sum(tiles), split)](
+            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs),
+            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    else:
+        _w4_tcl_group_kernel[(m_tiles, sum(tiles), split)](
+            x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
+            GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+            WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps)
+    return outs

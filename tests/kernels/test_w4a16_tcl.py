@@ -1,0 +1,180 @@
+"""The tensor-core layout (``w4_layout.to_tc_layout``) and its kernels (``w4a16_tcl``) vs the torch GPTQ reference.
+
+On CPU: the layout's row map (checked nibble by nibble against the checkpoint's codes), its inverse, the
+dequantize kernel under the Triton interpreter, ``w4a16_linear``'s fallback for a "tc" weight and the layout
+choice. The kernels themselves use inline PTX, so their numeric tests are ``gpu`` tests: every output starts
+NaN-poisoned, the reference reads the original (unsorted) g_idx, and every call must leave ``PackedW4.locks`` /
+``PackedW4.acc`` and the shared split-K scratch zeroed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_setup import (  # skips the module without triton
+    DEVICE,
+    TOL,
+    assert_close,
+    capture_graph,
+    gptq_case,
+    gptq_reference,
+    kernel_module,
+)
+
+wk = kernel_module("w4a16_gemm")
+tcl = kernel_module("w4a16_tcl")
+gemv = kernel_module("w4a16_gemv")
+dq = kernel_module("w4_dequant")
+from inlaid.kernels import w4_layout as lay  # noqa: E402 (no kernels: plain import)
+
+
+def _tc_case(k: int, n: int, gs: int, act_order: bool, seed: int):
+    tensors, packed = gptq_case(k, n, gs, act_order, seed)
+    tc = lay.prepare_w4(*tensors[:3], None if gs == -1 else tensors[3], gs, layout="tc")
+    return tensors, packed, tc
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, tensors, packed) -> None:
+    assert_close(y, gptq_reference(x, *tensors), TOL[x.dtype])
+    assert int(packed.locks.abs().sum()) == 0 and float(packed.acc.abs().sum()) == 0, "buffers must stay zeroed"
+    assert all(int(a.count_nonzero()) == 0 and int(lk.count_nonzero()) == 0 for kept in gemv._SCRATCH.values()
+               for a, lk in kept), "the shared split-K scratch must stay zeroed"
+
+
+def test_layout_puts_each_row_where_the_docstring_says_and_round_trips() -> None:
+    g = torch.Generator().manual_seed(0)
+    k, n = 256, 24
+    codes = torch.randint(0, 16, (k, n), generator=g)
+    q = lay.pack4_rows(codes)
+    t = lay.to_tc_layout(q)
+    assert t.shape == q.shape and t.dtype == torch.int32 and t.is_contiguous()
+    words = t.view(k // 128, n, 16)
+    for s in range(k // 128):
+        for c in range(16):
+            tt, v = divmod(c, 4)
+            for j in range(8):
+                j2, j1, j0 = j // 4, (j // 2) % 2, j % 2
+                row = 128 * s + j2 + 2 * tt + 8 * j0 + 16 * j1 + 32 * v
+                assert torch.equal((words[s, :, c] >> (4 * j)) & 0xF, codes[row]), (s, c, j)
+    assert torch.equal(lay.from_tc_layout(t), q)
+
+
+def test_layout_choice_and_bad_shapes() -> None:
+    tensors, packed = gptq_case(256, 16, 64, act_order=False, seed=1)
+    assert packed.layout == "gptq"
+    with pytest.raises(ValueError, match="multiples of 128"):  # group 64: a step would hold two groups
+        lay.prepare_w4(*tensors[:3], tensors[3], 64, layout="tc")
+    with pytest.raises(ValueError, match="layout must be"):
+        lay.prepare_w4(*tensors[:3], tensors[3], 64, layout="marlin")
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        lay.to_tc_layout(torch.zeros(20, 8, dtype=torch.int32))
+    assert lay.tc_layout_fits(4096, 128) and lay.tc_layout_fits(256, 256) and lay.tc_layout_fits(512, 512)
+    assert not lay.tc_layout_fits(576, 128) and not lay.tc_layout_fits(4096, 64)
+    # a CPU (or interpreted) weight is served in the checkpoint's layout; CUDA picks "tc" where it fits
+    q = torch.zeros(4096 // 8, 64, dtype=torch.int32, device=DEVICE)
+    compiled = q.is_cuda and not wk.kernels_interpreted()
+    assert wk.serving_layout(q, 128) == ("tc" if compiled else "gptq")
+    assert wk.serving_layout(q, 64) == "gptq" and wk.serving_layout(q[:72], -1) == "gptq"  # K = 576
+
+
+@pytest.mark.parametrize("k,n,gs", [(256, 48, 128), (512, 200, 256), (384, 64, -1)])
+def test_dequantize_tc_layout_matches_the_reference(k: int, n: int, gs: int) -> None:
+    tensors, packed, tc = _tc_case(k, n, gs, act_order=False, seed=k + n)
+    ref = wk.dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, torch.float32)
+    got = dq.dequantize_w4(tc.qweight, tc.qzeros, tc.scales, tc.group_size, torch.float32, layout="tc")
+    assert torch.equal(got, ref)
+    cpu = dq.dequantize_w4(tc.qweight.cpu(), tc.qzeros.cpu(), tc.scales.cpu(), tc.group_size, torch.float32,
+                           layout="tc")  # the torch path
+    assert torch.equal(cpu, ref.cpu())
+
+
+@pytest.mark.parametrize("m", [1, 3, 130])
+def test_linear_on_a_tc_weight_matches_the_reference_wherever_it_runs(m: int) -> None:
+    tensors, _, tc = _tc_case(256, 64, 128, act_order=True, seed=m)
+    x = torch.randn(m, 256, device=DEVICE)
+    for dtype in (torch.float32, torch.float16):  # fp32 x takes the dequantize path on every device
+        xd = x.to(dtype)
+        _check(wk.w4a16_linear(xd, tc), xd, tensors, tc)
+    with pytest.raises(ValueError, match="tensor-core layout"):
+        wk.w4a16_linear(x.half(), tc, gemv=wk.default_gemv_config(1, 64, 256))
+
+
+def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
+    _, packed, tc = _tc_case(256, 64, 128, act_order=False, seed=5)
+    x = torch.randn(2, 256, device=DEVICE).half()
+    with pytest.raises(ValueError, match="'tc'-layout weights"):
+        tcl.w4a16_tcl(x, packed)  # a GPTQ-layout weight
+    if not tcl.tcl_usable(x, tc):  # CPU / interpreter: no inline PTX
+        with pytest.raises(ValueError, match="w4a16_tcl needs"):
+            tcl.w4a16_tcl(x, tc)
+    for bad in ({"block_m": 8}, {"block_n": 32, "num_warps": 4}, {"num_warps": 3}, {"num_stages": 0}):
+        with pytest.raises(ValueError):
+            tcl.TclConfig(**bad)
+    assert tcl.tcl_config(2).block_m == 16 and tcl.tcl_config(32).block_m == 32 and tcl.tcl_config(128).block_m == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "k,n,gs,act_order,m,dtype",
+    [
+        (4096, 4096, 128, False, 1, torch.float16),
+        (4096, 11008, 128, True, 1, torch.bfloat16),
+        (11008, 4096, 128, False, 2, torch.float16),
+        (4096, 4096, 128, True, 5, torch.bfloat16),
+        (1024, 4096, 256, False, 16, torch.float16),  # two steps per group
+        (512, 200, -1, True, 1, torch.float16),  # one group per column; N not a multiple of the tile
+        (512, 200, -1, True, 17, torch.bfloat16),
+        (4096, 11008, 128, False, 32, torch.float16),
+        (11008, 4096, 128, True, 64, torch.bfloat16),
+        (4096, 4096, 128, False, 100, torch.float16),  # two row tiles, the second partial
+        (4096, 4096, 128, True, 128, torch.float16),
+        (4096, 4096, 128, False, 129, torch.float16),  # above TC_MAX_M: dequantize + matmul
+    ],
+)
+def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int, dtype: torch.dtype) -> None:
+    tensors, _, tc = _tc_case(k, n, gs, act_order, seed=k + n + m)
+    for _ in range(3):  # later calls reuse the semaphores and the fp32 buffer the first left zeroed
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        if m <= 128:
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            y = tcl.w4a16_tcl(x, tc, out=out)
+            assert y.data_ptr() == out.data_ptr()
+            _check(y, x, tensors, tc)
+        _check(wk.w4a16_linear(x, tc), x, tensors, tc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_gpu_configs_and_splits(m: int) -> None:
+    tensors, _, tc = _tc_case(4096, 4096, 128, act_order=True, seed=m)
+    for cfg in (tcl.TclConfig(16, 64, 4, 2, 1), tcl.TclConfig(32, 128, 8, 3, 4), tcl.TclConfig(64, 256, 8, 2, 2)):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        _check(tcl.w4a16_tcl(x, tc, config=cfg), x, tensors, tc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_group_matches_separate_calls(m: int) -> None:
+    cases = [_tc_case(4096, n, 128, act_order=False, seed=n + m) for n in (4096, 1024, 1024)]
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    ys = tcl.w4a16_tcl_group(x, [c[2] for c in cases])
+    for y, (tensors, _, tc) in zip(ys, cases):
+        _check(y, x, tensors, tc)
+    ys2 = wk.w4a16_linear_group(x, [c[2] for c in cases[:2]], [None, None])  # the dispatcher's group path
+    for y, (tensors, _, tc) in zip(ys2, cases[:2]):
+        _check(y, x, tensors, tc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 48])
+def test_gpu_cuda_graph_replay_with_new_inputs(m: int) -> None:
+    tensors, _, tc = _tc_case(4096, 4096, 128, act_order=True, seed=11)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, 4096, device="cuda", dtype=torch.float16)
+    graph = capture_graph(lambda: tcl.w4a16_tcl(x, tc, out=out))
+    for _ in range(30):  # replays see fresh inputs: no stale sums, semaphores reset
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, x, tensors, tc)
