@@ -9,8 +9,8 @@ _p<programs per SM>``) and with ``--sweep`` those of the tensor-core step (``tc_
 call reads DRAM. Every implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers
 left zeroed) before it is timed. TB/s counts the packed words, zeros and scales once.
 
-    python benchmarks/tcl_bench.py --out benchmarks/results/tcl_h100              # GPU, ~1 min
-    python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_sweep_h100   # config sweeps
+    python benchmarks/tcl_bench.py --out /tmp/tcl                                     # GPU, ~1 min
+    python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, trito
 from .w4_dequant import dequantize_w4
 from .w4_layout import (
     PackedW4,
+    from_tc_layout,
     kernel_group_size,
     pack4_rows,
     prepare_act_order,
@@ -75,6 +76,7 @@ __all__ = [
     "default_gemv_config",
     "dequantize_w4",
     "fit_config",
+    "from_tc_layout",
     "kernels_interpreted",
     "pack4_rows",
     "prepare_act_order",

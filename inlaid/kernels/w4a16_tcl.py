@@ -259,7 +259,7 @@ class TclConfig:
 
 def tcl_config(m: int) -> TclConfig:
     """Default for 2 <= M <= ``TC_MAX_M`` rows: the fastest of the H100 sweep in M's bucket
-    (``benchmarks/results/tcl_sweep_h100.md``: M = 2, 8, 16, 32, 64, 128 x the Llama-2-7B shapes)."""
+    (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes)."""
     if m <= 16:  # fastest at M = 2, 8 and 16 on all three shapes
         return TclConfig(16, 128, 8, 3, 2)
     if m <= 32:  # fastest on the two large shapes; 0.6% behind the best on 4096x4096
@@ -269,7 +269,7 @@ def tcl_config(m: int) -> TclConfig:
 
 def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
     """Default of the M = 1 GEMV for one K x N weight, or (``group``) a grouped launch (``block_m`` unused): the
-    fastest of the H100 sweeps (``benchmarks/results/tcl_sweep_h100.md``): 128 columns and ~4 programs per SM
+    fastest of the H100 sweeps (``benchmarks/results/tcl_h100.md``): 128 columns and ~4 programs per SM
     on 4096x4096 and for the grouped q/k/v and gate/up launches, 512 columns and ~2 per SM on the larger single
     7B shapes; no pipelining."""
     return TclConfig(16, 128, 4, 1, 4) if group or k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)

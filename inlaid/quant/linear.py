@@ -28,6 +28,14 @@ Invariants:
   the shard keeps every group's scales/zeros and its slice of g_idx, so any
   permutation dequantizes exactly; such a layer (``num_groups`` set) runs the
   torch dequantize path, not the W4A16 kernels.
+- W4A16 kernel tensors (CUDA, 4-bit): ``kernel_tensors`` prepares the ``w4_*``
+  buffers once (act-order rows sorted; the tensor-core word order of
+  ``w4_layout`` where ``w4a16_gemm.serving_layout`` picks it). Without
+  act-order those tensor-core words also replace ``qweight`` (one copy of the
+  weight on the GPU): ``checkpoint_words`` rebuilds the checkpoint's layout
+  for the paths that read it (fp32 x, the dequantized cache, rollback
+  snapshots, ``state_dict``). With act-order the sorted copy sits beside the
+  checkpoint's, as before.
 - Hot-swap: ``swap`` builds every new tensor first (on the layer's device,
   dequantized cache and W4A16 kernel tensors included). When every one has
   the shape, dtype and device of the buffer it replaces (always, for a
@@ -109,18 +117,37 @@ class GPTQLinearMethod:
 
     def dequantized(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``W [in, out]``: exact in fp32, cast once to ``dtype``."""
-        w = dequantize_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"].float(), tensors["g_idx"], self.bits)
+        w = dequantize_gptq(self.checkpoint_words(tensors), tensors["qzeros"], tensors["scales"].float(),
+                            tensors["g_idx"], self.bits)  # fmt: skip
         return w.to(dtype)
 
+    def _tc_resident(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """True when ``qweight`` holds the tensor-core layout words (it is the ``w4_qweight`` tensor itself)."""
+        q = tensors["qweight"]
+        return tensors.get("w4_qweight") is q and w4k.serving_layout(q, self.group_size) == "tc"
+
+    def checkpoint_words(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The checkpoint-layout ``qweight`` of a layer's tensors: rebuilt from the tensor-core words where the layer
+        keeps only those (``kernel_tensors``); the slow paths (fp32 x, the dequantized cache, rollback snapshots)
+        read it, the W4A16 kernels never do."""
+        return w4k.from_tc_layout(tensors["qweight"]) if self._tc_resident(tensors) else tensors["qweight"]
+
     def kernel_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """4-bit on CUDA: the W4A16 kernels' one-time preparation (act-order sorted rows) as ``w4_*`` buffers."""
+        """4-bit on CUDA: the W4A16 kernels' one-time preparation (act-order sorted rows, the tensor-core layout
+        where ``serving_layout`` picks it) as ``w4_*`` buffers. Without act-order the tensor-core words also
+        replace ``qweight`` (one copy of the weight on the GPU; ``checkpoint_words`` rebuilds the checkpoint's)."""
         if self.bits != 4 or not tensors["qweight"].is_cuda or not w4k.HAS_TRITON or self.num_groups is not None:
+            return {}
+        if self._tc_resident(tensors):  # prepared already (finalize is idempotent)
             return {}
         gs = tensors["qweight"].shape[0] * 8 if self.group_size == -1 else self.group_size
         p = w4k.prepare_w4(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], gs,
                            layout=w4k.serving_layout(tensors["qweight"], gs))
-        return {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
-                "w4_locks": p.locks, "w4_acc": p.acc}  # fmt: skip
+        out = {"w4_qweight": p.qweight, "w4_qzeros": p.qzeros, "w4_scales": p.scales, "w4_perm": p.perm,
+               "w4_locks": p.locks, "w4_acc": p.acc}
+        if p.layout == "tc" and p.perm is None:
+            out["qweight"] = p.qweight
+        return out
 
     def _packed(self, layer: ParallelLinear, x: torch.Tensor) -> w4k.PackedW4 | None:
         """The layer's W4A16 kernel tensors for ``x`` (prepared on first use), or None when the kernels cannot
@@ -147,8 +174,8 @@ class GPTQLinearMethod:
             y = x @ w
             return y if layer.bias is None else y + layer.bias.to(y.dtype)
         # validated at load / swap (validate_layer): no per-forward host read-back of g_idx
-        return gptq_linear(x, snap["qweight"], snap["qzeros"], snap["scales"].float(), snap["g_idx"], self.bits,
-                           layer.bias, check_values=False)  # fmt: skip
+        return gptq_linear(x, self.checkpoint_words(snap), snap["qzeros"], snap["scales"].float(), snap["g_idx"],
+                           self.bits, layer.bias, check_values=False)  # fmt: skip
 
     def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
         """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels through
@@ -166,9 +193,18 @@ class GPTQLinearMethod:
 
 
 def _install(layer: ParallelLinear, tensors: Mapping[str, Any]) -> None:
-    """One atomic ``_buffers`` update; the derived ``w4_*`` kernel tensors are non-persistent (not in state_dict)."""
+    """One atomic ``_buffers`` update; the derived ``w4_*`` kernel tensors are non-persistent (not in state_dict),
+    and a state dict always gets the checkpoint-layout ``qweight`` (``checkpoint_words``)."""
     layer._non_persistent_buffers_set.update(k for k in tensors if k.startswith("w4_"))
+    if not getattr(layer, "_gptq_state_hook", False):
+        layer.register_state_dict_post_hook(_checkpoint_state)
+        layer._gptq_state_hook = True
     layer._buffers.update(tensors)
+
+
+def _checkpoint_state(layer: ParallelLinear, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    if isinstance(layer.quant_method, GPTQLinearMethod) and prefix + "qweight" in state:
+        state[prefix + "qweight"] = layer.quant_method.checkpoint_words(layer._buffers)
 
 
 def swap(layer: ParallelLinear, packed: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:

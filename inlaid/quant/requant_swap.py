@@ -62,8 +62,9 @@ class LocalSwapTarget:
         """Host copies of the packed tensors layer ``idx`` serves now, kept for a rollback. Copies, because
         ``install`` overwrites the served buffers in place (``inlaid.quant.linear.swap``); on the host, so a job
         does not hold a second packed model on the GPU."""
-        keys = ("qweight", "qzeros", "scales", "g_idx")
-        return {rel: {k: lin._buffers[k].to("cpu", copy=True) for k in keys}
+        keys = ("qzeros", "scales", "g_idx")
+        return {rel: {"qweight": lin.quant_method.checkpoint_words(lin._buffers).to("cpu", copy=True),
+                      **{k: lin._buffers[k].to("cpu", copy=True) for k in keys}}
                 for rel, lin in _linears(self.model, idx).items()}  # fmt: skip
 
     def install(self, idx: int, packed: Packed) -> None:
