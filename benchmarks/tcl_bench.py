@@ -3,13 +3,14 @@
 Same run, same GPU, Llama-2-7B shapes, group 128, fp16. Per shape and M: ``cublas_fp16`` (dense weights),
 ``gptq`` (``w4a16_linear`` on the checkpoint's layout: the GEMV at M = 1, ``w4a16_tc`` at 2..128, dequantize +
 cuBLAS above) and ``tcl`` (``w4a16_linear`` on the same weights in the tensor-core layout, as a served model
-gets them); with ``--sweep-m1`` also ``TclConfig`` candidates of the M = 1 GEMV (``m1_<block_n>_w<warps>_s<stages>
-_p<programs per SM>``) and with ``--sweep`` those of the tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s
-<stages>_p<programs per SM>``). Timing: ``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every
-call reads DRAM. Every implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers
-left zeroed) before it is timed. TB/s counts the packed words, zeros and scales once.
+gets them: ``w4a16_tcl`` to ``TCL_MAX_M`` rows, dequantize + cuBLAS above). ``--sweep-m1`` adds ``TclConfig``
+candidates of the M = 1 GEMV (``m1_<block_n>_w<warps>_s<stages>_p<programs per SM>``), ``--sweep`` those of the
+tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s<stages>_p<programs per SM>``, M = 2..128). Timing:
+``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every call reads DRAM. Every
+implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers left zeroed) before
+it is timed. TB/s counts the packed words, zeros and scales once.
 
-    python benchmarks/tcl_bench.py --out /tmp/tcl                                     # GPU, ~1 min
+    python benchmarks/tcl_bench.py --ms 128,192,256 --out benchmarks/results/tcl_m256_h100  # GPU, ~30 s
     python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
 """
 
@@ -81,7 +82,7 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
             if sweep_m1 and m == 1:
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
                               for name, cfg in M1_SWEEP.items()})
-            if sweep and 2 <= m <= tcl.TC_MAX_M:  # row tiles of min(64, M) rows (padded to 16)
+            if sweep and 2 <= m <= 128:  # row tiles of min(64, M) rows (padded to 16)
                 rows = min(64, max(16, 1 << (m - 1).bit_length()))
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
                               for name, cfg in SWEEP.items() if cfg.block_m == rows})
@@ -115,7 +116,7 @@ def to_markdown(seconds: float, command: str) -> str:
              f"Command: `{command}` ({seconds:.0f} s). us per call, CUDA graph over weight copies > 3x L2, group 128, "
              "fp16; x = cuBLAS time / this time. `gptq`: `w4a16_linear` on the checkpoint's layout (the GEMV at "
              "M = 1, `w4a16_tc` at 2..128, dequantize + cuBLAS above); `tcl`: `w4a16_linear` on the tensor-core "
-             "layout (`w4a16_tcl` to 128 rows, dequantize + cuBLAS above); TB/s of the W4 bytes at `tcl`.", "",
+             "layout (`w4a16_tcl` to `TCL_MAX_M` rows, dequantize + cuBLAS above); TB/s of the W4 bytes at `tcl`.", "",
              "| shape (KxN) | M | cuBLAS fp16 | gptq | x | tcl | x | tcl vs gptq | tcl TB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({r["shape"] for r in ROWS if "shape" in r}, key=lambda s: [int(v) for v in s.split("x")])
@@ -167,7 +168,7 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
-                    "(2 <= M <= TC_MAX_M, tiles of min(64, M) rows)")
+                    "(2 <= M <= 128, tiles of min(64, M) rows)")
     args = ap.parse_args()
     ms = tuple(int(v) for v in args.ms.split(","))
     shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))

@@ -25,7 +25,7 @@ one group) also take the dequantize path. ``w4a16_linear_group`` serves 2-3 weig
 gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..16) when they share the input layout.
 
 A weight in the tensor-core layout (``PackedW4.layout == "tc"``: ``serving_layout`` picks it on CUDA where K and
-the group size are multiples of 128) takes ``w4a16_tcl`` for 1 <= M <= ``TC_MAX_M`` (fp16/bf16, compiled; one
+the group size are multiples of 128) takes ``w4a16_tcl`` for 1 <= M <= ``TCL_MAX_M`` (256; fp16/bf16, compiled; one
 launch for 2-3 weights of one x up to 16 rows) and the dequantize path otherwise.
 """
 

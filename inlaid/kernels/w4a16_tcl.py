@@ -1,16 +1,16 @@
-"""W4A16 on the tensor-core layout (``PackedW4.layout == "tc"``), M = 1..``TC_MAX_M``: Triton kernels + launchers.
+"""W4A16 on the tensor-core layout (``PackedW4.layout == "tc"``), M = 1..``TCL_MAX_M``: Triton kernels + launchers.
 
 Torch reference: ``gptq_dequant.gptq_linear`` on ``w4_layout.from_tc_layout(qweight)``; the layout (which input
 row each nibble holds) is defined in ``w4_layout``. CUDA only, compiled (inline PTX); ``w4a16_gemm.w4a16_linear``
-sends every other case of a "tc" weight (CPU, the Triton interpreter, fp32 x, M > ``TC_MAX_M``) to
+sends every other case of a "tc" weight (CPU, the Triton interpreter, fp32 x, M > ``TCL_MAX_M``) to
 ``w4_dequant.dequantize_w4`` + matmul.
 
 A program owns BLOCK_N output columns and a K range of whole 128-row steps (grid: row tiles, column tiles,
 split-K); a step reads 16 contiguous words per column (one quantization group: the group size is a multiple of
 128). Two tiles over the same words:
 
-- the tensor-core step (2 <= M <= ``TC_MAX_M``, ``_tcl_tile``): operands swapped (out^T = W^T x^T, M is
-  wgmma's N: 16..64 rows per tile), the ``[BLOCK_N, 16]`` word tile unpacked by ``_unpack_words`` (fp16: four LOP3,
+- the tensor-core step (2 <= M <= ``TCL_MAX_M``, ``_tcl_tile``): operands swapped (out^T = W^T x^T, M is
+  wgmma's N: 16..128 rows per tile), the ``[BLOCK_N, 16]`` word tile unpacked by ``_unpack_words`` (fp16: four LOP3,
   one shift and four HSUB2/HFMA2 per word, exact ``code - zero``; bf16: ``w4a16_tc._unpack8``) and relabelled with ``join`` /
   ``permute`` / ``reshape`` only into wgmma's register operand A. In this layout a thread's 4 consecutive
   words hold exactly the (k, k + 1) pairs of its lane in the A fragment, so the relabel stays in registers:
@@ -41,9 +41,13 @@ from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import _MODE_ID, check_out, group_args, splitk_buffers
 from .w4a16_small_m import _num_sms
-from .w4a16_tc import _MAGIC, TC_MAX_M, tc_split
+from .w4a16_tc import _MAGIC, tc_split
 
-__all__ = ["TclConfig", "tcl_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+__all__ = ["TCL_MAX_M", "TclConfig", "tcl_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+
+TCL_MAX_M = 256
+"""Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.29-1.47x faster than dequantize +
+cuBLAS on the Llama-2-7B shapes (H100, ``benchmarks/results/tcl_m256_h100.md``); larger M dequantizes first."""
 
 if HAS_TRITON:
     from .w4a16_gemv import H2_X_SCALE, _epilogue, _fp16_opaque, _half2_words
@@ -240,7 +244,7 @@ class TclConfig:
     """Launch configuration of ``w4a16_tcl`` (``tcl_config`` / ``tcl_m1_config`` give the measured defaults)."""
 
     block_m: int = 16
-    """Rows per program (the wgmma N; a power of two in 16..64; ignored at M = 1); more rows take more tiles."""
+    """Rows per program (the wgmma N; a power of two in 16..256; ignored at M = 1); more rows take more tiles."""
     block_n: int = 64
     """Columns per program: a power of two >= 16 * num_warps (16 rows of the wgmma M per warp)."""
     num_warps: int = 4
@@ -257,14 +261,17 @@ class TclConfig:
             raise ValueError(f"num_stages and programs_per_sm must be positive: {self}")
 
 
-def tcl_config(m: int) -> TclConfig:
-    """Default for 2 <= M <= ``TC_MAX_M`` rows: the fastest of the H100 sweep in M's bucket
-    (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes)."""
-    if m <= 16:  # fastest at M = 2, 8 and 16 on all three shapes
+def tcl_config(m: int, n: int = 4096) -> TclConfig:
+    """Default for 2 <= M <= ``TCL_MAX_M`` rows and N columns: the fastest of the H100 sweeps in M's bucket
+    (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
+    ``tcl_m256_h100.md``: 128-row tiles at M = 128..256)."""
+    if m <= 16:  # within 4% of the fastest at M = 2..16 on all three shapes (the lab sweep's winner)
         return TclConfig(16, 128, 8, 3, 2)
-    if m <= 32:  # fastest on the two large shapes; 0.6% behind the best on 4096x4096
+    if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
-    return TclConfig(64, 64, 4, 3, 2)  # M = 64 and 128 (two row tiles): fastest or within 1% on all shapes
+    if m > 64 and n <= 4096:  # one 128-row tile: 19.1 vs 19.9 us (4096x4096), 36.7 vs 40.5 (11008x4096) at M = 128
+        return TclConfig(128, 64, 4, 3, 1)
+    return TclConfig(64, 64, 4, 3, 2)  # 64-row tiles: fastest or within 1% at M = 64..256 where N = 11008
 
 
 def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
@@ -277,15 +284,15 @@ def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
 
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
     """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, CUDA, compiled
-    Triton, fp16/bf16, 1 <= M <= ``TC_MAX_M``."""
+    Triton, fp16/bf16, 1 <= M <= ``TCL_MAX_M``."""
     return (HAS_TRITON and packed.layout == "tc" and x.is_cuda and not kernels_interpreted()
-            and x.dtype in _MAGIC and x.dim() == 2 and 1 <= x.shape[0] <= TC_MAX_M)
+            and x.dtype in _MAGIC and x.dim() == 2 and 1 <= x.shape[0] <= TCL_MAX_M)
 
 
 def _check(x: torch.Tensor, packs: Sequence[PackedW4], name: str) -> None:
     for p in packs:
         if not tcl_usable(x, p) or p.in_features != x.shape[1]:
-            raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA (compiled Triton, 1 <= M <= {TC_MAX_M}) and "
+            raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA (compiled Triton, 1 <= M <= {TCL_MAX_M}) and "
                              f"'tc'-layout weights with K = {x.shape[1]}; got {x.dtype} {tuple(x.shape)} on "
                              f"{x.device}, layout {p.layout!r}, K = {p.in_features}; use w4a16_linear")
 
@@ -311,7 +318,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
         return out
-    cfg = config or tcl_config(m)
+    cfg = config or tcl_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
@@ -339,7 +346,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     (m, k), widths = x.shape, [p.out_features for p in packs]
     gs = kernel_group_size(first.group_size, k)
     outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
-    cfg = config or (tcl_m1_config(k, max(widths), group=True) if m == 1 else tcl_config(m))
+    cfg = config or (tcl_m1_config(k, max(widths), group=True) if m == 1 else tcl_config(m, max(widths)))
     m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,

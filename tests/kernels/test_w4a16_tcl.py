@@ -79,7 +79,7 @@ def test_layout_choice_and_bad_shapes() -> None:
 
 @pytest.mark.parametrize("k,n,gs", [(256, 48, 128), (512, 200, 256), (384, 64, -1)])
 def test_dequantize_tc_layout_matches_the_reference(k: int, n: int, gs: int) -> None:
-    tensors, packed, tc = _tc_case(k, n, gs, act_order=False, seed=k + n)
+    _, packed, tc = _tc_case(k, n, gs, act_order=False, seed=k + n)
     ref = wk.dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, torch.float32)
     got = dq.dequantize_w4(tc.qweight, tc.qzeros, tc.scales, tc.group_size, torch.float32, layout="tc")
     assert torch.equal(got, ref)
@@ -110,7 +110,8 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
     for bad in ({"block_m": 8}, {"block_n": 32, "num_warps": 4}, {"num_warps": 3}, {"num_stages": 0}):
         with pytest.raises(ValueError):
             tcl.TclConfig(**bad)
-    assert tcl.tcl_config(2).block_m == 16 and tcl.tcl_config(32).block_m == 32 and tcl.tcl_config(128).block_m == 64
+    assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
 
 
 @pytest.mark.gpu
@@ -128,14 +129,16 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
         (11008, 4096, 128, True, 64, torch.bfloat16),
         (4096, 4096, 128, False, 100, torch.float16),  # two row tiles, the second partial
         (4096, 4096, 128, True, 128, torch.float16),
-        (4096, 4096, 128, False, 129, torch.float16),  # above TC_MAX_M: dequantize + matmul
+        (4096, 4096, 128, False, 200, torch.bfloat16),  # one 128-row tile and a partial one
+        (4096, 11008, 128, True, 256, torch.float16),  # four 64-row tiles
+        (4096, 4096, 128, False, 257, torch.float16),  # above TCL_MAX_M: dequantize + matmul
     ],
 )
 def test_gpu_matches_reference(k: int, n: int, gs: int, act_order: bool, m: int, dtype: torch.dtype) -> None:
     tensors, _, tc = _tc_case(k, n, gs, act_order, seed=k + n + m)
     for _ in range(3):  # later calls reuse the semaphores and the fp32 buffer the first left zeroed
         x = torch.randn(m, k, device="cuda").to(dtype)
-        if m <= 128:
+        if m <= tcl.TCL_MAX_M:
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             y = tcl.w4a16_tcl(x, tc, out=out)
             assert y.data_ptr() == out.data_ptr()
