@@ -28,6 +28,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.w4_inputs import random_w4, scratch_clean  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 from inlaid.kernels.w4a16_small_m import w4a16_small_m  # noqa: E402
@@ -61,24 +62,12 @@ def log(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def random_w4(k: int, n: int) -> dict:
-    hi, g = 2**31 - 1, -(-k // GS)
-    return {"qweight": torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
-            "qzeros": torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
-            "scales": (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(),
-            "g_idx": torch.arange(k, device=DEV, dtype=torch.int32) // GS}
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
 
 
-def scratch_clean() -> bool:
-    """True when every shared split-K buffer on the GPU is zero again (the kernels re-zero what they use)."""
-    from inlaid.kernels.w4a16_gemv import _SCRATCH
-
-    return all(int(a.count_nonzero()) == 0 and int(lk.count_nonzero()) == 0 for kept in _SCRATCH.values()
-               for a, lk in kept)
 
 
 def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, int], ...],
@@ -86,7 +75,7 @@ def run(ms: tuple[int, ...], configs: dict[str, dict], shapes: tuple[tuple[int, 
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for k, n in shapes:
         w4_bytes = k * n // 2 + -(-k // GS) * n * 5 // 2
-        raw = [random_w4(k, n) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
+        raw = [random_w4(k, n, GS, DEV) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
         packed = [wk.prepare_w4(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], GS) for c in raw]
         dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(max(2, -(-3 * L2_BYTES // (2 * k * n))))]
         for m in ms:

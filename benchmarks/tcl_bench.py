@@ -31,7 +31,7 @@ from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 from inlaid.kernels import w4a16_tcl as tcl  # noqa: E402
-from inlaid.kernels.w4a16_gemv import _SCRATCH  # noqa: E402
+from inlaid.bench.w4_inputs import random_w4, scratch_clean  # noqa: E402
 
 DEV, GS, L2_BYTES = "cuda", 128, 60 << 20
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -50,24 +50,15 @@ def log(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def random_w4(k: int, n: int) -> dict:
-    hi, g = 2**31 - 1, k // GS
-    return {"qweight": torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
-            "qzeros": torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
-            "scales": (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(),
-            "g_idx": torch.arange(k, device=DEV, dtype=torch.int32) // GS}
 
 
-def clean() -> bool:
-    return all(int(a.count_nonzero()) == 0 and int(lk.count_nonzero()) == 0 for kept in _SCRATCH.values()
-               for a, lk in kept)
 
 
 def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for k, n in shapes:
         w4_bytes = k * n // 2 + k // GS * n * 5 // 2
-        raw = [random_w4(k, n) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
+        raw = [random_w4(k, n, GS, DEV) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
         packs = {lay: [wk.prepare_w4(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], GS, layout=lay) for c in raw]
                  for lay in ("gptq", "tc")}
         dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(max(2, -(-3 * L2_BYTES // (2 * k * n))))]
@@ -92,13 +83,13 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
                     if name != "cublas_fp16":
                         err = float((call(copies[0]).float() - ref).abs().max() / ref.abs().max())
                         torch.cuda.synchronize()
-                        if not (err < 1e-2 and clean()):
+                        if not (err < 1e-2 and scratch_clean()):
                             log(event="wrong", err=err, **row)
                             continue
                         row["err"] = err
                     row["us"] = graph_time_us([lambda c=c: call(c) for c in copies])
                     row["tbps"] = w4_bytes / row["us"] / 1e6
-                    if not clean():
+                    if not scratch_clean():
                         log(event="wrong", err="split-K scratch left dirty", **row)
                         continue
                     log(event="time", **row)
