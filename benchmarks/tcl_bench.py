@@ -61,7 +61,8 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
         raw = [random_w4(k, n, GS, DEV) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
         packs = {lay: [wk.prepare_w4(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], GS, layout=lay) for c in raw]
                  for lay in ("gptq", "tc")}
-        dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(max(2, -(-3 * L2_BYTES // (2 * k * n))))]
+        copies = max(2, -(-3 * L2_BYTES // (2 * k * n)))
+        dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(copies)]
         for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             out = torch.empty(m, n, device=DEV, dtype=torch.float16)
@@ -139,8 +140,9 @@ def to_markdown(seconds: float, command: str) -> str:
     tc_rows = [(r["us"], r["shape"], r["m"], r["impl"]) for r in ROWS
                if r.get("event") == "time" and r["impl"].startswith("tc_")]
     if tc_rows:
-        lines += ["", f"Tensor-core step sweep ({len({i for *_, i in tc_rows})} configs): the fastest three per shape and M "
-                  "(us), against `tcl` (the installed default)"]
+        n_cfg = len({i for *_, i in tc_rows})
+        lines += ["", f"Tensor-core step sweep ({n_cfg} configs): the fastest three per shape and M (us), against "
+                  "`tcl` (the installed default)"]
         for s in shapes:
             for m in ms:
                 row = sorted((us, i) for us, s2, m2, i in tc_rows if s2 == s and m2 == m)[:3]

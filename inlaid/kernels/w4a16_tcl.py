@@ -10,15 +10,17 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
 128). Two tiles over the same words:
 
 - the tensor-core step (2 <= M <= ``TCL_MAX_M``, ``_tcl_tile``): operands swapped (out^T = W^T x^T, M is
-  wgmma's N: 16..128 rows per tile), the ``[BLOCK_N, 16]`` word tile unpacked by ``_unpack_words`` (fp16: four LOP3,
-  one shift and four HSUB2/HFMA2 per word, exact ``code - zero``; bf16: ``w4a16_tc._unpack8``) and relabelled with ``join`` /
-  ``permute`` / ``reshape`` only into wgmma's register operand A. In this layout a thread's 4 consecutive
-  words hold exactly the (k, k + 1) pairs of its lane in the A fragment, so the relabel stays in registers:
-  no shared-memory relayout (STS + LDSM in the GPTQ-layout kernel, ``w4a16_tc``) and no pair shuffles (PRMT):
-  ``python benchmarks/sass_count.py tcl`` counts 3.2-3.8 SASS instructions per weight element in the loop at
-  64 columns, against 4.91 for ``w4a16_tc``'s swapped step. The load puts 8 rows per warp, wgmma wants 16, so
-  row bit 3 moves into the registers and the warp bits up by one (``_rows_to_mma``); the epilogue undoes it so
-  its stores and split-K atomics stay contiguous (F32x4 atomics).
+  wgmma's N: 16..128 rows per tile). The ``[BLOCK_N, 16]`` word tile is unpacked by ``_unpack_words`` (fp16:
+  four LOP3, one shift and four HSUB2/HFMA2 per word, exact ``code - zero``; bf16: ``w4a16_tc._unpack8``) and
+  relabelled with ``join`` / ``permute`` / ``reshape`` only into wgmma's register operand A. In this layout a
+  thread's 4 consecutive words hold exactly the (k, k + 1) pairs of its lane in the A fragment, so the relabel
+  stays in registers: no shared-memory relayout (STS + LDSM in the GPTQ-layout kernel, ``w4a16_tc``) and no
+  pair shuffles (PRMT). ``python benchmarks/sass_count.py tcl`` counts 3.20 / 3.50 / 4.05 SASS instructions
+  per weight element in the loop of the 16- / 32- / 64-row defaults (64 columns; the growth with rows is the
+  once-per-step scaling of the fp32 accumulator), against 4.91 for ``w4a16_tc``'s swapped step at 32 x 64.
+  The load puts 8 rows per warp, wgmma wants 16, so row bit 3 moves into the registers and the warp bits up
+  by one (``_rows_to_mma``); the epilogue undoes it so its stores and split-K atomics stay contiguous (F32x4
+  atomics).
 - the M = 1 GEMV (``_m1_tcl_tile``): ``w4a16_gemv``'s half2 word (``_half2_words``: 4 HFMA2 over the word's
   (j, j + 4) nibble pairs against fp16 x' = x * 2**-7); here the pair (j, j + 4) is the consecutive input pair
   (k, k + 1).
