@@ -12,6 +12,7 @@ it is timed. TB/s counts the packed words, zeros and scales once.
 
     python benchmarks/tcl_bench.py --ms 128,192,256 --out benchmarks/results/tcl_m256_h100  # GPU, ~30 s
     python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
+    python benchmarks/tcl_bench.py --groups --ms 1,8,16,32,64,128 --out benchmarks/results/tcl_group_h100
 """
 
 from __future__ import annotations
@@ -100,6 +101,53 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
         torch.cuda.empty_cache()
 
 
+GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "gate/up": (4096, (11008, 11008))}
+
+
+def run_groups(ms: tuple[int, ...]) -> None:
+    """Sibling weights of one x (Llama-2-7B q/k/v, gate/up) in the tensor-core layout: ``w4a16_linear_group`` as
+    installed vs one ``w4a16_linear`` per weight, each checked against the reference first."""
+    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    for label, (k, widths) in GROUPS.items():
+        copies = max(2, -(-3 * L2_BYTES // (k * sum(widths) // 2)))
+        raw = [[random_w4(k, n, GS, DEV) for n in widths] for _ in range(copies)]
+        sets = [[wk.prepare_w4(r["qweight"], r["qzeros"], r["scales"], r["g_idx"], GS, layout="tc") for r in rs]
+                for rs in raw]
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            row = {"group": label, "m": m}
+            try:
+                for y, r in zip(wk.w4a16_linear_group(x, sets[0], [None] * len(widths)), raw[0]):
+                    ref = gptq_dequant.gptq_linear(x.float(), r["qweight"], r["qzeros"], r["scales"].float(),
+                                                   r["g_idx"], 4)
+                    if not float((y.float() - ref).abs().max() / ref.abs().max()) < 1e-2 or not scratch_clean():
+                        raise ValueError("grouped result differs from the reference")
+                row["grouped"] = graph_time_us([lambda s=s: wk.w4a16_linear_group(x, s, [None] * len(s))
+                                                for s in sets])
+                row["separate"] = graph_time_us([lambda s=s: [wk.w4a16_linear(x, p) for p in s] for s in sets])
+                log(event="group", **row)
+            except Exception as e:  # noqa: BLE001 - one failing row must not stop the run
+                log(event="fail", err=repr(e)[:300], **row)
+        del raw, sets
+        torch.cuda.empty_cache()
+
+
+def groups_markdown(seconds: float, command: str) -> str:
+    env = next(r for r in ROWS if r.get("event") == "env")
+    lines = [f"# Grouped sibling launches on the tensor-core layout ({env['gpu']}, torch {env['torch']}, triton "
+             f"{env['triton']})", "", f"Command: `{command}` ({seconds:.0f} s). us per call of all siblings, CUDA "
+             "graph over weight copies > 3x L2, group 128, fp16. `grouped`: `w4a16_linear_group` as installed "
+             "(one launch where `tcl_group_config` says so, else one per weight); `separate`: one `w4a16_linear` "
+             "per weight.", "", "| siblings | M | separate | grouped | separate / grouped |", "|---|---|---|---|---|"]
+    for r in ROWS:
+        if r.get("event") == "group":
+            lines.append(f"| {r['group']} | {r['m']} | {r['separate']:.2f} | {r['grouped']:.2f} | "
+                         f"{r['separate'] / r['grouped']:.2f} |")
+    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
+    lines += ["", f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")]
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(seconds: float, command: str) -> str:
     env = next(r for r in ROWS if r.get("event") == "env")
     t = {(r["shape"], r["m"], r["impl"]): r["us"] for r in ROWS if r.get("event") == "time"}
@@ -160,6 +208,7 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates")
+    ap.add_argument("--groups", action="store_true", help="instead: q/k/v and gate/up grouped vs one launch each")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
                     "(2 <= M <= 128, tiles of min(64, M) rows)")
     args = ap.parse_args()
@@ -168,12 +217,16 @@ def main() -> int:
     command = "python benchmarks/tcl_bench.py " + " ".join(sys.argv[1:])
     t0 = time.time()
     try:
-        run(ms, shapes, args.sweep_m1, args.sweep)
+        if args.groups:
+            run_groups(ms)
+        else:
+            run(ms, shapes, args.sweep_m1, args.sweep)
     finally:  # a killed or failing run still leaves what it measured
         ROWS.append({"event": "end", "seconds": time.time() - t0})
         Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))
         if any(r.get("event") == "env" for r in ROWS):
-            Path(args.out + ".md").write_text(to_markdown(time.time() - t0, command))
+            page = groups_markdown if args.groups else to_markdown
+            Path(args.out + ".md").write_text(page(time.time() - t0, command))
     return 0
 
 

@@ -26,7 +26,7 @@ gate/up) with one launch of the GEMV (M = 1) or tensor-core kernel (2..16) when 
 
 A weight in the tensor-core layout (``PackedW4.layout == "tc"``: ``serving_layout`` picks it on CUDA where K and
 the group size are multiples of 128) takes ``w4a16_tcl`` for 1 <= M <= ``TCL_MAX_M`` (256; fp16/bf16, compiled; one
-launch for 2-3 weights of one x up to 16 rows) and the dequantize path otherwise.
+launch for 2-3 weights of one x where ``tcl_group_config`` says it pays) and the dequantize path otherwise.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from .w4_layout import (
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
 from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc, w4a16_tc_group
-from .w4a16_tcl import tcl_usable, w4a16_tcl, w4a16_tcl_group
+from .w4a16_tcl import tcl_group_config, tcl_usable, w4a16_tcl, w4a16_tcl_group
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
@@ -248,13 +248,15 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
     """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
     ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
     (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..16 rows; larger
-    M runs one ``w4a16_linear`` per weight."""
+    M runs one ``w4a16_linear`` per weight. "tc"-layout weights group where ``tcl_group_config`` says it pays
+    (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, 64 for wider ones)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
     if all(p.layout == "tc" for p in packs):
-        if m <= SMALL_M_MAX and share_input(x2, packs) and all(tcl_usable(x2, p) for p in packs):
-            ys = w4a16_tcl_group(x2, packs)
+        cfg = tcl_group_config(m, max(p.out_features for p in packs))
+        if cfg is not None and share_input(x2, packs) and all(tcl_usable(x2, p) for p in packs):
+            ys = w4a16_tcl_group(x2, packs, cfg)
     elif triton_usable(x2) and m == 1:
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):

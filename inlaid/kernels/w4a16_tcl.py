@@ -45,7 +45,8 @@ from .w4a16_gemv import _MODE_ID, check_out, group_args, splitk_buffers
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
-__all__ = ["TCL_MAX_M", "TclConfig", "tcl_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+__all__ = ["TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl",
+           "w4a16_tcl_group"]
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.29-1.47x faster than dequantize +
@@ -284,6 +285,22 @@ def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
     return TclConfig(16, 128, 4, 1, 4) if group or k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)
 
 
+def tcl_group_config(m: int, n: int) -> TclConfig | None:
+    """Config of one grouped launch for M rows of 2-3 weights at most ``n`` columns wide, or None where one launch
+    per weight is faster (H100 lab, session 11; the installed choice against separate launches:
+    ``benchmarks/results/tcl_group_h100.md``, ``python benchmarks/tcl_bench.py --groups``). Grouping pays for
+    4096-wide siblings (q/k/v) at every M to 128, for 11008-wide ones (gate/up) only at M = 1 and 17..64."""
+    if m == 1:
+        return tcl_m1_config(4096, n, group=True)
+    if m <= 16:
+        return tcl_config(m, n) if n <= 4096 else None
+    if m <= 32:
+        return TclConfig(32, 64, 4, 3, 2)
+    if m <= 64:
+        return TclConfig(64, 64, 4, 3, 2) if n <= 4096 else TclConfig(64, 64, 4, 2, 2)
+    return TclConfig(64, 64, 4, 2, 2) if n <= 4096 and m <= 128 else None
+
+
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
     """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, CUDA, compiled
     Triton, fp16/bf16, 1 <= M <= ``TCL_MAX_M``."""
@@ -348,7 +365,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     (m, k), widths = x.shape, [p.out_features for p in packs]
     gs = kernel_group_size(first.group_size, k)
     outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
-    cfg = config or (tcl_m1_config(k, max(widths), group=True) if m == 1 else tcl_config(m, max(widths)))
+    cfg = config or tcl_group_config(m, max(widths)) or tcl_config(m, max(widths))
     m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,

@@ -155,8 +155,16 @@ def test_gpu_configs_and_splits(m: int) -> None:
         _check(tcl.w4a16_tcl(x, tc, config=cfg), x, tensors, tc)
 
 
+def test_group_config_says_where_one_launch_pays() -> None:
+    assert tcl.tcl_group_config(1, 11008) is not None and tcl.tcl_group_config(8, 4096) is not None
+    assert tcl.tcl_group_config(8, 11008) is None  # gate/up at a few rows: separate launches are faster
+    assert tcl.tcl_group_config(32, 11008).block_m == 32 and tcl.tcl_group_config(64, 11008).num_stages == 2
+    assert tcl.tcl_group_config(128, 4096) is not None and tcl.tcl_group_config(128, 11008) is None
+    assert tcl.tcl_group_config(200, 4096) is None
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("m", [1, 4, 16, 32, 64, 100])
 def test_gpu_group_matches_separate_calls(m: int) -> None:
     cases = [_tc_case(4096, n, 128, act_order=False, seed=n + m) for n in (4096, 1024, 1024)]
     x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
