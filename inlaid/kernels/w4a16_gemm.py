@@ -249,7 +249,7 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
     ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
     (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..16 rows; larger
     M runs one ``w4a16_linear`` per weight. "tc"-layout weights group where ``tcl_group_config`` says it pays
-    (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, 64 for wider ones)."""
+    (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, M = 1 and 17..64 for wider ones)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
