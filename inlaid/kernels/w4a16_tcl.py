@@ -49,7 +49,7 @@ __all__ = ["TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_c
            "w4a16_tcl_group"]
 
 TCL_MAX_M = 256
-"""Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.29-1.47x faster than dequantize +
+"""Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
 cuBLAS on the Llama-2-7B shapes (H100, ``benchmarks/results/tcl_m256_h100.md``); larger M dequantizes first."""
 
 if HAS_TRITON:
