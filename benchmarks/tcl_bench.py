@@ -132,6 +132,11 @@ def run_groups(ms: tuple[int, ...]) -> None:
         torch.cuda.empty_cache()
 
 
+def rejected_line() -> str:
+    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
+    return f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")
+
+
 def groups_markdown(seconds: float, command: str) -> str:
     env = next(r for r in ROWS if r.get("event") == "env")
     lines = [f"# Grouped sibling launches on the tensor-core layout ({env['gpu']}, torch {env['torch']}, triton "
@@ -143,9 +148,7 @@ def groups_markdown(seconds: float, command: str) -> str:
         if r.get("event") == "group":
             lines.append(f"| {r['group']} | {r['m']} | {r['separate']:.2f} | {r['grouped']:.2f} | "
                          f"{r['separate'] / r['grouped']:.2f} |")
-    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
-    lines += ["", f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", rejected_line()]) + "\n"
 
 
 def to_markdown(seconds: float, command: str) -> str:
@@ -197,9 +200,7 @@ def to_markdown(seconds: float, command: str) -> str:
                 if row:
                     lines.append(f"- {s}, M = {m}: " + ", ".join(f"{i} {us:.2f}" for us, i in row)
                                  + f" (tcl {t[(s, m, 'tcl')]:.2f})")
-    bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
-    lines += ["", f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", rejected_line()]) + "\n"
 
 
 def main() -> int:
