@@ -81,12 +81,12 @@ def main() -> int:
         from inlaid.kernels.w4a16_tcl import _w4_tcl_kernel as fn
         ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_zg", "stride_sg", "stride_om")
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
-                 "NUM_STAGES": args.stages, "WARPS": args.warps, "BF16": False, "MAGIC": 0x6400}
+                 "NUM_STAGES": args.stages, "WARPS": args.warps, "BF16": False, "MAGIC": 0x6400, "PTX": True}
         elems = args.block_n * 128
     elif args.kernel == "tcl1":
         from inlaid.kernels.w4a16_tcl import _w4_tcl_m1_kernel as fn
         ints = ("N", "K", "k_per_split", "n_split", "stride_zg", "stride_sg", "stride_om")
-        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages}
+        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages, "PTX": True}
         elems = args.block_n * 128
     else:
         from inlaid.kernels import w4a16_tc

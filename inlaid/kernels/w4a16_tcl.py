@@ -1,9 +1,11 @@
 """W4A16 on the tensor-core layout (``PackedW4.layout == "tc"``), M = 1..``TCL_MAX_M``: Triton kernels + launchers.
 
 Torch reference: ``gptq_dequant.gptq_linear`` on ``w4_layout.from_tc_layout(qweight)``; the layout (which input
-row each nibble holds) is defined in ``w4_layout``. CUDA only, compiled (inline PTX); ``w4a16_gemm.w4a16_linear``
-sends every other case of a "tc" weight (CPU, the Triton interpreter, fp32 x, M > ``TCL_MAX_M``) to
-``w4_dequant.dequantize_w4`` + matmul.
+row each nibble holds) is defined in ``w4_layout``. Served on CUDA, compiled (inline PTX). Under the Triton
+interpreter (the CPU tests) the same kernels run with ``PTX`` off: plain shifts and masks instead of the PTX
+unpack, so the layout and relabel logic is tested on every CI run. ``w4a16_gemm.w4a16_linear`` sends every other
+case of a "tc" weight (CPU without the interpreter, fp32 x, M > ``TCL_MAX_M``) to ``w4_dequant.dequantize_w4`` +
+matmul.
 
 A program owns BLOCK_N output columns and a K range of whole 128-row steps (grid: row tiles, column tiles,
 split-K); a step reads 16 contiguous words per column (one quantization group: the group size is a multiple of
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
+from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import _MODE_ID, check_out, group_args, splitk_buffers
 from .w4a16_small_m import _num_sms
@@ -81,9 +83,16 @@ if HAS_TRITON:
     }""")
 
     @triton.jit
-    def _unpack_words(q, zc, BF16: tl.constexpr, MAGIC: tl.constexpr):
+    def _unpack_words(q, zc, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr):
         """8 tensors ``code_j - zero`` (j = nibble) of the int32 words ``q``; ``zc`` = zero + 1 (the GPTQ +1),
-        broadcastable to q. fp16: ``_ASM9_F16``; bf16: ``w4a16_tc._unpack8``."""
+        broadcastable to q. fp16: ``_ASM9_F16``; bf16: ``w4a16_tc._unpack8``; without ``PTX`` (the Triton
+        interpreter, which runs no inline assembly) plain shifts and masks, the same exact values."""
+        if not PTX:
+            dt = tl.bfloat16 if BF16 else tl.float16
+            return (((q & 0xF) - zc).to(dt), (((q >> 4) & 0xF) - zc).to(dt), (((q >> 8) & 0xF) - zc).to(dt),
+                    (((q >> 12) & 0xF) - zc).to(dt), (((q >> 16) & 0xF) - zc).to(dt),
+                    (((q >> 20) & 0xF) - zc).to(dt), (((q >> 24) & 0xF) - zc).to(dt),
+                    (((q >> 28) & 0xF) - zc).to(dt))
         if BF16:
             zh = zc + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
             return _unpack8(q, tl.broadcast_to(zh | (zh << 16), q.shape), True)
@@ -112,7 +121,8 @@ if HAS_TRITON:
     def _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
                   stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
                   GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-                  NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+                  NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+                  PTX: tl.constexpr):
         """One program of the tensor-core step: rows ``pid_m`` (of ``m_tiles``), columns ``pid_n``, K range
         ``pid_k`` (module docstring)."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,17 +131,20 @@ if HAS_TRITON:
         offs_c = tl.arange(0, 16)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        k_lo = tl.multiple_of(pid_k * k_per_split, STEP)
+        k_lo = pid_k * k_per_split
+        if PTX:  # a hint for the compiler's vectorization (the interpreter has no use for it)
+            k_lo = tl.multiple_of(k_lo, STEP)
         k_hi = tl.minimum(k_lo + k_per_split, K)
         zshift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
-            q = tl.load(qw_ptr + ((k0 // STEP) * N + offs_n)[:, None] * 16 + offs_c[None, :],
+            step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
+            q = tl.load(qw_ptr + (step * N + offs_n)[:, None] * 16 + offs_c[None, :],
                         mask=mask_n[:, None], other=0, eviction_policy="evict_first")  # [BLOCK_N, 16] words
             g = k0 // GROUP_SIZE
             s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
             z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack_words(q, (((z >> zshift) & 0xF) + 1)[:, None], BF16, MAGIC)
+            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack_words(q, (((z >> zshift) & 0xF) + 1)[:, None], BF16, MAGIC, PTX)
             # e[n, c, j2, j1, j0] = nibble 4 j2 + 2 j1 + j0 of word c = 4t + v; as [n, v, j1, j0, t, j2] its K index
             # is 32v + 16j1 + 8j0 + 2t + j2, the input row w4_layout stores there
             e = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
@@ -145,14 +158,30 @@ if HAS_TRITON:
                   n_split, MODE)
 
     @triton.jit
+    def _plain_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7):
+        """fp32 [16, N]: each word's sum of (code_j - zero) * x_j (``x_j`` [16] fp32, ``zc`` [N] = zero + 1)."""
+        z = zc[None, :]
+        t = ((q & 0xF) - z).to(tl.float32) * x0[:, None]
+        t += (((q >> 4) & 0xF) - z).to(tl.float32) * x1[:, None]
+        t += (((q >> 8) & 0xF) - z).to(tl.float32) * x2[:, None]
+        t += (((q >> 12) & 0xF) - z).to(tl.float32) * x3[:, None]
+        t += (((q >> 16) & 0xF) - z).to(tl.float32) * x4[:, None]
+        t += (((q >> 20) & 0xF) - z).to(tl.float32) * x5[:, None]
+        t += (((q >> 24) & 0xF) - z).to(tl.float32) * x6[:, None]
+        return t + (((q >> 28) & 0xF) - z).to(tl.float32) * x7[:, None]
+
+    @triton.jit
     def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
-        """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring)."""
+                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr):
+        """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring); without ``PTX``
+        (the interpreter) the same sums in fp32 from plain shifts and masks."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_c = tl.arange(0, 16)
-        k_lo = tl.multiple_of(pid_k * k_per_split, STEP)
+        k_lo = pid_k * k_per_split
+        if PTX:  # a hint for the compiler's vectorization (the interpreter has no use for it)
+            k_lo = tl.multiple_of(k_lo, STEP)
         k_hi = tl.minimum(k_lo + k_per_split, K)
         zshift = (offs_n % 8) * 4
         cc = offs_c[:, None, None, None]
@@ -160,7 +189,8 @@ if HAS_TRITON:
                  + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
-            q = tl.load(qw_ptr + ((k0 // STEP) * N + offs_n)[None, :] * 16 + offs_c[:, None],
+            step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
+            q = tl.load(qw_ptr + (step * N + offs_n)[None, :] * 16 + offs_c[:, None],
                         mask=mask_n[None, :], other=0, eviction_policy="evict_first")  # [16, BLOCK_N] words
             g = k0 // GROUP_SIZE
             s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -168,7 +198,9 @@ if HAS_TRITON:
             zc = ((z >> zshift) & 0xF) + 1
             # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
             # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
-            xs = _fp16_opaque(tl.load(x_ptr + k0 + x_idx).to(tl.float32) * H2_X_SCALE)
+            xs = tl.load(x_ptr + k0 + x_idx).to(tl.float32)
+            if PTX:
+                xs = _fp16_opaque(xs * H2_X_SCALE)
             lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
             lo0, lo1 = tl.split(lo)  # j0 = 0 / 1
             hi0, hi1 = tl.split(hi)
@@ -176,8 +208,14 @@ if HAS_TRITON:
             x1, x3 = tl.split(lo1)
             x4, x6 = tl.split(hi0)
             x5, x7 = tl.split(hi1)
-            acc += _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N) * s[None, :]
-        out = tl.sum(acc, axis=0)[None, :] * (1.0 / H2_X_SCALE)
+            if PTX:
+                t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
+            else:
+                t = _plain_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7)
+            acc += t * s[None, :]
+        out = tl.sum(acc, axis=0)[None, :]
+        if PTX:
+            out = out * (1.0 / H2_X_SCALE)
         _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
                   MODE)
 
@@ -186,60 +224,64 @@ if HAS_TRITON:
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_zg, stride_sg, stride_om,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
     ):
         # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
         _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
                   stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                  tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC)
+                  tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
 
     @triton.jit
     def _w4_tcl_group_kernel(
         x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
     ):
         """``_w4_tcl_kernel`` for 2-3 weights of one x: column tile ``pid`` belongs to weight 0 below ``nt0``
         tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous tensors: row strides are the widths)."""
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         if pid < nt0:
             _tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0 // 8, n0,
-                      n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC)
+                      n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC,
+                      PTX)
         elif pid < nt0 + nt1:
             _tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1 // 8, n1,
                       n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16,
-                      MAGIC)
+                      MAGIC, PTX)
         else:
             _tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2 // 8, n2,
                       n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS,
-                      BF16, MAGIC)
+                      BF16, MAGIC, PTX)
 
     @triton.jit
     def _w4_tcl_m1_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg, stride_sg,
         stride_om, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        PTX: tl.constexpr,
     ):
         _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg,
-                     stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+                     stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES,
+                     PTX)
 
     @triton.jit
     def _w4_tcl_m1_group_kernel(
         x_ptr, K, k_per_split, n_split, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        PTX: tl.constexpr,
     ):
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above)."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         if pid < nt0:
             _m1_tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0 // 8, n0, n0, pid,
-                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
         elif pid < nt0 + nt1:
             _m1_tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1 // 8, n1, n1,
-                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
         else:
             _m1_tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2 // 8, n2, n2,
-                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES)
+                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
 
 
 @dataclass(frozen=True)
@@ -302,18 +344,19 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
 
 
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
-    """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, CUDA, compiled
-    Triton, fp16/bf16, 1 <= M <= ``TCL_MAX_M``."""
-    return (HAS_TRITON and packed.layout == "tc" and x.is_cuda and not kernels_interpreted()
+    """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, fp16/bf16,
+    1 <= M <= ``TCL_MAX_M``, compiled Triton on CUDA or the Triton interpreter (``PTX`` off: the tests)."""
+    return (HAS_TRITON and packed.layout == "tc" and triton_usable(x)
             and x.dtype in _MAGIC and x.dim() == 2 and 1 <= x.shape[0] <= TCL_MAX_M)
 
 
 def _check(x: torch.Tensor, packs: Sequence[PackedW4], name: str) -> None:
     for p in packs:
         if not tcl_usable(x, p) or p.in_features != x.shape[1]:
-            raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA (compiled Triton, 1 <= M <= {TCL_MAX_M}) and "
-                             f"'tc'-layout weights with K = {x.shape[1]}; got {x.dtype} {tuple(x.shape)} on "
-                             f"{x.device}, layout {p.layout!r}, K = {p.in_features}; use w4a16_linear")
+            raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA or under the Triton interpreter (1 <= M <= "
+                             f"{TCL_MAX_M}) and 'tc'-layout weights with K = {x.shape[1]}; got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}, layout {p.layout!r}, K = {p.in_features}; use "
+                             "w4a16_linear")
 
 
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
@@ -325,7 +368,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
     (m, k), n = x.shape, packed.out_features
     out = check_out(out, x, m, n)
     gs = kernel_group_size(packed.group_size, k)
-    sms = _num_sms(x.device.index or 0)
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's split
     if m == 1:
         cfg = config or tcl_m1_config(k, n)
         n_tiles = triton.cdiv(n, cfg.block_n)
@@ -335,7 +378,8 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         _w4_tcl_m1_kernel[(n_tiles, split)](
             x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, n, k, k_per, split,
             packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
-            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
+            num_warps=cfg.num_warps)
         return out
     cfg = config or tcl_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
@@ -346,7 +390,8 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, m, n, k, k_per, split,
         x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-        WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps)
+        WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
+            num_warps=cfg.num_warps)
     return out
 
 
@@ -368,8 +413,8 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     cfg = config or tcl_group_config(m, max(widths)) or tcl_config(m, max(widths))
     m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
-    split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
-                            m_tiles)
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's split
+    split, k_per = tc_split(k, sum(widths), cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
     bufs = [(out, out) for out in outs]  # MODE 0 writes out directly
     if mode:
@@ -381,10 +426,12 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     if m == 1:
         _w4_tcl_m1_group_kernel[(sum(tiles), split)](
             x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs),
-            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
+            num_warps=cfg.num_warps)
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles), split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
             GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-            WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], num_warps=cfg.num_warps)
+            WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
+            num_warps=cfg.num_warps)
     return outs

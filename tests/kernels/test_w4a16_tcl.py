@@ -1,8 +1,9 @@
 """The tensor-core layout (``w4_layout.to_tc_layout``) and its kernels (``w4a16_tcl``) vs the torch GPTQ reference.
 
 On CPU: the layout's row map (checked nibble by nibble against the checkpoint's codes), its inverse, the
-dequantize kernel under the Triton interpreter, ``w4a16_linear``'s fallback for a "tc" weight and the layout
-choice. The kernels themselves use inline PTX, so their numeric tests are ``gpu`` tests: every output starts
+dequantize kernel and the kernels themselves under the Triton interpreter (``PTX`` off: plain shifts instead of
+the inline-PTX unpack, the same layout and relabel math) at small shapes, ``w4a16_linear``'s paths for a "tc"
+weight and the layout choice. The ``gpu`` tests run the PTX kernels at the 7B shapes. Every output starts
 NaN-poisoned, the reference reads the original (unsorted) g_idx, and every call must leave ``PackedW4.locks`` /
 ``PackedW4.acc`` and the shared split-K scratch zeroed.
 """
@@ -104,14 +105,41 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
     x = torch.randn(2, 256, device=DEVICE).half()
     with pytest.raises(ValueError, match="'tc'-layout weights"):
         tcl.w4a16_tcl(x, packed)  # a GPTQ-layout weight
-    if not tcl.tcl_usable(x, tc):  # CPU / interpreter: no inline PTX
+    if not tcl.tcl_usable(x, tc):  # CPU without the interpreter
         with pytest.raises(ValueError, match="w4a16_tcl needs"):
             tcl.w4a16_tcl(x, tc)
+    with pytest.raises(ValueError, match="w4a16_tcl needs"):
+        tcl.w4a16_tcl(x.float(), tc)  # fp32 x: the dequantize path's (w4a16_linear)
     for bad in ({"block_m": 8}, {"block_n": 32, "num_warps": 4}, {"num_warps": 3}, {"num_stages": 0}):
         with pytest.raises(ValueError):
             tcl.TclConfig(**bad)
     assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
+
+
+# bf16 only at M = 1 (no tl.dot): the interpreter's bf16 tl.dot is wrong (1e9 errors), and the GPU tests cover
+# bf16 on the tensor-core step
+@pytest.mark.parametrize("m,dtype,act_order", [(1, torch.float16, True), (1, torch.bfloat16, False),
+                                                (5, torch.float16, False), (17, torch.float16, True),
+                                                (40, torch.float16, True)])
+def test_kernels_match_reference_on_any_device(m: int, dtype: torch.dtype, act_order: bool) -> None:
+    """Small shapes, every split and relabel path (under the interpreter on CPU: ``PTX`` off, the same layout
+    math): 2 steps of K, N not a multiple of the tile, 4- and 8-warp relabels, split-K and none."""
+    tensors, _, tc = _tc_case(256, 200, 128, act_order, seed=m)
+    x = torch.randn(m, 256, device=DEVICE).to(dtype)
+    _check(tcl.w4a16_tcl(x, tc), x, tensors, tc)
+    for cfg in (tcl.TclConfig(16, 64, 4, 2, 8), tcl.TclConfig(32, 128, 8, 2, 1), tcl.TclConfig(64, 64, 4, 2, 1)):
+        out = torch.full((m, 200), float("nan"), device=DEVICE, dtype=dtype)
+        _check(tcl.w4a16_tcl(x, tc, out=out, config=cfg), x, tensors, tc)
+
+
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_group_matches_reference_on_any_device(m: int) -> None:
+    cases = [_tc_case(256, n, 128, act_order=False, seed=n + m) for n in (128, 64, 72)]
+    x = torch.randn(m, 256, device=DEVICE).half()
+    for cfg in (None, tcl.TclConfig(64 if m > 32 else 16, 64, 4, 2, 4)):
+        for y, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(x, [c[2] for c in cases], cfg), cases):
+            _check(y, x, tensors, tc)
 
 
 @pytest.mark.gpu
