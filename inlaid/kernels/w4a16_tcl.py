@@ -86,13 +86,12 @@ if HAS_TRITON:
     def _unpack_words(q, zc, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr):
         """8 tensors ``code_j - zero`` (j = nibble) of the int32 words ``q``; ``zc`` = zero + 1 (the GPTQ +1),
         broadcastable to q. fp16: ``_ASM9_F16``; bf16: ``w4a16_tc._unpack8``; without ``PTX`` (the Triton
-        interpreter, which runs no inline assembly) plain shifts and masks, the same exact values."""
-        if not PTX:
-            dt = tl.bfloat16 if BF16 else tl.float16
-            return (((q & 0xF) - zc).to(dt), (((q >> 4) & 0xF) - zc).to(dt), (((q >> 8) & 0xF) - zc).to(dt),
-                    (((q >> 12) & 0xF) - zc).to(dt), (((q >> 16) & 0xF) - zc).to(dt),
-                    (((q >> 20) & 0xF) - zc).to(dt), (((q >> 24) & 0xF) - zc).to(dt),
-                    (((q >> 28) & 0xF) - zc).to(dt))
+        interpreter, which runs no inline assembly) plain shifts and masks, the same exact values in fp32."""
+        if not PTX:  # fp32 (exact): the interpreter's bf16 conversions and dot are wrong (docs/kernels.md, "Tests")
+            f = tl.float32
+            return (((q & 0xF) - zc).to(f), (((q >> 4) & 0xF) - zc).to(f), (((q >> 8) & 0xF) - zc).to(f),
+                    (((q >> 12) & 0xF) - zc).to(f), (((q >> 16) & 0xF) - zc).to(f), (((q >> 20) & 0xF) - zc).to(f),
+                    (((q >> 24) & 0xF) - zc).to(f), (((q >> 28) & 0xF) - zc).to(f))
         if BF16:
             zh = zc + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
             return _unpack8(q, tl.broadcast_to(zh | (zh << 16), q.shape), True)
@@ -152,7 +151,10 @@ if HAS_TRITON:
             w = _rows_to_mma(w, BLOCK_N, WARPS, STEP)
             xk = k0 + tl.arange(0, STEP)  # K and the split are whole steps: no K mask
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=mask_m[None, :], other=0.0)
-            acc += tl.dot(w, xt) * s
+            if PTX:
+                acc += tl.dot(w, xt) * s
+            else:  # the interpreter: fp32 operands (w is fp32 there)
+                acc += tl.dot(w, xt.to(tl.float32)) * s
         acc = tl.trans(_rows_from_mma(acc, BLOCK_N, WARPS, BLOCK_M))
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n * m_tiles + pid_m,
                   n_split, MODE)

@@ -117,11 +117,9 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
 
 
-# bf16 only at M = 1 (no tl.dot): the interpreter's bf16 tl.dot is wrong (1e9 errors), and the GPU tests cover
-# bf16 on the tensor-core step
 @pytest.mark.parametrize("m,dtype,act_order", [(1, torch.float16, True), (1, torch.bfloat16, False),
-                                                (5, torch.float16, False), (17, torch.float16, True),
-                                                (40, torch.float16, True)])
+                                                (5, torch.bfloat16, False), (17, torch.float16, True),
+                                                (40, torch.bfloat16, True)])
 def test_kernels_match_reference_on_any_device(m: int, dtype: torch.dtype, act_order: bool) -> None:
     """Small shapes, every split and relabel path (under the interpreter on CPU: ``PTX`` off, the same layout
     math): 2 steps of K, N not a multiple of the tile, 4- and 8-warp relabels, split-K and none."""
