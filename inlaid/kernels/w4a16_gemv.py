@@ -276,23 +276,31 @@ if HAS_TRITON:
             _m1_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2, n2 // 8, n2, n2,
                      pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
 
+    def h2_unpack_ptx(word: str, z1: str, z2: str) -> str:
+        """PTX that unpacks the int32 ``word`` into half2 registers t0..t3 = (code_j - zero, code_j+4 - zero),
+        j = 0..3, exactly (needs ``.reg .b32 t0, t1, t2, t3, q2, c16``). One LOP3 with ``0x64006400`` makes
+        (1024 + code_j, 1024 + code_j+4); nibbles 1/5 and 3/7 are read in place at 16x and scaled back by the HFMA2
+        that subtracts: (1024 + 16c) / 16 - (64 + z) = c - z (ulp 1/16 at 64..128). ``z1`` = half2 of
+        1024 + zero, ``z2`` = half2 of -(64 + zero). Shared by this module's M = 1 word and ``w4a16_tcl``."""
+        return f"""mov.b32 c16, 0x2C002C00;
+    lop3.b32 t0, {word}, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, {word}, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 q2, {word}, 8;
+    lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
+    sub.f16x2 t0, t0, {z1};
+    fma.rn.f16x2 t1, t1, c16, {z2};
+    sub.f16x2 t2, t2, {z1};
+    fma.rn.f16x2 t3, t3, c16, {z2};
+    """  # lop3 0xEA = (a & b) | c; 0x2C00 = fp16 1/16
+
     # One word of the half2 path: $1 = the word, $2..$5 = half2 (x'_j, x'_j+4) for j = 0..3, $6 = half2 of
     # 1024 + zero, $7 = half2 of -(64 + zero); $0 = fp32 sum of the word's 8 products (module docstring).
     _ASM_WORD_H2 = tl.constexpr("""{
     .reg .b32 t0, t1, t2, t3, q2, a, c16;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    mov.b32 c16, 0x2C002C00;
-    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 q2, $1, 8;
-    lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
-    sub.f16x2 t0, t0, $6;
-    fma.rn.f16x2 t1, t1, c16, $7;
-    sub.f16x2 t2, t2, $6;
-    fma.rn.f16x2 t3, t3, c16, $7;
-    mul.rn.f16x2 a, t0, $2;
+    """ + h2_unpack_ptx("$1", "$6", "$7") + """mul.rn.f16x2 a, t0, $2;
     fma.rn.f16x2 a, t1, $3, a;
     fma.rn.f16x2 a, t2, $4, a;
     fma.rn.f16x2 a, t3, $5, a;
@@ -300,7 +308,7 @@ if HAS_TRITON:
     cvt.f32.f16 flo, lo;
     cvt.f32.f16 fhi, hi;
     add.f32 $0, flo, fhi;
-    }""")  # lop3 0xEA = (a & b) | c; 0x2C00 = fp16 1/16; 1024 + 16 c scaled by 1/16 is 64 + c
+    }""")
     H2_X_SCALE = tl.constexpr(0.0078125)
     """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum to at most
     2**15 in magnitude."""
@@ -332,6 +340,19 @@ if HAS_TRITON:
              tl.broadcast_to(_half2_pair(x2, x6)[:, None], shp), tl.broadcast_to(_half2_pair(x3, x7)[:, None], shp),
              tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
             dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
+        """fp32 [BKW, BLOCK_N]: each word's sum of (code_j - zero) * x_j over its 8 nibbles (``_nibble_pair``);
+        ``zc`` [BLOCK_N] = zero + 1, ``x0..x7`` [BKW] fp32 x of nibble j of every word row. The fp32 tile, and
+        ``w4a16_tcl``'s M = 1 tile under the interpreter."""
+        zf = zc.to(tl.float32)
+        hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
+        t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
+        t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
+        t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
+        return _nibble_pair(t, q, hi, x3, x7, zf, 3)
 
     @triton.jit
     def _m1_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_qk,
@@ -373,13 +394,7 @@ if HAS_TRITON:
             if HALF2:
                 t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW, BLOCK_N)
             else:
-                zf = zc.to(tl.float32)
-                hi = q >> 16  # nibbles 4..7 at bits 0..15 (the sign bits above are masked off)
-                t = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-                t = _nibble_pair(t, q, hi, x0, x4, zf, 0)
-                t = _nibble_pair(t, q, hi, x1, x5, zf, 1)
-                t = _nibble_pair(t, q, hi, x2, x6, zf, 2)
-                t = _nibble_pair(t, q, hi, x3, x7, zf, 3)
+                t = _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW, BLOCK_N)
             acc += t * s[None, :]
         out = tl.sum(acc, axis=0)[None, :]
         if HALF2:

@@ -18,8 +18,9 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   thread's 4 consecutive words hold exactly the (k, k + 1) pairs of its lane in the A fragment, so the relabel
   stays in registers: no shared-memory relayout (STS + LDSM in the GPTQ-layout kernel, ``w4a16_tc``) and no
   pair shuffles (PRMT). ``python benchmarks/sass_count.py tcl`` counts 3.20 / 3.50 / 4.05 SASS instructions
-  per weight element in the loop of the 16- / 32- / 64-row defaults (64 columns; the growth with rows is the
-  once-per-step scaling of the fp32 accumulator), against 4.91 for ``w4a16_tc``'s swapped step at 32 x 64.
+  per weight element in the loop of the 16- / 32- / 64-row defaults (64 columns; the rows add the once-per-step
+  scaling of the fp32 accumulator, 8 / 16 / 32 FFMA, and the x tile's masks and copies, 12 / 23 / 39 ISETP,
+  SEL and LDGSTS), against 4.91 for ``w4a16_tc``'s swapped step at 32 x 64.
   The load puts 8 rows per warp, wgmma wants 16, so row bit 3 moves into the registers and the warp bits up
   by one (``_rows_to_mma``); the epilogue undoes it so its stores and split-K atomics stay contiguous (F32x4
   atomics).
@@ -43,7 +44,14 @@ import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
-from .w4a16_gemv import _MODE_ID, check_out, group_args, splitk_buffers
+from .w4a16_gemv import (
+    _MODE_ID,
+    check_out,
+    group_args,
+    share_input,
+    splitk_buffers,
+    splitk_scratch,
+)
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
@@ -55,31 +63,27 @@ TCL_MAX_M = 256
 cuBLAS on the Llama-2-7B shapes (H100, ``benchmarks/results/tcl_m256_h100.md``); larger M dequantizes first."""
 
 if HAS_TRITON:
-    from .w4a16_gemv import H2_X_SCALE, _epilogue, _fp16_opaque, _half2_words
+    from .w4a16_gemv import (
+        H2_X_SCALE,
+        _epilogue,
+        _fp16_opaque,
+        _fp32_words,
+        _half2_words,
+        h2_unpack_ptx,
+    )
     from .w4a16_tc import _unpack8
 
     STEP = tl.constexpr(TC_STEP)
 
-    # fp16 unpack of one word in 9 PTX instructions (``w4a16_tc._unpack8`` takes 11): nibbles 1/5 and 3/7 are
-    # read in place at 16x (no shift) and scaled back by the HFMA2 that subtracts, (1024 + 16c) / 16 - (64 + z)
-    # = c - z exactly (ulp 1/16 at 64..128). $9 = half2(1024 + z), $10 = half2(-(64 + z)); outputs as _unpack8's:
-    # $j = code_j - zero for nibble j (the low half of register j % 4 holds j < 4, the high half j + 4)
+    # fp16 unpack of one word in 9 PTX instructions (``w4a16_tc._unpack8`` takes 11: ``h2_unpack_ptx``).
+    # $8 = the word, $9 = half2(1024 + z), $10 = half2(-(64 + z)); outputs as _unpack8's: $j = code_j - zero for
+    # nibble j (the low half of register j % 4 holds j < 4, the high half j + 4)
     _ASM9_F16 = tl.constexpr("""{
-    .reg .b32 a, b, c, d, s, c16;
-    mov.b32 c16, 0x2C002C00;
-    lop3.b32 a, $8, 0x000f000f, 0x64006400, 0xea;
-    lop3.b32 b, $8, 0x00f000f0, 0x64006400, 0xea;
-    shr.u32 s, $8, 8;
-    lop3.b32 c, s, 0x000f000f, 0x64006400, 0xea;
-    lop3.b32 d, s, 0x00f000f0, 0x64006400, 0xea;
-    sub.f16x2 a, a, $9;
-    fma.rn.f16x2 b, b, c16, $10;
-    sub.f16x2 c, c, $9;
-    fma.rn.f16x2 d, d, c16, $10;
-    mov.b32 {$0, $4}, a;
-    mov.b32 {$1, $5}, b;
-    mov.b32 {$2, $6}, c;
-    mov.b32 {$3, $7}, d;
+    .reg .b32 t0, t1, t2, t3, q2, c16;
+    """ + h2_unpack_ptx("$8", "$9", "$10") + """mov.b32 {$0, $4}, t0;
+    mov.b32 {$1, $5}, t1;
+    mov.b32 {$2, $6}, t2;
+    mov.b32 {$3, $7}, t3;
     }""")
 
     @triton.jit
@@ -160,19 +164,6 @@ if HAS_TRITON:
                   n_split, MODE)
 
     @triton.jit
-    def _plain_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7):
-        """fp32 [16, N]: each word's sum of (code_j - zero) * x_j (``x_j`` [16] fp32, ``zc`` [N] = zero + 1)."""
-        z = zc[None, :]
-        t = ((q & 0xF) - z).to(tl.float32) * x0[:, None]
-        t += (((q >> 4) & 0xF) - z).to(tl.float32) * x1[:, None]
-        t += (((q >> 8) & 0xF) - z).to(tl.float32) * x2[:, None]
-        t += (((q >> 12) & 0xF) - z).to(tl.float32) * x3[:, None]
-        t += (((q >> 16) & 0xF) - z).to(tl.float32) * x4[:, None]
-        t += (((q >> 20) & 0xF) - z).to(tl.float32) * x5[:, None]
-        t += (((q >> 24) & 0xF) - z).to(tl.float32) * x6[:, None]
-        return t + (((q >> 28) & 0xF) - z).to(tl.float32) * x7[:, None]
-
-    @triton.jit
     def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr):
@@ -213,7 +204,7 @@ if HAS_TRITON:
             if PTX:
                 t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
             else:
-                t = _plain_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7)
+                t = _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
             acc += t * s[None, :]
         out = tl.sum(acc, axis=0)[None, :]
         if PTX:
@@ -316,26 +307,28 @@ def tcl_config(m: int, n: int = 4096) -> TclConfig:
         return TclConfig(16, 64, 4, 4, 4)
     if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
-    if m > 64 and n <= 4096:  # one 128-row tile: 19.1 vs 19.9 us (4096x4096), 36.7 vs 40.5 (11008x4096) at M = 128
+    if m > 64 and n <= 4096:  # one 128-row tile; M = 128, two 64-row tiles (tcl_h100.md) -> one (tcl_m256_h100.md,
+        # another run): 4096x4096 19.90 -> 19.22 us, 11008x4096 40.26 -> 36.49; the lab (call 13) agreed in one run
         return TclConfig(128, 64, 4, 3, 1)
-    return TclConfig(64, 64, 4, 3, 2)  # 64-row tiles: fastest or within 1% at M = 64..256 where N = 11008
+    # fastest or within 1% at M = 64 (tcl_h100.md), and at 128..256 where N = 11008 (lab, call 13)
+    return TclConfig(64, 64, 4, 3, 2)
 
 
-def tcl_m1_config(k: int, n: int, group: bool = False) -> TclConfig:
-    """Default of the M = 1 GEMV for one K x N weight, or (``group``) a grouped launch (``block_m`` unused): the
-    fastest of the H100 sweeps (``benchmarks/results/tcl_h100.md``): 128 columns and ~4 programs per SM
-    on 4096x4096 and for the grouped q/k/v and gate/up launches, 512 columns and ~2 per SM on the larger single
-    7B shapes; no pipelining."""
-    return TclConfig(16, 128, 4, 1, 4) if group or k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)
+def tcl_m1_config(k: int, n: int) -> TclConfig:
+    """Default of the M = 1 GEMV for one K x N weight (``block_m`` unused): the fastest of the H100 sweep
+    (``benchmarks/results/tcl_h100.md``): 128 columns and ~4 programs per SM on 4096x4096, 512 columns and ~2 per
+    SM on the larger 7B shapes; no pipelining."""
+    return TclConfig(16, 128, 4, 1, 4) if k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)
 
 
 def tcl_group_config(m: int, n: int) -> TclConfig | None:
     """Config of one grouped launch for M rows of 2-3 weights at most ``n`` columns wide, or None where one launch
     per weight is faster (H100 lab, session 11; the installed choice against separate launches:
     ``benchmarks/results/tcl_group_h100.md``, ``python benchmarks/tcl_bench.py --groups``). Grouping pays for
-    4096-wide siblings (q/k/v) at every M to 128, for 11008-wide ones (gate/up) only at M = 1 and 17..64."""
-    if m == 1:
-        return tcl_m1_config(4096, n, group=True)
+    4096-wide siblings (q/k/v) at every M to 128, for 11008-wide ones (gate/up) only at M = 1 and 17..64: the lab
+    (device call 18) read grouped gate/up at 0.93x / 0.76x separate launches at M = 8 / 16 and 0.97x at 128."""
+    if m == 1:  # the lab group sweep's best for q/k/v and gate/up (call 7); 4096x4096's single-weight default
+        return TclConfig(16, 128, 4, 1, 4)
     if m <= 16:
         return tcl_config(m, n) if n <= 4096 else None
     if m <= 32:
@@ -401,8 +394,6 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
     permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
     come from the stream's shared scratch (one slice per weight), left zeroed."""
-    from .w4a16_gemv import share_input, splitk_scratch
-
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
