@@ -129,28 +129,48 @@ def _tc_rows() -> torch.Tensor:
     return (j // 4) + 2 * (c // 4) + 8 * (j % 2) + 16 * ((j // 2) % 2) + 32 * (c % 4)
 
 
+_CONVERT_CODES = 1 << 22
+"""Codes per chunk of a layout conversion: its int32/int64 temporaries (~24 bytes a code) stay near 100 MB
+however large the weight (a whole 28672 x 8192 weight at once would need ~5.6 GB)."""
+
+
+def _step_chunks(kw: int, n: int) -> range:
+    """Start steps of the chunks a [K/8, N] conversion walks (whole 128-row steps)."""
+    return range(0, kw // 16, max(1, _CONVERT_CODES // (TC_STEP * n)))
+
+
 def to_tc_layout(qweight: torch.Tensor) -> torch.Tensor:
     """GPTQ ``qweight`` [K/8, N] (row k = nibble k % 8 of word k // 8) -> the tensor-core layout (module
-    docstring), same shape and dtype; K must be a multiple of 128."""
+    docstring), same shape and dtype; K must be a multiple of 128. Converted a chunk of steps at a time."""
     kw, n = qweight.shape
     if qweight.dtype != torch.int32 or (kw * 8) % TC_STEP:
         raise ValueError(f"to_tc_layout needs int32 [K/8, N] with K a multiple of {TC_STEP}, got "
                          f"{qweight.dtype} {tuple(qweight.shape)}")
-    codes = unpack4_rows(qweight).reshape(kw // 16, TC_STEP, n)  # [steps, row in step, N]
-    picked = codes[:, _tc_rows().to(qweight.device).reshape(-1), :]  # [steps, 16 * 8 (c, j), N]
-    words = pack4_rows(picked.reshape(-1, n)).reshape(kw // 16, 16, n)  # nibble j of word c, [steps, 16, N]
-    return words.transpose(1, 2).contiguous().view(kw, n)  # [steps, N, 16] in memory
+    picks = _tc_rows().to(qweight.device).reshape(-1)
+    out = torch.empty(kw // 16, n, 16, dtype=torch.int32, device=qweight.device)
+    chunks = _step_chunks(kw, n)
+    for s0 in chunks:
+        codes = unpack4_rows(qweight[s0 * 16:(s0 + chunks.step) * 16]).reshape(-1, TC_STEP, n)  # [steps, row, N]
+        words = pack4_rows(codes[:, picks, :].reshape(-1, n)).reshape(-1, 16, n)  # nibble j of word c
+        out[s0:s0 + chunks.step] = words.transpose(1, 2)  # [steps, N, 16] in memory
+    return out.view(kw, n)
 
 
 def from_tc_layout(qtc: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``to_tc_layout``: the GPTQ [K/8, N] words."""
+    """Inverse of ``to_tc_layout``: the GPTQ [K/8, N] words (a chunk of steps at a time)."""
     kw, n = qtc.shape
-    words = qtc.contiguous().view(kw // 16, n, 16).transpose(1, 2)  # [steps, 16 (c), N]
+    picks = _tc_rows().to(qtc.device).reshape(-1)
     shifts = torch.arange(0, 32, 4, device=qtc.device, dtype=torch.int32)
-    codes = (words.unsqueeze(2) >> shifts[None, None, :, None]) & 0xF  # [steps, 16, 8, N]
-    rows = torch.empty_like(codes.reshape(kw // 16, TC_STEP, n))
-    rows[:, _tc_rows().to(qtc.device).reshape(-1), :] = codes.reshape(kw // 16, TC_STEP, n)
-    return pack4_rows(rows.reshape(kw * 8, n))
+    steps = qtc.contiguous().view(kw // 16, n, 16)
+    out = torch.empty(kw, n, dtype=torch.int32, device=qtc.device)
+    chunks = _step_chunks(kw, n)
+    for s0 in chunks:
+        words = steps[s0:s0 + chunks.step].transpose(1, 2)  # [steps, 16 (c), N]
+        codes = ((words.unsqueeze(2) >> shifts[None, None, :, None]) & 0xF).reshape(-1, TC_STEP, n)
+        rows = torch.empty_like(codes)
+        rows[:, picks, :] = codes
+        out[s0 * 16:(s0 + chunks.step) * 16] = pack4_rows(rows.reshape(-1, n))
+    return out
 
 
 @dataclass(frozen=True)

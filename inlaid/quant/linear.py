@@ -126,11 +126,17 @@ class GPTQLinearMethod:
         q = tensors["qweight"]
         return tensors.get("w4_qweight") is q and w4k.serving_layout(q, self.group_size) == "tc"
 
-    def checkpoint_words(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def checkpoint_words(self, tensors: Mapping[str, torch.Tensor],
+                         device: torch.device | str | None = None) -> torch.Tensor:
         """The checkpoint-layout ``qweight`` of a layer's tensors: rebuilt from the tensor-core words where the layer
         keeps only those (``kernel_tensors``); the slow paths (fp32 x, the dequantized cache, rollback snapshots)
-        read it, the W4A16 kernels never do."""
-        return w4k.from_tc_layout(tensors["qweight"]) if self._tc_resident(tensors) else tensors["qweight"]
+        read it, the W4A16 kernels never do. With ``device``: a copy there, converted there (a rollback snapshot
+        converts on the host, not beside a serving model on the GPU)."""
+        q = tensors["qweight"]
+        resident = self._tc_resident(tensors)
+        if device is not None:
+            q = q.to(device, copy=True)
+        return w4k.from_tc_layout(q) if resident else q
 
     def kernel_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """4-bit on CUDA: the W4A16 kernels' one-time preparation (act-order sorted rows, the tensor-core layout

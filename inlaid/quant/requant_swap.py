@@ -63,7 +63,7 @@ class LocalSwapTarget:
         ``install`` overwrites the served buffers in place (``inlaid.quant.linear.swap``); on the host, so a job
         does not hold a second packed model on the GPU."""
         keys = ("qzeros", "scales", "g_idx")
-        return {rel: {"qweight": lin.quant_method.checkpoint_words(lin._buffers).to("cpu", copy=True),
+        return {rel: {"qweight": lin.quant_method.checkpoint_words(lin._buffers, "cpu"),
                       **{k: lin._buffers[k].to("cpu", copy=True) for k in keys}}
                 for rel, lin in _linears(self.model, idx).items()}  # fmt: skip
 

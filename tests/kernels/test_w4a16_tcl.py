@@ -60,6 +60,13 @@ def test_layout_puts_each_row_where_the_docstring_says_and_round_trips() -> None
     assert torch.equal(lay.from_tc_layout(t), q)
 
 
+def test_layout_conversions_by_chunks_match_whole(monkeypatch) -> None:
+    q = lay.pack4_rows(torch.randint(0, 16, (1280, 24), generator=torch.Generator().manual_seed(1)))
+    whole = lay.to_tc_layout(q)
+    monkeypatch.setattr(lay, "_CONVERT_CODES", 3 * 128 * 24)  # chunks of 3 steps; the last one holds 1
+    assert torch.equal(lay.to_tc_layout(q), whole) and torch.equal(lay.from_tc_layout(whole), q)
+
+
 def test_layout_choice_and_bad_shapes() -> None:
     tensors, packed = gptq_case(256, 16, 64, act_order=False, seed=1)
     assert packed.layout == "gptq"

@@ -45,6 +45,8 @@ def test_resident_layer_reads_back_the_checkpoint_words(monkeypatch) -> None:
     _install(layer, {"qweight": tc, "w4_qweight": tc})  # what kernel_tensors leaves on CUDA
     method = layer.quant_method
     assert method.checkpoint_words(layer._buffers).equal(t["qweight"])
+    host = method.checkpoint_words(layer._buffers, "cpu")  # a rollback snapshot's copy, converted on the host
+    assert host.equal(t["qweight"]) and host.data_ptr() != layer._buffers["qweight"].data_ptr()
     assert layer.state_dict()["qweight"].equal(t["qweight"])  # the checkpoint's layout, not the kernels'
     w = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"], 4)
     assert method.dequantized(layer._buffers, torch.float32).equal(w)
