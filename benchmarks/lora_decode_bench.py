@@ -1,15 +1,21 @@
-"""Multi-LoRA decode launches of one Llama-2-7B layer (issue 8's LoRA target): launch shapes vs the W4 base.
+"""Multi-LoRA decode launches of one Llama-2-7B layer (issue 8's LoRA target): LoRA time vs the W4 base.
 
 What ``LoRAPool``'s device path launches per layer at batch T (one adapter per token, all distinct, rank R on
 all 7 projections): a shrink over the q/k/v group's shared A buffer, over o, over gate/up, over down, and the
-expands (``lora_expand_group`` for q/k/v and gate/up, ``lora_expand`` for o and down). Variants change the
-launch parameters (expand ``block_n`` / warps, shrink splits / ``block_k``); ``seven_expands`` is the layout
-before session 7 (one expand per projection). Baseline in the same run: the layer's 7 W4 g128 projections at M
-= T through ``w4a16_linear`` (what the decode step runs). Timing: ``inlaid.bench.graph_timing`` over
-``--layers`` layers of distinct weights (> 3x the L2 in total, so every read is DRAM); every variant is checked
-against the default one (bit-identical sums are not expected across split counts: rel. error < 1e-3).
+expands. Rows, all in one run, timed over ``--layers`` layers of distinct weights (> 3x the L2 in total, so every
+read is DRAM):
 
-    python benchmarks/lora_decode_bench.py --out benchmarks/results/lora_decode_h200   # GPU, ~1 min
+- ``w4_base``: the layer's 7 W4 g128 projections at M = T as the decode step runs them (``w4a16_linear_group``
+  for q/k/v and gate/up, ``w4a16_linear`` for o and down; on CUDA the tensor-core layout);
+- ``base+lora``: the base, then the 4 shrinks and 4 expand launches (``lora_expand_group`` for q/k/v
+  and gate/up, ``lora_expand`` for o and down);
+- ``lora only`` (the LoRA launches alone) and, with ``--sweep``, their launch-parameter variants
+  (``seven_expands`` is the layout before session 7: one expand per projection).
+
+Every LoRA variant is checked against the default one (bit-identical sums are not expected across split counts:
+rel. error < 1e-3).
+
+    python benchmarks/lora_decode_bench.py --out benchmarks/results/lora_decode_h100   # GPU, ~20 s (--sweep ~1 min)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.w4_inputs import random_w4  # noqa: E402
 from inlaid.kernels import lora_sgmv_triton as lt  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 
@@ -41,7 +48,7 @@ def log(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def make_layer(slots: int, rank: int) -> dict:
+def make_lora(slots: int, rank: int) -> dict:
     """A/B stacks laid out like the pool's (a group's A stacks share one [S, n*R, in] buffer)."""
     layer = {}
     for group in GROUPS:
@@ -53,9 +60,19 @@ def make_layer(slots: int, rank: int) -> dict:
     return layer
 
 
-def run_layer(layer: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int, v: dict) -> None:
+def make_base() -> dict:
+    """The 7 W4 g128 weights of one layer, prepared as the server does (``serving_layout``)."""
+    layer = {}
+    for m, (k, n) in SHAPES.items():
+        w = random_w4(k, n)
+        layout = wk.serving_layout(w["qweight"], 128)
+        layer[m] = wk.prepare_w4(w["qweight"], w["qzeros"], w["scales"], None, 128, layout=layout)
+    return layer
+
+
+def run_lora(lora: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int, v: dict) -> None:
     for group in GROUPS:
-        g = layer[group]
+        g = lora[group]
         part = lt.lora_shrink_partials(xs[group], g["a"], slots, v.get("splits"), v.get("block_k", 128),
                                        v.get("shrink_warps", 4))
         kw = {"block_n": v.get("block_n", 128), "num_warps": v.get("expand_warps", 4)}
@@ -66,66 +83,93 @@ def run_layer(layer: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int,
                 lt.lora_expand(part[:, :, j * rank:(j + 1) * rank], g["b"][j], g["s"][j], slots, outs[m], **kw)
 
 
-def variants() -> dict[str, dict]:
-    out = {"default": {}, "seven_expands": {"seven_expands": True}}
-    for bn, ew, sp, bk in itertools.product((128, 256, 512), (4, 8), (None, 8, 32), (128, 256)):
-        out[f"n{bn}_ew{ew}_sp{sp or 'auto'}_k{bk}"] = {"block_n": bn, "expand_warps": ew, "splits": sp, "block_k": bk}
+def run_base(base: dict, xs: dict) -> dict:
+    """The layer's base projections."""
+    outs = {}
+    for group in GROUPS:
+        if len(group) > 1:
+            ys = wk.w4a16_linear_group(xs[group], [base[m] for m in group], [None] * len(group))
+        else:
+            ys = [wk.w4a16_linear(xs[group], base[group[0]])]
+        outs.update(zip(group, ys))
+    return outs
+
+
+def run_separate(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: int) -> dict:
+    outs = run_base(base, xs)
+    run_lora(lora, xs, outs, slots, rank, {})
+    return outs
+
+
+def variants(sweep: bool) -> dict[str, dict]:
+    out = {"lora only": {}}
+    if sweep:
+        out["seven_expands"] = {"seven_expands": True}
+        for bn, ew, sp, bk in itertools.product((128, 256, 512), (4, 8), (None, 8, 32), (128, 256)):
+            out[f"n{bn}_ew{ew}_sp{sp or 'auto'}_k{bk}"] = {"block_n": bn, "expand_warps": ew, "splits": sp,
+                                                           "block_k": bk}
     return out
 
 
-def run(batch: int, rank: int, n_layers: int) -> None:
+def _rel(got: dict, ref: dict) -> float:
+    a = torch.cat([got[m].float() for m in SHAPES], dim=1)
+    b = torch.cat([ref[m].float() for m in SHAPES], dim=1)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def run(batch: int, rank: int, n_layers: int, sweep: bool) -> None:
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         batch=batch, rank=rank, layers=n_layers)
     slots = torch.arange(batch, device=DEV, dtype=torch.int32)
-    layers = [make_layer(batch, rank) for _ in range(n_layers)]
+    loras = [make_lora(batch, rank) for _ in range(n_layers)]
+    bases = [make_base() for _ in range(n_layers)]
+    log(event="layout", layouts={m: bases[0][m].layout for m in SHAPES})
     xs = {g: torch.randn(batch, SHAPES[g[0]][0], device=DEV, dtype=torch.float16) for g in GROUPS}
     outs = {m: torch.zeros(batch, o, device=DEV, dtype=torch.float16) for m, (_, o) in SHAPES.items()}
     lora_bytes = sum(batch * rank * (i + o) * 2 for i, o in SHAPES.values())
     ref = None
-    for name, v in variants().items():
+    for name, v in variants(sweep).items():
         try:
             for o in outs.values():
                 o.zero_()
-            run_layer(layers[0], xs, outs, slots, rank, v)
-            got = torch.cat([outs[m].float() for m in SHAPES], dim=1)
+            run_lora(loras[0], xs, outs, slots, rank, v)
+            got = {m: o.clone() for m, o in outs.items()}
             ref = got if ref is None else ref
-            err = float((got - ref).abs().max() / ref.abs().max())
+            err = _rel(got, ref)
             if not err < 1e-3:
                 log(event="wrong", variant=name, err=err)
                 continue
-            us = graph_time_us([lambda lay=lay: run_layer(lay, xs, outs, slots, rank, v) for lay in layers])
+            us = graph_time_us([lambda i=i, v=v: run_lora(loras[i], xs, outs, slots, rank, v) for i in range(n_layers)])
             log(event="time", variant=name, us_per_layer=us, TBps=lora_bytes / us / 1e6, err=err)
         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the run
             log(event="fail", variant=name, err=repr(e)[:300])
-    del layers
-    torch.cuda.empty_cache()
-    hi = 2**31 - 1
-    base = []
-    for _ in range(max(2, n_layers // 2)):
-        layer = {}
-        for m, (k, n) in SHAPES.items():
-            g = k // 128
-            layer[m] = wk.prepare_w4(torch.randint(-hi - 1, hi, (k // 8, n), dtype=torch.int32, device=DEV),
-                                     torch.randint(-hi - 1, hi, (g, n // 8), dtype=torch.int32, device=DEV),
-                                     (torch.rand(g, n, device=DEV) * 0.002 + 0.0005).half(), None, 128)
-        base.append(layer)
-    xb = {m: torch.randn(batch, k, device=DEV, dtype=torch.float16) for m, (k, _) in SHAPES.items()}
-    us = graph_time_us([lambda lay=lay: [wk.w4a16_linear(xb[m], lay[m]) for m in SHAPES] for lay in base])
-    log(event="time", variant="w4_base_layer", us_per_layer=us)
+    log(event="check", lora_share=_rel(run_separate(bases[0], loras[0], xs, slots, rank), run_base(bases[0], xs)))
+    for name, fn in (("w4_base", lambda i: run_base(bases[i], xs)),
+                     ("base+lora", lambda i: run_separate(bases[i], loras[i], xs, slots, rank))):
+        us = graph_time_us([lambda i=i, fn=fn: fn(i) for i in range(n_layers)])
+        log(event="time", variant=name, us_per_layer=us)
 
 
 def to_markdown(seconds: float) -> str:
     env = next(r for r in ROWS if r.get("event") == "env")
     t = {r["variant"]: r for r in ROWS if r.get("event") == "time"}
-    base = t.get("w4_base_layer", {}).get("us_per_layer")
+    base = t.get("w4_base", {}).get("us_per_layer")
+    layout = next((r["layouts"] for r in ROWS if r.get("event") == "layout"), {})
     lines = [f"# Multi-LoRA decode launches of one Llama-2-7B layer ({env['gpu']}, torch {env['torch']}, triton "
              f"{env['triton']})", "",
              f"Command: `python benchmarks/lora_decode_bench.py ...` ({seconds:.0f} s). Batch {env['batch']}, "
              f"{env['batch']} distinct rank-{env['rank']} adapters on all 7 projections, fp16, CUDA graph over "
-             f"{env['layers']} layers of distinct stacks (us per layer). `vs W4 base` = LoRA time / the 7 W4 g128 "
-             f"projections at M = {env['batch']} through `w4a16_linear` ({base and f'{base:.1f}'} us per layer, "
-             "same run).", "", "| variant | us per layer | TB/s | vs W4 base |", "|---|---|---|---|"]
-    for name, r in sorted(((k, v) for k, v in t.items() if k != "w4_base_layer"), key=lambda kv: kv[1]["us_per_layer"]):
+             f"{env['layers']} layers of distinct weights (us per layer). The base: the 7 W4 g128 projections at "
+             f"M = {env['batch']} as the decode step runs them (layouts {sorted(set(layout.values()))}), "
+             f"{base and f'{base:.1f}'} us per layer in this run.", ""]
+    if "base+lora" in t and base:
+        chk = next((r for r in ROWS if r.get("event") == "check"), {})
+        lines.append(f"- `base+lora` (the base, then the LoRA launches): {t['base+lora']['us_per_layer']:.1f} us per "
+                     f"layer: LoRA adds {t['base+lora']['us_per_layer'] / base - 1:.1%} to the base (its deltas move "
+                     f"the outputs by {chk.get('lora_share', float('nan')):.1e} relative).")
+    lines += ["", "The LoRA launches alone (`vs W4 base` = their time / the base's):", "",
+              "| variant | us per layer | TB/s | vs W4 base |", "|---|---|---|---|"]
+    for name, r in sorted(((k, v) for k, v in t.items() if "TBps" in v), key=lambda kv: kv[1]["us_per_layer"]):
         ratio = "" if base is None else f"{r['us_per_layer'] / base:.1%}"
         lines.append(f"| {name} | {r['us_per_layer']:.1f} | {r['TBps']:.2f} | {ratio} |")
     bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
@@ -138,11 +182,12 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=4, help="layers of distinct stacks (4 x 80 MB at rank 16)")
+    ap.add_argument("--layers", type=int, default=4, help="layers of distinct weights (4 x 190 MB at rank 16)")
+    ap.add_argument("--sweep", action="store_true", help="also time the LoRA launches' parameter variants")
     args = ap.parse_args()
     t0 = time.time()
     try:
-        run(args.batch, args.rank, args.layers)
+        run(args.batch, args.rank, args.layers, args.sweep)
     finally:
         Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))
         if any(r.get("event") == "env" for r in ROWS):
