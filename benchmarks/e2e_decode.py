@@ -124,6 +124,8 @@ def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa:
         plan = [(1, 0, False), (1, 0, True), (32, 0, True), (32, 0, False), (1, 32, True), (32, 32, True),
                 (32, 32, False)]
         plan = [(1, 0, True), (1, 0, False)] if args.w4_b1_only else plan
+        if args.rows:  # "batch:adapters,...": graphed rows only (same-call A/B runs of one row)
+            plan = [(int(b), int(a), True) for b, a in (r.split(":") for r in args.rows.split(","))]
         for batch, n_ad, graphs in plan:  # adapter-free rows first: a loaded slot makes LoRA active
             if time.monotonic() > deadline:
                 skipped.append(f"llama2-7b {quant} b{batch} a{n_ad} graphs={graphs}")
@@ -221,6 +223,8 @@ def main() -> int:
     ap.add_argument("--w4-b1-only", action="store_true",
                     help="short run: only the W4 g128 Llama-2-7B-shaped model at batch 1 (graphs, then eager)")
     ap.add_argument("--w4-only", action="store_true", help="skip the bf16 Llama-2-7B-shaped model")
+    ap.add_argument("--rows", default="", help="just these graphed 7B W4 rows (with --w4-only; no SmolLM2 rows), "
+                    "'batch:adapters,...', adapter-free rows first (a loaded slot makes LoRA active)")
     ap.add_argument("--overlap", choices=("auto", "on", "off", "ab"), default="auto",
                     help="overlapped engine steps per row: the engine's default, on, off, or both (off, then on)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
@@ -234,7 +238,7 @@ def main() -> int:
     skipped: list = []
     if not args.skip_7b:  # the headline rows first: a tight budget cuts the SmolLM2 / PEFT rows instead
         bench_7b(args, rows, skipped, deadline)
-    if not args.w4_b1_only:
+    if not args.w4_b1_only and not args.rows:
         bench_small(args, rows, skipped, deadline)
     res = {"device": dev, "command": "python benchmarks/e2e_decode.py " + " ".join(sys.argv[1:]),
            "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

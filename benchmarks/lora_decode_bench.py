@@ -9,6 +9,8 @@ read is DRAM):
   for q/k/v and gate/up, ``w4a16_linear`` for o and down; on CUDA the tensor-core layout);
 - ``base+lora``: the base, then the 4 shrinks and 4 expand launches (``lora_expand_group`` for q/k/v
   and gate/up, ``lora_expand`` for o and down);
+- ``base+lora, shrinks offered``: as the decode step runs it: the q/k/v and gate/up shrinks offered to their
+  base launch (``LoRAShrink``; the M = 1 grouped launch runs them up to 64 A rows), the rest as above;
 - ``lora only`` (the LoRA launches alone) and, with ``--sweep``, their launch-parameter variants
   (``seven_expands`` is the layout before session 7: one expand per projection).
 
@@ -101,6 +103,28 @@ def run_separate(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: in
     return outs
 
 
+def run_offered(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: int) -> dict:
+    """As the decode step runs a layer: each group's shrink offered to its base launch (``LoRAShrink``; taken by
+    the M = 1 grouped launch where it fits), else run by ``lora_shrink_partials``; then the expands."""
+    outs = {}
+    for group in GROUPS:
+        g = lora[group]
+        offer = lt.LoRAShrink(g["a"], slots) if len(group) > 1 else None
+        if len(group) > 1:
+            outs.update(zip(group, wk.w4a16_linear_group(xs[group], [base[m] for m in group], [None] * len(group),
+                                                         shrink=offer)))
+        else:
+            outs[group[0]] = wk.w4a16_linear(xs[group], base[group[0]])
+        part = None if offer is None else offer.partials
+        if part is None:  # not taken: the pool's own shrink launch
+            part = lt.lora_shrink_partials(xs[group], g["a"], slots)
+        if len(group) > 1:
+            lt.lora_expand_group(part, g["b"], g["s"], slots, [outs[m] for m in group])
+        else:
+            lt.lora_expand(part, g["b"][0], g["s"][0], slots, outs[group[0]])
+    return outs
+
+
 def variants(sweep: bool) -> dict[str, dict]:
     out = {"lora only": {}}
     if sweep:
@@ -143,9 +167,12 @@ def run(batch: int, rank: int, n_layers: int, sweep: bool) -> None:
             log(event="time", variant=name, us_per_layer=us, TBps=lora_bytes / us / 1e6, err=err)
         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the run
             log(event="fail", variant=name, err=repr(e)[:300])
-    log(event="check", lora_share=_rel(run_separate(bases[0], loras[0], xs, slots, rank), run_base(bases[0], xs)))
+    sep = run_separate(bases[0], loras[0], xs, slots, rank)
+    log(event="check", lora_share=_rel(sep, run_base(bases[0], xs)),
+        offered_vs_separate=_rel(run_offered(bases[0], loras[0], xs, slots, rank), sep))
     for name, fn in (("w4_base", lambda i: run_base(bases[i], xs)),
-                     ("base+lora", lambda i: run_separate(bases[i], loras[i], xs, slots, rank))):
+                     ("base+lora", lambda i: run_separate(bases[i], loras[i], xs, slots, rank)),
+                     ("base+lora, shrinks offered", lambda i: run_offered(bases[i], loras[i], xs, slots, rank))):
         us = graph_time_us([lambda i=i, fn=fn: fn(i) for i in range(n_layers)])
         log(event="time", variant=name, us_per_layer=us)
 
@@ -162,11 +189,17 @@ def to_markdown(seconds: float) -> str:
              f"{env['layers']} layers of distinct weights (us per layer). The base: the 7 W4 g128 projections at "
              f"M = {env['batch']} as the decode step runs them (layouts {sorted(set(layout.values()))}), "
              f"{base and f'{base:.1f}'} us per layer in this run.", ""]
+    chk = next((r for r in ROWS if r.get("event") == "check"), {})
     if "base+lora" in t and base:
-        chk = next((r for r in ROWS if r.get("event") == "check"), {})
         lines.append(f"- `base+lora` (the base, then the LoRA launches): {t['base+lora']['us_per_layer']:.1f} us per "
                      f"layer: LoRA adds {t['base+lora']['us_per_layer'] / base - 1:.1%} to the base (its deltas move "
                      f"the outputs by {chk.get('lora_share', float('nan')):.1e} relative).")
+    offered = t.get("base+lora, shrinks offered")
+    if offered and base:
+        lines.append(f"- `base+lora, shrinks offered` (the q/k/v and gate/up shrinks offered to their base launch, "
+                     f"as the decode step does; the M = 1 grouped launch takes them up to 64 A rows): "
+                     f"{offered['us_per_layer']:.1f} us per layer, LoRA +{offered['us_per_layer'] / base - 1:.1%} "
+                     f"(outputs vs `base+lora`: {chk.get('offered_vs_separate', float('nan')):.1e} relative).")
     lines += ["", "The LoRA launches alone (`vs W4 base` = their time / the base's):", "",
               "| variant | us per layer | TB/s | vs W4 base |", "|---|---|---|---|"]
     for name, r in sorted(((k, v) for k, v in t.items() if "TBps" in v), key=lambda kv: kv[1]["us_per_layer"]):

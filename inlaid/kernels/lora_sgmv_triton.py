@@ -36,13 +36,10 @@ from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable 
 if HAS_TRITON:
 
     @triton.jit
-    def _shrink_kernel(
-        x_ptr, a_ptr, slots_ptr, ws_ptr, T, D_IN, R, k_per_split,
-        stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        sp = tl.program_id(1)
+    def shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, t, sp, D_IN, R, k_per_split, stride_xt, stride_xk, stride_as,
+                     stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Token ``t``'s fp32 partial ``x[t, K range sp] @ A[slot_t, :R, K range sp]ᵀ`` into ``ws[sp, t, :R]`` (0 for
+        slot -1): one shrink program, also run inside other launches (``w4a16_tcl``'s M = 1 grouped GEMV)."""
         slot = tl.load(slots_ptr + t).to(tl.int64)
         d_eff = tl.where(slot >= 0, D_IN, 0)  # slot -1: every load masked off, partials are 0
         slot = tl.maximum(slot, 0)
@@ -58,6 +55,15 @@ if HAS_TRITON:
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         tl.store(ws_ptr + sp * stride_wsp + t * stride_wt + offs_r, acc, mask=offs_r < R)
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr, a_ptr, slots_ptr, ws_ptr, T, D_IN, R, k_per_split,
+        stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, tl.program_id(0), tl.program_id(1), D_IN, R, k_per_split,
+                     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
 
     @triton.jit
     def _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, pid_n, slot, D_OUT, R, NUM_SPLITS, r_off,
@@ -115,6 +121,36 @@ if HAS_TRITON:
                           stride_wt, sb2, R, 1, so2, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
 
 
+SHRINK_BLOCK_K = 128
+"""Inputs per round of a shrink program (``lora_shrink_partials``' default and the programs run inside other
+launches)."""
+
+
+class LoRAShrink:
+    """A shrink another launch may run beside its own work (``w4a16_tcl``'s M = 1 grouped GEMV reads the same x):
+    ``x @ a_stack[slot]ᵀ`` as ``lora_shrink_partials`` would give it, in ``num_splits`` K splits. The launch that
+    runs it sets ``partials`` ([P, T, R] fp32); a caller that finds ``partials`` still None runs
+    ``lora_shrink_partials`` itself, so every path stays correct whether or not its base launch took the offer."""
+
+    def __init__(self, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None) -> None:
+        self.a_stack, self.token_slots, self.num_splits = a_stack, token_slots, num_splits
+        self.partials: torch.Tensor | None = None
+
+    def fits(self, x: torch.Tensor, max_rows: int) -> bool:
+        """True when x [T, K] matches the stack and slots and the stack has at most ``max_rows`` rows (ranks)."""
+        a, s = self.a_stack, self.token_slots
+        return (x.dim() == 2 and a.dim() == 3 and a.shape[2] == x.shape[1] and a.shape[1] <= max_rows
+                and s.shape == (x.shape[0],) and s.dtype in (torch.int32, torch.int64) and a.dtype == x.dtype
+                and a.device == x.device == s.device and a.stride(2) == 1)
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(fresh partials [P, T, R], inputs per split) for x [T, K], split as ``lora_shrink_partials`` splits."""
+        t, d_in = x.shape
+        splits = self.num_splits or default_num_splits(t, d_in)
+        ws = torch.empty(splits, t, self.a_stack.shape[1], device=x.device, dtype=torch.float32)
+        return ws, _k_per_split(d_in, splits, SHRINK_BLOCK_K)
+
+
 def _check(x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor) -> None:
     if x.dim() != 2 or a_stack.dim() != 3 or x.shape[1] != a_stack.shape[2]:
         raise ValueError(f"x [T, in] and A [S, R, in] must share in; got {tuple(x.shape)} and {tuple(a_stack.shape)}")
@@ -130,16 +166,21 @@ def default_num_splits(num_tokens: int, d_in: int, num_sms: int = 132) -> int:
     return max(1, min(32, d_in // 256, -(-4 * num_sms // max(num_tokens, 1))))
 
 
+def _k_per_split(d_in: int, splits: int, block_k: int) -> int:
+    """ceil(d_in / splits) rounded up to a multiple of block_k (a split past K stores zeros)."""
+    return -(-(-(-d_in // splits)) // block_k) * block_k
+
+
 def lora_shrink_partials(
     x: torch.Tensor, a_stack: torch.Tensor, token_slots: torch.Tensor, num_splits: int | None = None,
-    block_k: int = 128, num_warps: int = 4,
+    block_k: int = SHRINK_BLOCK_K, num_warps: int = 4,
 ) -> torch.Tensor:
     """Unscaled ``x[t] @ A[slot_t]ᵀ`` as fp32 partial sums ``[num_splits, T, R]`` (rows of slot -1 are 0)."""
     _check(x, a_stack, token_slots)
     t, d_in = x.shape
     r = a_stack.shape[1]
     splits = num_splits or default_num_splits(t, d_in)
-    k_per_split = -(-(-(-d_in // splits)) // block_k) * block_k  # ceil(d_in / splits) rounded up to BLOCK_K
+    k_per_split = _k_per_split(d_in, splits, block_k)
     ws = torch.empty(splits, t, r, device=x.device, dtype=torch.float32)
     if t == 0:
         return ws

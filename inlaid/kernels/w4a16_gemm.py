@@ -52,6 +52,7 @@ from .w4_layout import (
 from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
 from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc, w4a16_tc_group
+from .lora_sgmv_triton import LoRAShrink
 from .w4a16_tcl import tcl_group_config, tcl_usable, w4a16_tcl, w4a16_tcl_group
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
@@ -70,6 +71,7 @@ __all__ = [
     "GEMV_MAX_M",
     "HAS_TRITON",
     "GemvConfig",
+    "LoRAShrink",
     "PackedW4",
     "W4Config",
     "default_config",
@@ -243,20 +245,21 @@ def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4) -> torch.Tensor:
     return (x2 if packed.perm is None else x2.index_select(1, packed.perm)) @ w
 
 
-def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4],
-                       biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4], biases: Sequence[torch.Tensor | None],
+                       shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
     """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
     ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
     (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..16 rows; larger
     M runs one ``w4a16_linear`` per weight. "tc"-layout weights group where ``tcl_group_config`` says it pays
-    (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, M = 1 and 17..64 for wider ones)."""
+    (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, M = 1 and 17..64 for wider ones); at M = 1 that
+    launch also runs ``shrink`` where it fits (``shrink.partials`` set; otherwise left None for the caller)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
     if all(p.layout == "tc" for p in packs):
         cfg = tcl_group_config(m, max(p.out_features for p in packs))
         if cfg is not None and share_input(x2, packs) and all(tcl_usable(x2, p) for p in packs):
-            ys = w4a16_tcl_group(x2, packs, cfg)
+            ys = w4a16_tcl_group(x2, packs, cfg, shrink=shrink)
     elif triton_usable(x2) and m == 1:
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):

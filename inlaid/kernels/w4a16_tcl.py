@@ -52,11 +52,19 @@ from .w4a16_gemv import (
     splitk_buffers,
     splitk_scratch,
 )
+from .lora_sgmv_triton import SHRINK_BLOCK_K, LoRAShrink
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
-__all__ = ["TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_config", "tcl_usable", "w4a16_tcl",
-           "w4a16_tcl_group"]
+__all__ = ["SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_config",
+           "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+
+SHRINK_MAX_ROWS = 64
+"""Most A rows (summed ranks of a group) whose LoRA shrink runs inside the M = 1 grouped launch. H100, one 7B
+layer at batch 1: rank 16 (48 / 32 rows) 89.5 -> 83.9 us per layer with the shrinks inside
+(``benchmarks/results/lora_decode_b1_h100.md``); uncapped in a lab, rank 64 (192 / 128 rows) read 62.8 -> 71.8
+us for the two groups: the shrink programs' register tiles slow the GEMV programs of the same launch
+(``docs/kernels.md``, "Session 12")."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -71,6 +79,7 @@ if HAS_TRITON:
         _half2_words,
         h2_unpack_ptx,
     )
+    from .lora_sgmv_triton import shrink_split
     from .w4a16_tc import _unpack8
 
     STEP = tl.constexpr(TC_STEP)
@@ -258,14 +267,12 @@ if HAS_TRITON:
                      PTX)
 
     @triton.jit
-    def _w4_tcl_m1_group_kernel(
-        x_ptr, K, k_per_split, n_split, nt0, nt1,
-        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
-        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        PTX: tl.constexpr,
-    ):
-        """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above)."""
-        pid, pid_k = tl.program_id(0), tl.program_id(1)
+    def _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k,
+                    qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
+                    lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, PTX: tl.constexpr):
+        """Column tile ``pid`` of a grouped M = 1 launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 +
+        nt1``, else weight 2."""
         if pid < nt0:
             _m1_tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0 // 8, n0, n0, pid,
                          pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
@@ -275,6 +282,33 @@ if HAS_TRITON:
         else:
             _m1_tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2 // 8, n2, n2,
                          pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+
+    @triton.jit
+    def _w4_tcl_m1_group_kernel(
+        x_ptr, K, k_per_split, n_split, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+        nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
+        ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
+        (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        if SHRINK:
+            if pid >= nt_all:
+                s_idx = (pid - nt_all) * n_split + pid_k
+                if s_idx < n_s:
+                    shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, 0, s_idx, K, R, k_per_s, 0, 1, stride_as,
+                                 stride_ar, 1, stride_wsp, 0, BLOCK_R, BLOCK_K)
+            else:
+                _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
+                            qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
+                            MODE, NUM_STAGES, PTX)
+        else:
+            _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
+                        qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
+                        MODE, NUM_STAGES, PTX)
 
 
 @dataclass(frozen=True)
@@ -390,10 +424,12 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
     return out
 
 
-def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfig | None = None) -> list[torch.Tensor]:
+def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfig | None = None,
+                    shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
     """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
     permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
-    come from the stream's shared scratch (one slice per weight), left zeroed."""
+    come from the stream's shared scratch (one slice per weight), left zeroed. At M = 1 the launch also runs
+    ``shrink`` where its stack has at most ``SHRINK_MAX_ROWS`` rows (it sets ``shrink.partials``)."""
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
@@ -417,10 +453,22 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
             s0, l0 = s0 + m * n, l0 + m_tiles * t
     if m == 1:
-        _w4_tcl_m1_group_kernel[(sum(tiles), split)](
-            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs),
+        # an act-order group's x was permuted above; the shrink reads x in its natural order
+        fused = shrink is not None and first.perm is None and shrink.fits(x, SHRINK_MAX_ROWS)
+        extra, sargs = 0, [x, x, x, 0, 0, 0, 0, 0, 0]  # placeholders: SHRINK off reads none of them
+        if fused:
+            a = shrink.a_stack
+            ws, k_per_s = shrink.plan(x)
+            extra = triton.cdiv(ws.shape[0], split)
+            sargs = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1),
+                     ws.stride(0)]
+        _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
+            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
+            SHRINK=fused, BLOCK_R=max(16, triton.next_power_of_2(sargs[3])), BLOCK_K=SHRINK_BLOCK_K,
             num_warps=cfg.num_warps)
+        if fused:
+            shrink.partials = ws
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles), split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),

@@ -86,6 +86,7 @@ class DecodeMeta:
         self.token_slots = token_slots
         self.active = active
         self.shrunk: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.offers: dict[tuple[int, int], tuple[torch.Tensor, lt.LoRAShrink]] = {}  # offer_shrink, by group
 
 
 class LoRAPool:
@@ -248,19 +249,41 @@ class LoRAPool:
         On the device path a fused group (``FUSED_GROUPS``, its A stacks in one buffer) runs one shrink and ONE
         expand launch for all members (``lora_sgmv_triton.lora_expand_group``); otherwise ``apply`` per member.
         """
-        if batch.lora_meta is None:
-            self.prepare(batch)
-        meta = batch.lora_meta
-        group = [self.group_of.get(m) for m in modules]
-        fused = (isinstance(meta, DecodeMeta) and 2 <= len(modules) <= 3 and None not in group
-                 and len({id(buf) for buf, _ in group}) == 1 and [j for _, j in group] == list(range(len(modules))))
-        if not fused:
+        buf = self._fused_buffer(modules, batch)
+        if buf is None:
             return [self.apply(layer_idx, m, x, o, batch) for m, o in zip(modules, outs)]
+        meta: DecodeMeta = batch.lora_meta
         if not meta.active:
             return list(outs)
-        partials = lt.lora_shrink_partials(x, group[0][0][layer_idx], meta.token_slots)
+        offer = meta.offers.pop((layer_idx, buf.data_ptr()), None)
+        if offer is not None and offer[0] is x and offer[1].partials is not None:
+            partials = offer[1].partials  # the base launch ran the shrink (offer_shrink)
+        else:
+            partials = lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots)
         return lt.lora_expand_group(partials, [self.b[m][layer_idx] for m in modules],
                                     [self.scalings[m][layer_idx] for m in modules], meta.token_slots, list(outs))
+
+    def offer_shrink(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor,
+                     batch: ForwardBatch) -> lt.LoRAShrink | None:
+        """The group's shrink for the base projections' launch to run beside its own work (``forward_group``), or
+        None where ``apply_group`` would not run one fused shrink (prefill, no adapter loaded, not a fused group).
+        ``apply_group`` then uses its partials if the base launch set them and shrinks itself otherwise."""
+        buf = self._fused_buffer(modules, batch)
+        if buf is None or not batch.lora_meta.active:
+            return None
+        offer = lt.LoRAShrink(buf[layer_idx], batch.lora_meta.token_slots)
+        batch.lora_meta.offers[(layer_idx, buf.data_ptr())] = (x, offer)
+        return offer
+
+    def _fused_buffer(self, modules: Sequence[str], batch: ForwardBatch) -> torch.Tensor | None:
+        """The shared A buffer [L, S, n*R, in] when ``modules`` are one fused group (``FUSED_GROUPS``, in order) on
+        the device path, else None; prepares the batch's metadata first."""
+        if batch.lora_meta is None:
+            self.prepare(batch)
+        group = [self.group_of.get(m) for m in modules]
+        fused = (isinstance(batch.lora_meta, DecodeMeta) and 2 <= len(modules) <= 3 and None not in group
+                 and len({id(buf) for buf, _ in group}) == 1 and [j for _, j in group] == list(range(len(modules))))
+        return group[0][0] if fused else None
 
     def _segment_tiles(self, segments: LoRASegments) -> torch.Tensor:
         """The kernel's tile table of ``segments``, built once per batch (every layer and projection reuses it)."""

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from inlaid.distributed.context import TPContext
+from inlaid.kernels.lora_sgmv_triton import LoRAShrink
 from inlaid.kernels.rms_norm import rms_norm
 from inlaid.kernels.silu_mul import silu_mul
 from inlaid.model.arch import RopeScaling
@@ -175,16 +176,18 @@ class ParallelLinear(nn.Module):
                 f"parallel={self.parallel}, tp={self.tp_size}, method={type(self.quant_method).__name__}")
 
 
-def forward_group(layers: list[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+def forward_group(layers: list[ParallelLinear], x: torch.Tensor,
+                  shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
     """``[layer.forward_local(x)]`` for sibling layers that read the same ``x`` (q/k/v, gate/up). When they share a
-    linear method that has ``apply_group`` (the GPTQ one), it may run them together (one kernel launch); a
-    method whose ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) is always called
-    per layer, so the wrapper sees every input."""
+    linear method that has ``apply_group`` (the GPTQ one), it may run them together (one kernel launch), and may
+    run the LoRA hook's ``shrink`` offer (``LoRAShrink``) in that launch; a method whose ``apply`` is wrapped on
+    the instance (``inlaid.quant.calibrate``'s input taps) is always called per layer, so the wrapper sees every
+    input."""
     method = layers[0].quant_method
     group = getattr(method, "apply_group", None)
     if group is not None and all(type(lay.quant_method) is type(method) and "apply" not in vars(lay.quant_method)
                                  for lay in layers):
-        return group(layers, x)
+        return group(layers, x) if shrink is None else group(layers, x, shrink=shrink)
     return [layer.forward_local(x) for layer in layers]
 
 

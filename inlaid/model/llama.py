@@ -78,7 +78,8 @@ def _project_group(parent: nn.Module, names: tuple[str, ...], layer_idx: int, x:
     """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): the base through
     ``layers.forward_group`` and one ``hook.apply_group`` call, so both can batch their kernels."""
     layers: list[ParallelLinear] = [getattr(parent, n) for n in names]
-    outs = forward_group(layers, x)
+    offer = getattr(hook, "offer_shrink", None)  # optional (lora_hook): the base launch may run the LoRA shrink
+    outs = forward_group(layers, x, None if offer is None else offer(layer_idx, names, x, batch))
     if hook is not None:
         outs = hook.apply_group(layer_idx, names, x, outs, batch)
     return [layer.reduce(out) for layer, out in zip(layers, outs)]

@@ -183,13 +183,15 @@ class GPTQLinearMethod:
         return gptq_linear(x, self.checkpoint_words(snap), snap["qzeros"], snap["scales"].float(), snap["g_idx"],
                            self.bits, layer.bias, check_values=False)  # fmt: skip
 
-    def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor,
+                    shrink: w4k.LoRAShrink | None = None) -> list[torch.Tensor]:
         """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels through
-        ``w4a16_linear_group`` (one launch for up to 16 rows), else one ``apply`` each."""
+        ``w4a16_linear_group`` (one launch for up to 16 rows; it may also run the LoRA ``shrink``), else one
+        ``apply`` each."""
         packs = [lay.quant_method._packed(lay, x) for lay in layers]  # forward_group: every method is a GPTQ one
         if None in packs:
             return [lay.quant_method.apply(lay, x) for lay in layers]
-        return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers])
+        return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers], shrink=shrink)
 
     def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
         """After loading: build the dequantized cache if enabled (idempotent)."""

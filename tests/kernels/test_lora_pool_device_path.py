@@ -140,3 +140,80 @@ def test_prefill_segment_kernel_matches_torch_sgmv() -> None:
         want = pools[1].apply(1, mod, xs[i], base.clone(), batches[1])
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
         assert torch.equal(got[40:45], base[40:45])
+
+
+def test_apply_group_takes_the_shrink_a_base_launch_ran_and_shrinks_itself_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``offer_shrink`` hands the group's shrink to the base launch; ``apply_group`` uses the partials the launch
+    set (no shrink launch of its own) and runs its own shrink when the launch left them None. A pool without
+    adapters and a group that is not one fused group make no offer."""
+    pools = _pools(seed=7, slots=(0, 1))
+    launches = []
+    real = pool_mod.lt.lora_shrink_partials
+    monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials", lambda *a, **k: launches.append(1) or real(*a, **k))
+    slots = [1, 0]
+    g = torch.Generator().manual_seed(2)
+    group = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(len(slots), 32, generator=g).to(DEV)
+    base = [torch.randn(len(slots), SHAPES[m][1], generator=g).to(DEV) for m in group]
+    want = pools[1].apply_group(1, group, x, [b.clone() for b in base], _batch(slots))
+    for base_ran_it in (True, False):
+        batch = _batch(slots)
+        offer = pools[0].offer_shrink(1, group, x, batch)
+        assert offer is not None and offer.a_stack.shape == (3, 24, 32)
+        if base_ran_it:  # what w4a16_tcl_group does at M = 1 (tests/kernels/test_w4a16_tcl.py)
+            offer.partials = real(x, offer.a_stack, offer.token_slots)
+        launches.clear()
+        got = pools[0].apply_group(1, group, x, [b.clone() for b in base], batch)
+        assert len(launches) == (0 if base_ran_it else 1)
+        for gm, wm in zip(got, want):
+            torch.testing.assert_close(gm, wm, atol=1e-4, rtol=1e-4)
+    empty = pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=True)
+    assert empty.offer_shrink(1, group, x, _batch(slots)) is None  # no adapter loaded: nothing to shrink
+    assert pools[0].offer_shrink(1, ("q_proj", "v_proj"), x, _batch(slots)) is None  # not one fused group
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_project_group_runs_the_shrink_in_the_m1_w4_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode token through ``llama._project_group`` on tensor-core-layout W4 q/k/v: the grouped M = 1 launch
+    runs the pool's shrink (no ``lora_shrink_partials`` launch), and the result equals the base plus the SGMV
+    pool's deltas; at rank 32 (96 rows > ``SHRINK_MAX_ROWS``) the pool shrinks itself, with the same result."""
+    from torch import nn
+
+    from inlaid.kernels import w4_layout
+    from inlaid.model.layers import ParallelLinear
+    from inlaid.model.llama import _project_group
+    from inlaid.quant.linear import GPTQLinearMethod, _install
+
+    k, shapes = 256, {"q_proj": (256, 128), "k_proj": (256, 64), "v_proj": (256, 64)}
+    g = torch.Generator().manual_seed(4)
+    parent = nn.Module()
+    for name, (_, n) in shapes.items():
+        layer = ParallelLinear(k, n, False, "column", torch.device("cuda"), torch.float16,
+                               quant_method=GPTQLinearMethod(4, 128))
+        zeros = w4_layout.pack4_rows(torch.randint(0, 16, (n, 2), generator=g)).t().contiguous()
+        _install(layer, {"qweight": w4_layout.pack4_rows(torch.randint(0, 16, (k, n), generator=g)).cuda(),
+                         "qzeros": zeros.cuda(), "scales": (torch.rand(2, n, generator=g) * 0.02 + 1e-3).half().cuda(),
+                         "g_idx": (torch.arange(k) // 128).to(torch.int32).cuda()})
+        layer.quant_method.finalize(layer, torch.float16)
+        assert layer._buffers["w4_qweight"] is layer._buffers["qweight"]  # tensor-core words (serving_layout)
+        setattr(parent, name, layer)
+    names = tuple(shapes)
+    real = pool_mod.lt.lora_shrink_partials
+    for rank, fused in ((16, True), (32, False)):
+        adapter = random_adapter("a", shapes, 1, rank, seed=rank, std=0.05)
+        pools = [pool_mod.LoRAPool(2, rank, 1, shapes, "cuda", torch.float16, triton_decode=flag)
+                 for flag in (True, False)]
+        for p in pools:
+            p.load(1, adapter)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        shrinks = []
+        monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials", lambda *a, **kw: shrinks.append(1) or real(*a, **kw))
+        got = _project_group(parent, names, 0, x, _batch([1]), pools[0])
+        assert len(shrinks) == (0 if fused else 1)
+        base = [getattr(parent, n)(x) for n in names]
+        want = [pools[1].apply(0, n, x, b.clone(), _batch([1])) for n, b in zip(names, base)]
+        for gm, wm, b in zip(got, want, base):
+            assert (wm.float() - b.float()).abs().max() > 1e-3  # the deltas count
+            torch.testing.assert_close(gm.float(), wm.float(), atol=5e-3, rtol=5e-3)

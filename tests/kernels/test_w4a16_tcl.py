@@ -222,3 +222,33 @@ def test_gpu_cuda_graph_replay_with_new_inputs(m: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
         _check(out, x, tensors, tc)
+
+
+@pytest.mark.parametrize("rank,act_order", [(16, False), (24, False), (16, True)])
+def test_m1_group_runs_a_lora_shrink_beside_the_weights(rank: int, act_order: bool) -> None:
+    """At M = 1 the grouped launch also runs a ``LoRAShrink`` of the same x (its own programs): the partials equal
+    ``lora_shrink_partials``' and the products are untouched. Stacks over ``SHRINK_MAX_ROWS`` rows (3 x 24) and
+    act-order groups (x permuted for the weights) are left to the caller: ``partials`` stays None."""
+    lt = kernel_module("lora_sgmv_triton")
+    cases = [_tc_case(256, n, 128, act_order=act_order, seed=n + rank) for n in (128, 64, 72)]
+    if act_order:  # one shared permutation tensor, so the three weights group (share_input); their products
+        # are then not the reference's and go unchecked here
+        for c in cases[1:]:
+            object.__setattr__(c[2], "perm", cases[0][2].perm)
+    g = torch.Generator().manual_seed(rank)
+    a = (torch.randn(4, 3 * rank, 256, generator=g) * 0.1).to(DEVICE).half()
+    for slot in (2, -1):
+        slots = torch.tensor([slot], device=DEVICE, dtype=torch.int32)
+        x = torch.randn(1, 256, device=DEVICE).half()
+        shrink = lt.LoRAShrink(a, slots)
+        ys = tcl.w4a16_tcl_group(x, [c[2] for c in cases], shrink=shrink)
+        for y, (tensors, _, tc) in zip(ys, cases):
+            if not act_order:
+                _check(y, x, tensors, tc)
+        fits = 3 * rank <= tcl.SHRINK_MAX_ROWS and not act_order
+        assert (shrink.partials is not None) == fits
+        if fits:
+            want = lt.lora_shrink_partials(x, a, slots)
+            assert shrink.partials.shape == want.shape
+            torch.testing.assert_close(shrink.partials, want, rtol=1e-5, atol=1e-5)
+            assert (slot == -1) == (float(shrink.partials.abs().max()) == 0.0)
