@@ -60,11 +60,11 @@ __all__ = ["SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group
            "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
 
 SHRINK_MAX_ROWS = 64
-"""Most A rows (summed ranks of a group) whose LoRA shrink runs inside the M = 1 grouped launch. H100, one 7B
-layer at batch 1: rank 16 (48 / 32 rows) 89.5 -> 83.9 us per layer with the shrinks inside
-(``benchmarks/results/lora_decode_b1_h100.md``); uncapped in a lab, rank 64 (192 / 128 rows) read 62.8 -> 71.8
-us for the two groups: the shrink programs' register tiles slow the GEMV programs of the same launch
-(``docs/kernels.md``, "Session 12")."""
+"""Most A rows (summed ranks of a group) whose LoRA shrink runs inside the grouped launch. H100, one 7B layer,
+rank 16 (48 / 32 rows): 90.3 -> 84.2 us per layer at batch 1, 131.1 -> 119.2 at batch 32 with the shrinks
+inside (``benchmarks/results/lora_decode_b1_h100.md``, ``lora_decode_h100.md``); uncapped in a lab, rank 64
+(192 / 128 rows) read 62.8 -> 71.8 us for the two M = 1 groups: the shrink programs' register tiles slow the
+GEMV programs of the same launch (``docs/kernels.md``, "Session 12")."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -234,15 +234,13 @@ if HAS_TRITON:
                   tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
 
     @triton.jit
-    def _w4_tcl_group_kernel(
-        x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
-        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
-        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
-    ):
-        """``_w4_tcl_kernel`` for 2-3 weights of one x: column tile ``pid`` belongs to weight 0 below ``nt0``
-        tiles, weight 1 below ``nt0 + nt1``, else weight 2 (contiguous tensors: row strides are the widths)."""
-        pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+    def _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt,
+                     qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
+                     lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr,
+                     MAGIC: tl.constexpr, PTX: tl.constexpr):
+        """Column tile ``pid`` of a grouped launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else
+        weight 2 (contiguous tensors: row strides are the widths)."""
         if pid < nt0:
             _tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0 // 8, n0,
                       n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC,
@@ -255,6 +253,34 @@ if HAS_TRITON:
             _tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2 // 8, n2,
                       n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS,
                       BF16, MAGIC, PTX)
+
+    @triton.jit
+    def _w4_tcl_group_kernel(
+        x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
+        qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+        nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, stride_wt,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
+        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``_w4_tcl_kernel`` for 2-3 weights of one x (``_tcl_members``); with ``SHRINK`` the column tiles from
+        ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
+        and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
+        pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+        if SHRINK:
+            if pid >= nt_all:
+                job = ((pid - nt_all) * n_split + pid_k) * mt + pid_m
+                if job < M * n_s:
+                    shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, job % M, job // M, K, R, k_per_s, stride_xm, 1,
+                                 stride_as, stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+            else:
+                _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0,
+                             sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
+                             lk2, n2, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+        else:
+            _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0, sc0,
+                         out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+                         GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
 
     @triton.jit
     def _w4_tcl_m1_kernel(
@@ -428,8 +454,9 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
                     shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
     """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
     permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
-    come from the stream's shared scratch (one slice per weight), left zeroed. At M = 1 the launch also runs
-    ``shrink`` where its stack has at most ``SHRINK_MAX_ROWS`` rows (it sets ``shrink.partials``)."""
+    come from the stream's shared scratch (one slice per weight), left zeroed. The launch also runs ``shrink``
+    (extra programs) where its stack has at most ``SHRINK_MAX_ROWS`` rows and x needs no permutation; it then
+    sets ``shrink.partials``."""
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
@@ -452,27 +479,27 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
         for n, t in zip(widths, tiles):
             bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
             s0, l0 = s0 + m * n, l0 + m_tiles * t
+    # an act-order group's x was permuted above; the shrink reads x in its natural order
+    fused = shrink is not None and first.perm is None and shrink.fits(x, SHRINK_MAX_ROWS)
+    extra, sargs = 0, [x, x, x, 0, 0, 0, 0, 0, 0]  # placeholders: SHRINK off reads none of them
+    if fused:
+        a = shrink.a_stack
+        ws, k_per_s = shrink.plan(x)
+        extra = triton.cdiv(m * ws.shape[0], split * m_tiles)  # column tiles for M x P shrink programs
+        sargs = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1), ws.stride(0)]
+    shrink_kw = {"SHRINK": fused, "BLOCK_R": max(16, triton.next_power_of_2(sargs[3])), "BLOCK_K": SHRINK_BLOCK_K}
     if m == 1:
-        # an act-order group's x was permuted above; the shrink reads x in its natural order
-        fused = shrink is not None and first.perm is None and shrink.fits(x, SHRINK_MAX_ROWS)
-        extra, sargs = 0, [x, x, x, 0, 0, 0, 0, 0, 0]  # placeholders: SHRINK off reads none of them
-        if fused:
-            a = shrink.a_stack
-            ws, k_per_s = shrink.plan(x)
-            extra = triton.cdiv(ws.shape[0], split)
-            sargs = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1),
-                     ws.stride(0)]
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
             x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            SHRINK=fused, BLOCK_R=max(16, triton.next_power_of_2(sargs[3])), BLOCK_K=SHRINK_BLOCK_K,
-            num_warps=cfg.num_warps)
-        if fused:
-            shrink.partials = ws
+            num_warps=cfg.num_warps, **shrink_kw)
     else:
-        _w4_tcl_group_kernel[(m_tiles, sum(tiles), split)](
-            x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
+        _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
+            x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
+            *sargs, ws.stride(1) if fused else 0,
             GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, **shrink_kw)
+    if fused:
+        shrink.partials = ws
     return outs
