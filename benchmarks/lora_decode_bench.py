@@ -9,8 +9,8 @@ read is DRAM):
   for q/k/v and gate/up, ``w4a16_linear`` for o and down; on CUDA the tensor-core layout);
 - ``base+lora``: the base, then the 4 shrinks and 4 expand launches (``lora_expand_group`` for q/k/v
   and gate/up, ``lora_expand`` for o and down);
-- ``base+lora, shrinks offered``: as the decode step runs it: the q/k/v and gate/up shrinks offered to their
-  base launch (``LoRAShrink``; the M = 1 grouped launch runs them up to 64 A rows), the rest as above;
+- ``base+lora, shrinks offered``: as the decode step runs it: every shrink offered to its base launch
+  (``LoRAShrink``; the tensor-core-layout launches run them up to 64 A rows), the expands as above;
 - ``lora only`` (the LoRA launches alone) and, with ``--sweep``, their launch-parameter variants
   (``seven_expands`` is the layout before session 7: one expand per projection).
 
@@ -104,18 +104,18 @@ def run_separate(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: in
 
 
 def run_offered(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: int) -> dict:
-    """As the decode step runs a layer: each group's shrink offered to its base launch (``LoRAShrink``; taken by
-    the M = 1 grouped launch where it fits), else run by ``lora_shrink_partials``; then the expands."""
+    """As the decode step runs a layer: each shrink offered to its base launch (``LoRAShrink``; taken by the
+    tensor-core-layout launches where it fits), else run by ``lora_shrink_partials``; then the expands."""
     outs = {}
     for group in GROUPS:
         g = lora[group]
-        offer = lt.LoRAShrink(g["a"], slots) if len(group) > 1 else None
+        offer = lt.LoRAShrink(g["a"], slots)
         if len(group) > 1:
             outs.update(zip(group, wk.w4a16_linear_group(xs[group], [base[m] for m in group], [None] * len(group),
                                                          shrink=offer)))
         else:
-            outs[group[0]] = wk.w4a16_linear(xs[group], base[group[0]])
-        part = None if offer is None else offer.partials
+            outs[group[0]] = wk.w4a16_linear(xs[group], base[group[0]], shrink=offer)
+        part = offer.partials
         if part is None:  # not taken: the pool's own shrink launch
             part = lt.lora_shrink_partials(xs[group], g["a"], slots)
         if len(group) > 1:
@@ -196,8 +196,8 @@ def to_markdown(seconds: float) -> str:
                      f"the outputs by {chk.get('lora_share', float('nan')):.1e} relative).")
     offered = t.get("base+lora, shrinks offered")
     if offered and base:
-        lines.append(f"- `base+lora, shrinks offered` (the q/k/v and gate/up shrinks offered to their base launch, "
-                     f"as the decode step does; the M = 1 grouped launch takes them up to 64 A rows): "
+        lines.append(f"- `base+lora, shrinks offered` (every shrink offered to its base launch, as the decode step "
+                     f"does; the tensor-core-layout launches take them up to 64 A rows): "
                      f"{offered['us_per_layer']:.1f} us per layer, LoRA +{offered['us_per_layer'] / base - 1:.1%} "
                      f"(outputs vs `base+lora`: {chk.get('offered_vs_separate', float('nan')):.1e} relative).")
     lines += ["", "The LoRA launches alone (`vs W4 base` = their time / the base's):", "",

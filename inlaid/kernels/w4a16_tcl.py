@@ -31,6 +31,11 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
 Split-K: "atomic_last" (``w4a16_gemv`` MODE 4: the tile's last program casts, stores and re-zeroes the fp32
 sums): one launch, no host sync, fixed shapes, CUDA-graph safe.
 
+LoRA shrink beside the weights: every launcher takes a ``LoRAShrink`` of the same x and, where it fits
+(``SHRINK_MAX_ROWS``, x not permuted for act-order), runs it as extra column tiles of its grid (``SHRINK``:
+``lora_sgmv_triton.shrink_split`` programs, independent of the weight tiles) and sets ``shrink.partials``; a
+caller that finds them None runs ``lora_shrink_partials`` itself.
+
 Measured on the H100 (``benchmarks/results/tcl_h100.md``: fp16 cuBLAS and the GPTQ-layout kernels in the same
 run; ``docs/kernels.md``, "Session 11").
 """
@@ -60,11 +65,12 @@ __all__ = ["SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group
            "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
 
 SHRINK_MAX_ROWS = 64
-"""Most A rows (summed ranks of a group) whose LoRA shrink runs inside the grouped launch. H100, one 7B layer,
-rank 16 (48 / 32 rows): 90.3 -> 84.2 us per layer at batch 1, 131.1 -> 119.2 at batch 32 with the shrinks
-inside (``benchmarks/results/lora_decode_b1_h100.md``, ``lora_decode_h100.md``); uncapped in a lab, rank 64
-(192 / 128 rows) read 62.8 -> 71.8 us for the two M = 1 groups: the shrink programs' register tiles slow the
-GEMV programs of the same launch (``docs/kernels.md``, "Session 12")."""
+"""Most A rows (an adapter stack's rank, summed over a group) whose LoRA shrink runs inside the W4 launch. H100,
+one 7B layer at rank 16 (q/k/v 48 rows, gate/up 32, o and down 16): 89.5 -> 77.8 us per layer at batch 1,
+130.6 -> 118.2 at batch 32 with the shrinks inside (``benchmarks/results/lora_decode_b1_h100.md``,
+``lora_decode_h100.md``); uncapped in a lab, rank 64 (192 / 128 rows) read 62.8 -> 71.8 us for the two M = 1
+groups: the shrink programs' register tiles slow the GEMV programs of the same launch (``docs/kernels.md``,
+"Session 12")."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -222,16 +228,39 @@ if HAS_TRITON:
                   MODE)
 
     @triton.jit
+    def _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, job, M, K, R, k_per_s, n_s, stride_xm, stride_as, stride_ar,
+                    stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Shrink program ``job`` of a launch's extra tiles: token ``job % M``, split ``job // M`` of ``n_s`` (none
+        past M x ``n_s``)."""
+        if job < M * n_s:
+            shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, job % M, job // M, K, R, k_per_s, stride_xm, 1, stride_as,
+                         stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+
+    @triton.jit
     def _w4_tcl_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, k_per_split, n_split, stride_xm, stride_zg, stride_sg, stride_om,
+        nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, stride_wt,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
+        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """``_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of
+        the same x (as ``_w4_tcl_group_kernel``'s)."""
         # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
-        _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split, stride_xm,
-                  stride_zg, stride_sg, stride_om, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                  tl.num_programs(0), GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+        pid_m, pid_n, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+        if SHRINK:
+            if pid_n >= nt_all:
+                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid_n - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
+                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+            else:
+                _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
+                          stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
+                          BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+        else:
+            _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
+                      stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
+                      BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
 
     @triton.jit
     def _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt,
@@ -269,10 +298,8 @@ if HAS_TRITON:
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         if SHRINK:
             if pid >= nt_all:
-                job = ((pid - nt_all) * n_split + pid_k) * mt + pid_m
-                if job < M * n_s:
-                    shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, job % M, job // M, K, R, k_per_s, stride_xm, 1,
-                                 stride_as, stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
+                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
             else:
                 _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0,
                              sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
@@ -285,12 +312,23 @@ if HAS_TRITON:
     @triton.jit
     def _w4_tcl_m1_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg, stride_sg,
-        stride_om, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        PTX: tl.constexpr,
+        stride_om, nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg,
-                     stride_sg, stride_om, tl.program_id(0), tl.program_id(1), GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES,
-                     PTX)
+        """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
+        of the same x (as ``_w4_tcl_m1_group_kernel``'s)."""
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        if SHRINK:
+            if pid >= nt_all:
+                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
+                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K)
+            else:
+                _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
+                             stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+        else:
+            _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
+                         stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
 
     @triton.jit
     def _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k,
@@ -323,10 +361,8 @@ if HAS_TRITON:
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         if SHRINK:
             if pid >= nt_all:
-                s_idx = (pid - nt_all) * n_split + pid_k
-                if s_idx < n_s:
-                    shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, 0, s_idx, K, R, k_per_s, 0, 1, stride_as,
-                                 stride_ar, 1, stride_wsp, 0, BLOCK_R, BLOCK_K)
+                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
+                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K)
             else:
                 _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                             qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
@@ -414,11 +450,29 @@ def _check(x: torch.Tensor, packs: Sequence[PackedW4], name: str) -> None:
                              "w4a16_linear")
 
 
+def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, split: int,
+                 m_tiles: int) -> tuple[torch.Tensor | None, int, list, dict]:
+    """(partials or None, extra column tiles, the kernels' shrink arguments, their constexprs) for running
+    ``shrink`` in a launch of ``split`` K splits x ``m_tiles`` row tiles over x [M, K]. None where it does not
+    fit: more than ``SHRINK_MAX_ROWS`` rows, or x permuted for act-order (the shrink reads it in natural order)."""
+    ws, extra, args = None, 0, [x, x, x, 0, 0, 0, 0, 0, 0, 0]  # placeholders: SHRINK off reads none of them
+    if shrink is not None and not permuted and shrink.fits(x, SHRINK_MAX_ROWS):
+        a = shrink.a_stack
+        ws, k_per_s = shrink.plan(x)
+        extra = triton.cdiv(x.shape[0] * ws.shape[0], split * m_tiles)  # column tiles for M x P shrink programs
+        args = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1), ws.stride(0),
+                ws.stride(1)]
+    return ws, extra, args, {"SHRINK": ws is not None, "BLOCK_R": max(16, triton.next_power_of_2(args[3])),
+                             "BLOCK_K": SHRINK_BLOCK_K}
+
+
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
-              config: TclConfig | None = None) -> torch.Tensor:
+              config: TclConfig | None = None, shrink: LoRAShrink | None = None) -> torch.Tensor:
     """``x [M, K] @ W`` for a "tc"-layout weight (``tcl_usable``); [M, N] in x.dtype. ``packed.locks`` /
-    ``packed.acc`` (or the stream's shared split-K scratch when short) are used and left zeroed."""
+    ``packed.acc`` (or the stream's shared split-K scratch when short) are used and left zeroed. The launch also
+    runs ``shrink`` (extra programs) where it fits (``_shrink_args``); it then sets ``shrink.partials``."""
     _check(x, [packed], "w4a16_tcl")
+    permuted = packed.perm is not None
     x = (x.index_select(1, packed.perm) if packed.perm is not None else x).contiguous()
     (m, k), n = x.shape, packed.out_features
     out = check_out(out, x, m, n)
@@ -430,23 +484,29 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm)
         mode = 0 if split == 1 else _MODE_ID["atomic_last"]
         ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
-        _w4_tcl_m1_kernel[(n_tiles, split)](
+        partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, 1)
+        _w4_tcl_m1_kernel[(n_tiles + extra, split)](
             x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, n, k, k_per, split,
-            packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
+            packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs[:-1],
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, **skw)
+        if partials is not None:
+            shrink.partials = partials
         return out
     cfg = config or tcl_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
     ws, locks = splitk_buffers(out, split, mode, packed.locks, m_tiles * n_tiles, packed.acc)
-    _w4_tcl_kernel[(m_tiles, n_tiles, split)](
+    partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, m_tiles)
+    _w4_tcl_kernel[(m_tiles, n_tiles + extra, split)](
         x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, m, n, k, k_per, split,
-        x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0),
+        x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs,
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, **skw)
+    if partials is not None:
+        shrink.partials = partials
     return out
 
 
@@ -479,27 +539,18 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
         for n, t in zip(widths, tiles):
             bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
             s0, l0 = s0 + m * n, l0 + m_tiles * t
-    # an act-order group's x was permuted above; the shrink reads x in its natural order
-    fused = shrink is not None and first.perm is None and shrink.fits(x, SHRINK_MAX_ROWS)
-    extra, sargs = 0, [x, x, x, 0, 0, 0, 0, 0, 0]  # placeholders: SHRINK off reads none of them
-    if fused:
-        a = shrink.a_stack
-        ws, k_per_s = shrink.plan(x)
-        extra = triton.cdiv(m * ws.shape[0], split * m_tiles)  # column tiles for M x P shrink programs
-        sargs = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1), ws.stride(0)]
-    shrink_kw = {"SHRINK": fused, "BLOCK_R": max(16, triton.next_power_of_2(sargs[3])), "BLOCK_K": SHRINK_BLOCK_K}
+    partials, extra, sargs, skw = _shrink_args(shrink, x, first.perm is not None, split, m_tiles)
     if m == 1:
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
-            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs,
+            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs[:-1],
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **shrink_kw)
+            num_warps=cfg.num_warps, **skw)
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
-            *sargs, ws.stride(1) if fused else 0,
-            GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+            *sargs, GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **shrink_kw)
-    if fused:
-        shrink.partials = ws
+            num_warps=cfg.num_warps, **skw)
+    if partials is not None:
+        shrink.partials = partials
     return outs

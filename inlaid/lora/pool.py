@@ -53,7 +53,11 @@ the device, so the forward is CUDA-graph capturable. The A stacks of q/k/v
 partials cached in ``batch.lora_meta`` for the sibling projections, keyed by
 layer and the identity of x), then one expand per projection; ``apply_group``
 (what the model calls for q/k/v and gate/up) also fuses the expands into one
-launch per group. Slot ids are
+launch per group. Before each base projection the model asks ``offer_shrink``
+for the shrink; a W4 launch on the tensor-core layout runs it beside its own
+work and fills the offer's partials, which ``apply`` / ``apply_group`` then use
+instead of a shrink launch (when the offer comes back unfilled they shrink
+themselves, so every other base path stays correct). Slot ids are
 not validated on this path (the scheduler assigns them; invalid ids are
 undefined behaviour on the device, like an out-of-range embedding id).
 """
@@ -265,10 +269,17 @@ class LoRAPool:
 
     def offer_shrink(self, layer_idx: int, modules: Sequence[str], x: torch.Tensor,
                      batch: ForwardBatch) -> lt.LoRAShrink | None:
-        """The group's shrink for the base projections' launch to run beside its own work (``forward_group``), or
-        None where ``apply_group`` would not run one fused shrink (prefill, no adapter loaded, not a fused group).
-        ``apply_group`` then uses its partials if the base launch set them and shrinks itself otherwise."""
-        buf = self._fused_buffer(modules, batch)
+        """The shrink of one fused group (``apply_group``) or of one projection outside the groups (``apply``: o,
+        down) for the base projections' launch to run beside its own work (``forward_group``,
+        ``ParallelLinear.forward_local``), or None where no such shrink would run (prefill, no adapter loaded, a
+        module the pool lacks, a group member on its own). ``apply`` / ``apply_group`` then use its partials if
+        the base launch set them and shrink themselves otherwise."""
+        if len(modules) == 1 and modules[0] not in self.group_of:
+            if batch.lora_meta is None:
+                self.prepare(batch)
+            buf = self.a.get(modules[0]) if isinstance(batch.lora_meta, DecodeMeta) else None
+        else:
+            buf = self._fused_buffer(modules, batch)
         if buf is None or not batch.lora_meta.active:
             return None
         offer = lt.LoRAShrink(buf[layer_idx], batch.lora_meta.token_slots)
@@ -306,7 +317,12 @@ class LoRAPool:
                 meta.shrunk[key] = hit
             partials = hit[1][:, :, j * r : (j + 1) * r]
         else:
-            partials = lt.lora_shrink_partials(x, self.a[module][layer_idx], meta.token_slots)
+            buf = self.a[module]
+            offer = meta.offers.pop((layer_idx, buf.data_ptr()), None)
+            if offer is not None and offer[0] is x and offer[1].partials is not None:
+                partials = offer[1].partials  # the base launch ran the shrink (offer_shrink)
+            else:
+                partials = lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
 

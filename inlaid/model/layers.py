@@ -157,9 +157,14 @@ class ParallelLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
-    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's output: the full/column slice, or a row layer's partial sum (before ``reduce``)."""
-        return self.quant_method.apply(self, x)
+    def forward_local(self, x: torch.Tensor, shrink: LoRAShrink | None = None) -> torch.Tensor:
+        """This rank's output: the full/column slice, or a row layer's partial sum (before ``reduce``). A linear
+        method that ``takes_shrink`` gets the LoRA hook's ``shrink`` offer (its launch may run it); a method whose
+        ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) never does."""
+        method = self.quant_method
+        if shrink is not None and getattr(method, "takes_shrink", False) and "apply" not in vars(method):
+            return method.apply(self, x, shrink=shrink)
+        return method.apply(self, x)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """Row-parallel under TP: all-reduce the partial sums (identity otherwise)."""

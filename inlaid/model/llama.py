@@ -67,7 +67,8 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
     Under TP a row layer's deltas (from this rank's slice of x) join its partial sum before the one all-reduce.
     """
     layer: ParallelLinear = getattr(parent, name)
-    out = layer.forward_local(x)
+    offer = getattr(hook, "offer_shrink", None)  # optional (lora_hook): the base launch may run the LoRA shrink
+    out = layer.forward_local(x, None if offer is None else offer(layer_idx, (name,), x, batch))
     if hook is not None:
         out = hook.apply(layer_idx, name, x, out, batch)
     return layer.reduce(out)

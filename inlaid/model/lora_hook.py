@@ -7,9 +7,10 @@ returns it; projections that read the same x (q/k/v, gate/up) go through one
 ``hook.apply_group`` call instead, so the hook can batch their kernels.
 ``inlaid.lora.pool.LoRAPool`` implements it.
 
-Optional: ``hook.offer_shrink(layer_idx, modules, x, batch)``, called before a group's base projections, may
-return a ``LoRAShrink`` that the base launch runs beside its own work (the M = 1 grouped W4 kernel) and fills in;
-the following ``apply_group`` must work whether or not it was filled.
+Optional: ``hook.offer_shrink(layer_idx, modules, x, batch)``, called before each base projection (a group's
+names, or one name), may return a ``LoRAShrink`` that the base launch runs beside its own work (the W4 kernels
+on the tensor-core layout) and fills in; the following ``apply_group`` / ``apply`` must work whether or not it
+was filled.
 
 Module names are PEFT's: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
 """

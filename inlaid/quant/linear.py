@@ -170,10 +170,13 @@ class GPTQLinearMethod:
         return w4k.PackedW4(snap["w4_qweight"], snap["w4_qzeros"], snap["w4_scales"], snap["w4_perm"], gs,
                             snap["w4_locks"], snap["w4_acc"], w4k.serving_layout(snap["w4_qweight"], gs))  # fmt: skip
 
-    def apply(self, layer: ParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    takes_shrink = True
+    """``apply`` / ``apply_group`` take a LoRA ``shrink`` offer (``ParallelLinear.forward_local``, ``forward_group``)."""
+
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, shrink: w4k.LoRAShrink | None = None) -> torch.Tensor:
         packed = self._packed(layer, x)
-        if packed is not None:  # W4A16 kernels
-            return w4k.w4a16_linear(x, packed, layer.bias)
+        if packed is not None:  # W4A16 kernels (the launch may also run the LoRA shrink)
+            return w4k.w4a16_linear(x, packed, layer.bias, shrink=shrink)
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
         w = snap.get("dq_weight")
         if w is not None and w.dtype == x.dtype:

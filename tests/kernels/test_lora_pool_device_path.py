@@ -145,8 +145,9 @@ def test_prefill_segment_kernel_matches_torch_sgmv() -> None:
 def test_apply_group_takes_the_shrink_a_base_launch_ran_and_shrinks_itself_otherwise(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``offer_shrink`` hands the group's shrink to the base launch; ``apply_group`` uses the partials the launch
-    set (no shrink launch of its own) and runs its own shrink when the launch left them None. A pool without
-    adapters and a group that is not one fused group make no offer."""
+    set (no shrink launch of its own) and runs its own shrink when the launch left them None; ``apply`` does the
+    same for a projection outside the groups (o_proj). A pool without adapters, a group that is not one fused
+    group and a group member on its own get no offer."""
     pools = _pools(seed=7, slots=(0, 1))
     launches = []
     real = pool_mod.lt.lora_shrink_partials
@@ -170,23 +171,38 @@ def test_apply_group_takes_the_shrink_a_base_launch_ran_and_shrinks_itself_other
             torch.testing.assert_close(gm, wm, atol=1e-4, rtol=1e-4)
     empty = pool_mod.LoRAPool(3, 8, 2, SHAPES, DEV, torch.float32, triton_decode=True)
     assert empty.offer_shrink(1, group, x, _batch(slots)) is None  # no adapter loaded: nothing to shrink
+    assert pools[0].offer_shrink(1, ("q_proj",), x, _batch(slots)) is None  # a group member on its own
+    # a projection outside the groups (o_proj): apply takes the partials the same way
+    base_o = torch.randn(len(slots), SHAPES["o_proj"][1], generator=g).to(DEV)
+    want_o = pools[1].apply(1, "o_proj", x, base_o.clone(), _batch(slots))
+    for base_ran_it in (True, False):
+        batch = _batch(slots)
+        offer = pools[0].offer_shrink(1, ("o_proj",), x, batch)
+        assert offer is not None and offer.a_stack.shape == (3, 8, 32)
+        if base_ran_it:
+            offer.partials = real(x, offer.a_stack, offer.token_slots)
+        launches.clear()
+        got_o = pools[0].apply(1, "o_proj", x, base_o.clone(), batch)
+        assert len(launches) == (0 if base_ran_it else 1)
+        torch.testing.assert_close(got_o, want_o, atol=1e-4, rtol=1e-4)
     assert pools[0].offer_shrink(1, ("q_proj", "v_proj"), x, _batch(slots)) is None  # not one fused group
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_project_group_runs_the_shrink_in_the_m1_w4_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode token through ``llama._project_group`` on tensor-core-layout W4 q/k/v: the grouped M = 1 launch
-    runs the pool's shrink (no ``lora_shrink_partials`` launch), and the result equals the base plus the SGMV
-    pool's deltas; at rank 32 (96 rows > ``SHRINK_MAX_ROWS``) the pool shrinks itself, with the same result."""
+def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode token through ``llama._project_group`` (q/k/v) and ``_project`` (o_proj) on tensor-core-layout W4
+    weights: the M = 1 launches run the pool's shrinks (no ``lora_shrink_partials`` launch), and the results equal
+    the base plus the SGMV pool's deltas; at rank 32 (96 q/k/v rows > ``SHRINK_MAX_ROWS``) the pool shrinks q/k/v
+    itself (o_proj's 32 rows are still taken), with the same results."""
     from torch import nn
 
     from inlaid.kernels import w4_layout
     from inlaid.model.layers import ParallelLinear
-    from inlaid.model.llama import _project_group
+    from inlaid.model.llama import _project, _project_group
     from inlaid.quant.linear import GPTQLinearMethod, _install
 
-    k, shapes = 256, {"q_proj": (256, 128), "k_proj": (256, 64), "v_proj": (256, 64)}
+    k, shapes = 256, {"q_proj": (256, 128), "k_proj": (256, 64), "v_proj": (256, 64), "o_proj": (256, 256)}
     g = torch.Generator().manual_seed(4)
     parent = nn.Module()
     for name, (_, n) in shapes.items():
@@ -199,7 +215,7 @@ def test_gpu_project_group_runs_the_shrink_in_the_m1_w4_launch(monkeypatch: pyte
         layer.quant_method.finalize(layer, torch.float16)
         assert layer._buffers["w4_qweight"] is layer._buffers["qweight"]  # tensor-core words (serving_layout)
         setattr(parent, name, layer)
-    names = tuple(shapes)
+    names = ("q_proj", "k_proj", "v_proj")
     real = pool_mod.lt.lora_shrink_partials
     for rank, fused in ((16, True), (32, False)):
         adapter = random_adapter("a", shapes, 1, rank, seed=rank, std=0.05)
@@ -211,9 +227,10 @@ def test_gpu_project_group_runs_the_shrink_in_the_m1_w4_launch(monkeypatch: pyte
         shrinks = []
         monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials", lambda *a, **kw: shrinks.append(1) or real(*a, **kw))
         got = _project_group(parent, names, 0, x, _batch([1]), pools[0])
+        got.append(_project(parent, "o_proj", 0, x, _batch([1]), pools[0]))  # 32 / 128 rows: taken both times
         assert len(shrinks) == (0 if fused else 1)
-        base = [getattr(parent, n)(x) for n in names]
-        want = [pools[1].apply(0, n, x, b.clone(), _batch([1])) for n, b in zip(names, base)]
+        base = [getattr(parent, n)(x) for n in (*names, "o_proj")]
+        want = [pools[1].apply(0, n, x, b.clone(), _batch([1])) for n, b in zip((*names, "o_proj"), base)]
         for gm, wm, b in zip(got, want, base):
             assert (wm.float() - b.float()).abs().max() > 1e-3  # the deltas count
             torch.testing.assert_close(gm.float(), wm.float(), atol=5e-3, rtol=5e-3)

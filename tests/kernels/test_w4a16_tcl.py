@@ -255,3 +255,21 @@ def test_group_runs_a_lora_shrink_beside_the_weights(m: int, rank: int, act_orde
             assert shrink.partials.shape == want.shape
             torch.testing.assert_close(shrink.partials, want, rtol=1e-5, atol=1e-5)
             assert (slot == -1) == (float(shrink.partials[:, 0].abs().max()) == 0.0)
+
+
+@pytest.mark.parametrize("m,rows", [(1, 16), (5, 64), (100, 16), (5, 80)])
+def test_single_weight_runs_a_lora_shrink_beside_it(m: int, rows: int) -> None:
+    """``w4a16_tcl`` takes a ``LoRAShrink`` too (o_proj, down_proj): same partials as ``lora_shrink_partials``,
+    products untouched; over ``SHRINK_MAX_ROWS`` (80 rows) the offer is left to the caller."""
+    lt = kernel_module("lora_sgmv_triton")
+    tensors, _, tc = _tc_case(256, 200, 128, act_order=False, seed=m + rows)
+    g = torch.Generator().manual_seed(m)
+    a = (torch.randn(3, rows, 256, generator=g) * 0.1).to(DEVICE).half()
+    slots = torch.randint(-1, 3, (m,), generator=g).to(DEVICE, torch.int32)
+    x = torch.randn(m, 256, device=DEVICE).half()
+    shrink = lt.LoRAShrink(a, slots)
+    _check(tcl.w4a16_tcl(x, tc, shrink=shrink), x, tensors, tc)
+    if rows > tcl.SHRINK_MAX_ROWS:
+        assert shrink.partials is None
+    else:
+        torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(x, a, slots), rtol=1e-5, atol=1e-5)
