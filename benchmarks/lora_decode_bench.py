@@ -10,7 +10,8 @@ read is DRAM):
 - ``base+lora``: the base, then the 4 shrinks and 4 expand launches (``lora_expand_group`` for q/k/v
   and gate/up, ``lora_expand`` for o and down);
 - ``base+lora, shrinks offered``: as the decode step runs it: every shrink offered to its base launch
-  (``LoRAShrink``; the tensor-core-layout launches run them up to 64 A rows), the expands as above;
+  (``LoRAShrink``; the tensor-core-layout launches run them up to ``SHRINK_MAX_ROWS`` A rows), the expands as
+  above;
 - ``lora only`` (the LoRA launches alone) and, with ``--sweep``, their launch-parameter variants
   (``seven_expands`` is the layout before session 7: one expand per projection).
 
@@ -142,8 +143,10 @@ def _rel(got: dict, ref: dict) -> float:
 
 
 def run(batch: int, rank: int, n_layers: int, sweep: bool) -> None:
+    from inlaid.kernels.w4a16_tcl import SHRINK_MAX_ROWS  # noqa: PLC0415 (the value main may have overridden)
+
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        batch=batch, rank=rank, layers=n_layers)
+        batch=batch, rank=rank, layers=n_layers, shrink_max_rows=SHRINK_MAX_ROWS)
     slots = torch.arange(batch, device=DEV, dtype=torch.int32)
     loras = [make_lora(batch, rank) for _ in range(n_layers)]
     bases = [make_base() for _ in range(n_layers)]
@@ -188,7 +191,8 @@ def to_markdown(seconds: float) -> str:
              f"{env['batch']} distinct rank-{env['rank']} adapters on all 7 projections, fp16, CUDA graph over "
              f"{env['layers']} layers of distinct weights (us per layer). The base: the 7 W4 g128 projections at "
              f"M = {env['batch']} as the decode step runs them (layouts {sorted(set(layout.values()))}), "
-             f"{base and f'{base:.1f}'} us per layer in this run.", ""]
+             f"{base and f'{base:.1f}'} us per layer in this run. Shrinks inside a W4 launch up to "
+             f"{env.get('shrink_max_rows', 64)} A rows.", ""]
     chk = next((r for r in ROWS if r.get("event") == "check"), {})
     if "base+lora" in t and base:
         lines.append(f"- `base+lora` (the base, then the LoRA launches): {t['base+lora']['us_per_layer']:.1f} us per "
@@ -197,7 +201,7 @@ def to_markdown(seconds: float) -> str:
     offered = t.get("base+lora, shrinks offered")
     if offered and base:
         lines.append(f"- `base+lora, shrinks offered` (every shrink offered to its base launch, as the decode step "
-                     f"does; the tensor-core-layout launches take them up to 64 A rows): "
+                     f"does; the tensor-core-layout launches take them up to {env.get('shrink_max_rows', 64)} A rows): "
                      f"{offered['us_per_layer']:.1f} us per layer, LoRA +{offered['us_per_layer'] / base - 1:.1%} "
                      f"(outputs vs `base+lora`: {chk.get('offered_vs_separate', float('nan')):.1e} relative).")
     lines += ["", "The LoRA launches alone (`vs W4 base` = their time / the base's):", "",
@@ -217,7 +221,13 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4, help="layers of distinct weights (4 x 190 MB at rank 16)")
     ap.add_argument("--sweep", action="store_true", help="also time the LoRA launches' parameter variants")
+    ap.add_argument("--shrink-max-rows", type=int, default=None,
+                    help="experiment: override w4a16_tcl.SHRINK_MAX_ROWS (the A rows a W4 launch's shrink may hold)")
     args = ap.parse_args()
+    if args.shrink_max_rows is not None:
+        from inlaid.kernels import w4a16_tcl
+
+        w4a16_tcl.SHRINK_MAX_ROWS = args.shrink_max_rows
     t0 = time.time()
     try:
         run(args.batch, args.rank, args.layers, args.sweep)

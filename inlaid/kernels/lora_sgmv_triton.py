@@ -37,16 +37,32 @@ if HAS_TRITON:
 
     @triton.jit
     def shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, t, sp, D_IN, R, k_per_split, stride_xt, stride_xk, stride_as,
-                     stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                     stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ROUNDS: tl.constexpr = False):
         """Token ``t``'s fp32 partial ``x[t, K range sp] @ A[slot_t, :R, K range sp]ᵀ`` into ``ws[sp, t, :R]`` (0 for
-        slot -1): one shrink program, also run inside other launches (``w4a16_tcl``'s M = 1 grouped GEMV)."""
+        slot -1): one shrink program, also run inside other launches (``w4a16_tcl``'s W4 kernels). BLOCK_R covers
+        R, or with ``ROUNDS`` R is taken BLOCK_R ranks per round (inside a W4 launch, where a rank-64 group's 192
+        rows in one tile would take 256 registers a thread)."""
         slot = tl.load(slots_ptr + t).to(tl.int64)
         d_eff = tl.where(slot >= 0, D_IN, 0)  # slot -1: every load masked off, partials are 0
         slot = tl.maximum(slot, 0)
-        offs_r = tl.arange(0, BLOCK_R)
+        k_lo = sp * k_per_split
+        if ROUNDS:
+            for r0 in range(0, R, BLOCK_R):
+                _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, r0, R, k_per_split, stride_xt, stride_xk,
+                             stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+        else:
+            _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, 0, R, k_per_split, stride_xt, stride_xk,
+                         stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+
+    @triton.jit
+    def _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, r0, R, k_per_split, stride_xt, stride_xk,
+                     stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """Ranks ``[r0, r0 + BLOCK_R)`` of ``shrink_split``."""
+        offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        k_lo = sp * k_per_split
         for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = (offs_k < d_eff) & (offs_k < k_lo + k_per_split)
@@ -54,7 +70,7 @@ if HAS_TRITON:
             a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        tl.store(ws_ptr + sp * stride_wsp + t * stride_wt + offs_r, acc, mask=offs_r < R)
+        tl.store(ws_ptr + sp * stride_wsp + t * stride_wt + offs_r, acc, mask=mask_r)
 
     @triton.jit
     def _shrink_kernel(
@@ -119,6 +135,10 @@ if HAS_TRITON:
         else:
             _expand_block(ws_ptr, b2, sc2, o2, t, pid - nb0 - nb1, slot, n2, R, NUM_SPLITS, 2 * R, stride_wsp,
                           stride_wt, sb2, R, 1, so2, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+
+
+SHRINK_CHUNK_R = 64
+"""Most A rows a shrink program inside a W4 launch holds per round (``shrink_split`` with ``ROUNDS``)."""
 
 
 SHRINK_BLOCK_K = 128

@@ -57,20 +57,21 @@ from .w4a16_gemv import (
     splitk_buffers,
     splitk_scratch,
 )
-from .lora_sgmv_triton import SHRINK_BLOCK_K, LoRAShrink
+from .lora_sgmv_triton import SHRINK_BLOCK_K, SHRINK_CHUNK_R, LoRAShrink
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
 __all__ = ["SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_config",
            "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
 
-SHRINK_MAX_ROWS = 64
-"""Most A rows (an adapter stack's rank, summed over a group) whose LoRA shrink runs inside the W4 launch. H100,
-one 7B layer at rank 16 (q/k/v 48 rows, gate/up 32, o and down 16): 89.5 -> 77.8 us per layer at batch 1,
-130.6 -> 118.2 at batch 32 with the shrinks inside (``benchmarks/results/lora_decode_b1_h100.md``,
-``lora_decode_h100.md``); uncapped in a lab, rank 64 (192 / 128 rows) read 62.8 -> 71.8 us for the two M = 1
-groups: the shrink programs' register tiles slow the GEMV programs of the same launch (``docs/kernels.md``,
-"Session 12")."""
+SHRINK_MAX_ROWS = 256
+"""Most A rows (an adapter stack's rank, summed over a group) whose LoRA shrink runs inside the W4 launch; above
+``lora_sgmv_triton.SHRINK_CHUNK_R`` rows its programs take them in rounds of 64 (``shrink_split`` ``ROUNDS``: in one
+tile, a rank-64 group's 192 rows slowed the GEMV programs of the same launch, 62.8 -> 71.8 us for the two M = 1
+groups of a 7B layer in a lab). H100, one 7B layer, the shrinks inside against separate launches
+(``benchmarks/results/lora_decode_*_h100.md``, ``docs/kernels.md``, "Session 12"): rank 16 89.5 -> 77.8 us at
+batch 1, 130.6 -> 118.2 at batch 32; rank 64, rounds, same call as the 64-row cap: 98.3 -> 90.8 at batch 1,
+214.6 -> 205.2 at batch 32."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -229,12 +230,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, job, M, K, R, k_per_s, n_s, stride_xm, stride_as, stride_ar,
-                    stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                    stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr):
         """Shrink program ``job`` of a launch's extra tiles: token ``job % M``, split ``job // M`` of ``n_s`` (none
         past M x ``n_s``)."""
         if job < M * n_s:
             shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, job % M, job // M, K, R, k_per_s, stride_xm, 1, stride_as,
-                         stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                         stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K, ROUNDS)
 
     @triton.jit
     def _w4_tcl_kernel(
@@ -243,7 +244,7 @@ if HAS_TRITON:
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, stride_wt,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
-        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         """``_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of
         the same x (as ``_w4_tcl_group_kernel``'s)."""
@@ -252,7 +253,8 @@ if HAS_TRITON:
         if SHRINK:
             if pid_n >= nt_all:
                 _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid_n - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
-                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
+                            ROUNDS)
             else:
                 _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
                           stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
@@ -290,7 +292,7 @@ if HAS_TRITON:
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, stride_wt,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
-        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         """``_w4_tcl_kernel`` for 2-3 weights of one x (``_tcl_members``); with ``SHRINK`` the column tiles from
         ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
@@ -299,7 +301,8 @@ if HAS_TRITON:
         if SHRINK:
             if pid >= nt_all:
                 _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
-                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
+                            ROUNDS)
             else:
                 _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0,
                              sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
@@ -315,6 +318,7 @@ if HAS_TRITON:
         stride_om, nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
         of the same x (as ``_w4_tcl_m1_group_kernel``'s)."""
@@ -322,7 +326,7 @@ if HAS_TRITON:
         if SHRINK:
             if pid >= nt_all:
                 _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
-                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K)
+                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
             else:
                 _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                              stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
@@ -354,6 +358,7 @@ if HAS_TRITON:
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
@@ -362,7 +367,7 @@ if HAS_TRITON:
         if SHRINK:
             if pid >= nt_all:
                 _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
-                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K)
+                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
             else:
                 _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                             qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
@@ -462,8 +467,9 @@ def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, spl
         extra = triton.cdiv(x.shape[0] * ws.shape[0], split * m_tiles)  # column tiles for M x P shrink programs
         args = [a, shrink.token_slots, ws, a.shape[1], k_per_s, ws.shape[0], a.stride(0), a.stride(1), ws.stride(0),
                 ws.stride(1)]
-    return ws, extra, args, {"SHRINK": ws is not None, "BLOCK_R": max(16, triton.next_power_of_2(args[3])),
-                             "BLOCK_K": SHRINK_BLOCK_K}
+    rows = args[3]
+    return ws, extra, args, {"SHRINK": ws is not None, "BLOCK_K": SHRINK_BLOCK_K, "ROUNDS": rows > SHRINK_CHUNK_R,
+                             "BLOCK_R": min(SHRINK_CHUNK_R, max(16, triton.next_power_of_2(max(rows, 1))))}
 
 
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,

@@ -193,8 +193,8 @@ def test_apply_group_takes_the_shrink_a_base_launch_ran_and_shrinks_itself_other
 def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """A decode token through ``llama._project_group`` (q/k/v) and ``_project`` (o_proj) on tensor-core-layout W4
     weights: the M = 1 launches run the pool's shrinks (no ``lora_shrink_partials`` launch), and the results equal
-    the base plus the SGMV pool's deltas; at rank 32 (96 q/k/v rows > ``SHRINK_MAX_ROWS``) the pool shrinks q/k/v
-    itself (o_proj's 32 rows are still taken), with the same results."""
+    the base plus the SGMV pool's deltas; at rank 96 (288 q/k/v rows > ``SHRINK_MAX_ROWS``) the pool shrinks q/k/v
+    itself (o_proj's 96 rows are still taken, in two rounds), with the same results."""
     from torch import nn
 
     from inlaid.kernels import w4_layout
@@ -217,7 +217,7 @@ def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytes
         setattr(parent, name, layer)
     names = ("q_proj", "k_proj", "v_proj")
     real = pool_mod.lt.lora_shrink_partials
-    for rank, fused in ((16, True), (32, False)):
+    for rank, fused in ((16, True), (96, False)):
         adapter = random_adapter("a", shapes, 1, rank, seed=rank, std=0.05)
         pools = [pool_mod.LoRAPool(2, rank, 1, shapes, "cuda", torch.float16, triton_decode=flag)
                  for flag in (True, False)]
@@ -227,7 +227,7 @@ def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytes
         shrinks = []
         monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials", lambda *a, **kw: shrinks.append(1) or real(*a, **kw))
         got = _project_group(parent, names, 0, x, _batch([1]), pools[0])
-        got.append(_project(parent, "o_proj", 0, x, _batch([1]), pools[0]))  # 32 / 128 rows: taken both times
+        got.append(_project(parent, "o_proj", 0, x, _batch([1]), pools[0]))  # 16 / 96 rows: taken both times
         assert len(shrinks) == (0 if fused else 1)
         base = [getattr(parent, n)(x) for n in (*names, "o_proj")]
         want = [pools[1].apply(0, n, x, b.clone(), _batch([1])) for n, b in zip((*names, "o_proj"), base)]

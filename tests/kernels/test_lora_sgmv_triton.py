@@ -57,8 +57,9 @@ def test_apply_matches_sgmv_reference(dtype: torch.dtype, splits) -> None:
     assert torch.equal(out[untouched], before[untouched]), "rows with slot -1 must be left untouched"
 
 
-def test_shrink_writes_every_element(monkeypatch: pytest.MonkeyPatch) -> None:
-    s, r, d_in, t = 3, 16, 300, 6
+@pytest.mark.parametrize("r", [16, 80])  # 80: a 128-row tile, the last 48 rows masked
+def test_shrink_writes_every_element(monkeypatch: pytest.MonkeyPatch, r: int) -> None:
+    s, d_in, t = 3, 300, 6
     a, _, _ = _stacks(s, r, d_in, 8, torch.float32, seed=1)
     x = torch.randn(t, d_in, device=DEVICE)
     slots = torch.tensor([0, -1, 2, 1, 1, 0], device=DEVICE, dtype=torch.int32)

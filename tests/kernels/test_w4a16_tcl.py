@@ -225,12 +225,12 @@ def test_gpu_cuda_graph_replay_with_new_inputs(m: int) -> None:
 
 
 @pytest.mark.parametrize("m,rank,act_order", [(1, 16, False), (5, 16, False), (100, 8, False), (1, 24, False),
-                                              (5, 16, True)])
+                                              (5, 24, False), (1, 96, False), (5, 16, True)])
 def test_group_runs_a_lora_shrink_beside_the_weights(m: int, rank: int, act_order: bool) -> None:
     """The grouped launch also runs a ``LoRAShrink`` of the same x (its own programs; at M = 100 two row tiles
-    share the shrink's jobs): the partials equal ``lora_shrink_partials``' and the products are untouched. Stacks
-    over ``SHRINK_MAX_ROWS`` rows (3 x 24) and act-order groups (x permuted for the weights) are left to the
-    caller: ``partials`` stays None."""
+    share the shrink's jobs; 3 x 24 rows take two rounds of ``SHRINK_CHUNK_R``): the partials equal
+    ``lora_shrink_partials``' and the products are untouched. Stacks over ``SHRINK_MAX_ROWS`` rows (3 x 96) and
+    act-order groups (x permuted for the weights) are left to the caller: ``partials`` stays None."""
     lt = kernel_module("lora_sgmv_triton")
     cases = [_tc_case(256, n, 128, act_order=act_order, seed=n + rank) for n in (128, 64, 72)]
     if act_order:  # one shared permutation tensor, so the three weights group (share_input); their products
@@ -257,10 +257,11 @@ def test_group_runs_a_lora_shrink_beside_the_weights(m: int, rank: int, act_orde
             assert (slot == -1) == (float(shrink.partials[:, 0].abs().max()) == 0.0)
 
 
-@pytest.mark.parametrize("m,rows", [(1, 16), (5, 64), (100, 16), (5, 80)])
+@pytest.mark.parametrize("m,rows", [(1, 16), (5, 64), (100, 16), (5, 80), (1, 200), (1, 272)])
 def test_single_weight_runs_a_lora_shrink_beside_it(m: int, rows: int) -> None:
-    """``w4a16_tcl`` takes a ``LoRAShrink`` too (o_proj, down_proj): same partials as ``lora_shrink_partials``,
-    products untouched; over ``SHRINK_MAX_ROWS`` (80 rows) the offer is left to the caller."""
+    """``w4a16_tcl`` takes a ``LoRAShrink`` too (o_proj, down_proj): same partials as ``lora_shrink_partials``
+    (80 and 200 rows: in rounds of 64), products untouched; over ``SHRINK_MAX_ROWS`` (272 rows) the offer is left
+    to the caller."""
     lt = kernel_module("lora_sgmv_triton")
     tensors, _, tc = _tc_case(256, 200, 128, act_order=False, seed=m + rows)
     g = torch.Generator().manual_seed(m)
