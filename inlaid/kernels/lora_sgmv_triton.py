@@ -24,7 +24,9 @@ weight bytes), where the segment (SGMV) reference amortises them — callers may
 keep prefill on ``lora_apply``. A fused group (q/k/v or gate/up: one shrink over
 their shared A buffer) expands in one launch too (``lora_expand_group``: the output
 blocks of all members in one grid), so a layer costs 4 shrink and 4 expand launches
-instead of 4 and 7.
+instead of 4 and 7. A shrink can also run inside another launch that reads the same
+x (``LoRAShrink``, ``shrink_split``: the W4 kernels of ``w4a16_tcl``), which removes
+its launch.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ launches)."""
 
 
 class LoRAShrink:
-    """A shrink another launch may run beside its own work (``w4a16_tcl``'s M = 1 grouped GEMV reads the same x):
+    """A shrink another launch may run beside its own work (``w4a16_tcl``'s W4 kernels read the same x):
     ``x @ a_stack[slot]ᵀ`` as ``lora_shrink_partials`` would give it, in ``num_splits`` K splits. The launch that
     runs it sets ``partials`` ([P, T, R] fp32); a caller that finds ``partials`` still None runs
     ``lora_shrink_partials`` itself, so every path stays correct whether or not its base launch took the offer."""
