@@ -73,17 +73,22 @@ def make_base() -> dict:
     return layer
 
 
+def expand(group: tuple, g: dict, part: torch.Tensor, outs: dict, slots: torch.Tensor, rank: int, v: dict) -> None:
+    """The group's expands from its shrink partials: one ``lora_expand_group`` launch, or one per projection."""
+    kw = {"block_n": v.get("block_n", 128), "num_warps": v.get("expand_warps", 4)}
+    if len(group) > 1 and not v.get("seven_expands"):
+        lt.lora_expand_group(part, g["b"], g["s"], slots, [outs[m] for m in group], **kw)
+    else:
+        for j, m in enumerate(group):
+            lt.lora_expand(part[:, :, j * rank:(j + 1) * rank], g["b"][j], g["s"][j], slots, outs[m], **kw)
+
+
 def run_lora(lora: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int, v: dict) -> None:
     for group in GROUPS:
         g = lora[group]
         part = lt.lora_shrink_partials(xs[group], g["a"], slots, v.get("splits"), v.get("block_k", 128),
                                        v.get("shrink_warps", 4))
-        kw = {"block_n": v.get("block_n", 128), "num_warps": v.get("expand_warps", 4)}
-        if len(group) > 1 and not v.get("seven_expands"):
-            lt.lora_expand_group(part, g["b"], g["s"], slots, [outs[m] for m in group], **kw)
-        else:
-            for j, m in enumerate(group):
-                lt.lora_expand(part[:, :, j * rank:(j + 1) * rank], g["b"][j], g["s"][j], slots, outs[m], **kw)
+        expand(group, g, part, outs, slots, rank, v)
 
 
 def run_base(base: dict, xs: dict) -> dict:
@@ -119,10 +124,7 @@ def run_offered(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: int
         part = offer.partials
         if part is None:  # not taken: the pool's own shrink launch
             part = lt.lora_shrink_partials(xs[group], g["a"], slots)
-        if len(group) > 1:
-            lt.lora_expand_group(part, g["b"], g["s"], slots, [outs[m] for m in group])
-        else:
-            lt.lora_expand(part, g["b"][0], g["s"][0], slots, outs[group[0]])
+        expand(group, g, part, outs, slots, rank, {})
     return outs
 
 

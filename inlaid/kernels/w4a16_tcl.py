@@ -51,6 +51,7 @@ from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import (
     _MODE_ID,
+    _pow2,
     check_out,
     group_args,
     share_input,
@@ -392,7 +393,7 @@ class TclConfig:
     """Split K until about this many programs per SM."""
 
     def __post_init__(self) -> None:
-        pow2 = all(v > 0 and v & (v - 1) == 0 for v in (self.block_m, self.block_n, self.num_warps))
+        pow2 = all(_pow2(v) for v in (self.block_m, self.block_n, self.num_warps))
         if not pow2 or self.block_m < 16 or self.block_n < 16 * self.num_warps:
             raise ValueError(f"block_m (>= 16), block_n (>= 16 * num_warps) and num_warps must be powers of two: "
                              f"{self}")

@@ -259,11 +259,7 @@ class LoRAPool:
         meta: DecodeMeta = batch.lora_meta
         if not meta.active:
             return list(outs)
-        offer = meta.offers.pop((layer_idx, buf.data_ptr()), None)
-        if offer is not None and offer[0] is x and offer[1].partials is not None:
-            partials = offer[1].partials  # the base launch ran the shrink (offer_shrink)
-        else:
-            partials = lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots)
+        partials = self._shrunk(layer_idx, buf, x, meta)
         return lt.lora_expand_group(partials, [self.b[m][layer_idx] for m in modules],
                                     [self.scalings[m][layer_idx] for m in modules], meta.token_slots, list(outs))
 
@@ -274,9 +270,9 @@ class LoRAPool:
         ``ParallelLinear.forward_local``), or None where no such shrink would run (prefill, no adapter loaded, a
         module the pool lacks, a group member on its own). ``apply`` / ``apply_group`` then use its partials if
         the base launch set them and shrink themselves otherwise."""
+        if batch.lora_meta is None:
+            self.prepare(batch)
         if len(modules) == 1 and modules[0] not in self.group_of:
-            if batch.lora_meta is None:
-                self.prepare(batch)
             buf = self.a.get(modules[0]) if isinstance(batch.lora_meta, DecodeMeta) else None
         else:
             buf = self._fused_buffer(modules, batch)
@@ -285,6 +281,15 @@ class LoRAPool:
         offer = lt.LoRAShrink(buf[layer_idx], batch.lora_meta.token_slots)
         batch.lora_meta.offers[(layer_idx, buf.data_ptr())] = (x, offer)
         return offer
+
+    @staticmethod
+    def _shrunk(layer_idx: int, buf: torch.Tensor, x: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
+        """The shrink partials of ``x`` by the A stack ``buf[layer_idx]``: the ones the base launch computed for
+        this layer's offer (``offer_shrink``), else a ``lora_shrink_partials`` launch."""
+        offer = meta.offers.pop((layer_idx, buf.data_ptr()), None)
+        if offer is not None and offer[0] is x and offer[1].partials is not None:
+            return offer[1].partials
+        return lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots)
 
     def _fused_buffer(self, modules: Sequence[str], batch: ForwardBatch) -> torch.Tensor | None:
         """The shared A buffer [L, S, n*R, in] when ``modules`` are one fused group (``FUSED_GROUPS``, in order) on
@@ -317,12 +322,7 @@ class LoRAPool:
                 meta.shrunk[key] = hit
             partials = hit[1][:, :, j * r : (j + 1) * r]
         else:
-            buf = self.a[module]
-            offer = meta.offers.pop((layer_idx, buf.data_ptr()), None)
-            if offer is not None and offer[0] is x and offer[1].partials is not None:
-                partials = offer[1].partials  # the base launch ran the shrink (offer_shrink)
-            else:
-                partials = lt.lora_shrink_partials(x, buf[layer_idx], meta.token_slots)
+            partials = self._shrunk(layer_idx, self.a[module], x, meta)
         return lt.lora_expand(partials, self.b[module][layer_idx], self.scalings[module][layer_idx],
                               meta.token_slots, out)
 
