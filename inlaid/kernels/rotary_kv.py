@@ -33,21 +33,51 @@ if HAS_TRITON:
     from .rms_norm import round_to
 
     @triton.jit
-    def _rotate(src, cos_row, sin_row, offs, mask, HALF: tl.constexpr, ON_CUDA: tl.constexpr):
-        """(out[:half], out[half:]) = (x1*c1 + (-x2)*s1, x2*c2 + x1*s2), each product rounded to x's dtype."""
-        x1 = tl.load(src + offs, mask=mask, other=0.0)
-        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
-        c1 = tl.load(cos_row + offs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        n1 = tl.load(sin_row + offs, mask=mask, other=0.0).to(tl.float32)
-        n2 = tl.load(sin_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        dt = x1.dtype
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        o1 = round_to(round_to(a1 * c1, dt, ON_CUDA).to(tl.float32)
-                      + round_to(-a2 * n1, dt, ON_CUDA).to(tl.float32), dt, ON_CUDA)
-        o2 = round_to(round_to(a2 * c2, dt, ON_CUDA).to(tl.float32)
-                      + round_to(a1 * n2, dt, ON_CUDA).to(tl.float32), dt, ON_CUDA)
-        return o1, o2
+    def _round_opaque(v, DTYPE: tl.constexpr, ON_CUDA: tl.constexpr):
+        """fp32 ``v`` rounded to nearest-even in ``DTYPE``; on CUDA through inline PTX, which LLVM cannot see
+        into: a plain ``fptrunc(a * b)`` becomes a 16-bit multiply, which FMA contraction then fuses with the
+        following add, skipping the product's rounding (H200: ~25% of outputs 1 ulp off torch's)."""
+        if DTYPE == tl.float32:
+            return v
+        elif ON_CUDA:
+            if DTYPE == tl.bfloat16:
+                return tl.inline_asm_elementwise("cvt.rn.bf16.f32 $0, $1;", "=h,f", [v], dtype=tl.bfloat16,
+                                                 is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,f", [v], dtype=tl.float16,
+                                                 is_pure=True, pack=1)
+        else:
+            return round_to(v, DTYPE, ON_CUDA)
+
+    @triton.jit
+    def rope_load(row_ptrs, offs_d, mask, cos_row, sin_row, HALF):
+        """The loads of ``rope_rows``: ``(x, rotate_half's partner of x, cos, sin)`` (a caller that issues them
+        early and rotates late keeps the load latency off its critical path)."""
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+        x = tl.load(row_ptrs + offs_d, mask=mask, other=0.0)
+        xp = tl.load(row_ptrs + partner, mask=mask, other=0.0)
+        c = tl.load(cos_row + offs_d, mask=offs_d < 2 * HALF, other=0.0)
+        n = tl.load(sin_row + offs_d, mask=offs_d < 2 * HALF, other=0.0)
+        return x, xp, c, n
+
+    @triton.jit
+    def rope_apply(x, xp, c, n, offs_d, HALF, ON_CUDA: tl.constexpr):
+        """``x*cos + rotate_half(x)*sin`` from ``rope_load``'s values (see ``rope_rows``), in x's dtype."""
+        dt = x.dtype
+        xc = _round_opaque(x.to(tl.float32) * c.to(tl.float32), dt, ON_CUDA).to(tl.float32)
+        xp = xp.to(tl.float32)
+        ps = _round_opaque(tl.where(offs_d < HALF, -xp, xp) * n.to(tl.float32), dt, ON_CUDA).to(tl.float32)
+        return _round_opaque(xc + ps, dt, ON_CUDA)
+
+    @triton.jit
+    def rope_rows(row_ptrs, offs_d, mask, cos_row, sin_row, HALF, ON_CUDA: tl.constexpr):
+        """Rows ``row_ptrs + offs_d`` rotated at full width, in x's dtype: ``out[d] = x[d]*cos[d] + p[d]*sin[d]``
+        with ``p = rotate_half(x)`` (``-x[d + HALF]`` below HALF, ``x[d - HALF]`` above), each product rounded to
+        the dtype and then their sum rounded, as HF's torch ops do. ``offs_d`` spans one head (``2 * HALF``
+        lanes masked by ``mask``); cos/sin rows broadcast over the rows. Shared by the rotary kernel below and
+        the decode attention kernel that rotates q and the new token's k itself."""
+        x, xp, c, n = rope_load(row_ptrs, offs_d, mask, cos_row, sin_row, HALF)
+        return rope_apply(x, xp, c, n, offs_d, HALF, ON_CUDA)
 
     @triton.jit
     def _rotary_kv_kernel(
@@ -55,35 +85,27 @@ if HAS_TRITON:
         H, KVH, block_size,
         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ct, s_st,
         s_cache_kv, s_cache_blk, s_cache_off, s_cache_h,
-        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ON_CUDA: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_D: tl.constexpr, ON_CUDA: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         hh = tl.program_id(1).to(tl.int64)
-        offs = tl.arange(0, BLOCK_HALF)
-        mask = offs < HALF
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < 2 * HALF
         cos_row, sin_row = cos_ptr + t * s_ct, sin_ptr + t * s_st
         if hh < H:  # a q head
-            o1, o2 = _rotate(q_ptr + t * s_qt + hh * s_qh, cos_row, sin_row, offs, mask, HALF, ON_CUDA)
-            dst = qo_ptr + (t * H + hh) * (2 * HALF)
-            tl.store(dst + offs, o1, mask=mask)
-            tl.store(dst + HALF + offs, o2, mask=mask)
+            o = rope_rows(q_ptr + t * s_qt + hh * s_qh, offs, mask, cos_row, sin_row, HALF, ON_CUDA)
+            tl.store(qo_ptr + (t * H + hh) * (2 * HALF) + offs, o, mask=mask)
         else:  # a k head: rotate, store, and copy k_rot and v into the cache slot
             head = hh - H
-            o1, o2 = _rotate(k_ptr + t * s_kt + head * s_kh, cos_row, sin_row, offs, mask, HALF, ON_CUDA)
-            dst = ko_ptr + (t * KVH + head) * (2 * HALF)
-            tl.store(dst + offs, o1, mask=mask)
-            tl.store(dst + HALF + offs, o2, mask=mask)
+            o = rope_rows(k_ptr + t * s_kt + head * s_kh, offs, mask, cos_row, sin_row, HALF, ON_CUDA)
+            tl.store(ko_ptr + (t * KVH + head) * (2 * HALF) + offs, o, mask=mask)
             slot = tl.load(slots_ptr + t).to(tl.int64)
             cdst = cache_ptr + (slot // block_size) * s_cache_blk + (slot % block_size) * s_cache_off \
                 + head * s_cache_h
             ety = cache_ptr.dtype.element_ty
-            tl.store(cdst + offs, o1.to(ety), mask=mask)
-            tl.store(cdst + HALF + offs, o2.to(ety), mask=mask)
-            vsrc = v_ptr + t * s_vt + head * s_vh
-            v1 = tl.load(vsrc + offs, mask=mask, other=0.0)
-            v2 = tl.load(vsrc + HALF + offs, mask=mask, other=0.0)
-            tl.store(cdst + s_cache_kv + offs, v1.to(ety), mask=mask)
-            tl.store(cdst + s_cache_kv + HALF + offs, v2.to(ety), mask=mask)
+            tl.store(cdst + offs, o.to(ety), mask=mask)
+            v = tl.load(v_ptr + t * s_vt + head * s_vh + offs, mask=mask, other=0.0)
+            tl.store(cdst + s_cache_kv + offs, v.to(ety), mask=mask)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +180,9 @@ def rotary_and_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos2.stride(0), sin2.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ON_CUDA=q.is_cuda, num_warps=1,
-            # no mul+add -> FMA contraction: LLVM narrows each rounded fp32 product to a 16-bit multiply, and
-            # a fused 16-bit FMA then skips the product's rounding (H200: ~25% of outputs 1 ulp off torch's)
-            enable_fp_fusion=False,
+            HALF=half, BLOCK_D=triton.next_power_of_2(d), ON_CUDA=q.is_cuda, num_warps=1,
+            # fp32: no FMA contraction, so products and sums round as torch's ops do (fp16/bf16 products go
+            # through _round_opaque, which nothing can fuse across)
+            enable_fp_fusion=q.dtype != torch.float32,
         )
     return q_out, k_out

@@ -29,7 +29,8 @@ Invariants:
   fp16/bf16 the norms, SwiGLU's ``silu * up`` and RoPE + KV write are fused Triton kernels; CPU and fp32
   run the torch references (the previous code, same bits).
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
-  (``inlaid.kernels.paged_attention_triton``); the decode forward then has no
+  (``inlaid.kernels.paged_attention_triton``), which also does that step's RoPE and K/V write
+  (``DecodeRope``: one launch, same cache bits); the decode forward then has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
   ``inlaid.worker.cuda_graphs``). Prefill, mixed and fp32 batches use the
   reference (the kernel's tl.dot would run fp32 as TF32).
@@ -126,12 +127,19 @@ class Attention(nn.Module):
         q, k, v = _project_group(self, ("q_proj", "k_proj", "v_proj"), self.layer_idx, x, batch, hook)
         q = q.view(t, self.num_heads, self.head_dim)
         k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
+        if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
+            rope = None
+            if rotary_kv.fused_ok(q, kv_cache) and pat.rope_pays(t, self.num_kv_heads, batch.max_seq_len):
+                # RoPE and the KV write run inside the attention launch
+                rope = pat.DecodeRope(k, v, cos, sin, batch.slot_mapping)
+            else:
+                q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
+            attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
+                                              self.scale, sliding_window=self.sliding_window, rope=rope)
+            return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook)
         # RoPE on q and k, k_rot and v into the cache (one kernel on CUDA fp16/bf16, the torch reference otherwise)
         q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
-        if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
-            attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
-                                              self.scale, sliding_window=self.sliding_window)
-        elif _fresh_single_sequence(batch, t, self.sliding_window):  # its K/V are this step's k, v: no gather
+        if _fresh_single_sequence(batch, t, self.sliding_window):  # its K/V are this step's k, v: no gather
             attn = fresh_prefill_attention(q, k, v, self.scale)
         else:
             attn = paged_attention(

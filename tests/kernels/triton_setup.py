@@ -28,8 +28,8 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 _KERNEL_MODULES = ("w4_dequant", "w4a16_gemv", "w4a16_configs", "w4a16_small_m", "w4a16_tc", "w4a16_gemm",
                    "lora_sgmv_triton",
-                   "lora_segment_triton", "paged_attention_triton", "rms_norm", "silu_mul",
-                   "rotary_kv")  # dependency order: a reload must see reloaded dependencies
+                   "lora_segment_triton", "rms_norm", "silu_mul", "rotary_kv",
+                   "paged_attention_triton")  # dependency order: a reload must see reloaded dependencies
 
 
 def kernel_module(name: str) -> ModuleType:
