@@ -28,10 +28,11 @@ long bound still spreads a short context over all of them.
 ``rope=DecodeRope(k, v, cos, sin, slot_mapping)`` folds the step's RoPE and
 K/V-cache write (``rotary_kv.rotary_and_write_kv``, same bits in the cache)
 into this launch: q arrives unrotated and each program rotates its heads; the
-program whose partition holds the newest key writes that key and value to the
-cache and starts its online softmax from them (registers, no reload), while
-every program reads the cache only below the newest key, so no program reads
-a slot another one writes.
+program whose partition holds the newest key adds that key and value to its
+online softmax from registers after its loop and then writes them to the
+cache, while every program reads the cache only below the newest key, so no
+program reads a slot another one writes. The model uses it where the launch
+splits the context (``rope_pays``).
 
 Prefill (q_len > 1) is NOT implemented here: it stays on the reference
 (``paged_attention``, SDPA over gathered K/V), which is compute-bound and
@@ -51,7 +52,6 @@ import torch
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 _NO_WINDOW = 1 << 30
-
 
 
 class DecodeRope(NamedTuple):
@@ -210,10 +210,11 @@ def default_num_splits(num_seqs: int, kv_heads: int, max_seq_len: int, num_sms: 
 
 
 def rope_pays(num_seqs: int, kv_heads: int, max_seq_len: int) -> bool:
-    """Whether ``rope=`` should be used for this launch: where it splits the context (few programs), folding the
-    rotary launch in saved 3-12% of the attention's time on the H100 and 2.5% of a 7B W4 decode step at batch 1.
-    With one partition per (sequence, KV head) the kernel ran as fast as the two launches, but 7B W4 decode at
-    batch 32 measured 0.5-3% slower end to end over three calls (session 13), so the rotary launch stays there."""
+    """Whether ``rope=`` should be used for this launch: where it splits the context (few programs). There the
+    fused launch took 2-8% off the rotary + attention launches (H100, fp16, one layer) and 7B W4 decode at batch
+    1 gained ~2% end to end. With one partition per (sequence, KV head) the kernel was within 3% of the two
+    launches either way, but 7B W4 decode at batch 32 read 0.5-3% slower end to end in three calls (session
+    13), so the rotary launch stays there."""
     return default_num_splits(num_seqs, kv_heads, max_seq_len) > 1
 
 

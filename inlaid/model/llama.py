@@ -29,8 +29,9 @@ Invariants:
   fp16/bf16 the norms, SwiGLU's ``silu * up`` and RoPE + KV write are fused Triton kernels; CPU and fp32
   run the torch references (the previous code, same bits).
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
-  (``inlaid.kernels.paged_attention_triton``), which also does that step's RoPE and K/V write
-  (``DecodeRope``: one launch, same cache bits); the decode forward then has no
+  (``inlaid.kernels.paged_attention_triton``); where that launch splits the context (small batches,
+  ``rope_pays``) it also does the step's RoPE and K/V write (``DecodeRope``: one launch instead of two, same
+  cache bits). The decode forward has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
   ``inlaid.worker.cuda_graphs``). Prefill, mixed and fp32 batches use the
   reference (the kernel's tl.dot would run fp32 as TF32).
