@@ -108,9 +108,9 @@ def sweep_point(batch: int, ctx: int, kv_heads: int, bound: int, copies: int) ->
 
                     us = graph_time_us([lambda s=s: call(s) for s in steps])
                     rows.append({"splits": splits, "block_t": bt, "warps": warps, "stages": stages, "us": round(us, 2)})
-    base = next(r["us"] for r in rows if r["splits"] == default and (r["block_t"], r["warps"], r["stages"])
-                == (pk.default_config(HEAD_DIM).block_t, pk.default_config(HEAD_DIM).num_warps,
-                    pk.default_config(HEAD_DIM).num_stages))
+    installed = pk.default_config(HEAD_DIM)
+    base = next(r["us"] for r in rows if r["splits"] == default
+                and pk.DecodeConfig(r["block_t"], r["warps"], r["stages"]) == installed)
     best = min(rows, key=lambda r: r["us"])
     out = {"batch": batch, "context": ctx, "default_us": base, "best": best, "default_over_best": round(base / best["us"], 3),
            "configs": rows}

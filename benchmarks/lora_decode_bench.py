@@ -91,15 +91,20 @@ def run_lora(lora: dict, xs: dict, outs: dict, slots: torch.Tensor, rank: int, v
         expand(group, g, part, outs, slots, rank, v)
 
 
+def base_group(base: dict, x: torch.Tensor, group: tuple, shrink: lt.LoRAShrink | None = None) -> dict:
+    """One group's base projections as the decode step runs them (one grouped launch for q/k/v and gate/up), the
+    launch offered ``shrink``."""
+    if len(group) > 1:
+        return dict(zip(group, wk.w4a16_linear_group(x, [base[m] for m in group], [None] * len(group),
+                                                      shrink=shrink)))
+    return {group[0]: wk.w4a16_linear(x, base[group[0]], shrink=shrink)}
+
+
 def run_base(base: dict, xs: dict) -> dict:
     """The layer's base projections."""
     outs = {}
     for group in GROUPS:
-        if len(group) > 1:
-            ys = wk.w4a16_linear_group(xs[group], [base[m] for m in group], [None] * len(group))
-        else:
-            ys = [wk.w4a16_linear(xs[group], base[group[0]])]
-        outs.update(zip(group, ys))
+        outs.update(base_group(base, xs[group], group))
     return outs
 
 
@@ -116,11 +121,7 @@ def run_offered(base: dict, lora: dict, xs: dict, slots: torch.Tensor, rank: int
     for group in GROUPS:
         g = lora[group]
         offer = lt.LoRAShrink(g["a"], slots)
-        if len(group) > 1:
-            outs.update(zip(group, wk.w4a16_linear_group(xs[group], [base[m] for m in group], [None] * len(group),
-                                                         shrink=offer)))
-        else:
-            outs[group[0]] = wk.w4a16_linear(xs[group], base[group[0]], shrink=offer)
+        outs.update(base_group(base, xs[group], group, offer))
         part = offer.partials
         if part is None:  # not taken: the pool's own shrink launch
             part = lt.lora_shrink_partials(xs[group], g["a"], slots)

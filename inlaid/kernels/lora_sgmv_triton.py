@@ -190,7 +190,8 @@ def default_num_splits(num_tokens: int, d_in: int, num_sms: int = 132) -> int:
 
 def _k_per_split(d_in: int, splits: int, block_k: int) -> int:
     """ceil(d_in / splits) rounded up to a multiple of block_k (a split past K stores zeros)."""
-    return -(-(-(-d_in // splits)) // block_k) * block_k
+    per_split = -(-d_in // splits)
+    return -(-per_split // block_k) * block_k
 
 
 def lora_shrink_partials(

@@ -251,15 +251,13 @@ if HAS_TRITON:
         the same x (as ``_w4_tcl_group_kernel``'s)."""
         # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
         pid_m, pid_n, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+        shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
-            if pid_n >= nt_all:
-                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid_n - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
-                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
-                            ROUNDS)
-            else:
-                _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
-                          stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
-                          BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+            shrinking = pid_n >= nt_all
+        if shrinking:
+            _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid_n - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
+                        R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
+                        ROUNDS)
         else:
             _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
                       stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
@@ -299,15 +297,13 @@ if HAS_TRITON:
         ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
         and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+        shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
-            if pid >= nt_all:
-                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
-                            R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
-                            ROUNDS)
-            else:
-                _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0,
-                             sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
-                             lk2, n2, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+            shrinking = pid >= nt_all
+        if shrinking:
+            _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
+                        R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
+                        ROUNDS)
         else:
             _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0, sc0,
                          out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
@@ -324,13 +320,12 @@ if HAS_TRITON:
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
         of the same x (as ``_w4_tcl_m1_group_kernel``'s)."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
+        shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
-            if pid >= nt_all:
-                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
-                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
-            else:
-                _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
-                             stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+            shrinking = pid >= nt_all
+        if shrinking:
+            _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
+                        0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
         else:
             _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                          stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
@@ -365,14 +360,12 @@ if HAS_TRITON:
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
         (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
+        shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
-            if pid >= nt_all:
-                _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
-                            0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
-            else:
-                _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
-                            qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
-                            MODE, NUM_STAGES, PTX)
+            shrinking = pid >= nt_all
+        if shrinking:
+            _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
+                        0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
         else:
             _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                         qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,

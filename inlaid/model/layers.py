@@ -162,7 +162,7 @@ class ParallelLinear(nn.Module):
         method that ``takes_shrink`` gets the LoRA hook's ``shrink`` offer (its launch may run it); a method whose
         ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) never does."""
         method = self.quant_method
-        if shrink is not None and getattr(method, "takes_shrink", False) and "apply" not in vars(method):
+        if "apply" not in vars(method) and _takes(method, shrink):
             return method.apply(self, x, shrink=shrink)
         return method.apply(self, x)
 
@@ -192,8 +192,13 @@ def forward_group(layers: list[ParallelLinear], x: torch.Tensor,
     group = getattr(method, "apply_group", None)
     if group is not None and all(type(lay.quant_method) is type(method) and "apply" not in vars(lay.quant_method)
                                  for lay in layers):
-        return group(layers, x) if shrink is None else group(layers, x, shrink=shrink)
+        return group(layers, x, shrink=shrink) if _takes(method, shrink) else group(layers, x)
     return [layer.forward_local(x) for layer in layers]
+
+
+def _takes(method: object, shrink: LoRAShrink | None) -> bool:
+    """Whether to hand ``shrink`` to ``method``: there is an offer and the method ``takes_shrink``."""
+    return shrink is not None and getattr(method, "takes_shrink", False)
 
 
 class GatedMLP(nn.Module):
