@@ -85,6 +85,7 @@ def test_input_tap_sees_calls_and_is_removed() -> None:
     from inlaid.quant.hessian import HessianAccumulator
 
     lin = ParallelLinear(16, 8, False, "column")
+    torch.nn.init.normal_(lin.weight)  # created with torch.empty: leftover NaNs would make torch.equal fail
     acc = HessianAccumulator(16)
     tap = _InputTap(lin, acc)
     x = torch.randn(5, 16)
