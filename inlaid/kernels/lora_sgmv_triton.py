@@ -36,15 +36,18 @@ import torch
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 if HAS_TRITON:
+    from .silu_mul import silu_times
 
     @triton.jit
     def shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, t, sp, D_IN, R, k_per_split, stride_xt, stride_xk, stride_as,
                      stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ROUNDS: tl.constexpr = False):
+                     ROUNDS: tl.constexpr = False, u_ptr=None, SILU: tl.constexpr = False,
+                     ON_CUDA: tl.constexpr = True):
         """Token ``t``'s fp32 partial ``x[t, K range sp] @ A[slot_t, :R, K range sp]ᵀ`` into ``ws[sp, t, :R]`` (0 for
         slot -1): one shrink program, also run inside other launches (``w4a16_tcl``'s W4 kernels). BLOCK_R covers
         R, or with ``ROUNDS`` R is taken BLOCK_R ranks per round (inside a W4 launch, where a rank-64 group's 192
-        rows in one tile would take 256 registers a thread)."""
+        rows in one tile would take 256 registers a thread). With ``SILU`` the input is ``silu(x) * u``
+        (``silu_mul.silu_times``; u strided as x), as the W4 launch it runs in reads it."""
         slot = tl.load(slots_ptr + t).to(tl.int64)
         d_eff = tl.where(slot >= 0, D_IN, 0)  # slot -1: every load masked off, partials are 0
         slot = tl.maximum(slot, 0)
@@ -52,15 +55,16 @@ if HAS_TRITON:
         if ROUNDS:
             for r0 in range(0, R, BLOCK_R):
                 _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, r0, R, k_per_split, stride_xt, stride_xk,
-                             stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                             stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K, u_ptr, SILU,
+                             ON_CUDA)
         else:
             _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, 0, R, k_per_split, stride_xt, stride_xk,
-                         stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
+                         stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K, u_ptr, SILU, ON_CUDA)
 
     @triton.jit
     def _shrink_rows(x_ptr, a_ptr, ws_ptr, t, sp, slot, d_eff, k_lo, r0, R, k_per_split, stride_xt, stride_xk,
                      stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, u_ptr, SILU: tl.constexpr, ON_CUDA: tl.constexpr):
         """Ranks ``[r0, r0 + BLOCK_R)`` of ``shrink_split``."""
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -69,6 +73,9 @@ if HAS_TRITON:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = (offs_k < d_eff) & (offs_k < k_lo + k_per_split)
             x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
+            if SILU:
+                x = silu_times(x, tl.load(u_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0),
+                               ON_CUDA)
             a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)

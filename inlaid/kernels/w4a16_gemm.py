@@ -53,6 +53,7 @@ from .w4a16_configs import DEFAULT_FUSED_MAX_M, gemv_config
 from .w4a16_small_m import SMALL_M_MAX, w4a16_small_m
 from .w4a16_tc import TC_MAX_M, tc_usable, w4a16_tc, w4a16_tc_group
 from .lora_sgmv_triton import LoRAShrink
+from .silu_mul import SwiGLU
 from .w4a16_tcl import tcl_group_config, tcl_usable, w4a16_tcl, w4a16_tcl_group
 from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
@@ -73,6 +74,7 @@ __all__ = [
     "GemvConfig",
     "LoRAShrink",
     "PackedW4",
+    "SwiGLU",
     "W4Config",
     "default_config",
     "default_gemv_config",
@@ -237,11 +239,14 @@ def serving_layout(qweight: torch.Tensor, group_size: int) -> str:
     return "tc" if compiled and tc_layout_fits(k, gs) else "gptq"
 
 
-def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4, shrink: LoRAShrink | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W`` for a "tc"-layout weight: ``w4a16_tcl`` where it runs (with ``shrink``, which it may
-    take), else dequantize + matmul."""
+def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4, shrink: LoRAShrink | None = None,
+                      swiglu: SwiGLU | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W`` for a "tc"-layout weight: ``w4a16_tcl`` where it runs (with ``shrink`` and ``swiglu``,
+    which it may take), else dequantize + matmul."""
     if tcl_usable(x2, packed):
-        return w4a16_tcl(x2, packed, shrink=shrink)
+        return w4a16_tcl(x2, packed, shrink=shrink, swiglu=swiglu)
+    if swiglu is not None:
+        x2 = swiglu.materialize(x2)
     w = dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, x2.dtype, layout="tc")
     return (x2 if packed.perm is None else x2.index_select(1, packed.perm)) @ w
 
@@ -284,10 +289,15 @@ def w4a16_linear(
     gemv_max_m: int = GEMV_MAX_M,
     gemv: GemvConfig | None = None,
     shrink: LoRAShrink | None = None,
+    swiglu: SwiGLU | None = None,
 ) -> torch.Tensor:
     """``x [..., K] @ W (+ bias)`` by the module docstring's dispatch; ``config``/``gemv`` force the tiled kernel /
     GEMV configs (and bypass the tensor-core kernel). A "tc"-layout weight's ``w4a16_tcl`` launch may also run the
-    LoRA ``shrink`` (``shrink.partials`` set; otherwise left None for the caller)."""
+    LoRA ``shrink`` (``shrink.partials`` set; otherwise left None for the caller). With ``swiglu`` (x [M, K]: the
+    gate) the input is ``silu(x) * swiglu.up``, computed inside ``w4a16_tcl``'s M = 1 launch where it can be,
+    by ``swiglu.materialize`` otherwise."""
+    if swiglu is not None and (packed.layout != "tc" or x.dim() != 2):
+        x, swiglu = swiglu.materialize(x), None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     (m, k), n = x2.shape, packed.out_features
@@ -295,7 +305,7 @@ def w4a16_linear(
         if fused_max_m is not None or config is not None or gemv is not None:
             raise ValueError("fused_max_m / config / gemv choose among the GPTQ-layout kernels; this weight is in the "
                              "tensor-core layout (prepare_w4(..., layout='gptq') keeps the checkpoint's)")
-        y = _tc_layout_linear(x2, packed, shrink)
+        y = _tc_layout_linear(x2, packed, shrink, swiglu)
         return (y if bias is None else y + bias.to(y.dtype)).reshape(*lead, n)
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m

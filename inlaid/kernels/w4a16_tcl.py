@@ -36,6 +36,10 @@ LoRA shrink beside the weights: every launcher takes a ``LoRAShrink`` of the sam
 ``lora_sgmv_triton.shrink_split`` programs, independent of the weight tiles) and sets ``shrink.partials``; a
 caller that finds them None runs ``lora_shrink_partials`` itself.
 
+SwiGLU inside the down projection: at M = 1 ``w4a16_tcl`` takes ``SwiGLU`` (x = the gate) and its programs read
+``silu(x) * up`` (``SILU``: ``silu_mul.silu_times`` on each step's 128 inputs, the same bits as ``silu_mul``), so
+the decode step has no ``silu_mul`` launch; column tile 0 stores the product where the LoRA hook may read it.
+
 Measured on the H100 (``benchmarks/results/tcl_h100.md``: fp16 cuBLAS and the GPTQ-layout kernels in the same
 run; ``docs/kernels.md``, "Session 11").
 """
@@ -59,6 +63,7 @@ from .w4a16_gemv import (
     splitk_scratch,
 )
 from .lora_sgmv_triton import SHRINK_BLOCK_K, SHRINK_CHUNK_R, LoRAShrink
+from .silu_mul import SwiGLU
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
@@ -88,6 +93,7 @@ if HAS_TRITON:
         h2_unpack_ptx,
     )
     from .lora_sgmv_triton import shrink_split
+    from .silu_mul import silu_times
     from .w4a16_tc import _unpack8
 
     STEP = tl.constexpr(TC_STEP)
@@ -183,9 +189,12 @@ if HAS_TRITON:
     @triton.jit
     def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr):
+                     MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr, u_ptr=None, h_ptr=None,
+                     SILU: tl.constexpr = False, STORE_H: tl.constexpr = False):
         """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring); without ``PTX``
-        (the interpreter) the same sums in fp32 from plain shifts and masks."""
+        (the interpreter) the same sums in fp32 from plain shifts and masks. With ``SILU`` the input is
+        ``silu(x) * u`` (``silu_mul.silu_times``: the 128 inputs of a step, before the gather's split), which the
+        programs of column tile 0 also store at ``h_ptr`` with ``STORE_H``."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_c = tl.arange(0, 16)
@@ -208,7 +217,12 @@ if HAS_TRITON:
             zc = ((z >> zshift) & 0xF) + 1
             # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
             # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
-            xs = tl.load(x_ptr + k0 + x_idx).to(tl.float32)
+            xs = tl.load(x_ptr + k0 + x_idx)
+            if SILU:
+                xs = silu_times(xs, tl.load(u_ptr + k0 + x_idx), PTX)
+                if STORE_H:  # one column tile stores each input once (scalar-bool masks fail in the interpreter)
+                    tl.store(h_ptr + k0 + x_idx, xs, mask=x_idx < tl.where(pid_n == 0, 128, 0))
+            xs = xs.to(tl.float32)
             if PTX:
                 xs = _fp16_opaque(xs * H2_X_SCALE)
             lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
@@ -231,12 +245,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, job, M, K, R, k_per_s, n_s, stride_xm, stride_as, stride_ar,
-                    stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr):
+                    stride_wsp, stride_wt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
+                    u_ptr=None, SILU: tl.constexpr = False, PTX: tl.constexpr = True):
         """Shrink program ``job`` of a launch's extra tiles: token ``job % M``, split ``job // M`` of ``n_s`` (none
-        past M x ``n_s``)."""
+        past M x ``n_s``); with ``SILU`` of ``silu(x) * u``, as the launch's weight tiles read it."""
         if job < M * n_s:
             shrink_split(x_ptr, a_ptr, slots_ptr, sws_ptr, job % M, job // M, K, R, k_per_s, stride_xm, 1, stride_as,
-                         stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K, ROUNDS)
+                         stride_ar, 1, stride_wsp, stride_wt, BLOCK_R, BLOCK_K, ROUNDS, u_ptr, SILU, PTX)
 
     @triton.jit
     def _w4_tcl_kernel(
@@ -312,23 +327,24 @@ if HAS_TRITON:
     @triton.jit
     def _w4_tcl_m1_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split, stride_zg, stride_sg,
-        stride_om, nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
+        stride_om, nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, u_ptr, h_ptr,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROUNDS: tl.constexpr,
+        ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
-        of the same x (as ``_w4_tcl_m1_group_kernel``'s)."""
+        of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``)."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
             shrinking = pid >= nt_all
         if shrinking:
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
-                        0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
+                        0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS, u_ptr, SILU, PTX)
         else:
             _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
-                         stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+                         stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX,
+                         u_ptr, h_ptr, SILU, STORE_H)
 
     @triton.jit
     def _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k,
@@ -467,12 +483,21 @@ def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, spl
 
 
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
-              config: TclConfig | None = None, shrink: LoRAShrink | None = None) -> torch.Tensor:
+              config: TclConfig | None = None, shrink: LoRAShrink | None = None,
+              swiglu: SwiGLU | None = None) -> torch.Tensor:
     """``x [M, K] @ W`` for a "tc"-layout weight (``tcl_usable``); [M, N] in x.dtype. ``packed.locks`` /
     ``packed.acc`` (or the stream's shared split-K scratch when short) are used and left zeroed. The launch also
-    runs ``shrink`` (extra programs) where it fits (``_shrink_args``); it then sets ``shrink.partials``."""
+    runs ``shrink`` (extra programs) where it fits (``_shrink_args``); it then sets ``shrink.partials``.
+
+    With ``swiglu`` the input is ``silu(x) * swiglu.up``: at M = 1 without act-order the launch computes it as it
+    loads x (its weight and shrink programs alike; column tile 0 stores it in ``swiglu.out`` when set), elsewhere
+    ``swiglu.materialize`` runs first. At M > 1 every column tile would recompute the product for its x tile."""
     _check(x, [packed], "w4a16_tcl")
     permuted = packed.perm is not None
+    if swiglu is not None:
+        swiglu.check(x)
+        if x.shape[0] != 1 or permuted:
+            x, swiglu = swiglu.materialize(x), None
     x = (x.index_select(1, packed.perm) if packed.perm is not None else x).contiguous()
     (m, k), n = x.shape, packed.out_features
     out = check_out(out, x, m, n)
@@ -485,11 +510,13 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         mode = 0 if split == 1 else _MODE_ID["atomic_last"]
         ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
         partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, 1)
+        h = None if swiglu is None else swiglu.out
         _w4_tcl_m1_kernel[(n_tiles + extra, split)](
             x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, n, k, k_per, split,
             packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs[:-1],
+            x if swiglu is None else swiglu.up.contiguous(), x if h is None else h,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **skw)
+            num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None, **skw)
         if partials is not None:
             shrink.partials = partials
         return out

@@ -42,7 +42,7 @@ from torch import nn
 from inlaid.distributed.context import TPContext
 from inlaid.kernels.lora_sgmv_triton import LoRAShrink
 from inlaid.kernels.rms_norm import rms_norm
-from inlaid.kernels.silu_mul import silu_mul
+from inlaid.kernels.silu_mul import SwiGLU
 from inlaid.model.arch import RopeScaling
 
 ParallelRole = Literal["column", "row"]
@@ -157,14 +157,23 @@ class ParallelLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
-    def forward_local(self, x: torch.Tensor, shrink: LoRAShrink | None = None) -> torch.Tensor:
+    def forward_local(self, x: torch.Tensor, shrink: LoRAShrink | None = None,
+                      swiglu: SwiGLU | None = None) -> torch.Tensor:
         """This rank's output: the full/column slice, or a row layer's partial sum (before ``reduce``). A linear
         method that ``takes_shrink`` gets the LoRA hook's ``shrink`` offer (its launch may run it); a method whose
-        ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) never does."""
+        ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) never does.
+
+        With ``swiglu`` the input is ``silu(x) * swiglu.up``: a method that ``takes_swiglu`` gets it (its launch
+        may compute the product as it loads x), any other gets ``swiglu.materialize(x)``, so a wrapper sees the
+        product."""
         method = self.quant_method
-        if "apply" not in vars(method) and _takes(method, shrink):
-            return method.apply(self, x, shrink=shrink)
-        return method.apply(self, x)
+        plain = "apply" not in vars(method)
+        if swiglu is not None and not (plain and getattr(method, "takes_swiglu", False)):
+            x, swiglu = swiglu.materialize(x), None
+        kwargs: dict = {} if swiglu is None else {"swiglu": swiglu}
+        if plain and _takes(method, shrink):
+            kwargs["shrink"] = shrink
+        return method.apply(self, x, **kwargs)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """Row-parallel under TP: all-reduce the partial sums (identity otherwise)."""
@@ -214,7 +223,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = forward_group([self.gate_proj, self.up_proj], x)  # column layers: no reduce to skip
-        return self.down_proj(silu_mul(gate, up))
+        return self.down_proj.reduce(self.down_proj.forward_local(gate, swiglu=SwiGLU(up)))
 
 
 class VocabParallelEmbedding(nn.Embedding):

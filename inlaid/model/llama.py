@@ -27,7 +27,9 @@ Invariants:
   fused into the following RMSNorm (``inlaid.kernels.rms_norm``), the last one into ``model.norm``.
   ``DecoderLayer`` called plainly (calibration) still maps a hidden state to the next one. On CUDA
   fp16/bf16 the norms, SwiGLU's ``silu * up`` and RoPE + KV write are fused Triton kernels; CPU and fp32
-  run the torch references (the previous code, same bits).
+  run the torch references (the previous code, same bits). SwiGLU's product reaches down_proj as ``SwiGLU``
+  (gate, up): a W4 launch at M = 1 computes it as it loads its input (no ``silu_mul`` launch), every other path
+  runs ``silu_mul`` first; same bits either way.
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
   (``inlaid.kernels.paged_attention_triton``); where that launch splits the context (small batches,
   ``rope_pays``) it also does the step's RoPE and K/V write (``DecodeRope``: one launch instead of two, same
@@ -52,7 +54,7 @@ from inlaid.model.arch import ModelArch
 from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
-from inlaid.kernels.silu_mul import silu_mul
+from inlaid.kernels.silu_mul import SwiGLU
 from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, forward_group
 from inlaid.model.lora_hook import LoRAHook
 
@@ -63,16 +65,22 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 
 def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
-             hook: LoRAHook | None) -> torch.Tensor:
+             hook: LoRAHook | None, up: torch.Tensor | None = None) -> torch.Tensor:
     """``parent.<name>(x)`` plus the LoRA deltas of the batch's adapters, if a hook is set.
 
+    With ``up`` the input is ``silu(x) * up`` (SwiGLU's down_proj): the base launch may compute it as it loads x
+    (``SwiGLU``); with a hook it also stores it, for the hook's own shrink where the launch did not take the offer.
     Under TP a row layer's deltas (from this rank's slice of x) join its partial sum before the one all-reduce.
     """
     layer: ParallelLinear = getattr(parent, name)
+    swiglu, h = None, x
+    if up is not None:  # x is the gate
+        swiglu = SwiGLU(up, None if hook is None else torch.empty(x.shape, device=x.device, dtype=x.dtype))
+        h = swiglu.out  # the hook's input: the product, once the launch has written it
     offer = getattr(hook, "offer_shrink", None)  # optional (lora_hook): the base launch may run the LoRA shrink
-    out = layer.forward_local(x, None if offer is None else offer(layer_idx, (name,), x, batch))
+    out = layer.forward_local(x, None if offer is None else offer(layer_idx, (name,), h, batch), swiglu)
     if hook is not None:
-        out = hook.apply(layer_idx, name, x, out, batch)
+        out = hook.apply(layer_idx, name, h, out, batch)
     return layer.reduce(out)
 
 
@@ -184,7 +192,7 @@ class DecoderLayer(nn.Module):
         if hook is None:
             return self.mlp(h)
         gate, up = _project_group(self.mlp, ("gate_proj", "up_proj"), self.layer_idx, h, batch, hook)
-        return _project(self.mlp, "down_proj", self.layer_idx, silu_mul(gate, up), batch, hook)
+        return _project(self.mlp, "down_proj", self.layer_idx, gate, batch, hook, up=up)
 
 
 class LlamaModel(nn.Module):

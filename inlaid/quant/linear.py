@@ -173,10 +173,16 @@ class GPTQLinearMethod:
     takes_shrink = True
     """``apply`` / ``apply_group`` take a LoRA ``shrink`` offer (``ParallelLinear.forward_local``, ``forward_group``)."""
 
-    def apply(self, layer: ParallelLinear, x: torch.Tensor, shrink: w4k.LoRAShrink | None = None) -> torch.Tensor:
+    takes_swiglu = True
+    """``apply`` takes its input as ``SwiGLU`` (x = the gate; ``ParallelLinear.forward_local``)."""
+
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, shrink: w4k.LoRAShrink | None = None,
+              swiglu: w4k.SwiGLU | None = None) -> torch.Tensor:
         packed = self._packed(layer, x)
-        if packed is not None:  # W4A16 kernels (the launch may also run the LoRA shrink)
-            return w4k.w4a16_linear(x, packed, layer.bias, shrink=shrink)
+        if packed is not None:  # W4A16 kernels (the launch may also run the LoRA shrink and the SwiGLU product)
+            return w4k.w4a16_linear(x, packed, layer.bias, shrink=shrink, swiglu=swiglu)
+        if swiglu is not None:
+            x = swiglu.materialize(x)
         snap = dict(layer._buffers)  # one atomic read; see the module docstring
         w = snap.get("dq_weight")
         if w is not None and w.dtype == x.dtype:

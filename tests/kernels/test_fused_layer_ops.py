@@ -101,6 +101,25 @@ def test_silu_mul_rejects_mismatched_inputs() -> None:
     a = torch.randn(3, 8).to(DEVICE, torch.float16)
     with pytest.raises(ValueError, match="same shape"):
         sm.silu_mul_triton(a, a[:, :4])
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        sm.silu_mul_triton(a, a, out=torch.empty(8, 3, device=DEVICE, dtype=torch.float16).t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_into_out_and_swiglu_materialize(dtype) -> None:
+    """``out=`` receives the same values (kernel and reference); ``SwiGLU.materialize`` is ``silu_mul`` into its
+    ``out`` and refuses an ``up`` / ``out`` unlike the gate."""
+    g = _gen(5)
+    gate, up = (torch.randn(4, 64, generator=g) * 4).to(DEVICE, dtype), torch.randn(4, 64, generator=g).to(DEVICE, dtype)
+    for fn in (sm.silu_mul_triton, sm.silu_mul_ref, sm.silu_mul):
+        out = torch.full_like(gate, float("nan"))
+        assert fn(gate, up, out) is out and torch.equal(out, fn(gate, up))
+    out = torch.empty_like(gate)
+    assert sm.SwiGLU(up, out).materialize(gate) is out and torch.equal(out, sm.silu_mul(gate, up))
+    assert torch.equal(sm.SwiGLU(up).materialize(gate), sm.silu_mul(gate, up))
+    for bad in (sm.SwiGLU(up[:, :32]), sm.SwiGLU(up.to(torch.float64)), sm.SwiGLU(up, torch.empty(64, 4).t())):
+        with pytest.raises(ValueError, match="like the gate"):
+            bad.materialize(gate)
 
 
 def _rope_inputs(t: int, h: int, kvh: int, d: int, dtype: torch.dtype, seed: int):

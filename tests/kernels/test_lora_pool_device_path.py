@@ -188,6 +188,63 @@ def test_apply_group_takes_the_shrink_a_base_launch_ran_and_shrinks_itself_other
     assert pools[0].offer_shrink(1, ("q_proj", "v_proj"), x, _batch(slots)) is None  # not one fused group
 
 
+def _w4_parent(shapes: dict, seed: int):
+    """A module holding one tensor-core-layout W4 ``ParallelLinear`` (fp16, CUDA, group 128) per ``shapes`` entry."""
+    from torch import nn
+
+    from inlaid.kernels import w4_layout
+    from inlaid.model.layers import ParallelLinear
+    from inlaid.quant.linear import GPTQLinearMethod, _install
+
+    g = torch.Generator().manual_seed(seed)
+    parent = nn.Module()
+    for name, (k, n) in shapes.items():
+        layer = ParallelLinear(k, n, False, "column", torch.device("cuda"), torch.float16,
+                               quant_method=GPTQLinearMethod(4, 128))
+        zeros = w4_layout.pack4_rows(torch.randint(0, 16, (n, k // 128), generator=g)).t().contiguous()
+        _install(layer, {"qweight": w4_layout.pack4_rows(torch.randint(0, 16, (k, n), generator=g)).cuda(),
+                         "qzeros": zeros.cuda(), "scales": (torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3).half().cuda(),
+                         "g_idx": (torch.arange(k) // 128).to(torch.int32).cuda()})
+        layer.quant_method.finalize(layer, torch.float16)
+        assert layer._buffers["w4_qweight"] is layer._buffers["qweight"]  # tensor-core words (serving_layout)
+        setattr(parent, name, layer)
+    return parent
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_down_proj_computes_the_swiglu_product_and_its_shrink_in_one_launch(monkeypatch) -> None:
+    """``_project(..., gate, up=up)`` on a tensor-core W4 down_proj at M = 1: no ``silu_mul`` launch, the pool's
+    shrink runs in the W4 launch at rank 16; at rank 288 (> ``SHRINK_MAX_ROWS``) the pool shrinks the product the
+    launch stored. Both equal the base on ``silu_mul(gate, up)`` plus the SGMV pool's delta."""
+    from inlaid.kernels import silu_mul as sm
+    from inlaid.model.llama import _project
+
+    k, shapes = 512, {"down_proj": (512, 256)}
+    parent = _w4_parent(shapes, seed=9)
+    real_shrink, real_silu = pool_mod.lt.lora_shrink_partials, sm.silu_mul_triton
+    for rank, fused in ((16, True), (288, False)):
+        adapter = random_adapter("a", {"down_proj": (512, 256)}, 1, rank, seed=rank, std=0.05)
+        pools = [pool_mod.LoRAPool(2, rank, 1, shapes, "cuda", torch.float16, triton_decode=flag)
+                 for flag in (True, False)]
+        for p in pools:
+            p.load(1, adapter)
+        gate = torch.randn(1, k, device="cuda", dtype=torch.float16) * 3
+        up = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        calls = []
+        monkeypatch.setattr(pool_mod.lt, "lora_shrink_partials",
+                            lambda *a, **kw: calls.append("shrink") or real_shrink(*a, **kw))
+        monkeypatch.setattr(sm, "silu_mul_triton", lambda *a, **kw: calls.append("silu") or real_silu(*a, **kw))
+        got = _project(parent, "down_proj", 0, gate, _batch([1]), pools[0], up=up)
+        assert calls == ([] if fused else ["shrink"])
+        monkeypatch.undo()
+        prod = sm.silu_mul(gate, up)
+        base = parent.down_proj(prod)
+        want = pools[1].apply(0, "down_proj", prod, base.clone(), _batch([1]))
+        assert (want.float() - base.float()).abs().max() > 1e-3  # the delta counts
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-3, rtol=5e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,26 +252,10 @@ def test_gpu_projections_run_the_shrink_in_the_m1_w4_launches(monkeypatch: pytes
     weights: the M = 1 launches run the pool's shrinks (no ``lora_shrink_partials`` launch), and the results equal
     the base plus the SGMV pool's deltas; at rank 96 (288 q/k/v rows > ``SHRINK_MAX_ROWS``) the pool shrinks q/k/v
     itself (o_proj's 96 rows are still taken, in two rounds), with the same results."""
-    from torch import nn
-
-    from inlaid.kernels import w4_layout
-    from inlaid.model.layers import ParallelLinear
     from inlaid.model.llama import _project, _project_group
-    from inlaid.quant.linear import GPTQLinearMethod, _install
 
     k, shapes = 256, {"q_proj": (256, 128), "k_proj": (256, 64), "v_proj": (256, 64), "o_proj": (256, 256)}
-    g = torch.Generator().manual_seed(4)
-    parent = nn.Module()
-    for name, (_, n) in shapes.items():
-        layer = ParallelLinear(k, n, False, "column", torch.device("cuda"), torch.float16,
-                               quant_method=GPTQLinearMethod(4, 128))
-        zeros = w4_layout.pack4_rows(torch.randint(0, 16, (n, 2), generator=g)).t().contiguous()
-        _install(layer, {"qweight": w4_layout.pack4_rows(torch.randint(0, 16, (k, n), generator=g)).cuda(),
-                         "qzeros": zeros.cuda(), "scales": (torch.rand(2, n, generator=g) * 0.02 + 1e-3).half().cuda(),
-                         "g_idx": (torch.arange(k) // 128).to(torch.int32).cuda()})
-        layer.quant_method.finalize(layer, torch.float16)
-        assert layer._buffers["w4_qweight"] is layer._buffers["qweight"]  # tensor-core words (serving_layout)
-        setattr(parent, name, layer)
+    parent = _w4_parent(shapes, seed=4)
     names = ("q_proj", "k_proj", "v_proj")
     real = pool_mod.lt.lora_shrink_partials
     for rank, fused in ((16, True), (96, False)):

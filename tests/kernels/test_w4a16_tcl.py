@@ -274,3 +274,91 @@ def test_single_weight_runs_a_lora_shrink_beside_it(m: int, rows: int) -> None:
         assert shrink.partials is None
     else:
         torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(x, a, slots), rtol=1e-5, atol=1e-5)
+
+
+def _swiglu_inputs(m: int, k: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)  # past silu's bend on both sides
+    return gate, torch.randn(m, k, generator=g).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("m,dtype,act_order,store", [(1, torch.float16, False, True), (1, torch.bfloat16, False, False),
+                                                     (1, torch.float16, True, True), (3, torch.bfloat16, False, True)])
+def test_swiglu_input_reads_silu_mul_bits(m: int, dtype: torch.dtype, act_order: bool, store: bool) -> None:
+    """``w4a16_tcl(gate, swiglu=SwiGLU(up, h))`` multiplies by ``silu_mul(gate, up)``: at M = 1 without act-order
+    the launch computes the product as it loads x, elsewhere it materializes it first; ``h`` gets the product
+    either way. One K split (deterministic sums) is compared bit for bit with the two-launch path."""
+    sm = kernel_module("silu_mul")
+    tensors, _, tc = _tc_case(256, 200, 128, act_order, seed=m + 7)
+    gate, up = _swiglu_inputs(m, 256, dtype, seed=m)
+    # the launch's product is the kernel's math; a materialized one is silu_mul's (the torch reference on CPU)
+    want = (sm.silu_mul_triton if m == 1 and not act_order else sm.silu_mul)(gate, up)
+    one = tcl.TclConfig(16, 64, 4, 1, 0.01)  # split 1
+    h = torch.full_like(gate, float("nan")) if store else None
+    y = tcl.w4a16_tcl(gate, tc, config=one, swiglu=sm.SwiGLU(up, h))
+    assert torch.equal(y, tcl.w4a16_tcl(want, tc, config=one))
+    assert h is None or torch.equal(h, want)
+    _check(tcl.w4a16_tcl(gate, tc, swiglu=sm.SwiGLU(up)), want, tensors, tc)  # default split-K
+    with pytest.raises(ValueError, match="like the gate"):
+        tcl.w4a16_tcl(gate, tc, swiglu=sm.SwiGLU(up[:, :128]))
+
+
+@pytest.mark.parametrize("rows", [16, 80])
+def test_swiglu_launch_runs_the_shrink_of_the_product(rows: int) -> None:
+    """The shrink programs of a SwiGLU launch read the product too (80 rows: in rounds)."""
+    sm, lt = kernel_module("silu_mul"), kernel_module("lora_sgmv_triton")
+    tensors, _, tc = _tc_case(256, 200, 128, act_order=False, seed=rows)
+    gate, up = _swiglu_inputs(1, 256, torch.float16, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    a = (torch.randn(3, rows, 256, generator=g) * 0.1).to(DEVICE).half()
+    slots = torch.tensor([1], device=DEVICE, dtype=torch.int32)
+    shrink = lt.LoRAShrink(a, slots)
+    want = sm.silu_mul_triton(gate, up)
+    _check(tcl.w4a16_tcl(gate, tc, shrink=shrink, swiglu=sm.SwiGLU(up)), want, tensors, tc)
+    torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(want, a, slots), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_through_the_dispatcher_on_any_weight() -> None:
+    """``w4a16_linear`` takes ``SwiGLU`` for every layout and M: the GPTQ layout and M past ``TCL_MAX_M``
+    materialize the product (into ``out`` when set) with ``silu_mul`` (the torch reference on CPU, within an ulp
+    of the kernel's interpreted math, which the launch runs)."""
+    sm = kernel_module("silu_mul")
+    tensors, packed, tc = _tc_case(256, 200, 128, act_order=False, seed=3)
+    for m, weight in ((1, tc), (1, packed), (2, packed), (tcl.TCL_MAX_M + 1, tc)):
+        gate, up = _swiglu_inputs(m, 256, torch.float16, seed=m)
+        h = torch.empty_like(gate)
+        want = (sm.silu_mul_triton if m == 1 and weight is tc else sm.silu_mul)(gate, up)
+        assert_close(wk.w4a16_linear(gate, weight, swiglu=sm.SwiGLU(up, h)), gptq_reference(want, *tensors),
+                     TOL[torch.float16])
+        assert torch.equal(h, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_swiglu_down_proj_matches_two_launches(dtype: torch.dtype) -> None:
+    """The 7B down_proj at M = 1: bit for bit the two-launch result at one K split, within the reference's bound
+    at the default split, the product stored, a rank-16 shrink beside it, and CUDA-graph replays on new inputs."""
+    sm, lt = kernel_module("silu_mul"), kernel_module("lora_sgmv_triton")
+    tensors, _, tc = _tc_case(11008, 4096, 128, act_order=False, seed=5)
+    gate, up = _swiglu_inputs(1, 11008, dtype, seed=5)
+    want = sm.silu_mul_triton(gate, up)
+    one = tcl.TclConfig(16, 512, 4, 1, 0.01)
+    h = torch.full_like(gate, float("nan"))
+    assert torch.equal(tcl.w4a16_tcl(gate, tc, config=one, swiglu=sm.SwiGLU(up, h)),
+                       tcl.w4a16_tcl(want, tc, config=one))
+    assert torch.equal(h, want)
+    a = (torch.randn(4, 16, 11008, device="cuda") * 0.05).to(dtype)
+    slots = torch.tensor([2], device="cuda", dtype=torch.int32)
+    shrink = lt.LoRAShrink(a, slots)
+    out = torch.empty(1, 4096, device="cuda", dtype=dtype)
+    graph = capture_graph(lambda: tcl.w4a16_tcl(gate, tc, out=out, shrink=shrink, swiglu=sm.SwiGLU(up, h)))
+    for i in range(5):
+        gate.copy_(torch.randn_like(gate) * 3)
+        up.copy_(torch.randn_like(up))
+        out.fill_(float("nan"))
+        h.fill_(float("nan"))
+        graph.replay()
+        want = sm.silu_mul_triton(gate, up)
+        assert torch.equal(h, want)
+        _check(out, want, tensors, tc)
+        torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(want, a, slots), rtol=1e-4, atol=1e-4)

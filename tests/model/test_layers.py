@@ -72,3 +72,41 @@ def test_parallel_linear_dense_and_swappable_method():
     torch.testing.assert_close(swapped(x), torch.full((2, 3), 8.0))
     with pytest.raises(ValueError, match="column"):
         ParallelLinear(4, 3, bias=False, parallel="diagonal")  # type: ignore[arg-type]
+
+
+class SwiGLUTakingMethod(DenseLinearMethod):
+    """A method that ``takes_swiglu``: records what it was handed, computes the product itself."""
+
+    takes_swiglu = True
+
+    def __init__(self) -> None:
+        self.got: list = []
+
+    def apply(self, layer, x, swiglu=None):
+        self.got.append(swiglu)
+        return super().apply(layer, x if swiglu is None else swiglu.materialize(x))
+
+
+def test_forward_local_hands_swiglu_to_a_method_that_takes_it_and_the_product_to_others():
+    """``forward_local(gate, swiglu=SwiGLU(up, out))``: the same result on every method; a method that
+    ``takes_swiglu`` gets the ``SwiGLU``, any other (and a wrapped ``apply``, as calibration's taps) the product,
+    which also lands in ``out``."""
+    from inlaid.kernels.silu_mul import SwiGLU, silu_mul
+
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 4) * 3, torch.randn(3, 4)
+    prod = silu_mul(gate, up)
+    dense = ParallelLinear(4, 2, bias=True, parallel="row")
+    torch.nn.init.normal_(dense.weight)
+    want = dense(prod)
+    taking = ParallelLinear(4, 2, bias=True, parallel="row", quant_method=SwiGLUTakingMethod())
+    taking.load_state_dict(dense.state_dict())
+    for lin in (dense, taking):
+        out = torch.full_like(gate, float("nan"))
+        torch.testing.assert_close(lin.forward_local(gate, swiglu=SwiGLU(up, out)), want)
+        assert torch.equal(out, prod)
+    assert [type(s).__name__ for s in taking.quant_method.got] == ["SwiGLU"]
+    seen = []
+    taking.quant_method.apply = lambda layer, x: seen.append(x) or DenseLinearMethod.apply(None, layer, x)
+    torch.testing.assert_close(taking.forward_local(gate, swiglu=SwiGLU(up)), want)
+    assert len(seen) == 1 and torch.equal(seen[0], prod)
