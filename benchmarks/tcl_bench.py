@@ -13,6 +13,7 @@ it is timed. TB/s counts the packed words, zeros and scales once.
     python benchmarks/tcl_bench.py --ms 128,192,256 --out benchmarks/results/tcl_m256_h100  # GPU, ~30 s
     python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
     python benchmarks/tcl_bench.py --groups --ms 1,8,16,32,64,128 --out benchmarks/results/tcl_group_h100
+    python benchmarks/tcl_bench.py --groups --sweep-m1 --ms 1 --out benchmarks/results/tcl_group_m1_sweep_h100
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
 GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "gate/up": (4096, (11008, 11008))}
 
 
-def run_groups(ms: tuple[int, ...]) -> None:
+def run_groups(ms: tuple[int, ...], sweep_m1: bool = False) -> None:
     """Sibling weights of one x (Llama-2-7B q/k/v, gate/up) in the tensor-core layout: ``w4a16_linear_group`` as
-    installed vs one ``w4a16_linear`` per weight, each checked against the reference first."""
+    installed vs one ``w4a16_linear`` per weight, each checked against the reference first; with ``sweep_m1`` also
+    ``w4a16_tcl_group`` at M = 1 under every ``M1_SWEEP`` config (checked against the installed launch)."""
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for label, (k, widths) in GROUPS.items():
         copies = max(2, -(-3 * L2_BYTES // (k * sum(widths) // 2)))
@@ -128,6 +130,20 @@ def run_groups(ms: tuple[int, ...]) -> None:
                 log(event="group", **row)
             except Exception as e:  # noqa: BLE001 - one failing row must not stop the run
                 log(event="fail", err=repr(e)[:300], **row)
+            if sweep_m1 and m == 1:
+                want = [y.float() for y in wk.w4a16_linear_group(x, sets[0], [None] * len(widths))]
+                for name, cfg in M1_SWEEP.items():
+                    cand = {"group": label, "m": m, "impl": name}
+                    try:
+                        got = tcl.w4a16_tcl_group(x, sets[0], cfg)
+                        err = max(float((g.float() - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+                        if not (err < 1e-3 and scratch_clean()):
+                            log(event="wrong", err=err, **cand)
+                            continue
+                        cand["us"] = graph_time_us([lambda s=s, c=cfg: tcl.w4a16_tcl_group(x, s, c) for s in sets])
+                        log(event="group_sweep", **cand)
+                    except Exception as e:  # noqa: BLE001
+                        log(event="fail", err=repr(e)[:300], **cand)
         del raw, sets
         torch.cuda.empty_cache()
 
@@ -148,6 +164,17 @@ def groups_markdown(seconds: float, command: str) -> str:
         if r.get("event") == "group":
             lines.append(f"| {r['group']} | {r['m']} | {r['separate']:.2f} | {r['grouped']:.2f} | "
                          f"{r['separate'] / r['grouped']:.2f} |")
+    sweep = [r for r in ROWS if r.get("event") == "group_sweep"]
+    if sweep:
+        lines += ["", f"M = 1 grouped launch under each `M1_SWEEP` config (`--sweep-m1`), the fastest five per group "
+                  "against the installed `grouped` time:"]
+        for label in GROUPS:
+            inst = next((r["grouped"] for r in ROWS if r.get("event") == "group" and r["group"] == label
+                         and r["m"] == 1), None)
+            best = sorted((r["us"], r["impl"]) for r in sweep if r["group"] == label)[:5]
+            if best and inst:
+                lines.append(f"- {label} (installed {inst:.2f} us): "
+                             + ", ".join(f"{i} {us:.2f} ({inst / us:.3f}x)" for us, i in best))
     return "\n".join(lines + ["", rejected_line()]) + "\n"
 
 
@@ -208,7 +235,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
-    ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates")
+    ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates (with "
+                    "--groups: the grouped launch's)")
     ap.add_argument("--groups", action="store_true", help="instead: q/k/v and gate/up grouped vs one launch each")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
                     "(2 <= M <= 128, tiles of min(64, M) rows)")
@@ -219,7 +247,7 @@ def main() -> int:
     t0 = time.time()
     try:
         if args.groups:
-            run_groups(ms)
+            run_groups(ms, args.sweep_m1)
         else:
             run(ms, shapes, args.sweep_m1, args.sweep)
     finally:  # a killed or failing run still leaves what it measured

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 if HAS_TRITON:
+    from ._triton import pdl_enter
     from .silu_mul import silu_times
 
     @triton.jit
@@ -85,8 +86,9 @@ if HAS_TRITON:
     def _shrink_kernel(
         x_ptr, a_ptr, slots_ptr, ws_ptr, T, D_IN, R, k_per_split,
         stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, tl.program_id(0), tl.program_id(1), D_IN, R, k_per_split,
                      stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_wsp, stride_wt, BLOCK_R, BLOCK_K)
 
@@ -115,8 +117,9 @@ if HAS_TRITON:
     def _expand_kernel(
         ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, T, D_OUT, R, NUM_SPLITS,
         stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         t = tl.program_id(0)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, tl.program_id(1), slot, D_OUT, R, NUM_SPLITS, 0,
@@ -127,11 +130,12 @@ if HAS_TRITON:
     def _expand_group_kernel(
         ws_ptr, slots_ptr, T, R, NUM_SPLITS, stride_wsp, stride_wt,
         b0, sc0, o0, n0, sb0, so0, b1, sc1, o1, n1, sb1, so1, b2, sc2, o2, n2, sb2, so2, nb0, nb1,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr = 0,
     ):
         """The expands of a fused group (2 or 3 projections sharing one shrink) in one launch: output block
         ``pid`` belongs to member 0 below ``nb0`` blocks, member 1 below ``nb0 + nb1``, else member 2; member j
         reads ranks ``[j*R, (j+1)*R)`` of the group's partials. B stacks are ``[S, n_j, R]`` with rows of R."""
+        pdl_enter(PDL)
         t = tl.program_id(0)
         pid = tl.program_id(1)
         slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -218,7 +222,7 @@ def lora_shrink_partials(
         x, a_stack, token_slots, ws, t, d_in, r, k_per_split,
         x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
         ws.stride(0), ws.stride(1),
-        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k, num_warps=num_warps, **pdl_options(x),
     )
     return ws
 
@@ -252,7 +256,7 @@ def lora_expand(
         ws.stride(0), ws.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         out.stride(0), out.stride(1),
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
-        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])), num_warps=num_warps,
+        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])), num_warps=num_warps, **pdl_options(out),
     )
     return out
 
@@ -289,6 +293,7 @@ def lora_expand_group(
         blocks[0], blocks[1],
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
         BLOCK_SP=max(2, triton.next_power_of_2(partials.shape[0])), num_warps=num_warps,
+        **pdl_options(partials),
     )
     return outs
 

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 _NO_WINDOW = 1 << 30
 
@@ -67,6 +67,7 @@ class DecodeRope(NamedTuple):
 
 
 if HAS_TRITON:
+    from ._triton import pdl_enter
     from .rotary_kv import rope_apply, rope_load, rope_rows
 
     @triton.jit
@@ -78,7 +79,9 @@ if HAS_TRITON:
         stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cs,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLIT: tl.constexpr, ROPE: tl.constexpr, DOT_F32: tl.constexpr, ON_CUDA: tl.constexpr,
+        PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -167,8 +170,9 @@ if HAS_TRITON:
     @triton.jit
     def _combine_kernel(
         ws_ml_ptr, ws_acc_ptr, out_ptr, NUM_HEADS, NUM_PARTS, HEAD_DIM, stride_ob, stride_oh,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_p = tl.arange(0, BLOCK_P)
@@ -303,11 +307,11 @@ def paged_decode_attention(
         SPLIT=split, ROPE=rope is not None, DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
         ON_CUDA=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # fp32 (tests only): no FMA contraction, so the rotary products and sums round as torch's ops do
-        enable_fp_fusion=q.dtype != torch.float32,
+        enable_fp_fusion=q.dtype != torch.float32, **pdl_options(q),
     )
     if split:
         _combine_kernel[(b, h)](
             ws_ml, ws_acc, out, h, parts, d, out.stride(0), out.stride(1),
-            BLOCK_P=max(2, triton.next_power_of_2(parts)), BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_P=max(2, triton.next_power_of_2(parts)), BLOCK_D=triton.next_power_of_2(d), **pdl_options(q),
         )
     return out

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HIDDEN = 32768
 
 if HAS_TRITON:
     from triton.language.extra import libdevice
+
+    from ._triton import pdl_enter
 
     @triton.jit
     def round_to(v, DTYPE: tl.constexpr, ON_CUDA: tl.constexpr):
@@ -50,8 +52,9 @@ if HAS_TRITON:
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, N, eps, inv_n,
         stride_x, stride_res, stride_out, stride_rout,
-        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr, PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -124,6 +127,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x2, res2, weight.contiguous(), out, rout, n, float(eps), 1.0 / n,
             x2.stride(0), res2.stride(0), n, n,
             HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda,
-            num_warps=min(max(block // 512, 1), 16),
+            num_warps=min(max(block // 512, 1), 16), **pdl_options(x),
         )
     return out if residual is None else (out, rout)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
 from .paged_attention import write_kv
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 if HAS_TRITON:
+    from ._triton import pdl_enter
     from .rms_norm import round_to
 
     @triton.jit
@@ -85,8 +86,9 @@ if HAS_TRITON:
         H, KVH, block_size,
         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ct, s_st,
         s_cache_kv, s_cache_blk, s_cache_off, s_cache_h,
-        HALF: tl.constexpr, BLOCK_D: tl.constexpr, ON_CUDA: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_D: tl.constexpr, ON_CUDA: tl.constexpr, PDL: tl.constexpr = 0,
     ):
+        pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         hh = tl.program_id(1).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
@@ -183,6 +185,6 @@ def rotary_and_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             HALF=half, BLOCK_D=triton.next_power_of_2(d), ON_CUDA=q.is_cuda, num_warps=1,
             # fp32: no FMA contraction, so products and sums round as torch's ops do (fp16/bf16 products go
             # through _round_opaque, which nothing can fuse across)
-            enable_fp_fusion=q.dtype != torch.float32,
+            enable_fp_fusion=q.dtype != torch.float32, **pdl_options(q),
         )
     return q_out, k_out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK = 1024
@@ -33,6 +33,7 @@ BLOCK = 1024
 if HAS_TRITON:
     from triton.language.extra import libdevice
 
+    from ._triton import pdl_enter
     from .rms_norm import round_to
 
     @triton.jit
@@ -48,7 +49,9 @@ if HAS_TRITON:
         return round_to(s.to(tl.float32) * u.to(tl.float32), u.dtype, ON_CUDA)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr,
+                         PDL: tl.constexpr = 0):
+        pdl_enter(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -90,7 +93,8 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | No
     out = torch.empty_like(g) if out is None else out
     n = g.numel()
     if n > 0:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, ON_CUDA=gate.is_cuda, num_warps=4)
+        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, ON_CUDA=gate.is_cuda, num_warps=4,
+                                                    **pdl_options(gate))
     return out
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import HAS_TRITON, kernels_interpreted, tl, triton, triton_usable
+from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import (
     _MODE_ID,
@@ -93,6 +93,7 @@ if HAS_TRITON:
         h2_unpack_ptx,
     )
     from .lora_sgmv_triton import shrink_split
+    from ._triton import pdl_enter
     from .silu_mul import silu_times
     from .w4a16_tc import _unpack8
 
@@ -261,9 +262,11 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
         SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
+        PDL: tl.constexpr = 0,
     ):
         """``_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of
         the same x (as ``_w4_tcl_group_kernel``'s)."""
+        pdl_enter(PDL)
         # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
         pid_m, pid_n, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
@@ -307,10 +310,12 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
         SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
+        PDL: tl.constexpr = 0,
     ):
         """``_w4_tcl_kernel`` for 2-3 weights of one x (``_tcl_members``); with ``SHRINK`` the column tiles from
         ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
         and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
+        pdl_enter(PDL)
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
@@ -330,10 +335,11 @@ if HAS_TRITON:
         stride_om, nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, u_ptr, h_ptr,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr,
+        ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr, PDL: tl.constexpr = 0,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
         of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``)."""
+        pdl_enter(PDL)
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
@@ -370,11 +376,12 @@ if HAS_TRITON:
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROUNDS: tl.constexpr,
+        ROUNDS: tl.constexpr, PDL: tl.constexpr = 0,
     ):
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
         (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
+        pdl_enter(PDL)
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
@@ -516,7 +523,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs[:-1],
             x if swiglu is None else swiglu.up.contiguous(), x if h is None else h,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None, **skw)
+            num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None, **skw, **pdl_options(x))
         if partials is not None:
             shrink.partials = partials
         return out
@@ -531,7 +538,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs,
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-        num_warps=cfg.num_warps, **skw)
+        num_warps=cfg.num_warps, **skw, **pdl_options(x))
     if partials is not None:
         shrink.partials = partials
     return out
@@ -571,13 +578,13 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
             x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs[:-1],
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **skw)
+            num_warps=cfg.num_warps, **skw, **pdl_options(x))
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
             *sargs, GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **skw)
+            num_warps=cfg.num_warps, **skw, **pdl_options(x))
     if partials is not None:
         shrink.partials = partials
     return outs
