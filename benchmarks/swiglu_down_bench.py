@@ -12,7 +12,7 @@ Llama-2-7B down_proj (K = 11008, N = 4096, W4 g128, tensor-core layout), one dec
 
 Each row is checked against ``two_launches`` (max |diff|: split-K sums in another order, so not 0) and timed in
 one CUDA graph over ``--copies`` weight copies (more bytes than the L2 holds); TB/s = the weight's bytes (words,
-scales, zeros) over the time, against the H100's ~3.0 TB/s device copy.
+scales, zeros) over the time, against the device's copy bandwidth (``inlaid.bench.hardware``: 3.0 TB/s on an H100).
 
     python benchmarks/swiglu_down_bench.py --out benchmarks/results/swiglu_down_h100
 """
@@ -26,21 +26,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.hardware import peak_bandwidth_tbps  # noqa: E402
+from inlaid.bench.w4_inputs import random_w4  # noqa: E402
 from inlaid.kernels import lora_sgmv_triton as lt  # noqa: E402
 from inlaid.kernels import w4_layout  # noqa: E402
 from inlaid.kernels.silu_mul import SwiGLU, silu_mul  # noqa: E402
 from inlaid.kernels.w4a16_tcl import w4a16_tcl  # noqa: E402
 
 K, N, GROUP = 11008, 4096, 128
-COPY_TBPS = 3.0
 
 
-def weight(gen: torch.Generator, dtype: torch.dtype) -> w4_layout.PackedW4:
-    """A random W4 g128 weight [K, N] in the tensor-core layout (the served form of a 7B down_proj)."""
-    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), generator=gen, device="cuda", dtype=torch.int32)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (K // GROUP, N // 8), generator=gen, device="cuda", dtype=torch.int32)
-    scales = (torch.rand(K // GROUP, N, generator=gen, device="cuda") * 0.01 + 1e-3).to(dtype)
-    return w4_layout.prepare_w4(qweight, qzeros, scales, None, GROUP, layout="tc")
+def weight(dtype: torch.dtype) -> w4_layout.PackedW4:
+    """A random W4 g128 weight [K, N] (``random_w4``) in the tensor-core layout, the served form of a 7B down_proj."""
+    w = random_w4(K, N, GROUP)
+    return w4_layout.prepare_w4(w["qweight"], w["qzeros"], w["scales"].to(dtype), None, GROUP, layout="tc")
 
 
 def main() -> int:
@@ -54,8 +53,10 @@ def main() -> int:
         return 2
     t0 = time.time()
     dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    ws = [weight(gen, dtype) for _ in range(args.copies)]
+    ws = [weight(dtype) for _ in range(args.copies)]
+    copy_tbps = peak_bandwidth_tbps(torch.cuda.get_device_name())
     gate = torch.randn(1, K, generator=gen, device="cuda").mul(3).to(dtype)
     up = torch.randn(1, K, generator=gen, device="cuda").to(dtype)
     prod = torch.empty_like(gate)
@@ -77,7 +78,7 @@ def main() -> int:
             base_us = us if base_us is None else base_us
             row = {"row": name + ("_lora" if lora else ""), "us": round(us, 2), "two_launches_over_row":
                    round(base_us / us, 3), "TBps": round(w_bytes / (us * 1e-6) / 1e12, 3),
-                   "share_of_copy": round(w_bytes / (us * 1e-6) / 1e12 / COPY_TBPS, 3), "max_abs_diff": diff}
+                   "share_of_copy": round(w_bytes / (us * 1e-6) / 1e12 / copy_tbps, 3), "max_abs_diff": diff}
             print(json.dumps(row), flush=True)
             rows.append(row)
     silu_us = graph_time_us([lambda: silu_mul(gate, up)] * args.copies)
@@ -85,7 +86,7 @@ def main() -> int:
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "command": "python " + " ".join(sys.argv), "seconds": time.time() - t0, "dtype": args.dtype,
-           "weight_bytes": w_bytes, "silu_mul_alone_us": round(silu_us, 2), "rows": rows}
+           "weight_bytes": w_bytes, "copy_tbps": copy_tbps, "silu_mul_alone_us": round(silu_us, 2), "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(res, indent=1))
     Path(args.out + ".md").write_text(markdown(res))
     print(markdown(res))
@@ -98,7 +99,7 @@ def markdown(res: dict) -> str:
              f"triton {res['triton']})", "",
              f"Command: `{res['command']}` ({res['seconds']:.0f} s). us per call (graph-timed), {res['dtype']}, "
              f"K = {K}, N = {N}, W4 g{GROUP} tensor-core layout ({res['weight_bytes'] / 1e6:.1f} MB); TB/s of the "
-             f"weight's bytes, share of a {COPY_TBPS} TB/s device copy. `silu_mul` alone: "
+             f"weight's bytes, share of a {res['copy_tbps']} TB/s device copy. `silu_mul` alone: "
              f"{res['silu_mul_alone_us']} us. Ratios against the `two_launches` row of the same block.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in res["rows"]]

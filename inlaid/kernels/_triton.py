@@ -1,11 +1,11 @@
 """The one place the kernel modules import Triton from: availability and interpreter checks.
 
-Owns ``HAS_TRITON``, ``triton``/``tl`` (None without Triton), ``kernels_interpreted``,
-``triton_usable`` and the programmatic-dependent-launch switch (``pdl_options`` / ``pdl_enter``). Invariant: ``triton.jit`` decides at decoration time whether a
-kernel is compiled or interpreted (``TRITON_INTERPRET=1``); ``_probe`` below is
-decorated when this module is imported, so ``kernels_interpreted()`` tells how every
-kernel module imported after it was built. The tests reload this module and then the
-kernel module when the interpreter was switched on late (tests/kernels/triton_setup.py).
+Owns ``HAS_TRITON``, ``triton``/``tl`` (None without Triton), ``kernels_interpreted``, ``triton_usable`` and
+the programmatic-dependent-launch switch (``pdl_options`` / ``pdl_enter``). Invariant: ``triton.jit`` decides
+at decoration time whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``); ``_probe`` below is
+decorated when this module is imported, so ``kernels_interpreted()`` tells how every kernel module imported
+after it was built. The tests reload this module and then the kernel module when the interpreter was switched
+on late (tests/kernels/triton_setup.py).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ PDL_MODE = int(os.environ.get("INLAID_PDL", "1") or 0)
 """Programmatic dependent launch of the decode-step kernels (``INLAID_PDL``, read once at import; Hopper and
 later): 1 (the default) each kernel launches with ``launch_pdl`` and waits at its top (``pdl_enter``), so its
 launch overlaps the end of the kernel before; 2 it also lets the next kernel launch from there; 0 off. H100, 7B
-W4 end to end (``docs/kernels.md``, session 14): batch 1 366 -> 386 tok/s, batch 32 with 32 adapters +4%; 2 read
-the same at batch 1."""
+W4 end to end, one tree with 0 against 1 (``python benchmarks/ab_table.py benchmarks/results/e2e_pdl_ _h100``):
+batch 1 366 -> 386 tok/s, batch 8 2,133 -> 2,565, batch 32 with 32 adapters 6,558 -> 6,916 (two runs each where
+two are listed); 2 read 386 / 385 at batch 1 (``e2e_pdl_trigger_*``)."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -501,10 +501,10 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
     ``swiglu.materialize`` runs first. At M > 1 every column tile would recompute the product for its x tile."""
     _check(x, [packed], "w4a16_tcl")
     permuted = packed.perm is not None
-    if swiglu is not None:
+    if swiglu is not None and (x.shape[0] != 1 or permuted):
+        x, swiglu = swiglu.materialize(x), None  # checks the inputs
+    elif swiglu is not None:
         swiglu.check(x)
-        if x.shape[0] != 1 or permuted:
-            x, swiglu = swiglu.materialize(x), None
     x = (x.index_select(1, packed.perm) if packed.perm is not None else x).contiguous()
     (m, k), n = x.shape, packed.out_features
     out = check_out(out, x, m, n)

@@ -10,7 +10,8 @@ returns it; projections that read the same x (q/k/v, gate/up) go through one
 Optional: ``hook.offer_shrink(layer_idx, modules, x, batch)``, called before each base projection (a group's
 names, or one name), may return a ``LoRAShrink`` that the base launch runs beside its own work (the W4 kernels
 on the tensor-core layout) and fills in; the following ``apply_group`` / ``apply`` must work whether or not it
-was filled.
+was filled. ``offer_shrink`` may keep ``x`` (to match it in ``apply``) but must not read its values: for
+down_proj it is the buffer the base launch writes ``silu(gate) * up`` into (``llama._project`` with ``up``).
 
 Module names are PEFT's: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
 """

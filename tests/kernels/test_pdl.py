@@ -36,17 +36,15 @@ def test_no_pdl_off_cuda() -> None:
 def test_gpu_graphed_chain_under_pdl_matches_without(monkeypatch: pytest.MonkeyPatch) -> None:
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
+    from inlaid.bench.w4_inputs import random_w4
     from inlaid.kernels import w4_layout
     from inlaid.kernels.rms_norm import rms_norm_triton
     from inlaid.kernels.w4a16_tcl import TclConfig, w4a16_tcl
 
+    torch.manual_seed(0)
+    ws = [w4_layout.prepare_w4(w["qweight"], w["qzeros"], w["scales"], None, 128, layout="tc")
+          for w in (random_w4(4096, 4096) for _ in range(4))]
     g = torch.Generator(device="cuda").manual_seed(0)
-    ws = []
-    for _ in range(4):
-        qw = torch.randint(-2**31, 2**31 - 1, (4096 // 8, 4096), generator=g, device="cuda", dtype=torch.int32)
-        qz = torch.randint(-2**31, 2**31 - 1, (32, 512), generator=g, device="cuda", dtype=torch.int32)
-        sc = (torch.rand(32, 4096, generator=g, device="cuda") * 0.002).half()
-        ws.append(w4_layout.prepare_w4(qw, qz, sc, None, 128, layout="tc"))
     norm_w = torch.rand(4096, generator=g, device="cuda").half() + 0.5
     x = torch.randn(1, 4096, generator=g, device="cuda").half()
     one = TclConfig(16, 128, 4, 1, 0.01)  # one K split: no atomics, so the sums are deterministic
