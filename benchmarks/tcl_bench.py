@@ -5,12 +5,14 @@ Same run, same GPU, Llama-2-7B shapes, group 128, fp16. Per shape and M: ``cubla
 cuBLAS above) and ``tcl`` (``w4a16_linear`` on the same weights in the tensor-core layout, as a served model
 gets them: ``w4a16_tcl`` to ``TCL_MAX_M`` rows, dequantize + cuBLAS above). ``--sweep-m1`` adds ``TclConfig``
 candidates of the M = 1 GEMV (``m1_<block_n>_w<warps>_s<stages>_p<programs per SM>``), ``--sweep`` those of the
-tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s<stages>_p<programs per SM>``, M = 2..128). Timing:
+tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s<stages>_p<programs per SM>``, M = 2..256: tiles of
+min(64, M) rows, and 128 rows from M = 128). Timing:
 ``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every call reads DRAM. Every
 implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers left zeroed) before
 it is timed. TB/s counts the packed words, zeros and scales once.
 
     python benchmarks/tcl_bench.py --ms 128,192,256 --out benchmarks/results/tcl_m256_h100  # GPU, ~30 s
+    python benchmarks/tcl_bench.py --sweep --ms 64,128,192,256 --out benchmarks/results/tcl_big_m_sweep_h100
     python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
     python benchmarks/tcl_bench.py --groups --ms 1,8,16,32,64,128 --out benchmarks/results/tcl_group_h100
     python benchmarks/tcl_bench.py --groups --sweep-m1 --ms 1 --out benchmarks/results/tcl_group_m1_sweep_h100
@@ -41,7 +43,7 @@ MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 M1_SWEEP = {f"m1_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(16, bn, w, st, p)
             for bn, w, st, p in itertools.product((128, 256, 512), (4, 8), (1, 2, 3), (2, 4, 8)) if bn >= 16 * w}
 SWEEP = {f"tc_{bm}_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(bm, bn, w, st, p)
-         for bm in (16, 32, 64) for bn, w, st, p in (
+         for bm in (16, 32, 64, 128) for bn, w, st, p in (
              *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4)), *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),
              *itertools.product((128,), (8,), (2, 3), (1, 2)), *itertools.product((256,), (8,), (2,), (1, 2)))}
 ROWS: list[dict] = []
@@ -76,10 +78,10 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
             if sweep_m1 and m == 1:
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
                               for name, cfg in M1_SWEEP.items()})
-            if sweep and 2 <= m <= 128:  # row tiles of min(64, M) rows (padded to 16)
-                rows = min(64, max(16, 1 << (m - 1).bit_length()))
+            if sweep and 2 <= m <= tcl.TCL_MAX_M:  # row tiles of min(64, M) rows (padded to 16); 128 from M = 128
+                rows = {min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set())
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
-                              for name, cfg in SWEEP.items() if cfg.block_m == rows})
+                              for name, cfg in SWEEP.items() if cfg.block_m in rows})
             for name, (copies, call) in impls.items():
                 row = {"shape": f"{k}x{n}", "m": m, "impl": name}
                 try:
@@ -239,7 +241,7 @@ def main() -> int:
                     "--groups: the grouped launch's)")
     ap.add_argument("--groups", action="store_true", help="instead: q/k/v and gate/up grouped vs one launch each")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
-                    "(2 <= M <= 128, tiles of min(64, M) rows)")
+                    "(2 <= M <= 256, tiles of min(64, M) rows and of 128 rows from M = 128)")
     args = ap.parse_args()
     ms = tuple(int(v) for v in args.ms.split(","))
     shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))

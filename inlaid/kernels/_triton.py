@@ -62,7 +62,9 @@ later): 1 (the default) each kernel launches with ``launch_pdl`` and waits at it
 launch overlaps the end of the kernel before; 2 it also lets the next kernel launch from there; 0 off. H100, 7B
 W4 end to end, one tree with 0 against 1 (``python benchmarks/ab_table.py benchmarks/results/e2e_pdl_ _h100``):
 batch 1 366 -> 386 tok/s, batch 8 2,133 -> 2,565, batch 32 with 32 adapters 6,558 -> 6,916 (two runs each where
-two are listed); 2 read 386 / 385 at batch 1 (``e2e_pdl_trigger_*``)."""
+two are listed). Mode 2 against 1 since the batch-1 GEMV loads its first step before the wait (``e2e_pdlmode_*``):
+batch 1 391 -> 411, batch 8 2,386 -> 2,436, batch 32 with 32 adapters 6,950 -> 6,325 (early dependents hold SMs
+that the wide launches need), so 2 stays opt-in."""
 
 
 @functools.lru_cache(maxsize=None)

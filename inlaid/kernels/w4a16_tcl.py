@@ -188,56 +188,74 @@ if HAS_TRITON:
                   n_split, MODE)
 
     @triton.jit
+    def _m1_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE: tl.constexpr):
+        """The M = 1 GEMV's weight loads for the step at input row ``k0``: words [16, BLOCK_N], scales, zeros."""
+        step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
+        q = tl.load(qw_ptr + (step * N + offs_n)[None, :] * 16 + tl.arange(0, 16)[:, None],
+                    mask=mask_n[None, :], other=0, eviction_policy="evict_first")
+        g = k0 // GROUP_SIZE
+        s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+        return q, s, z
+
+    @triton.jit
+    def _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr, PTX: tl.constexpr, u_ptr, h_ptr, pid_n,
+                 SILU: tl.constexpr, STORE_H: tl.constexpr):
+        """``acc`` [16, BLOCK_N] plus one step of the M = 1 GEMV from its weight loads (``_m1_words``); the sum is
+        formed here so that the scale multiply and the add contract to one FFMA (64 fewer instructions a step)."""
+        zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
+        cc = tl.arange(0, 16)[:, None, None, None]
+        x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
+                 + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
+        # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
+        # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
+        xs = tl.load(x_ptr + k0 + x_idx)
+        if SILU:
+            xs = silu_times(xs, tl.load(u_ptr + k0 + x_idx), PTX)
+            if STORE_H:  # one column tile stores each input once (scalar-bool masks fail in the interpreter)
+                tl.store(h_ptr + k0 + x_idx, xs, mask=x_idx < tl.where(pid_n == 0, 128, 0))
+        xs = xs.to(tl.float32)
+        if PTX:
+            xs = _fp16_opaque(xs * H2_X_SCALE)
+        lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
+        lo0, lo1 = tl.split(lo)  # j0 = 0 / 1
+        hi0, hi1 = tl.split(hi)
+        x0, x2 = tl.split(lo0)  # j1 = 0 / 1: nibble j = 2 j1 + j0
+        x1, x3 = tl.split(lo1)
+        x4, x6 = tl.split(hi0)
+        x5, x7 = tl.split(hi1)
+        if PTX:
+            t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
+        else:
+            t = _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
+        return acc + t * s[None, :]
+
+    @triton.jit
     def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr, u_ptr=None, h_ptr=None,
-                     SILU: tl.constexpr = False, STORE_H: tl.constexpr = False):
+                     SILU: tl.constexpr = False, STORE_H: tl.constexpr = False, PDL: tl.constexpr = 0):
         """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring); without ``PTX``
         (the interpreter) the same sums in fp32 from plain shifts and masks. With ``SILU`` the input is
         ``silu(x) * u`` (``silu_mul.silu_times``: the 128 inputs of a step, before the gather's split), which the
-        programs of column tile 0 also store at ``h_ptr`` with ``STORE_H``."""
+        programs of column tile 0 also store at ``h_ptr`` with ``STORE_H``.
+
+        The first step is peeled: its weight loads go out before ``pdl_enter`` (no kernel of a decode step writes
+        weights; a requant swap's copies run between steps, and the kernel between them waits for them), so they
+        overlap the wait for the kernel before; x is read only after it. A program has 2-3 steps on the 7B shapes."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_c = tl.arange(0, 16)
         k_lo = pid_k * k_per_split
         if PTX:  # a hint for the compiler's vectorization (the interpreter has no use for it)
             k_lo = tl.multiple_of(k_lo, STEP)
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        zshift = (offs_n % 8) * 4
-        cc = offs_c[:, None, None, None]
-        x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
-                 + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
-            step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
-            q = tl.load(qw_ptr + (step * N + offs_n)[None, :] * 16 + offs_c[:, None],
-                        mask=mask_n[None, :], other=0, eviction_policy="evict_first")  # [16, BLOCK_N] words
-            g = k0 // GROUP_SIZE
-            s = tl.load(sc_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            zc = ((z >> zshift) & 0xF) + 1
-            # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
-            # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
-            xs = tl.load(x_ptr + k0 + x_idx)
-            if SILU:
-                xs = silu_times(xs, tl.load(u_ptr + k0 + x_idx), PTX)
-                if STORE_H:  # one column tile stores each input once (scalar-bool masks fail in the interpreter)
-                    tl.store(h_ptr + k0 + x_idx, xs, mask=x_idx < tl.where(pid_n == 0, 128, 0))
-            xs = xs.to(tl.float32)
-            if PTX:
-                xs = _fp16_opaque(xs * H2_X_SCALE)
-            lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
-            lo0, lo1 = tl.split(lo)  # j0 = 0 / 1
-            hi0, hi1 = tl.split(hi)
-            x0, x2 = tl.split(lo0)  # j1 = 0 / 1: nibble j = 2 j1 + j0
-            x1, x3 = tl.split(lo1)
-            x4, x6 = tl.split(hi0)
-            x5, x7 = tl.split(hi1)
-            if PTX:
-                t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
-            else:
-                t = _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
-            acc += t * s[None, :]
+        k_hi = tl.minimum(k_lo + k_per_split, K)  # > k_lo: tc_split leaves no split empty
+        q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k_lo, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
+        pdl_enter(PDL)
+        acc = _m1_step(tl.zeros((16, BLOCK_N), dtype=tl.float32), q, s, z, x_ptr, k_lo, offs_n, BLOCK_N, PTX, u_ptr,
+                       h_ptr, pid_n, SILU, STORE_H)
+        for k0 in tl.range(k_lo + 128, k_hi, STEP, num_stages=NUM_STAGES):
+            q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
+            acc = _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N, PTX, u_ptr, h_ptr, pid_n, SILU, STORE_H)
         out = tl.sum(acc, axis=0)[None, :]
         if PTX:
             out = out * (1.0 / H2_X_SCALE)
@@ -338,36 +356,37 @@ if HAS_TRITON:
         ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr, PDL: tl.constexpr = 0,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
-        of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``)."""
-        pdl_enter(PDL)
+        of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``). The
+        weight programs call ``pdl_enter`` after their first weight loads (``_m1_tcl_tile``), the shrink ones first."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
             shrinking = pid >= nt_all
         if shrinking:
+            pdl_enter(PDL)
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
                         0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS, u_ptr, SILU, PTX)
         else:
             _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                          stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX,
-                         u_ptr, h_ptr, SILU, STORE_H)
+                         u_ptr, h_ptr, SILU, STORE_H, PDL)
 
     @triton.jit
     def _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k,
                     qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
                     lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, PTX: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         """Column tile ``pid`` of a grouped M = 1 launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 +
         nt1``, else weight 2."""
         if pid < nt0:
             _m1_tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0 // 8, n0, n0, pid,
-                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
         elif pid < nt0 + nt1:
             _m1_tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1 // 8, n1, n1,
-                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
         else:
             _m1_tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2 // 8, n2, n2,
-                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX)
+                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
 
     @triton.jit
     def _w4_tcl_m1_group_kernel(
@@ -381,18 +400,18 @@ if HAS_TRITON:
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
         (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
-        pdl_enter(PDL)
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
             shrinking = pid >= nt_all
         if shrinking:
+            pdl_enter(PDL)
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
                         0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
         else:
             _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                         qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
-                        MODE, NUM_STAGES, PTX)
+                        MODE, NUM_STAGES, PTX, PDL)
 
 
 @dataclass(frozen=True)
@@ -417,18 +436,21 @@ class TclConfig:
             raise ValueError(f"num_stages and programs_per_sm must be positive: {self}")
 
 
-def tcl_config(m: int, n: int = 4096) -> TclConfig:
-    """Default for 2 <= M <= ``TCL_MAX_M`` rows and N columns: the fastest of the H100 sweeps in M's bucket
-    (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
-    ``tcl_m256_h100.md``: 128-row tiles at M = 128..256)."""
+def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
+    """Default for 2 <= M <= ``TCL_MAX_M`` rows, N columns and K inputs: the fastest of the H100 sweeps in M's
+    bucket (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
+    ``tcl_big_m_sweep_h100.md``: 42 configs, 64- and 128-row tiles, at M = 64..256)."""
     if m <= 16:  # within 2.6% of the fastest at every M = 2..16 and shape (geometric mean 0.3%)
         return TclConfig(16, 64, 4, 4, 4)
     if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
-    if m > 64 and n <= 4096:  # one 128-row tile; M = 128, two 64-row tiles (tcl_h100.md) -> one (tcl_m256_h100.md,
-        # another run): 4096x4096 19.90 -> 19.22 us, 11008x4096 40.26 -> 36.49; the lab (call 13) agreed in one run
-        return TclConfig(128, 64, 4, 3, 1)
-    # fastest or within 1% at M = 64 (tcl_h100.md), and at 128..256 where N = 11008 (lab, call 13)
+    if m > 64 and n <= 4096:  # one 128-row tile to M = 128; a long K splits into twice the programs (11008x4096
+        # at M = 128..256: 36.0 -> 32.5, 61.7 -> 51.2, 57.9 -> 53.8 us; 4096x4096 keeps one program per SM)
+        return TclConfig(128, 64, 4, 3, 2 if k > 4096 else 1)
+    if 128 < m <= 192:  # wide N: 128-column tiles, three row tiles fill one wave at 2 programs per SM
+        # (4096x11008 at M = 192: 56.6 -> 36.0 us; at 256 the fourth row tile is a second wave: 64.5 us)
+        return TclConfig(64, 128, 4, 3, 2)
+    # fastest or within 1% at M = 64 (tcl_h100.md), and at 128 and 256 where N = 11008 (tcl_big_m_sweep_h100.md)
     return TclConfig(64, 64, 4, 3, 2)
 
 
@@ -527,7 +549,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         if partials is not None:
             shrink.partials = partials
         return out
-    cfg = config or tcl_config(m, n)
+    cfg = config or tcl_config(m, n, k)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
     mode = 0 if split == 1 else _MODE_ID["atomic_last"]
@@ -560,7 +582,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     (m, k), widths = x.shape, [p.out_features for p in packs]
     gs = kernel_group_size(first.group_size, k)
     outs = [torch.empty(m, n, device=x.device, dtype=x.dtype) for n in widths]
-    cfg = config or tcl_group_config(m, max(widths)) or tcl_config(m, max(widths))
+    cfg = config or tcl_group_config(m, max(widths)) or tcl_config(m, max(widths), k)
     m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's split

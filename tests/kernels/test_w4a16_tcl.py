@@ -122,6 +122,8 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
             tcl.TclConfig(**bad)
     assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
+    assert tcl.tcl_config(192, 11008) == tcl.TclConfig(64, 128, 4, 3, 2)  # three row tiles in one wave
+    assert [tcl.tcl_config(128, 4096, k).programs_per_sm for k in (4096, 11008)] == [1, 2]  # long K splits more
 
 
 @pytest.mark.parametrize("m,dtype,act_order", [(1, torch.float16, True), (1, torch.bfloat16, False),
@@ -129,11 +131,13 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
                                                 (40, torch.bfloat16, True)])
 def test_kernels_match_reference_on_any_device(m: int, dtype: torch.dtype, act_order: bool) -> None:
     """Small shapes, every split and relabel path (under the interpreter on CPU: ``PTX`` off, the same layout
-    math): 2 steps of K, N not a multiple of the tile, 4- and 8-warp relabels, split-K and none."""
+    math): 2 steps of K, N not a multiple of the tile, 4- and 8-warp relabels, split-K and none (the last config:
+    one program runs both steps, so the M = 1 GEMV's peeled first step and its loop both run)."""
     tensors, _, tc = _tc_case(256, 200, 128, act_order, seed=m)
     x = torch.randn(m, 256, device=DEVICE).to(dtype)
     _check(tcl.w4a16_tcl(x, tc), x, tensors, tc)
-    for cfg in (tcl.TclConfig(16, 64, 4, 2, 8), tcl.TclConfig(32, 128, 8, 2, 1), tcl.TclConfig(64, 64, 4, 2, 1)):
+    for cfg in (tcl.TclConfig(16, 64, 4, 2, 8), tcl.TclConfig(32, 128, 8, 2, 1), tcl.TclConfig(64, 64, 4, 2, 1),
+                tcl.TclConfig(16, 64, 4, 1, 0.01)):
         out = torch.full((m, 200), float("nan"), device=DEVICE, dtype=dtype)
         _check(tcl.w4a16_tcl(x, tc, out=out, config=cfg), x, tensors, tc)
 
