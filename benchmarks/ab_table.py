@@ -1,8 +1,8 @@
 """Markdown table of same-call A/B end-to-end pages: a change (``new``) against its parent (``old``), alternated.
 
-Reads ``e2e_decode.py`` result pages named ``<prefix><row>_{new,old}_<i><suffix>.json`` (one row each, as the
-device jobs write them with ``--rows``) and prints one line per row tag: every run's decode tok/s, the means and
-their ratio. The session notes quote these tables; rerun this to regenerate them from the committed pages.
+Reads ``e2e_decode.py`` result pages named ``<prefix><tag>_{new,old}_<i><suffix>.json`` (the device jobs write
+them with ``--rows``: one row or several) and prints one line per tag, batch and adapter count: every run's
+decode tok/s, the means and their ratio. The session notes quote these tables; rerun this to regenerate them from the committed pages.
 
     python benchmarks/ab_table.py benchmarks/results/e2e_attn_ _h100
 """
@@ -13,24 +13,28 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+Key = tuple[str, int, int]
+"""(page tag, batch, adapters): one table line."""
 
-def collect(prefix: str, suffix: str) -> dict[str, dict[str, list[dict]]]:
-    """{row tag: {"new"/"old": [page rows in run order]}} for the pages that match ``prefix`` and ``suffix``."""
+
+def collect(prefix: str, suffix: str) -> dict[Key, dict[str, list[dict]]]:
+    """{(tag, batch, adapters): {"new"/"old": [rows in run order]}} from the pages matching ``prefix``/``suffix``."""
     base = Path(prefix)
     pat = re.compile(re.escape(base.name) + r"(.+)_(new|old)_(\d+)" + re.escape(suffix) + r"\.json$")
-    found: dict[str, dict[str, list[tuple[int, dict]]]] = defaultdict(lambda: defaultdict(list))
+    found: dict[Key, dict[str, list[tuple[int, dict]]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted(base.parent.glob(base.name + "*" + suffix + ".json")):
         m = pat.match(path.name)
         if m:
-            found[m.group(1)][m.group(2)].append((int(m.group(3)), json.loads(path.read_text())["rows"][0]))
-    return {tag: {side: [r for _, r in sorted(runs, key=lambda t: t[0])] for side, runs in sides.items()}
-            for tag, sides in found.items()}
+            for row in json.loads(path.read_text())["rows"]:
+                found[(m.group(1), row["batch"], row["adapters"])][m.group(2)].append((int(m.group(3)), row))
+    return {key: {side: [r for _, r in sorted(runs, key=lambda t: t[0])] for side, runs in sides.items()}
+            for key, sides in found.items()}
 
 
-def table(pages: dict[str, dict[str, list[dict]]]) -> str:
+def table(pages: dict[Key, dict[str, list[dict]]]) -> str:
     lines = ["| row | batch | adapters | old tok/s | new tok/s | new / old | new, share of roofline |",
              "|---|---|---|---|---|---|---|"]
-    for tag, sides in sorted(pages.items()):
+    for (tag, _, _), sides in sorted(pages.items()):
         old, new = sides.get("old", []), sides.get("new", [])
         if not old or not new:
             continue

@@ -24,6 +24,9 @@ Invariants:
   old graphs are dropped and re-captured.
 - Capture runs the forward once eagerly on the padded static batch first
   (Triton compiles, lazy one-time preparations happen outside the graph).
+  Capture and the eager fallback run inside ``decode_batch(size)``, so the
+  kernels' launch options (the ``auto`` PDL mode) depend only on the graph's
+  size, never on which batch happened to trigger the capture.
 - Capture vs. other threads (the re-quantization worker issues CUDA work from
   its own thread while the engine serves): captures use
   ``capture_error_mode="thread_local"`` and only run while ``capture_lock`` is
@@ -47,6 +50,7 @@ from typing import Callable
 
 import torch
 
+from inlaid.kernels._triton import decode_batch
 from inlaid.model.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -170,7 +174,8 @@ class CudaGraphRunner:
         if key not in self.graphs:
             if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: never capture beside it
                 self.eager_fallbacks += 1
-                return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
+                with decode_batch(size):
+                    return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
             try:
                 self.graphs[key] = self._capture(size)
             finally:
@@ -181,6 +186,10 @@ class CudaGraphRunner:
         return out[: batch.num_seqs]
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        with decode_batch(size):  # the kernels' launch options (PDL mode) are baked into the graph
+            return self._capture_now(size)
+
+    def _capture_now(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self.buffers.reset()
         static = self.buffers.view(size)
         stream = torch.cuda.Stream()

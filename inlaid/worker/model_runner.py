@@ -38,6 +38,7 @@ import torch
 from inlaid.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import local_heads
+from inlaid.kernels._triton import decode_batch
 from inlaid.kernels.paged_attention import allocate_kv_caches
 from inlaid.lora.adapter import LoRAAdapter
 from inlaid.lora.pool import LoRAPool
@@ -186,6 +187,9 @@ class ModelRunner:
             return self.graphs.run(batch)
         if host_slots is not None and not self.lora_pool.uses_device_path(batch):
             self.lora_pool.prepare(batch, host_slots)
+        if batch.is_decode_only:
+            with decode_batch(batch.num_seqs):
+                return self.model(batch, self.kv_caches)
         return self.model(batch, self.kv_caches)
 
     def _sample(self, hidden: torch.Tensor, batch: ForwardBatch,
