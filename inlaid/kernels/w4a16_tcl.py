@@ -20,7 +20,8 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   pair shuffles (PRMT). ``python benchmarks/sass_count.py tcl`` counts 3.20 / 3.50 / 4.05 SASS instructions
   per weight element in the loop of the 16- / 32- / 64-row defaults (64 columns; the rows add the once-per-step
   scaling of the fp32 accumulator, 8 / 16 / 32 FFMA, and the x tile's masks and copies, 12 / 23 / 39 ISETP,
-  SEL and LDGSTS), against 4.91 for ``w4a16_tc``'s swapped step at 32 x 64.
+  SEL and LDGSTS), against 4.91 for ``w4a16_tc``'s swapped step at 32 x 64. Up to ``TC_PRELOAD_MAX_M`` rows
+  the first step is peeled and its weights load before the PDL wait (``PRELOAD``, as the M = 1 GEMV's).
   The load puts 8 rows per warp, wgmma wants 16, so row bit 3 moves into the registers and the warp bits up
   by one (``_rows_to_mma``); the epilogue undoes it so its stores and split-K atomics stay contiguous (F32x4
   atomics).
@@ -82,6 +83,14 @@ batch 1, 130.6 -> 118.2 at batch 32; rank 64, rounds, same call as the 64-row ca
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
 cuBLAS on the Llama-2-7B shapes (H100, ``benchmarks/results/tcl_m256_h100.md``); larger M dequantizes first."""
+
+TC_PRELOAD_MAX_M = 8
+"""Largest M whose tensor-core programs load their first step's weights before waiting for the kernel before
+(``_tcl_tile`` ``PRELOAD``). H100, 7B W4 end to end, graphed, against the loop that waits first, two runs each
+(``python benchmarks/ab_table.py benchmarks/results/e2e_tcpre_ _h100``, PDL mode 1): batch 2 / 4 / 8 +2.1% /
++2.3% / +2.0%, but batch 16 -1.7% (not explained), so from M = 9 the programs wait first. Under PDL mode 2 the
+preload gives +5.8% / +4.1% / +4.7% / +3.1% at batch 2 / 4 / 8 / 16, yet mode 2 still loses to mode 1 at
+batches 2-4 and 16 (``_triton.PDL_EARLY_MAX_BATCH``)."""
 
 if HAS_TRITON:
     from .w4a16_gemv import (
@@ -145,44 +154,69 @@ if HAS_TRITON:
         return tl.reshape(tl.permute(r, (0, 2, 1, 3, 4)), (BLOCK_N, TAIL))
 
     @triton.jit
+    def _tc_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
+                  GROUP_SIZE: tl.constexpr):
+        """The tensor-core step's weight loads at input row ``k0``: words [BLOCK_N, 16], scales (in MMA row order)
+        and zeros."""
+        step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
+        q = tl.load(qw_ptr + (step * N + offs_n)[:, None] * 16 + tl.arange(0, 16)[None, :],
+                    mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+        g = k0 // GROUP_SIZE
+        s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
+        z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+        return q, s, z
+
+    @triton.jit
+    def _tc_step(acc, q, s, z, x_ptr, k0, zshift, offs_m, mask_m, stride_xm, BLOCK_N: tl.constexpr,
+                 WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr):
+        """``acc`` [BLOCK_N, BLOCK_M] plus one tensor-core step from its weight loads (``_tc_words``); ``zshift``
+        = each column's bit offset in its zeros word."""
+        d0, d1, d2, d3, d4, d5, d6, d7 = _unpack_words(q, (((z >> zshift) & 0xF) + 1)[:, None], BF16, MAGIC, PTX)
+        # e[n, c, j2, j1, j0] = nibble 4 j2 + 2 j1 + j0 of word c = 4t + v; as [n, v, j1, j0, t, j2] its K index
+        # is 32v + 16j1 + 8j0 + 2t + j2, the input row w4_layout stores there
+        e = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+        w = tl.reshape(tl.permute(tl.reshape(e, (BLOCK_N, 4, 4, 2, 2, 2)), (0, 2, 4, 5, 1, 3)), (BLOCK_N, STEP))
+        w = _rows_to_mma(w, BLOCK_N, WARPS, STEP)
+        xk = k0 + tl.arange(0, STEP)  # K and the split are whole steps: no K mask
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=mask_m[None, :], other=0.0)
+        if PTX:
+            return acc + tl.dot(w, xt) * s
+        else:  # the interpreter: fp32 operands (w is fp32 there)
+            return acc + tl.dot(w, xt.to(tl.float32)) * s
+
+    @triton.jit
     def _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
                   stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
                   GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
                   NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
-                  PTX: tl.constexpr):
+                  PTX: tl.constexpr, PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0):
         """One program of the tensor-core step: rows ``pid_m`` (of ``m_tiles``), columns ``pid_n``, K range
-        ``pid_k`` (module docstring)."""
+        ``pid_k`` (module docstring). With ``PRELOAD`` the first step is peeled and its weight loads go out before
+        ``pdl_enter(PDL)`` (as ``_m1_tcl_tile``'s); without it the caller has waited already."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_na = _rows_to_mma(offs_n[:, None], BLOCK_N, WARPS, 1)  # [BLOCK_N, 1]: the column of each MMA row
-        offs_c = tl.arange(0, 16)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         k_lo = pid_k * k_per_split
         if PTX:  # a hint for the compiler's vectorization (the interpreter has no use for it)
             k_lo = tl.multiple_of(k_lo, STEP)
-        k_hi = tl.minimum(k_lo + k_per_split, K)
+        k_hi = tl.minimum(k_lo + k_per_split, K)  # > k_lo: tc_split leaves no split empty
         zshift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, STEP, num_stages=NUM_STAGES):
-            step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
-            q = tl.load(qw_ptr + (step * N + offs_n)[:, None] * 16 + offs_c[None, :],
-                        mask=mask_n[:, None], other=0, eviction_policy="evict_first")  # [BLOCK_N, 16] words
-            g = k0 // GROUP_SIZE
-            s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
-            z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
-            d0, d1, d2, d3, d4, d5, d6, d7 = _unpack_words(q, (((z >> zshift) & 0xF) + 1)[:, None], BF16, MAGIC, PTX)
-            # e[n, c, j2, j1, j0] = nibble 4 j2 + 2 j1 + j0 of word c = 4t + v; as [n, v, j1, j0, t, j2] its K index
-            # is 32v + 16j1 + 8j0 + 2t + j2, the input row w4_layout stores there
-            e = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
-            w = tl.reshape(tl.permute(tl.reshape(e, (BLOCK_N, 4, 4, 2, 2, 2)), (0, 2, 4, 5, 1, 3)), (BLOCK_N, STEP))
-            w = _rows_to_mma(w, BLOCK_N, WARPS, STEP)
-            xk = k0 + tl.arange(0, STEP)  # K and the split are whole steps: no K mask
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=mask_m[None, :], other=0.0)
-            if PTX:
-                acc += tl.dot(w, xt) * s
-            else:  # the interpreter: fp32 operands (w is fp32 there)
-                acc += tl.dot(w, xt.to(tl.float32)) * s
+        k_first = k_lo
+        if PRELOAD:
+            q, s, z = _tc_words(qw_ptr, qz_ptr, sc_ptr, k_lo, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
+                                GROUP_SIZE)
+            pdl_enter(PDL)
+            acc = _tc_step(acc, q, s, z, x_ptr, k_lo, zshift, offs_m, mask_m, stride_xm, BLOCK_N, WARPS, BF16, MAGIC,
+                           PTX)
+            k_first = k_lo + 128
+        for k0 in tl.range(k_first, k_hi, STEP, num_stages=NUM_STAGES):
+            q, s, z = _tc_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
+                                GROUP_SIZE)
+            acc = _tc_step(acc, q, s, z, x_ptr, k0, zshift, offs_m, mask_m, stride_xm, BLOCK_N, WARPS, BF16, MAGIC,
+                           PTX)
         acc = tl.trans(_rows_from_mma(acc, BLOCK_N, WARPS, BLOCK_M))
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n * m_tiles + pid_m,
                   n_split, MODE)
@@ -280,45 +314,47 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
         SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
-        PDL: tl.constexpr = 0,
+        PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0,
     ):
         """``_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of
-        the same x (as ``_w4_tcl_group_kernel``'s)."""
-        pdl_enter(PDL)
+        the same x (as ``_w4_tcl_group_kernel``'s). A program waits first (``pdl_enter``), or with ``PRELOAD``
+        where its branch reads what the kernel before wrote: after the first weight loads, or first in a shrink."""
+        pdl_enter(0 if PRELOAD else PDL)
         # row tiles vary fastest in launch order: the programs that unpack one weight tile run together
         pid_m, pid_n, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
             shrinking = pid_n >= nt_all
         if shrinking:
+            pdl_enter(PDL if PRELOAD else 0)
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid_n - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
                         R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
                         ROUNDS)
         else:
             _tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, k_per_split, n_split,
                       stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, mt, GROUP_SIZE, BLOCK_M,
-                      BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+                      BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX, PRELOAD, PDL)
 
     @triton.jit
     def _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt,
                      qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
                      lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr,
-                     MAGIC: tl.constexpr, PTX: tl.constexpr):
+                     MAGIC: tl.constexpr, PTX: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr):
         """Column tile ``pid`` of a grouped launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else
         weight 2 (contiguous tensors: row strides are the widths)."""
         if pid < nt0:
             _tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0 // 8, n0,
                       n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC,
-                      PTX)
+                      PTX, PRELOAD, PDL)
         elif pid < nt0 + nt1:
             _tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1 // 8, n1,
                       n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16,
-                      MAGIC, PTX)
+                      MAGIC, PTX, PRELOAD, PDL)
         else:
             _tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2 // 8, n2,
                       n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS,
-                      BF16, MAGIC, PTX)
+                      BF16, MAGIC, PTX, PRELOAD, PDL)
 
     @triton.jit
     def _w4_tcl_group_kernel(
@@ -328,24 +364,26 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
         SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
-        PDL: tl.constexpr = 0,
+        PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0,
     ):
         """``_w4_tcl_kernel`` for 2-3 weights of one x (``_tcl_members``); with ``SHRINK`` the column tiles from
         ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
-        and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
-        pdl_enter(PDL)
+        and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``). Waits
+        as ``_w4_tcl_kernel``'s programs."""
+        pdl_enter(0 if PRELOAD else PDL)
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
             shrinking = pid >= nt_all
         if shrinking:
+            pdl_enter(PDL if PRELOAD else 0)
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, ((pid - nt_all) * n_split + pid_k) * mt + pid_m, M, K,
                         R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
                         ROUNDS)
         else:
             _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0, sc0,
                          out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
-                         GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX)
+                         GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX, PRELOAD, PDL)
 
     @triton.jit
     def _w4_tcl_m1_kernel(
@@ -560,7 +598,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         x.stride(0), packed.qzeros.stride(0), packed.scales.stride(0), out.stride(0), n_tiles, *sargs,
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-        num_warps=cfg.num_warps, **skw, **pdl_options(x))
+        num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw, **pdl_options(x))
     if partials is not None:
         shrink.partials = partials
     return out
@@ -606,7 +644,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
             *sargs, GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
-            num_warps=cfg.num_warps, **skw, **pdl_options(x))
+            num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw, **pdl_options(x))
     if partials is not None:
         shrink.partials = partials
     return outs

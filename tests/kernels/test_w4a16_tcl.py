@@ -123,6 +123,7 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
     assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
     assert tcl.tcl_config(192, 11008) == tcl.TclConfig(64, 128, 4, 3, 2)  # three row tiles in one wave
+    assert 5 <= tcl.TC_PRELOAD_MAX_M < 17  # the M = 5 and 17 cases below run the peeled and the plain loop
     assert [tcl.tcl_config(128, 4096, k).programs_per_sm for k in (4096, 11008)] == [1, 2]  # long K splits more
 
 
@@ -132,7 +133,8 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
 def test_kernels_match_reference_on_any_device(m: int, dtype: torch.dtype, act_order: bool) -> None:
     """Small shapes, every split and relabel path (under the interpreter on CPU: ``PTX`` off, the same layout
     math): 2 steps of K, N not a multiple of the tile, 4- and 8-warp relabels, split-K and none (the last config:
-    one program runs both steps, so the M = 1 GEMV's peeled first step and its loop both run)."""
+    one program runs both steps, so the peeled first step of the M = 1 GEMV and of the tensor-core step up to
+    ``TC_PRELOAD_MAX_M`` rows, M = 5 here, and the loop after it both run)."""
     tensors, _, tc = _tc_case(256, 200, 128, act_order, seed=m)
     x = torch.randn(m, 256, device=DEVICE).to(dtype)
     _check(tcl.w4a16_tcl(x, tc), x, tensors, tc)
