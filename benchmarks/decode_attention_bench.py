@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.kernels import paged_attention_triton as pk  # noqa: E402
 from inlaid.kernels import rotary_kv  # noqa: E402
 
@@ -163,9 +164,7 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "command": "python " + " ".join(sys.argv), "seconds": time.time() - t0, "kv_heads": args.kv_heads,
            "bound": args.bound, "rows": rows, "sweep": sweep}
-    Path(args.out + ".json").write_text(json.dumps(res, indent=1))
-    Path(args.out + ".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown(res))
     return 0
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_baseline import MODELS  # noqa: E402
 from e2e_decode import build_engine, make_w4  # noqa: E402
 
+from inlaid.bench.pages import write_results
 from inlaid.sampling import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # first match wins
@@ -116,8 +117,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     res = {"device": torch.cuda.get_device_name(), "seconds": time.time() - t0, "rows": rows,
            "command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:])}
-    Path(args.out + ".json").write_text(json.dumps(res, indent=1))
-    Path(args.out + ".md").write_text(to_markdown(res))
+    write_results(args.out, res, to_markdown(res), echo=False)
     return 0
 
 

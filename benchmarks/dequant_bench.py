@@ -14,7 +14,6 @@ checked bit-exact against the torch path first (``gptq_dequant.dequantize_gptq``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels.w4_dequant import dequantize_w4  # noqa: E402
 
@@ -74,11 +74,7 @@ def main() -> int:
              "| shape (KxN) | dequantize us | TB/s | copy us | copy TB/s | x copy |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['dequant_us']:.2f} | {r['dequant_TBps']:.2f} | {r['copy_us']:.2f} | "
               f"{r['copy_TBps']:.2f} | {r['x_copy']:.2f} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    print(md)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"device": dev, "rows": rows}, indent=1))
-    Path(args.out + ".md").write_text(md)
+    write_results(args.out, {"device": dev, "rows": rows}, "\n".join(lines) + "\n")
     return 0
 
 

@@ -38,6 +38,7 @@ from decode_baseline import MODELS, decode_tps, hf_model, run_hf, run_inlaid  # 
 from decode_baseline import build_engine as baseline_engine  # noqa: E402
 
 from inlaid.bench.hardware import peak_bandwidth_tbps  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.engine.llm_engine import LLMEngine  # noqa: E402
 from inlaid.model.layers import ParallelLinear  # noqa: E402
 from inlaid.quant.linear import GPTQLinearMethod, replace_linears  # noqa: E402
@@ -244,12 +245,8 @@ def main() -> int:
            "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "hf_new_tokens": args.hf_new_tokens, "rows": [r for r in rows if r], "skipped": skipped,
            "elapsed_s": time.monotonic() - t0}
-    md = to_markdown(res)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(md)
+    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
+    write_results(out, res, to_markdown(res))
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from inlaid.bench.pages import write_results
 
 LAYERS = 32  # Llama-2-7B: per-layer savings x 32 = per decode step
 
@@ -153,9 +154,6 @@ def exact_word(c: dict) -> str:
 
 
 def write(args: argparse.Namespace, rows: list[dict], meta: dict) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     unit = "GPU us per call (CUDA-graph replay)" if args.device == "cuda" else "CPU wall us (Triton INTERPRETER: not a speed)"
     lines = [f"# Fused per-layer ops vs torch references ({meta['device']})", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}. Times: {unit}, fp16.", "",
@@ -173,8 +171,9 @@ def write(args: argparse.Namespace, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {t} | {f:.1f} | {rf:.1f} | {(rf - f) * LAYERS:.0f} |")
     lines += ["", "Exactness vs the torch reference (ulp = units in the last place of the dtype):", ""]
     lines += [f"- {r['op']} T={r['T']} {r['dtype']}: {exact_word(r['check'])}" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
+    json_path, md_path = write_results(out, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", echo=False)
+    print(f"wrote {md_path} and {json_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 
 DEV, GS, L2_BYTES = "cuda", 128, 60 << 20
@@ -78,8 +79,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['m']} | {r['cublas_fp16_us']:.2f} | {r['separate_us']:.2f} | "
               f"{r['grouped_us']:.2f} | {r['speedup']:.2f}x | {r['grouped_TBps']:.2f} |" for r in rows[1:]]
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=0))
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, rows, "\n".join(lines) + "\n", indent=0, echo=False)
     return 0
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
 from inlaid.kernels import w4a16_gemv as wg  # noqa: E402
 from inlaid.kernels.w4a16_configs import gemv_config  # noqa: E402
@@ -145,9 +146,7 @@ def cli() -> int:
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     args = ap.parse_args()
     seconds = main()
-    Path(args.out + ".json").write_text(json.dumps(RESULTS, indent=0))
-    Path(args.out + ".md").write_text(to_markdown(seconds))
-    print(to_markdown(seconds))
+    write_results(args.out, RESULTS, to_markdown(seconds), indent=0)
     return 0
 
 

@@ -24,7 +24,6 @@ an H100 (``--budget-s`` caps the config sweep).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.hardware import peak_bandwidth_tbps  # noqa: E402
+from inlaid.bench.pages import write_results
 
 from inlaid.kernels import gptq_dequant, lora_sgmv, paged_attention  # noqa: E402
 from inlaid.kernels import lora_sgmv_triton as lk  # noqa: E402
@@ -370,13 +370,9 @@ def main() -> int:
     res["attention"] = [r for r in (safe(f"attn b={b} ctx={c}", errors, time_attention_point, b, c)
                                     for b, c in ATTN_POINTS) if r]
     res["elapsed_s"] = time.monotonic() - t0
-    md = to_markdown(res)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(md)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {res['elapsed_s']:.0f}s")
+    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
+    json_path, md_path = write_results(out, res, to_markdown(res), indent=2)
+    print(f"wrote {json_path} and {md_path} in {res['elapsed_s']:.0f}s")
     return 1 if errors else 0
 
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from inlaid.bench.pages import write_results
 from inlaid.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from inlaid.engine.llm_engine import LLMEngine  # noqa: E402
 from inlaid.sampling import SamplingParams  # noqa: E402
@@ -98,8 +99,7 @@ def main() -> int:
              "|---" * len(rows[0]) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=0))
+    write_results(args.out, rows, "\n".join(lines) + "\n", indent=0, echo=False)
     return 0
 
 

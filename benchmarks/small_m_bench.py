@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":  # must precede the first `import triton`
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from inlaid.bench.pages import write_results
+
     b = Bench(args)
     if args.device == "cuda" and not b.torch.cuda.is_available():
         raise SystemExit("--device cuda needs a GPU (use --device cpu --quick here)")
@@ -237,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         run_quick(b) if args.quick else run_cuda(b)
     finally:
         seconds = time.time() - b.t0
-        Path(args.out + ".json").write_text(json.dumps({**env, "seconds": seconds, "rows": b.rows}, indent=0))
-        Path(args.out + ".md").write_text(to_markdown(b, env, seconds))
+        write_results(args.out, {**env, "seconds": seconds, "rows": b.rows}, to_markdown(b, env, seconds), indent=0,
+                      echo=False)
     bad = [r for r in b.rows if r["event"] in ("wrong", "fail")]
     print(f"done in {seconds:.0f} s; {len(bad)} wrong/failed", flush=True)
     return 1 if args.quick and bad else 0

@@ -28,6 +28,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.bench.w4_inputs import random_w4, scratch_clean  # noqa: E402
 from inlaid.kernels import gptq_dequant  # noqa: E402
 from inlaid.kernels import w4a16_gemm as wk  # noqa: E402
@@ -176,8 +177,7 @@ def main() -> int:
         for path in args.merge:  # the first run's env row heads the page
             ROWS.extend(r for r in json.loads(Path(path).read_text()) if r.get("event") != "env" or not ROWS)
         secs = sum(r.get("seconds", 0.0) for r in ROWS if r.get("event") == "end")
-        Path(args.out + ".json").write_text(json.dumps(ROWS, indent=0))
-        Path(args.out + ".md").write_text(to_markdown(secs, ms, configs, command, shapes))
+        write_results(args.out, ROWS, to_markdown(secs, ms, configs, command, shapes), indent=0, echo=False)
         return 0
     t0 = time.time()
     try:

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inlaid.bench.graph_timing import graph_time_us  # noqa: E402
 from inlaid.bench.hardware import peak_bandwidth_tbps  # noqa: E402
+from inlaid.bench.pages import write_results
 from inlaid.bench.w4_inputs import random_w4  # noqa: E402
 from inlaid.kernels import lora_sgmv_triton as lt  # noqa: E402
 from inlaid.kernels import w4_layout  # noqa: E402
@@ -87,9 +88,7 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "command": "python " + " ".join(sys.argv), "seconds": time.time() - t0, "dtype": args.dtype,
            "weight_bytes": w_bytes, "copy_tbps": copy_tbps, "silu_mul_alone_us": round(silu_us, 2), "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(res, indent=1))
-    Path(args.out + ".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args.out, res, markdown(res))
     return 0
 
 
