@@ -4,8 +4,8 @@ Owns ``HAS_TRITON``, ``triton``/``tl`` (None without Triton), ``kernels_interpre
 the programmatic-dependent-launch switch (``pdl_options`` / ``pdl_enter`` / ``decode_batch``). Invariant:
 ``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``);
 ``_probe`` below is decorated when this module is imported, so ``kernels_interpreted()`` tells how every kernel
-module imported after it was built. The tests reload this module and then the kernel module when the interpreter was switched
-on late (tests/kernels/triton_setup.py).
+module imported after it was built. The tests reload this module and then the kernel module when the interpreter
+was switched on late (tests/kernels/triton_setup.py).
 """
 
 from __future__ import annotations
