@@ -245,8 +245,7 @@ def main() -> int:
            "peak_tbps": args.peak_tbps, "overlap": args.overlap, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "hf_new_tokens": args.hf_new_tokens, "rows": [r for r in rows if r], "skipped": skipped,
            "elapsed_s": time.monotonic() - t0}
-    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
-    write_results(out, res, to_markdown(res))
+    write_results(args.out, res, to_markdown(res))
     return 0
 
 

@@ -171,8 +171,7 @@ def write(args: argparse.Namespace, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {t} | {f:.1f} | {rf:.1f} | {(rf - f) * LAYERS:.0f} |")
     lines += ["", "Exactness vs the torch reference (ulp = units in the last place of the dtype):", ""]
     lines += [f"- {r['op']} T={r['T']} {r['dtype']}: {exact_word(r['check'])}" for r in rows]
-    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
-    json_path, md_path = write_results(out, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", echo=False)
+    json_path, md_path = write_results(args.out, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", echo=False)
     print(f"wrote {md_path} and {json_path}")
 
 

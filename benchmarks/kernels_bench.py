@@ -370,8 +370,7 @@ def main() -> int:
     res["attention"] = [r for r in (safe(f"attn b={b} ctx={c}", errors, time_attention_point, b, c)
                                     for b, c in ATTN_POINTS) if r]
     res["elapsed_s"] = time.monotonic() - t0
-    out = Path(args.out).with_suffix("")  # a dotted --out loses its suffix, as before
-    json_path, md_path = write_results(out, res, to_markdown(res), indent=2)
+    json_path, md_path = write_results(args.out, res, to_markdown(res), indent=2)
     print(f"wrote {json_path} and {md_path} in {res['elapsed_s']:.0f}s")
     return 1 if errors else 0
 

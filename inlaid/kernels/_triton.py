@@ -90,9 +90,10 @@ _DECODE_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("inla
 
 
 @contextlib.contextmanager
-def decode_batch(size: int) -> Iterator[None]:
-    """Launches inside run a decode step of ``size`` sequences (the ``auto`` PDL mode picks by it). A context
-    variable, so a thread that launches other work (the re-quantization worker) keeps its own mode."""
+def decode_batch(size: int | None) -> Iterator[None]:
+    """Launches inside run a decode step of ``size`` sequences, or (None) no decode step: the ``auto`` PDL mode
+    picks by it. A context variable, so a thread that launches other work (the re-quantization worker) keeps its
+    own mode."""
     token = _DECODE_BATCH.set(size)
     try:
         yield

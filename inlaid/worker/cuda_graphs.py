@@ -172,24 +172,20 @@ class CudaGraphRunner:
             self.pool = None
         self._version = key[2]
         if key not in self.graphs:
-            if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: never capture beside it
-                self.eager_fallbacks += 1
-                with decode_batch(size):
+            with decode_batch(size):  # the launch options (PDL mode) baked into a graph follow its size only
+                if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: no capture now
+                    self.eager_fallbacks += 1
                     return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
-            try:
-                self.graphs[key] = self._capture(size)
-            finally:
-                self.capture_lock.release()
+                try:
+                    self.graphs[key] = self._capture(size)
+                finally:
+                    self.capture_lock.release()
         graph, out = self.graphs[key]
         self.buffers.fill(batch, size)
         graph.replay()
         return out[: batch.num_seqs]
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        with decode_batch(size):  # the kernels' launch options (PDL mode) are baked into the graph
-            return self._capture_now(size)
-
-    def _capture_now(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self.buffers.reset()
         static = self.buffers.view(size)
         stream = torch.cuda.Stream()

@@ -187,10 +187,8 @@ class ModelRunner:
             return self.graphs.run(batch)
         if host_slots is not None and not self.lora_pool.uses_device_path(batch):
             self.lora_pool.prepare(batch, host_slots)
-        if batch.is_decode_only:
-            with decode_batch(batch.num_seqs):
-                return self.model(batch, self.kv_caches)
-        return self.model(batch, self.kv_caches)
+        with decode_batch(batch.num_seqs if batch.is_decode_only else None):
+            return self.model(batch, self.kv_caches)
 
     def _sample(self, hidden: torch.Tensor, batch: ForwardBatch,
                 sampling: list[ScheduledSeq]) -> torch.Tensor | None:
