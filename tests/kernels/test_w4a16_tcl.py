@@ -194,6 +194,27 @@ def test_gpu_configs_and_splits(m: int) -> None:
         _check(tcl.w4a16_tcl(x, tc, config=cfg), x, tensors, tc)
 
 
+@pytest.mark.parametrize("widths", [(40,), (24, 40), (16, 24, 40)])
+def test_cast_launch_fills_every_output_and_zeroes_the_sums(widths: tuple[int, ...]) -> None:
+    """``_cast_zero``: member j's [M, n_j] sums follow the earlier members' in the buffer; output 0 may have a
+    wider row stride (a caller's ``out``); every element is written in the outputs' dtype, the sums end at 0."""
+    m, g = 3, torch.Generator().manual_seed(len(widths))
+    total = m * sum(widths)
+    ws = torch.randn(total + 7, generator=g).to(DEVICE)  # 7 past the launch's sums: never touched
+    tail = ws[total:].clone()
+    wide = torch.full((m, widths[0] + 5), float("nan"), device=DEVICE, dtype=torch.float16)
+    outs = [wide[:, : widths[0]]] + [torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16)
+                                     for n in widths[1:]]
+    want = ws[:total].clone()
+    tcl._cast_zero(ws, outs)
+    start = 0
+    for out, n in zip(outs, widths):
+        assert torch.equal(out, want[start:start + m * n].view(m, n).half())
+        start += m * n
+    assert torch.isnan(wide[:, widths[0]:]).all(), "the columns past output 0 are not its"
+    assert int(ws[:total].count_nonzero()) == 0 and torch.equal(ws[total:], tail)
+
+
 def test_group_config_says_where_one_launch_pays() -> None:
     assert tcl.tcl_group_config(1, 11008) is not None and tcl.tcl_group_config(8, 4096) is not None
     assert tcl.tcl_group_config(8, 11008) is None  # gate/up at a few rows: separate launches are faster

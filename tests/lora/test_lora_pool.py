@@ -92,7 +92,9 @@ def test_rank4_adapter_in_rank16_pool_gives_same_deltas(peft_adapters, tiny_shap
         x = torch.randn(6, d_in, generator=torch.Generator().manual_seed(7))
         a = small.apply(1, module, x, torch.zeros(6, d_out), make_batch([0] * 6))
         b = big.apply(1, module, x, torch.zeros(6, d_out), make_batch([2] * 6))
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)  # only fp32 summation order may differ
+        # only the fp32 summation order may differ (the BLAS kernel picked for rank 4 or 16): a few ulps of the
+        # dot products over d_in, ~5e-6 on this CPU's torch 2.13 build
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b, peft_delta(peft_adapters["r4_rslora_all"][1], 1, module, x), atol=1e-5, rtol=1e-5)
 
 
