@@ -51,8 +51,9 @@ Design (bandwidth-bound: every packed word is read from DRAM exactly once):
   [SPLIT_K, M, N] + a second tiny kernel), "fixup" (one launch: the last
   program of a tile, found with a per-tile semaphore, sums, casts and stores,
   then resets the semaphore so the zeroed buffer stays reusable and the call
-  is CUDA-graph safe), "atomic" (fp32 ``atomic_add`` into a zeroed [M, N]
-  workspace, then a cast kernel) or "atomic_last" (one launch: atomic adds
+  is CUDA-graph safe), "atomic" (fp32 ``atomic_add`` into the same zeroed
+  sums as "atomic_last", then ``cast_sums``: one more launch casts them into
+  ``out`` and re-zeroes them) or "atomic_last" (one launch: atomic adds
   into the caller's zeroed fp32 row ``PackedW4.acc``; the tile's last
   program, found with the fixup's semaphore, casts the sum into ``out`` and
   re-zeroes the row: no memset and no cast kernel per call).
@@ -65,7 +66,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._triton import HAS_TRITON, dot_f32, kernels_interpreted, tl, triton, triton_usable
+from ._triton import (
+    HAS_TRITON,
+    dot_f32,
+    kernels_interpreted,
+    pdl_options,
+    tl,
+    triton,
+    triton_usable,
+)
 from .w4_layout import PackedW4, check_w4, kernel_group_size
 
 __all__ = [
@@ -147,6 +156,7 @@ def default_gemv_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfi
 
 
 if HAS_TRITON:
+    from ._triton import pdl_enter
 
     @triton.jit
     def _scale_zero(qz_ptr, sc_ptr, k0, rows, mask_w, offs_n, mask_n, stride_zg, stride_sg,
@@ -477,6 +487,27 @@ if HAS_TRITON:
                 tl.atomic_xchg(lock_ptr + tile, 0)
 
     @triton.jit
+    def _cast_sums_kernel(ws_ptr, out0, out1, out2, M, n0, n1, n2, stride_o0, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = 0):
+        """The "atomic" mode's fp32 sums into 1-3 outputs, then the sums back to zero: ``ws`` holds output j's
+        [M, n_j] sums after those of the outputs before it; output 0 has row stride ``stride_o0``, the others
+        (a group's own buffers) their width."""
+        pdl_enter(PDL)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c1 = M * n0
+        c2 = c1 + M * n1
+        mask = offs < c2 + M * n2
+        v = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+        tl.store(out0 + (offs // n0) * stride_o0 + offs % n0, v.to(out0.dtype.element_ty), mask=offs < c1)
+        if n1 > 0:
+            u1 = offs - c1
+            tl.store(out1 + u1, v.to(out1.dtype.element_ty), mask=(offs >= c1) & (offs < c2))
+        if n2 > 0:
+            u2 = offs - c2
+            tl.store(out2 + u2, v.to(out2.dtype.element_ty), mask=(offs >= c2) & mask)
+        tl.store(ws_ptr + offs, tl.zeros_like(v), mask=mask)
+
+    @triton.jit
     def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, n_split, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
@@ -539,8 +570,8 @@ def w4a16_gemv(
 
     ``perm``: act-order permutation of ``prepare_w4`` (or None). ``out`` (optional, [M, N] x.dtype, rows
     contiguous) is fully overwritten and returned. ``locks`` (zeroed int32, >= tiles entries) serves the
-    "fixup" and "atomic_last" modes, ``acc`` (zeroed fp32, >= M * N entries) the "atomic_last" mode; both are
-    left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); without them zeroed buffers are allocated per call.
+    "fixup" and "atomic_last" modes, ``acc`` (zeroed fp32, >= M * N entries) the two atomic modes; both are
+    left zeroed (``PackedW4.locks`` / ``PackedW4.acc``); without them the stream's shared ones serve.
     ``half2``: the M = 1 kernel's tile, half2 or fp32 (default ``half2_path(x)``; True only where that holds).
     """
     if half2 and not half2_path(x):
@@ -669,33 +700,43 @@ def splitk_scratch(device: torch.device, sums: int, n_locks: int) -> tuple[torch
 
 def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor | None, n_locks: int,
                    acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for atomic
-    adds (the caller's zeroed ``acc`` for "atomic_last" when it is fp32 with >= m * n entries, else the shared
-    ``splitk_scratch``), fp32 partials [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks
+    """(workspace, locks) of a split-K launch in ``mode`` (the kernels' MODE ids): fp32 zeros [m, n] for the atomic
+    modes (the caller's zeroed ``acc`` when it is fp32 with >= m * n entries, else the shared ``splitk_scratch``;
+    both modes leave them zeroed), fp32 partials [split, m, n] for the reduce, ``out`` itself otherwise; zeroed locks
     (>= ``n_locks``) for the fixup and "atomic_last": the caller's, or the shared scratch's when they are missing
     or too short."""
     (m, n), dev = out.shape, out.device
-    own_acc = mode == 4 and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n
+    own_acc = mode in (3, 4) and acc is not None and acc.dtype == torch.float32 and acc.numel() >= m * n
     short = mode in (2, 4) and (locks is None or locks.numel() < n_locks)
-    need_sums = mode == 4 and not own_acc
+    need_sums = mode in (3, 4) and not own_acc
     shared_sums, shared_locks = None, None
     if need_sums or short:  # one lookup of the stream's scratch for both
         shared_sums, shared_locks = splitk_scratch(dev, m * n if need_sums else 0, n_locks if short else 0)
-    if mode == 4:
+    if mode in (3, 4):
         ws = acc if own_acc else shared_sums
-    elif mode == 3:
-        ws = torch.zeros(m, n, device=dev, dtype=torch.float32)
     else:
         ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
     return ws, shared_locks if short else locks
 
 
 def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) -> None:
-    """Sum the reduce mode's partials (or cast the atomic mode's fp32 sum) into ``out``; nothing otherwise."""
-    if mode in (1, 3):
+    """Sum the reduce mode's partials into ``out``, or cast the atomic mode's sums (``cast_sums``); nothing
+    otherwise."""
+    if mode == 1:
         m, n = out.shape
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0),
-                                                            split if mode == 1 else 1, BLOCK=1024)
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0), split, BLOCK=1024)
+    elif mode == 3:
+        cast_sums(ws, [out])
+
+
+def cast_sums(ws: torch.Tensor, outs: Sequence[torch.Tensor], block: int = 512) -> None:
+    """The "atomic" mode's finish: ``ws``'s fp32 sums into 1-3 [M, n_j] outputs (output j's after those of the
+    outputs before it; all but the first contiguous), then ``ws`` back to zero; one launch."""
+    m = outs[0].shape[0]
+    widths = [o.shape[1] for o in outs] + [0] * (3 - len(outs))
+    ptrs = list(outs) + [outs[0]] * (3 - len(outs))
+    _cast_sums_kernel[(triton.cdiv(m * sum(widths), block),)](
+        ws, *ptrs, m, *widths, outs[0].stride(0), BLOCK=block, num_warps=4, **pdl_options(outs[0]))
 
 
 def _launch_general(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

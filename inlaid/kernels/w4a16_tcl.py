@@ -30,8 +30,8 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   (k, k + 1).
 
 Split-K up to ``CAST_MAX_M`` rows: the programs add their fp32 partial sums atomically into zeroed sums
-(``w4a16_gemv`` MODE 3, "atomic": no semaphore) and a second launch, ``_cast_zero_kernel``, casts them into the
-outputs (all 2-3 of a group in one launch) and re-zeroes them. Above, "atomic_last" (MODE 4: each tile's last
+(``w4a16_gemv`` MODE 3, "atomic": no semaphore) and a second launch, ``w4a16_gemv.cast_sums``, casts them into
+the outputs (all 2-3 of a group in one launch) and re-zeroes them. Above, "atomic_last" (MODE 4: each tile's last
 program casts, stores and re-zeroes). Both: no host sync, fixed shapes, CUDA-graph safe; the sums are
 ``packed.acc`` or the stream's shared ``splitk_scratch``.
 
@@ -60,7 +60,9 @@ from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import (
     _MODE_ID,
     _pow2,
+    cast_sums,
     check_out,
+    finish_splitk,
     group_args,
     share_input,
     splitk_buffers,
@@ -85,12 +87,12 @@ batch 1, 130.6 -> 118.2 at batch 32; rank 64, rounds, same call as the 64-row ca
 
 CAST_MAX_M = 32
 """Most rows whose split launches only add their partial sums (MODE "atomic") and leave the cast and the
-re-zeroing to a second launch (``_cast_zero_kernel``); above, each output tile's last program does it
+re-zeroing to a second launch (``w4a16_gemv.cast_sums``); above, each output tile's last program does it
 ("atomic_last": a GPU-scope fence, a semaphore round trip and a reload in the tail of every tile). H100, 7B W4
 end to end, graphed, against the tree before (``python benchmarks/ab_table.py benchmarks/results/e2e_cast_
-_h100`` for M = 1 alone, ``e2e_castall_`` for every M): batch 1 +3.9-4.8%, with 32 adapters +12.1%; batch 2 / 4 / 8 +12% / +9% / +8%;
-batch 16 +3%; batch 32 with 32 adapters +1.9% over five runs a side (-1% and +4% in two calls). Larger M was
-not measured end to end, so it keeps the one-launch tail."""
+_h100`` for M = 1 alone, ``e2e_castall_`` for every M): batch 1 +3.9-4.8%, with 32 adapters +12.1%; batch
+2 / 4 / 8 +12% / +9% / +8%; batch 16 +3%; batch 32 with 32 adapters +1.9% over five runs a side (-1% and +4%
+in two calls). Larger M was not measured end to end, so it keeps the one-launch tail."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -464,29 +466,6 @@ if HAS_TRITON:
                         MODE, NUM_STAGES, PTX, PDL)
 
 
-    @triton.jit
-    def _cast_zero_kernel(ws_ptr, out0, out1, out2, M, n0, n1, n2, stride_o0, BLOCK: tl.constexpr,
-                          PDL: tl.constexpr = 0):
-        """A split launch's fp32 sums into its 1-3 outputs, then the sums back to zero: ``ws`` holds weight j's
-        [M, n_j] sums after those of the weights before it (``splitk_scratch`` slices, or ``packed.acc``);
-        output 0 has row stride ``stride_o0``, the others (the group's own buffers) their width."""
-        pdl_enter(PDL)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        c1 = M * n0
-        c2 = c1 + M * n1
-        mask = offs < c2 + M * n2
-        v = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        u0 = offs
-        tl.store(out0 + (u0 // n0) * stride_o0 + u0 % n0, v.to(out0.dtype.element_ty), mask=offs < c1)
-        if n1 > 0:
-            u1 = offs - c1
-            tl.store(out1 + u1, v.to(out1.dtype.element_ty), mask=(offs >= c1) & (offs < c2))
-        if n2 > 0:
-            u2 = offs - c2
-            tl.store(out2 + u2, v.to(out2.dtype.element_ty), mask=(offs >= c2) & mask)
-        tl.store(ws_ptr + offs, tl.zeros_like(v), mask=mask)
-
-
 @dataclass(frozen=True)
 class TclConfig:
     """Launch configuration of ``w4a16_tcl`` (``tcl_config`` / ``tcl_m1_config`` give the measured defaults)."""
@@ -586,19 +565,10 @@ def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, spl
 
 def _split_mode(split: int, m: int) -> int:
     """The kernels' MODE for ``split`` K splits of M rows: 0 (one split: plain stores), "atomic" (adds only;
-    ``_cast_zero`` after the launch) up to ``CAST_MAX_M`` rows, "atomic_last" above."""
+    ``cast_sums`` after the launch) up to ``CAST_MAX_M`` rows, "atomic_last" above."""
     if split == 1:
         return 0
     return _MODE_ID["atomic"] if m <= CAST_MAX_M else _MODE_ID["atomic_last"]
-
-
-def _cast_zero(ws: torch.Tensor, outs: Sequence[torch.Tensor], block: int = 512) -> None:
-    """``_cast_zero_kernel`` from ``ws`` into ``outs`` (1-3 [M, n_j] tensors; all but the first contiguous)."""
-    m = outs[0].shape[0]
-    widths = [o.shape[1] for o in outs] + [0] * (3 - len(outs))
-    ptrs = list(outs) + [outs[0]] * (3 - len(outs))
-    _cast_zero_kernel[(triton.cdiv(m * sum(widths), block),)](
-        ws, *ptrs, m, *widths, outs[0].stride(0), BLOCK=block, num_warps=4, **pdl_options(outs[0]))
 
 
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
@@ -627,8 +597,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         n_tiles = triton.cdiv(n, cfg.block_n)
         split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm)
         mode = _split_mode(split, 1)
-        # both atomic modes add into zeroed sums that outlive the call (packed.acc or the stream's scratch)
-        ws, locks = splitk_buffers(out, split, mode and _MODE_ID["atomic_last"], packed.locks, n_tiles, packed.acc)
+        ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
         partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, 1)
         h = None if swiglu is None else swiglu.out
         _w4_tcl_m1_kernel[(n_tiles + extra, split)](
@@ -638,8 +607,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None,
             **skw, **pdl_options(x))
-        if mode == _MODE_ID["atomic"]:
-            _cast_zero(ws, [out])
+        finish_splitk(ws, out, split, mode)
         if partials is not None:
             shrink.partials = partials
         return out
@@ -647,8 +615,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
     mode = _split_mode(split, m)
-    ws, locks = splitk_buffers(out, split, mode and _MODE_ID["atomic_last"], packed.locks, m_tiles * n_tiles,
-                               packed.acc)  # as at M = 1
+    ws, locks = splitk_buffers(out, split, mode, packed.locks, m_tiles * n_tiles, packed.acc)
     partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, m_tiles)
     _w4_tcl_kernel[(m_tiles, n_tiles + extra, split)](
         x, packed.qweight, packed.qzeros, packed.scales, out, ws, locks if mode else ws, m, n, k, k_per, split,
@@ -656,8 +623,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
         num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw, **pdl_options(x))
-    if mode == _MODE_ID["atomic"]:
-        _cast_zero(ws, [out])
+    finish_splitk(ws, out, split, mode)
     if partials is not None:
         shrink.partials = partials
     return out
@@ -706,7 +672,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw,
             **pdl_options(x))
     if mode == _MODE_ID["atomic"]:
-        _cast_zero(sums, outs)
+        cast_sums(sums, outs)
     if partials is not None:
         shrink.partials = partials
     return outs

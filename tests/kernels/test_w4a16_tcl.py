@@ -196,8 +196,9 @@ def test_gpu_configs_and_splits(m: int) -> None:
 
 @pytest.mark.parametrize("widths", [(40,), (24, 40), (16, 24, 40)])
 def test_cast_launch_fills_every_output_and_zeroes_the_sums(widths: tuple[int, ...]) -> None:
-    """``_cast_zero``: member j's [M, n_j] sums follow the earlier members' in the buffer; output 0 may have a
-    wider row stride (a caller's ``out``); every element is written in the outputs' dtype, the sums end at 0."""
+    """``w4a16_gemv.cast_sums`` (the tensor-core launches' finish): output j's [M, n_j] sums follow the earlier
+    outputs' in the buffer; output 0 may have a wider row stride (a caller's ``out``); every element is written
+    in the outputs' dtype, the sums end at 0."""
     m, g = 3, torch.Generator().manual_seed(len(widths))
     total = m * sum(widths)
     ws = torch.randn(total + 7, generator=g).to(DEVICE)  # 7 past the launch's sums: never touched
@@ -206,7 +207,7 @@ def test_cast_launch_fills_every_output_and_zeroes_the_sums(widths: tuple[int, .
     outs = [wide[:, : widths[0]]] + [torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16)
                                      for n in widths[1:]]
     want = ws[:total].clone()
-    tcl._cast_zero(ws, outs)
+    gemv.cast_sums(ws, outs)
     start = 0
     for out, n in zip(outs, widths):
         assert torch.equal(out, want[start:start + m * n].view(m, n).half())
