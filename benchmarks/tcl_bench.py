@@ -41,7 +41,7 @@ DEV, GS, L2_BYTES = "cuda", 128, 60 << 20
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 M1_SWEEP = {f"m1_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(16, bn, w, st, p)
-            for bn, w, st, p in itertools.product((128, 256, 512), (4, 8), (1, 2, 3), (2, 4, 8)) if bn >= 16 * w}
+            for bn, w, st, p in itertools.product((128, 256, 512), (4, 8), (1, 2, 3), (2, 4, 8, 16)) if bn >= 16 * w}
 SWEEP = {f"tc_{bm}_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(bm, bn, w, st, p)
          for bm in (16, 32, 64, 128) for bn, w, st, p in (
              *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4)), *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),

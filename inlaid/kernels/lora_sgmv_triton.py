@@ -26,7 +26,9 @@ their shared A buffer) expands in one launch too (``lora_expand_group``: the out
 blocks of all members in one grid), so a layer costs 4 shrink and 4 expand launches
 instead of 4 and 7. A shrink can also run inside another launch that reads the same
 x (``LoRAShrink``, ``shrink_split``: the W4 kernels of ``w4a16_tcl``), which removes
-its launch.
+its launch. ``lora_expand`` also takes a base launch's uncast split-K sums
+(``w4a16_gemv.PendingSums``) as ``out``: it rounds them as the cast launch would,
+adds the deltas and zeroes the sums, which removes the cast launch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from .w4a16_gemv import PendingSums
 
 if HAS_TRITON:
     from ._triton import pdl_enter
@@ -95,8 +98,12 @@ if HAS_TRITON:
     @triton.jit
     def _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, pid_n, slot, D_OUT, R, NUM_SPLITS, r_off,
                       stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr):
-        """``out[t, block] += scaling[slot] * (Σ_splits partials[:, t, r_off:r_off + R]) @ B[slot, block]ᵀ``."""
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr, sums_ptr,
+                      SUMS: tl.constexpr):
+        """``out[t, block] += scaling[slot] * (Σ_splits partials[:, t, r_off:r_off + R]) @ B[slot, block]ᵀ``.
+
+        ``SUMS``: the base is a split-K launch's fp32 sums ``sums_ptr`` [T, D_OUT] (``PendingSums``): every row,
+        slot -1 too, stores ``round(sums)`` (plus its delta) into ``out`` and zeroes the sums."""
         n_eff = tl.where(slot >= 0, D_OUT, 0)  # slot -1: nothing loaded or stored, row untouched
         slot = tl.maximum(slot, 0)
         offs_r = tl.arange(0, BLOCK_R)
@@ -110,21 +117,31 @@ if HAS_TRITON:
                     mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0)
         delta = tl.sum(b.to(tl.float32) * y[None, :], axis=1)
         o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
-        o = tl.load(o_ptrs, mask=mask_n, other=0.0)
-        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask_n)
+        if SUMS:
+            mask_o = offs_n < D_OUT
+            s_ptrs = sums_ptr + t * D_OUT + offs_n
+            o = tl.load(s_ptrs, mask=mask_o, other=0.0).to(out_ptr.dtype.element_ty)  # cast_sums's rounding
+            tl.debug_barrier()  # every thread has read its sums before any zeroes them (another thread map)
+            tl.store(s_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_o)
+            tl.store(o_ptrs, tl.where(mask_n, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), o),
+                     mask=mask_o)
+        else:
+            o = tl.load(o_ptrs, mask=mask_n, other=0.0)
+            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _expand_kernel(
-        ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, T, D_OUT, R, NUM_SPLITS,
+        ws_ptr, b_ptr, slots_ptr, scal_ptr, out_ptr, sums_ptr, T, D_OUT, R, NUM_SPLITS,
         stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr = 0,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SP: tl.constexpr, SUMS: tl.constexpr = False,
+        PDL: tl.constexpr = 0,
     ):
         pdl_enter(PDL)
         t = tl.program_id(0)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         _expand_block(ws_ptr, b_ptr, scal_ptr, out_ptr, t, tl.program_id(1), slot, D_OUT, R, NUM_SPLITS, 0,
                       stride_wsp, stride_wt, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-                      BLOCK_R, BLOCK_N, BLOCK_SP)
+                      BLOCK_R, BLOCK_N, BLOCK_SP, sums_ptr, SUMS)
 
     @triton.jit
     def _expand_group_kernel(
@@ -141,13 +158,13 @@ if HAS_TRITON:
         slot = tl.load(slots_ptr + t).to(tl.int64)
         if pid < nb0:
             _expand_block(ws_ptr, b0, sc0, o0, t, pid, slot, n0, R, NUM_SPLITS, 0, stride_wsp, stride_wt, sb0, R, 1,
-                          so0, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+                          so0, 1, BLOCK_R, BLOCK_N, BLOCK_SP, o0, False)
         elif pid < nb0 + nb1:
             _expand_block(ws_ptr, b1, sc1, o1, t, pid - nb0, slot, n1, R, NUM_SPLITS, R, stride_wsp, stride_wt, sb1,
-                          R, 1, so1, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+                          R, 1, so1, 1, BLOCK_R, BLOCK_N, BLOCK_SP, o1, False)
         else:
             _expand_block(ws_ptr, b2, sc2, o2, t, pid - nb0 - nb1, slot, n2, R, NUM_SPLITS, 2 * R, stride_wsp,
-                          stride_wt, sb2, R, 1, so2, 1, BLOCK_R, BLOCK_N, BLOCK_SP)
+                          stride_wt, sb2, R, 1, so2, 1, BLOCK_R, BLOCK_N, BLOCK_SP, o2, False)
 
 
 SHRINK_CHUNK_R = 64
@@ -235,10 +252,18 @@ def lora_shrink(
 
 
 def lora_expand(
-    y: torch.Tensor, b_stack: torch.Tensor, scalings: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
-    block_n: int = 128, num_warps: int = 4,
+    y: torch.Tensor, b_stack: torch.Tensor, scalings: torch.Tensor, token_slots: torch.Tensor,
+    out: torch.Tensor | PendingSums, block_n: int = 128, num_warps: int = 4,
 ) -> torch.Tensor:
-    """``out[t] += scaling[s] * y[t] @ B[s]ᵀ`` in place (``y`` [T, R] or partials [P, T, R]); returns out."""
+    """``out[t] += scaling[s] * y[t] @ B[s]ᵀ`` in place (``y`` [T, R] or partials [P, T, R]); returns out.
+
+    ``out`` may be a base launch's ``PendingSums``: the launch then finishes them (rounds each sum as
+    ``cast_sums`` would, adds the delta, zeroes the sums) into a new tensor, which it returns."""
+    sums = None
+    if isinstance(out, PendingSums):
+        sums, out = out.sums, torch.empty(out.shape, device=out.device, dtype=out.dtype)
+        if not sums.is_contiguous():
+            raise ValueError("lora_expand: PendingSums must be contiguous")
     ws = y if y.dim() == 3 else y.unsqueeze(0)
     if ws.dtype != torch.float32 or ws.stride(2) != 1:
         ws = ws.float().contiguous()
@@ -252,11 +277,12 @@ def lora_expand(
     if t == 0:
         return out
     _expand_kernel[(t, triton.cdiv(d_out, block_n))](
-        ws, b_stack, token_slots, scalings, out, t, d_out, r, ws.shape[0],
+        ws, b_stack, token_slots, scalings, out, out if sums is None else sums, t, d_out, r, ws.shape[0],
         ws.stride(0), ws.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         out.stride(0), out.stride(1),
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
-        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])), num_warps=num_warps, **pdl_options(out),
+        BLOCK_SP=max(2, triton.next_power_of_2(ws.shape[0])), SUMS=sums is not None, num_warps=num_warps,
+        **pdl_options(out),
     )
     return out
 

@@ -20,6 +20,11 @@ in the last place of the output dtype, on the few elements whose fp32 value lies
 (tests/kernels/test_fused_layer_ops.py bounds both). On CUDA the kernel uses the same mean (sum times 1/N)
 and the same ``rsqrtf`` as torch's CUDA code, so only the summation order differs.
 
+``x`` may be a W4 projection's uncast split-K sums (``w4a16_gemv.PendingSums``: o_proj and down_proj of a
+decode step, whose result goes nowhere but this norm): with a residual the kernel reads the fp32 sums, rounds
+them as the cast launch would, and stores zero back, so the step has one launch fewer per projection and the
+same bits.
+
 Launches have no host sync and no data-dependent shape (CUDA-graph capturable). Imports nothing from inlaid
 outside ``inlaid.kernels``.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
+from .w4a16_gemv import PendingSums
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HIDDEN = 32768
@@ -52,7 +58,8 @@ if HAS_TRITON:
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, N, eps, inv_n,
         stride_x, stride_res, stride_out, stride_rout,
-        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr, PDL: tl.constexpr = 0,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr, X_SUMS: tl.constexpr = False,
+        PDL: tl.constexpr = 0,
     ):
         pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -61,6 +68,10 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+            if X_SUMS:  # x: a split-K launch's fp32 sums: cast_sums's rounding, then zero them for its next call
+                x = x.to(res.dtype)
+                tl.debug_barrier()  # every thread has read its sums before any zeroes them (another thread map)
+                tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
             x = round_to(x.to(tl.float32) + res.to(tl.float32), x.dtype, ON_CUDA)  # torch's add: fp32 op, one rounding
             tl.store(rout_ptr + row * stride_rout + offs, x, mask=mask)
         x32 = x.to(tl.float32)
@@ -93,9 +104,16 @@ def fused_ok(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
             and x.shape[-1] <= MAX_HIDDEN and (residual is None or residual.dtype == x.dtype))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``out`` or ``(out, x + residual)``: the Triton kernel where ``fused_ok``, the torch reference otherwise."""
+    """``out`` or ``(out, x + residual)``: the Triton kernel where ``fused_ok``, the torch reference otherwise.
+
+    ``x`` may be a split-K launch's ``PendingSums``: with a residual the kernel finishes them (reads, rounds to
+    their dtype as the cast would, zeroes), otherwise they are materialized first; the same bits either way."""
+    if isinstance(x, PendingSums):
+        if residual is not None and residual.dtype == x.dtype and fused_ok(residual, weight, residual):
+            return rms_norm_triton(x, weight, eps, residual)
+        x = x.materialize()
     if fused_ok(x, weight, residual):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
@@ -106,9 +124,15 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm_triton(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ValueError on shapes it cannot take."""
+    """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ValueError on shapes it cannot take.
+    ``PendingSums`` need the residual (of their dtype); the kernel zeroes their sums."""
+    sums = isinstance(x, PendingSums)
+    if sums and (residual is None or residual.dtype != x.dtype or not x.sums.is_contiguous()):
+        raise ValueError("rms_norm_triton: PendingSums need a residual of their dtype (and contiguous sums)")
+    dtype = x.dtype
+    x = x.sums if sums else x
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"rms_norm: weight must have shape ({n},), got {tuple(weight.shape)}")
@@ -117,16 +141,16 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if n > MAX_HIDDEN or not triton_usable(x):
         raise ValueError(f"rms_norm_triton: needs Triton on x's device and hidden <= {MAX_HIDDEN} (got {n})")
     x2 = _rows(x, n)
-    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(dtype, weight.dtype))
     res2 = _rows(residual, n) if residual is not None else x2
-    rout = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else out
+    rout = torch.empty(x.shape, device=x.device, dtype=dtype) if residual is not None else out
     m = x2.shape[0]
     if m > 0:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(m,)](
             x2, res2, weight.contiguous(), out, rout, n, float(eps), 1.0 / n,
             x2.stride(0), res2.stride(0), n, n,
-            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda,
+            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda, X_SUMS=sums,
             num_warps=min(max(block // 512, 1), 16), **pdl_options(x),
         )
     return out if residual is None else (out, rout)

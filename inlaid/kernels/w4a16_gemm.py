@@ -59,6 +59,7 @@ from .w4a16_configs import fused_max_m as tuned_fused_max_m
 from .w4a16_gemv import (
     GEMV_MAX_M,
     GemvConfig,
+    PendingSums,
     check_kernel_inputs,
     default_gemv_config,
     m1_groupable,
@@ -74,6 +75,7 @@ __all__ = [
     "GemvConfig",
     "LoRAShrink",
     "PackedW4",
+    "PendingSums",
     "SwiGLU",
     "W4Config",
     "default_config",
@@ -240,11 +242,11 @@ def serving_layout(qweight: torch.Tensor, group_size: int) -> str:
 
 
 def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4, shrink: LoRAShrink | None = None,
-                      swiglu: SwiGLU | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W`` for a "tc"-layout weight: ``w4a16_tcl`` where it runs (with ``shrink`` and ``swiglu``,
-    which it may take), else dequantize + matmul."""
+                      swiglu: SwiGLU | None = None, defer_cast: bool = False) -> torch.Tensor | PendingSums:
+    """``x2 [M, K] @ W`` for a "tc"-layout weight: ``w4a16_tcl`` where it runs (with ``shrink``, ``swiglu`` and
+    ``defer_cast``, which it may take), else dequantize + matmul."""
     if tcl_usable(x2, packed):
-        return w4a16_tcl(x2, packed, shrink=shrink, swiglu=swiglu)
+        return w4a16_tcl(x2, packed, shrink=shrink, swiglu=swiglu, defer_cast=defer_cast)
     if swiglu is not None:
         x2 = swiglu.materialize(x2)
     w = dequantize_w4(packed.qweight, packed.qzeros, packed.scales, packed.group_size, x2.dtype, layout="tc")
@@ -290,12 +292,14 @@ def w4a16_linear(
     gemv: GemvConfig | None = None,
     shrink: LoRAShrink | None = None,
     swiglu: SwiGLU | None = None,
-) -> torch.Tensor:
+    defer_cast: bool = False,
+) -> torch.Tensor | PendingSums:
     """``x [..., K] @ W (+ bias)`` by the module docstring's dispatch; ``config``/``gemv`` force the tiled kernel /
     GEMV configs (and bypass the tensor-core kernel). A "tc"-layout weight's ``w4a16_tcl`` launch may also run the
     LoRA ``shrink`` (``shrink.partials`` set; otherwise left None for the caller). With ``swiglu`` (x [M, K]: the
     gate) the input is ``silu(x) * swiglu.up``, computed inside ``w4a16_tcl``'s M = 1 launch where it can be,
-    by ``swiglu.materialize`` otherwise."""
+    by ``swiglu.materialize`` otherwise. With ``defer_cast`` (x [M, K], no bias) a split ``w4a16_tcl`` launch
+    returns ``PendingSums`` for the caller's next kernel to finish (``w4a16_tcl``)."""
     if swiglu is not None and (packed.layout != "tc" or x.dim() != 2):
         x, swiglu = swiglu.materialize(x), None
     lead = x.shape[:-1]
@@ -305,7 +309,9 @@ def w4a16_linear(
         if fused_max_m is not None or config is not None or gemv is not None:
             raise ValueError("fused_max_m / config / gemv choose among the GPTQ-layout kernels; this weight is in the "
                              "tensor-core layout (prepare_w4(..., layout='gptq') keeps the checkpoint's)")
-        y = _tc_layout_linear(x2, packed, shrink, swiglu)
+        y = _tc_layout_linear(x2, packed, shrink, swiglu, defer_cast and bias is None and x.dim() == 2)
+        if isinstance(y, PendingSums):
+            return y
         return (y if bias is None else y + bias.to(y.dtype)).reshape(*lead, n)
     kernels = triton_usable(x2) and kernel_group_size(packed.group_size, k) % 8 == 0
     fmax = tuned_fused_max_m(x2, n, k) if fused_max_m is None else fused_max_m

@@ -80,6 +80,7 @@ from .w4_layout import PackedW4, check_w4, kernel_group_size
 __all__ = [
     "GEMV_MAX_M",
     "GemvConfig",
+    "PendingSums",
     "default_gemv_config",
     "gemv_block_m",
     "half2_path",
@@ -641,16 +642,47 @@ def w4a16_gemv_m1_group(x: torch.Tensor, packs: Sequence[PackedW4], config: Gemv
     mode = 0 if split == 1 else _MODE_ID[config.mode]
     outs = [torch.empty(1, p.out_features, device=x.device, dtype=x.dtype) for p in packs]
     tiles = [triton.cdiv(p.out_features, config.block_n) for p in packs]
-    bufs = [splitk_buffers(out, split, mode, p.locks, t, p.acc) for p, out, t in zip(packs, outs, tiles)]
-    bufs = [(ws, locks if mode in (2, 4) else ws) for ws, locks in bufs]
+    bufs, sums = group_buffers(outs, split, mode, 1, tiles)
     _w4_gemv_m1_group_kernel[(sum(tiles), split)](
         x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), GROUP_SIZE=gs,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, MODE=mode, NUM_STAGES=config.num_stages,
         HALF2=half2_path(x), num_warps=config.num_warps,
     )
-    for (ws, _), out in zip(bufs, outs):
-        finish_splitk(ws, out, split, mode)
+    finish_group(bufs, sums, outs, split, mode)
     return outs
+
+
+def group_buffers(outs: Sequence[torch.Tensor], split: int, mode: int, m_tiles: int,
+                  tiles: Sequence[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Per-weight (workspace, semaphores) of ONE grouped split-K launch writing ``outs`` (weight j: ``m_tiles`` x
+    ``tiles[j]`` output tiles), and the sums region that ``finish_group`` casts (None outside the "atomic" mode).
+
+    MODE 0 writes each ``out`` directly; the reduce (1) and the fixup (2) get each weight its own partials
+    (``splitk_buffers``). The shared zeroed buffers (the fixup's and "atomic_last"'s semaphores, the atomic modes'
+    sums) are consecutive slices of ONE ``splitk_scratch`` request, never the weights' own ``acc`` / ``locks``:
+    a weight without them would otherwise get the stream's scratch from offset 0, the same slice as its
+    siblings. The sums follow the outputs' order, as ``cast_sums`` reads them. Unused semaphore arguments get
+    the workspace (the kernels read no semaphore there)."""
+    if mode in (0, 1):
+        return [(ws, ws) for ws, _ in (splitk_buffers(out, split, mode, None, 0) for out in outs)], None
+    m, widths = outs[0].shape[0], [out.shape[1] for out in outs]
+    sums, locks = splitk_scratch(outs[0].device, m * sum(widths) if mode != 2 else 0, m_tiles * sum(tiles))
+    bufs, s0, l0 = [], 0, 0
+    for out, n, t in zip(outs, widths, tiles):
+        ws = splitk_buffers(out, split, 1, None, 0)[0] if mode == 2 else sums[s0:s0 + m * n]
+        bufs.append((ws, locks[l0:l0 + m_tiles * t]))
+        s0, l0 = s0 + m * n, l0 + m_tiles * t
+    return bufs, sums if mode == 3 else None
+
+
+def finish_group(bufs: Sequence[tuple[torch.Tensor, torch.Tensor]], sums: torch.Tensor | None,
+                 outs: Sequence[torch.Tensor], split: int, mode: int) -> None:
+    """After a grouped launch on ``group_buffers``: each weight's reduce, or one ``cast_sums`` for all of them."""
+    if sums is not None:
+        cast_sums(sums, outs)
+    elif mode == 1:
+        for (ws, _), out in zip(bufs, outs):
+            finish_splitk(ws, out, split, mode)
 
 
 def group_args(packs: Sequence[PackedW4], outs: Sequence[torch.Tensor],
@@ -727,6 +759,36 @@ def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) ->
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](ws, out, m * n, n, out.stride(0), split, BLOCK=1024)
     elif mode == 3:
         cast_sums(ws, [out])
+
+
+@dataclass(frozen=True)
+class PendingSums:
+    """A split-K launch's result before its cast (``w4a16_tcl(..., defer_cast=True)``, "atomic" mode): one
+    weight's fp32 sums [M, N] (a view of its own zeroed ``PackedW4.acc`` or of the stream's shared
+    ``splitk_scratch``) and the dtype that ``cast_sums`` rounds them to.
+
+    Whoever takes one owes the finish, once: one kernel that reads each sum, rounds it to ``dtype`` exactly as
+    ``cast_sums`` does (``.to``: nearest even on CUDA) and stores zero back (``rms_norm`` with a residual,
+    ``lora_expand``), or ``materialize``. The result then has the bits the cast launch would have given. Until
+    the finish the sums are not zero, so no split-K launch may run on the stream in between (the model hands
+    one to the next kernel that reads it: a norm, or the LoRA expand before it)."""
+
+    sums: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.sums.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.sums.device
+
+    def materialize(self) -> torch.Tensor:
+        """The [M, N] result in ``dtype`` (``cast_sums``: one launch, which also zeroes the sums)."""
+        out = torch.empty(self.sums.shape, device=self.sums.device, dtype=self.dtype)
+        cast_sums(self.sums, [out])
+        return out
 
 
 def cast_sums(ws: torch.Tensor, outs: Sequence[torch.Tensor], block: int = 512) -> None:

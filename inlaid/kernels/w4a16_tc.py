@@ -16,8 +16,9 @@ Shared design (the ``w4a16_small_m`` grid and epilogue; what differs is the unpa
   ``0x4300`` = 128; exact), and one ``sub.{f16,bf16}x2`` of ``(MAGIC + zero)`` leaves ``code - zero``
   (|.| <= 16, exact in 16 bits); the multiply-adds run on tensor cores. The fp32 product is scaled once per
   step (one group per step);
-- split-K: "atomic_last" (``w4a16_gemv``'s MODE 4: atomic adds into a zeroed fp32 buffer, the tile's last
-  program casts, stores and re-zeroes; the caller's buffer or the stream's shared ``splitk_scratch``).
+- split-K: "atomic" (``w4a16_gemv``'s MODE 3: atomic adds into a zeroed fp32 buffer, the caller's or the
+  stream's shared ``splitk_scratch``; then ``cast_sums`` casts them into the outputs and re-zeroes them, as in
+  ``w4a16_tcl``).
   No host sync, fixed shapes: CUDA-graph safe.
 
 Two step forms (``_tc_tile``; constexpr ``NATURAL``), by how the unpacked nibbles meet x:
@@ -61,10 +62,12 @@ from .w4a16_gemv import (
     _pow2,
     check_kernel_inputs,
     check_out,
+    finish_group,
+    finish_splitk,
     group_args,
+    group_buffers,
     share_input,
     splitk_buffers,
-    splitk_scratch,
 )
 from .w4a16_small_m import _num_sms
 
@@ -310,7 +313,7 @@ def w4a16_tc(
     cfg = config or tc_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm, m_tiles)
-    mode = 0 if split == 1 else _MODE_ID["atomic_last"]
+    mode = 0 if split == 1 else _MODE_ID["atomic"]
     ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
     _w4_tc_kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
@@ -319,6 +322,7 @@ def w4a16_tc(
         BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, SWAP=cfg.swap,
         num_warps=cfg.num_warps,
     )
+    finish_splitk(ws, out, split, mode)
     return out
 
 
@@ -348,18 +352,13 @@ def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig 
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
                             m_tiles)
-    mode = 0 if split == 1 else _MODE_ID["atomic_last"]
-    bufs = [(out, out) for out in outs]  # MODE 0 writes out directly
-    if mode:  # one slice of the stream's shared scratch per weight
-        sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles))
-        bufs, s0, l0 = [], 0, 0
-        for n, t in zip(widths, tiles):
-            bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
-            s0, l0 = s0 + m * n, l0 + m_tiles * t
+    mode = 0 if split == 1 else _MODE_ID["atomic"]
+    bufs, sums = group_buffers(outs, split, mode, m_tiles, tiles)
     _w4_tc_group_kernel[(m_tiles, sum(tiles), split)](
         x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], NATURAL=cfg.natural, SWAP=cfg.swap,
         num_warps=cfg.num_warps,
     )
+    finish_group(bufs, sums, outs, split, mode)
     return outs

@@ -29,11 +29,15 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   (j, j + 4) nibble pairs against fp16 x' = x * 2**-7); here the pair (j, j + 4) is the consecutive input pair
   (k, k + 1).
 
-Split-K up to ``CAST_MAX_M`` rows: the programs add their fp32 partial sums atomically into zeroed sums
-(``w4a16_gemv`` MODE 3, "atomic": no semaphore) and a second launch, ``w4a16_gemv.cast_sums``, casts them into
-the outputs (all 2-3 of a group in one launch) and re-zeroes them. Above, "atomic_last" (MODE 4: each tile's last
-program casts, stores and re-zeroes). Both: no host sync, fixed shapes, CUDA-graph safe; the sums are
-``packed.acc`` or the stream's shared ``splitk_scratch``.
+Split-K: the programs add their fp32 partial sums atomically into zeroed sums (``w4a16_gemv`` MODE 3,
+"atomic": no semaphore) and a second launch, ``w4a16_gemv.cast_sums``, casts them into the outputs (all 2-3 of a
+group in one launch) and re-zeroes them: no host sync, fixed shapes, CUDA-graph safe; the sums are ``packed.acc``
+or the stream's shared ``splitk_scratch``. The one-launch alternative, "atomic_last" (MODE 4: each tile's last
+program casts, stores and re-zeroes), puts a GPU-scope fence, a semaphore round trip and a reload in the tail of
+every tile; the second launch is faster at every M measured (H100, 7B W4, against the tree before: end to end
+batch 1 +3.9-4.8%, with 32 adapters +12.1%, batch 2 / 4 / 8 +12% / +9% / +8%, batch 16 +3%, batch 32 with 32
+adapters +1.9%: ``python benchmarks/ab_table.py benchmarks/results/e2e_castall_ _h100``; M = 33..256: see
+``docs/kernels.md``, "Session 18").
 
 LoRA shrink beside the weights: every launcher takes a ``LoRAShrink`` of the same x and, where it fits
 (``SHRINK_MAX_ROWS``, x not permuted for act-order), runs it as extra column tiles of its grid (``SHRINK``:
@@ -59,14 +63,15 @@ from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, t
 from .w4_layout import TC_STEP, PackedW4, kernel_group_size
 from .w4a16_gemv import (
     _MODE_ID,
+    PendingSums,
     _pow2,
-    cast_sums,
     check_out,
+    finish_group,
     finish_splitk,
     group_args,
+    group_buffers,
     share_input,
     splitk_buffers,
-    splitk_scratch,
 )
 from .lora_sgmv_triton import SHRINK_BLOCK_K, SHRINK_CHUNK_R, LoRAShrink
 from .silu_mul import SwiGLU
@@ -84,15 +89,6 @@ groups of a 7B layer in a lab). H100, one 7B layer, the shrinks inside against s
 (``benchmarks/results/lora_decode_*_h100.md``, ``docs/kernels.md``, "Session 12"): rank 16 89.5 -> 77.8 us at
 batch 1, 130.6 -> 118.2 at batch 32; rank 64, rounds, same call as the 64-row cap: 98.3 -> 90.8 at batch 1,
 214.6 -> 205.2 at batch 32."""
-
-CAST_MAX_M = 32
-"""Most rows whose split launches only add their partial sums (MODE "atomic") and leave the cast and the
-re-zeroing to a second launch (``w4a16_gemv.cast_sums``); above, each output tile's last program does it
-("atomic_last": a GPU-scope fence, a semaphore round trip and a reload in the tail of every tile). H100, 7B W4
-end to end, graphed, against the tree before (``python benchmarks/ab_table.py benchmarks/results/e2e_cast_
-_h100`` for M = 1 alone, ``e2e_castall_`` for every M): batch 1 +3.9-4.8%, with 32 adapters +12.1%; batch
-2 / 4 / 8 +12% / +9% / +8%; batch 16 +3%; batch 32 with 32 adapters +1.9% over five runs a side (-1% and +4%
-in two calls). Larger M was not measured end to end, so it keeps the one-launch tail."""
 
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
@@ -496,6 +492,9 @@ def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
         return TclConfig(16, 64, 4, 4, 4)
     if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
+    if 64 < m <= 128 and n <= 4096 and k <= 4096:  # since the "atomic" split finish (session 18 sweep,
+        # tcl_sweep_atomic_h100.md): 4096x4096 at M = 96 16.2 -> 14.4 us, at 128 15.9 -> 15.3
+        return TclConfig(64, 64, 4, 3, 2)
     if m > 64 and n <= 4096:  # one 128-row tile to M = 128; a long K splits into twice the programs (11008x4096
         # at M = 128..256: 36.0 -> 32.5, 61.7 -> 51.2, 57.9 -> 53.8 us; 4096x4096 keeps one program per SM)
         return TclConfig(128, 64, 4, 3, 2 if k > 4096 else 1)
@@ -563,20 +562,22 @@ def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, spl
                              "BLOCK_R": min(SHRINK_CHUNK_R, max(16, triton.next_power_of_2(max(rows, 1))))}
 
 
-def _split_mode(split: int, m: int) -> int:
-    """The kernels' MODE for ``split`` K splits of M rows: 0 (one split: plain stores), "atomic" (adds only;
-    ``cast_sums`` after the launch) up to ``CAST_MAX_M`` rows, "atomic_last" above."""
-    if split == 1:
-        return 0
-    return _MODE_ID["atomic"] if m <= CAST_MAX_M else _MODE_ID["atomic_last"]
+def _split_mode(split: int) -> int:
+    """The kernels' MODE for ``split`` K splits: 0 (one split: plain stores), else "atomic" (adds only;
+    ``cast_sums`` after the launch)."""
+    return 0 if split == 1 else _MODE_ID["atomic"]
 
 
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
               config: TclConfig | None = None, shrink: LoRAShrink | None = None,
-              swiglu: SwiGLU | None = None) -> torch.Tensor:
+              swiglu: SwiGLU | None = None, defer_cast: bool = False) -> torch.Tensor | PendingSums:
     """``x [M, K] @ W`` for a "tc"-layout weight (``tcl_usable``); [M, N] in x.dtype. ``packed.locks`` /
     ``packed.acc`` (or the stream's shared split-K scratch when short) are used and left zeroed. The launch also
     runs ``shrink`` (extra programs) where it fits (``_shrink_args``); it then sets ``shrink.partials``.
+
+    With ``defer_cast``, a launch that split K returns its sums as ``PendingSums`` instead of launching
+    ``cast_sums``: the caller's next kernel finishes them (one launch fewer per projection). Without a split the
+    result is the usual tensor.
 
     With ``swiglu`` the input is ``silu(x) * swiglu.up``: at M = 1 without act-order the launch computes it as it
     loads x (its weight and shrink programs alike; column tile 0 stores it in ``swiglu.out`` when set), elsewhere
@@ -596,7 +597,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         cfg = config or tcl_m1_config(k, n)
         n_tiles = triton.cdiv(n, cfg.block_n)
         split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm)
-        mode = _split_mode(split, 1)
+        mode = _split_mode(split)
         ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
         partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, 1)
         h = None if swiglu is None else swiglu.out
@@ -607,14 +608,11 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None,
             **skw, **pdl_options(x))
-        finish_splitk(ws, out, split, mode)
-        if partials is not None:
-            shrink.partials = partials
-        return out
+        return _finish(ws, out, split, mode, defer_cast, shrink, partials)
     cfg = config or tcl_config(m, n, k)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
-    mode = _split_mode(split, m)
+    mode = _split_mode(split)
     ws, locks = splitk_buffers(out, split, mode, packed.locks, m_tiles * n_tiles, packed.acc)
     partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, m_tiles)
     _w4_tcl_kernel[(m_tiles, n_tiles + extra, split)](
@@ -623,9 +621,19 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
         WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype], PTX=not kernels_interpreted(),
         num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw, **pdl_options(x))
-    finish_splitk(ws, out, split, mode)
+    return _finish(ws, out, split, mode, defer_cast, shrink, partials)
+
+
+def _finish(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int, defer: bool, shrink: LoRAShrink | None,
+            partials: torch.Tensor | None) -> torch.Tensor | PendingSums:
+    """After a single-weight launch: hand the shrink its partials, then the sums as ``PendingSums`` (``defer``
+    and the "atomic" mode) or ``out`` after ``finish_splitk``."""
     if partials is not None:
         shrink.partials = partials
+    if defer and mode == _MODE_ID["atomic"]:
+        m, n = out.shape
+        return PendingSums(ws[:m * n].view(m, n), out.dtype)
+    finish_splitk(ws, out, split, mode)
     return out
 
 
@@ -650,14 +658,8 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's split
     split, k_per = tc_split(k, sum(widths), cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
-    mode = _split_mode(split, m)
-    bufs = [(out, out) for out in outs]  # MODE 0 writes out directly
-    if mode:
-        sums, locks = splitk_scratch(x.device, m * sum(widths), m_tiles * sum(tiles))
-        bufs, s0, l0 = [], 0, 0
-        for n, t in zip(widths, tiles):
-            bufs.append((sums[s0:s0 + m * n], locks[l0:l0 + m_tiles * t]))
-            s0, l0 = s0 + m * n, l0 + m_tiles * t
+    mode = _split_mode(split)
+    bufs, sums = group_buffers(outs, split, mode, m_tiles, tiles)
     partials, extra, sargs, skw = _shrink_args(shrink, x, first.perm is not None, split, m_tiles)
     if m == 1:
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
@@ -671,8 +673,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             NUM_STAGES=cfg.num_stages, WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype],
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw,
             **pdl_options(x))
-    if mode == _MODE_ID["atomic"]:
-        cast_sums(sums, outs)
+    finish_group(bufs, sums, outs, split, mode)
     if partials is not None:
         shrink.partials = partials
     return outs

@@ -73,6 +73,7 @@ import torch
 from inlaid.kernels import lora_segment_triton as lseg
 from inlaid.kernels import lora_sgmv_triton as lt
 from inlaid.kernels.lora_sgmv import LoRASegments, build_segments, lora_apply
+from inlaid.kernels.w4a16_gemv import PendingSums
 from inlaid.distributed.sharding import Shard
 from inlaid.lora.adapter import LoRAAdapter, check_fits, validate_adapter
 from inlaid.model.batch import ForwardBatch
@@ -226,10 +227,16 @@ class LoRAPool:
                 raise ValueError(f"lora_slots refers to slot {slot}, which has no adapter loaded")
         batch.lora_meta = segments
 
+    takes_pending_sums = True
+    """``apply`` takes a base launch's uncast ``PendingSums`` as ``out`` (``llama._project``): it returns them
+    untouched where it adds nothing, lets the device path's expand finish them, and materializes them before
+    the prefill kernels."""
+
     def apply(
-        self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        """Add each token's adapter delta for (layer, module) to ``out`` in place and return it."""
+        self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor | PendingSums, batch: ForwardBatch
+    ) -> torch.Tensor | PendingSums:
+        """Add each token's adapter delta for (layer, module) to ``out`` in place and return it (a new tensor
+        where ``out`` was ``PendingSums`` and a delta was added)."""
         if module not in self.a:
             if module in self.base_shapes:
                 return out  # the slots do not hold this projection: no resident adapter targets it
@@ -242,6 +249,8 @@ class LoRAPool:
         if not any(module in self._slot_modules[s] for s in segments.slots):
             return out
         a, b, sc = self.a[module][layer_idx], self.b[module][layer_idx], self.scalings[module][layer_idx]
+        if isinstance(out, PendingSums):
+            out = out.materialize()
         if self.triton_prefill and x.is_cuda:
             return lseg.lora_apply_segments(x, out, a, b, sc, segments.token_order, self._segment_tiles(segments))
         return lora_apply(x, out, a, b, sc, segments)
@@ -307,9 +316,10 @@ class LoRAPool:
             self._tiles = (segments, lseg.segment_tiles(segments.starts, segments.slots, self.device))
         return self._tiles[1]
 
-    def _apply_device(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor,
-                      meta: DecodeMeta) -> torch.Tensor:
-        """BGMV on the device; a fused group's shrink runs once (first member) and is reused by the others."""
+    def _apply_device(self, layer_idx: int, module: str, x: torch.Tensor, out: torch.Tensor | PendingSums,
+                      meta: DecodeMeta) -> torch.Tensor | PendingSums:
+        """BGMV on the device; a fused group's shrink runs once (first member) and is reused by the others. The
+        expand finishes ``PendingSums`` (``lora_expand``)."""
         if not meta.active:
             return out
         r = self.max_rank

@@ -43,6 +43,7 @@ from inlaid.distributed.context import TPContext
 from inlaid.kernels.lora_sgmv_triton import LoRAShrink
 from inlaid.kernels.rms_norm import rms_norm
 from inlaid.kernels.silu_mul import SwiGLU
+from inlaid.kernels.w4a16_gemv import PendingSums
 from inlaid.model.arch import RopeScaling
 
 ParallelRole = Literal["column", "row"]
@@ -57,11 +58,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor,
+    def forward(self, x: torch.Tensor | PendingSums,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` (the pre-norm layer's add, fused).
 
-        The Triton kernel on CUDA fp16/bf16, the torch reference otherwise (``inlaid.kernels.rms_norm``).
+        The Triton kernel on CUDA fp16/bf16, the torch reference otherwise (``inlaid.kernels.rms_norm``); ``x``
+        may be a projection's ``PendingSums``, which the kernel finishes.
         """
         return rms_norm(x, self.weight, self.eps, residual)
 
@@ -158,14 +160,18 @@ class ParallelLinear(nn.Module):
                      if bias else None)
 
     def forward_local(self, x: torch.Tensor, shrink: LoRAShrink | None = None,
-                      swiglu: SwiGLU | None = None) -> torch.Tensor:
+                      swiglu: SwiGLU | None = None, defer_cast: bool = False) -> torch.Tensor | PendingSums:
         """This rank's output: the full/column slice, or a row layer's partial sum (before ``reduce``). A linear
         method that ``takes_shrink`` gets the LoRA hook's ``shrink`` offer (its launch may run it); a method whose
         ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) never does.
 
         With ``swiglu`` the input is ``silu(x) * swiglu.up``: a method that ``takes_swiglu`` gets it (its launch
         may compute the product as it loads x), any other gets ``swiglu.materialize(x)``, so a wrapper sees the
-        product."""
+        product.
+
+        With ``defer_cast`` a method that ``takes_defer_cast`` may return its split-K sums uncast
+        (``PendingSums``): the caller's next kernel must finish them (the model's RMSNorm or LoRA expand). Not
+        under TP (``reduce`` needs the output) and not through a wrapped ``apply``."""
         method = self.quant_method
         plain = "apply" not in vars(method)
         if swiglu is not None and not (plain and getattr(method, "takes_swiglu", False)):
@@ -173,6 +179,8 @@ class ParallelLinear(nn.Module):
         kwargs: dict = {} if swiglu is None else {"swiglu": swiglu}
         if plain and _takes(method, shrink):
             kwargs["shrink"] = shrink
+        if defer_cast and plain and self.tp_size == 1 and getattr(method, "takes_defer_cast", False):
+            kwargs["defer_cast"] = True
         return method.apply(self, x, **kwargs)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
@@ -221,9 +229,11 @@ class GatedMLP(nn.Module):
         self.up_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype, tp=tp)
         self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype, tp=tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer_cast: bool = False) -> torch.Tensor | PendingSums:
+        """``down(silu(gate(x)) * up(x))``; ``defer_cast``: down_proj may return ``PendingSums``
+        (``ParallelLinear.forward_local``)."""
         gate, up = forward_group([self.gate_proj, self.up_proj], x)  # column layers: no reduce to skip
-        return self.down_proj.reduce(self.down_proj.forward_local(gate, swiglu=SwiGLU(up)))
+        return self.down_proj.reduce(self.down_proj.forward_local(gate, swiglu=SwiGLU(up), defer_cast=defer_cast))
 
 
 class VocabParallelEmbedding(nn.Embedding):

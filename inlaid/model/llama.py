@@ -55,6 +55,7 @@ from inlaid.model.batch import ForwardBatch
 from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
 from inlaid.kernels.silu_mul import SwiGLU
+from inlaid.kernels.w4a16_gemv import PendingSums
 from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, forward_group
 from inlaid.model.lora_hook import LoRAHook
 
@@ -65,12 +66,15 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 
 def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
-             hook: LoRAHook | None, up: torch.Tensor | None = None) -> torch.Tensor:
+             hook: LoRAHook | None, up: torch.Tensor | None = None,
+             defer_cast: bool = False) -> torch.Tensor | PendingSums:
     """``parent.<name>(x)`` plus the LoRA deltas of the batch's adapters, if a hook is set.
 
     With ``up`` the input is ``silu(x) * up`` (SwiGLU's down_proj): the base launch may compute it as it loads x
     (``SwiGLU``); with a hook it also stores it, for the hook's own shrink where the launch did not take the offer.
     Under TP a row layer's deltas (from this rank's slice of x) join its partial sum before the one all-reduce.
+    ``defer_cast`` (o_proj, down_proj: the caller hands the result to an RMSNorm with a residual): the result
+    may be the base launch's uncast ``PendingSums``, where the hook takes them (``takes_pending_sums``).
     """
     layer: ParallelLinear = getattr(parent, name)
     swiglu, h = None, x
@@ -78,7 +82,9 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
         swiglu = SwiGLU(up, None if hook is None else torch.empty(x.shape, device=x.device, dtype=x.dtype))
         h = swiglu.out  # the hook's input: the product, once the launch has written it
     offer = getattr(hook, "offer_shrink", None)  # optional (lora_hook): the base launch may run the LoRA shrink
-    out = layer.forward_local(x, None if offer is None else offer(layer_idx, (name,), h, batch), swiglu)
+    defer_cast = defer_cast and (hook is None or getattr(hook, "takes_pending_sums", False))
+    out = layer.forward_local(x, None if offer is None else offer(layer_idx, (name,), h, batch), swiglu,
+                              defer_cast=defer_cast)
     if hook is not None:
         out = hook.apply(layer_idx, name, h, out, batch)
     return layer.reduce(out)
@@ -131,7 +137,9 @@ class Attention(nn.Module):
         self.o_proj = ParallelLinear(q, h, arch.o_bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
+                batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor | PendingSums:
+        """The attention block's output: o_proj's, possibly uncast (``PendingSums``: the caller's norm finishes
+        them)."""
         t = x.shape[0]
         q, k, v = _project_group(self, ("q_proj", "k_proj", "v_proj"), self.layer_idx, x, batch, hook)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -145,7 +153,7 @@ class Attention(nn.Module):
                 q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
             attn = pat.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
                                               self.scale, sliding_window=self.sliding_window, rope=rope)
-            return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook)
+            return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook, defer_cast=True)
         # RoPE on q and k, k_rot and v into the cache (one kernel on CUDA fp16/bf16, the torch reference otherwise)
         q, k = rotary_kv.rotary_and_write_kv(q, k, v, cos, sin, kv_cache, batch.slot_mapping)
         if _fresh_single_sequence(batch, t, self.sliding_window):  # its K/V are this step's k, v: no gather
@@ -156,7 +164,7 @@ class Attention(nn.Module):
                 batch.max_query_len, batch.max_seq_len, self.scale, sliding_window=self.sliding_window,
                 layout=_layout(batch, t, self.sliding_window),
             )
-        return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook)
+        return _project(self, "o_proj", self.layer_idx, attn.reshape(t, -1), batch, hook, defer_cast=True)
 
 
 class DecoderLayer(nn.Module):
@@ -183,16 +191,17 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, batch, hook)
-        h, residual = self.post_attention_layernorm(h, residual)
-        out = self._mlp(h, batch, hook)
+        h = self.self_attn(h, cos, sin, kv_cache, batch, hook)  # o_proj's result may be PendingSums: the norm
+        h, residual = self.post_attention_layernorm(h, residual)  # finishes them
+        out = self._mlp(h, batch, hook, defer_cast=return_residual)  # the next norm finishes down_proj's sums
         return (out, residual) if return_residual else residual + out
 
-    def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor:
+    def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None,
+             defer_cast: bool = False) -> torch.Tensor | PendingSums:
         if hook is None:
-            return self.mlp(h)
+            return self.mlp(h, defer_cast)
         gate, up = _project_group(self.mlp, ("gate_proj", "up_proj"), self.layer_idx, h, batch, hook)
-        return _project(self.mlp, "down_proj", self.layer_idx, gate, batch, hook, up=up)
+        return _project(self.mlp, "down_proj", self.layer_idx, gate, batch, hook, up=up, defer_cast=defer_cast)
 
 
 class LlamaModel(nn.Module):

@@ -176,11 +176,14 @@ class GPTQLinearMethod:
     takes_swiglu = True
     """``apply`` takes its input as ``SwiGLU`` (x = the gate; ``ParallelLinear.forward_local``)."""
 
+    takes_defer_cast = True
+    """``apply(..., defer_cast=True)`` may return ``PendingSums`` (``w4a16_linear``; ``ParallelLinear.forward_local``)."""
+
     def apply(self, layer: ParallelLinear, x: torch.Tensor, shrink: w4k.LoRAShrink | None = None,
-              swiglu: w4k.SwiGLU | None = None) -> torch.Tensor:
+              swiglu: w4k.SwiGLU | None = None, defer_cast: bool = False) -> torch.Tensor | w4k.PendingSums:
         packed = self._packed(layer, x)
         if packed is not None:  # W4A16 kernels (the launch may also run the LoRA shrink and the SwiGLU product)
-            return w4k.w4a16_linear(x, packed, layer.bias, shrink=shrink, swiglu=swiglu)
+            return w4k.w4a16_linear(x, packed, layer.bias, shrink=shrink, swiglu=swiglu, defer_cast=defer_cast)
         if swiglu is not None:
             x = swiglu.materialize(x)
         snap = dict(layer._buffers)  # one atomic read; see the module docstring

@@ -74,6 +74,30 @@ def test_rms_norm_matches_reference(nan_empty, dtype, t, hidden, with_residual) 
     _assert_within_ulp(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_finishes_pending_sums(dtype) -> None:
+    """A projection's uncast split-K sums (``PendingSums``) as the norm's x: with a residual the kernel rounds
+    them as ``cast_sums`` would and zeroes them (the same bits as the cast launch then the norm); without one
+    they are materialized first."""
+    gemv = kernel_module("w4a16_gemv")
+    g = torch.Generator().manual_seed(3)
+    orig = (torch.randn(5, 96, generator=g) * 4).to(DEVICE)
+    res = torch.randn(5, 96, generator=g).to(DEVICE, dtype)
+    w = torch.rand(96, generator=g).to(DEVICE, dtype) + 0.5
+    cast = torch.empty(5, 96, device=DEVICE, dtype=dtype)
+    gemv.cast_sums(orig.clone(), [cast])
+    for norm in (rn.rms_norm_triton, rn.rms_norm):  # the kernel itself (CPU: interpreted), then the dispatcher
+        sums = orig.clone()
+        want, got = norm(cast, w, 1e-5, res), norm(gemv.PendingSums(sums, dtype), w, 1e-5, res)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert int(sums.count_nonzero()) == 0
+    sums = orig.clone()
+    assert torch.equal(rn.rms_norm(gemv.PendingSums(sums, dtype), w, 1e-5), rn.rms_norm(cast, w, 1e-5))
+    assert int(sums.count_nonzero()) == 0
+    with pytest.raises(ValueError, match="residual"):
+        rn.rms_norm_triton(gemv.PendingSums(orig.clone(), dtype), w, 1e-5)
+
+
 def test_rms_norm_3d_input_and_bad_shapes() -> None:
     x = torch.randn(2, 3, 100).to(DEVICE, torch.float16)
     w = torch.rand(100).to(DEVICE, torch.float16) + 0.5

@@ -57,6 +57,24 @@ def test_apply_matches_sgmv_reference(dtype: torch.dtype, splits) -> None:
     assert torch.equal(out[untouched], before[untouched]), "rows with slot -1 must be left untouched"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expand_finishes_pending_sums(dtype: torch.dtype) -> None:
+    """The expand over a base launch's uncast sums (``PendingSums``): every row, slot -1 too, gets the cast's
+    rounding plus its delta (the same bits as ``cast_sums`` then the expand), in a new tensor; the sums end at 0."""
+    gemv = kernel_module("w4a16_gemv")
+    s, r, d_in, d_out, t = 5, 8, 200, 144, 6
+    a, b, scal = _stacks(s, r, d_in, d_out, dtype, seed=17)
+    slots = torch.tensor([2, -1, 0, 4, -1, 1], device=DEVICE)
+    y = lk.lora_shrink_partials(torch.randn(t, d_in, device=DEVICE).to(dtype), a, slots)
+    sums = (torch.randn(t, d_out) * 3).to(DEVICE)
+    cast = torch.empty(t, d_out, device=DEVICE, dtype=dtype)
+    gemv.cast_sums(sums.clone(), [cast])
+    want = lk.lora_expand(y, b, scal, slots, cast.clone())
+    got = lk.lora_expand(y, b, scal, slots, gemv.PendingSums(sums, dtype))
+    assert torch.equal(got, want) and torch.equal(got[slots < 0], cast[slots < 0])
+    assert int(sums.count_nonzero()) == 0
+
+
 @pytest.mark.parametrize("r", [16, 80])  # 80: a 128-row tile, the last 48 rows masked
 def test_shrink_writes_every_element(monkeypatch: pytest.MonkeyPatch, r: int) -> None:
     s, d_in, t = 3, 300, 6

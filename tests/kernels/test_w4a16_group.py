@@ -75,6 +75,22 @@ def test_group_matches_reference_and_single_calls(widths, gs, act_order, cfg) ->
         assert _zeroed(packs)
 
 
+@pytest.mark.parametrize("mode", ["atomic", "atomic_last", "fixup"])
+def test_group_members_without_own_buffers_get_separate_scratch(mode) -> None:
+    """Weights without their own ``locks`` / ``acc`` (a ``PackedW4`` built by hand) share the stream's split-K
+    scratch: each must get its own slice (``w4a16_gemv.group_buffers``), or the members' sums and semaphores
+    collide. Two 64-wide weights, K = 512 in 4 splits."""
+    k, cfg = 512, gemv.GemvConfig(64, 64, 4, 4, False, mode, 1)
+    tensors, packs = _group(k, (64, 64), 64, False, seed=7)
+    packs = [dataclasses.replace(p, locks=None, acc=None) for p in packs]
+    x = torch.randn(1, k, device=DEVICE).half()
+    for _ in range(2):
+        ys = gemv.w4a16_gemv_m1_group(x, packs, cfg)
+        for y, t in zip(ys, tensors):
+            assert_close(y, gptq_reference(x, *t), TOL[x.dtype])
+        assert _zeroed([])
+
+
 def test_not_groupable_cases_and_the_dispatcher_fallback() -> None:
     cfg = gemv.GemvConfig(32, 64, 2, 4, False, "atomic_last", 1)
     _, packs = _group(256, (32, 32), 64, True, seed=1)

@@ -120,11 +120,13 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
     for bad in ({"block_m": 8}, {"block_n": 32, "num_warps": 4}, {"num_warps": 3}, {"num_stages": 0}):
         with pytest.raises(ValueError):
             tcl.TclConfig(**bad)
-    assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert [tcl.tcl_config(m).block_m for m in (2, 16, 17, 32, 33, 64, 65, 128, 129, 256)] == [
+        16, 16, 32, 32, 64, 64, 64, 64, 128, 128]
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
     assert tcl.tcl_config(192, 11008) == tcl.TclConfig(64, 128, 4, 3, 2)  # three row tiles in one wave
     assert 5 <= tcl.TC_PRELOAD_MAX_M < 17  # the M = 5 and 17 cases below run the peeled and the plain loop
-    assert [tcl.tcl_config(128, 4096, k).programs_per_sm for k in (4096, 11008)] == [1, 2]  # long K splits more
+    assert [tcl.tcl_config(m, 4096, 11008).block_m for m in (96, 128)] == [128, 128]  # long K: one 128-row tile
+    assert [tcl.tcl_config(192, 4096, k).programs_per_sm for k in (4096, 11008)] == [1, 2]  # long K splits more
 
 
 @pytest.mark.parametrize("m,dtype,act_order", [(1, torch.float16, True), (1, torch.bfloat16, False),
@@ -192,6 +194,26 @@ def test_gpu_configs_and_splits(m: int) -> None:
     for cfg in (tcl.TclConfig(16, 64, 4, 2, 1), tcl.TclConfig(32, 128, 8, 3, 4), tcl.TclConfig(64, 256, 8, 2, 2)):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         _check(tcl.w4a16_tcl(x, tc, config=cfg), x, tensors, tc)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_deferred_cast_hands_back_the_sums_with_the_cast_bits(m: int) -> None:
+    """``defer_cast``: a split launch returns ``PendingSums`` (no cast launch) whose finish, ``materialize``, gives
+    the plain call's bits and zeroes the sums (the weight's own ``acc`` at M = 1, the stream's scratch above); a
+    launch without a split returns the tensor."""
+    tensors, _, tc = _tc_case(256, 200, 128, False, seed=11 + m)
+    x = torch.randn(m, 256, device=DEVICE).half()
+    split = tcl.TclConfig(16, 64, 4, 2, 8)
+    plain = tcl.w4a16_tcl(x, tc, config=split)
+    pending = tcl.w4a16_tcl(x, tc, config=split, defer_cast=True)
+    assert isinstance(pending, gemv.PendingSums) and pending.shape == (m, 200) and pending.dtype == x.dtype
+    assert (pending.sums.data_ptr() == tc.acc.data_ptr()) == (m == 1)
+    assert int(pending.sums.count_nonzero()) > 0, "the launch left its sums for the caller"
+    assert torch.equal(pending.materialize(), plain)
+    assert int(pending.sums.count_nonzero()) == 0 and int(tc.acc.count_nonzero()) == 0
+    one = tcl.w4a16_tcl(x, tc, config=tcl.TclConfig(16, 64, 4, 1, 0.01), defer_cast=True)
+    assert isinstance(one, torch.Tensor)
+    _check(one, x, tensors, tc)
 
 
 @pytest.mark.parametrize("widths", [(40,), (24, 40), (16, 24, 40)])

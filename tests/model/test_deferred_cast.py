@@ -1,0 +1,93 @@
+"""o_proj and down_proj hand their uncast split-K sums (``PendingSums``) to the next kernel (the RMSNorm, or the
+LoRA expand before it) instead of a cast launch: the model's decode output must keep its bits.
+
+GPU only: the deferral exists where the W4 weights take the tensor-core layout (CUDA, K and the group a multiple
+of 128). A small Llama shape (hidden 256, two layers) with random 4-bit weights runs one decode step of 1 and 5
+sequences with and without deferral (``GPTQLinearMethod.takes_defer_cast``), with no LoRA hook and with a pool
+holding two adapters (rows with an adapter and rows without); a spy counts the ``PendingSums`` so the test cannot
+pass with the deferral off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import tiny_llama_config
+
+from inlaid.model.arch import ModelArch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA (the tensor-core W4 layout)", allow_module_level=True)
+
+
+def _model(hook):  # noqa: ANN001, ANN202
+    from inlaid.model.loader import build_model, init_dummy_weights
+    from inlaid.quant.linear import GPTQLinearMethod, replace_linears
+    from inlaid.model.layers import ParallelLinear
+
+    arch = ModelArch.from_dict(tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=2,
+                                                 num_key_value_heads=1, head_dim=128))
+    dev, dtype = torch.device("cuda"), torch.float16
+    model = build_model(arch, dev, dtype, lora_hook=hook)
+    init_dummy_weights(model, seed=1)
+    replace_linears(model, GPTQLinearMethod(4, 128), dev, dtype)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    hi = 2**31 - 1
+    for mod in model.modules():
+        if isinstance(mod, ParallelLinear) and isinstance(mod.quant_method, GPTQLinearMethod):
+            mod.qweight.random_(-hi - 1, hi, generator=g)
+            mod.qzeros.random_(-hi - 1, hi, generator=g)
+            mod.scales.uniform_(0.002, 0.01, generator=g)
+            mod.quant_method.finalize(mod, dtype)
+    return arch, model
+
+
+def _pool(arch: ModelArch):  # noqa: ANN202
+    from inlaid.lora.pool import LoRAPool
+    from inlaid.lora.synthetic import random_adapter
+
+    shapes = arch.lora_module_shapes()
+    pool = LoRAPool(3, 16, arch.num_layers, shapes, "cuda", torch.float16)
+    for slot, rank in ((0, 8), (2, 16)):
+        pool.load(slot, random_adapter(f"a{slot}", shapes, arch.num_layers, rank, seed=slot, std=0.05))
+    return pool
+
+
+@pytest.mark.parametrize("num_seqs", [1, 5])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monkeypatch) -> None:
+    from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
+    from inlaid.kernels import w4a16_gemm
+    from inlaid.kernels.paged_attention import allocate_kv_caches
+    from inlaid.quant.linear import GPTQLinearMethod
+    from inlaid.sampling import SamplingParams
+    from inlaid.worker.forward_batch import build_forward_batch
+
+    arch, model = _model(None)
+    if lora:
+        model.set_lora_hook(_pool(arch))
+    kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, torch.float16,
+                            torch.device("cuda"))
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    slots = [0, -1, 2, 0, -1][:num_seqs] if lora else [-1] * num_seqs
+    seqs = [ScheduledSeq(f"s{i}", [7 + i], 5, [4 * i, 4 * i + 1], slots[i], True, params) for i in range(num_seqs)]
+    pending = []
+    tcl = w4a16_gemm.w4a16_tcl
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = tcl(*args, **kwargs)
+        pending.append(isinstance(out, w4a16_gemm.PendingSums))
+        return out
+
+    monkeypatch.setattr(w4a16_gemm, "w4a16_tcl", spy)
+    outs = []
+    with torch.inference_mode():
+        for defer in (True, False):
+            monkeypatch.setattr(GPTQLinearMethod, "takes_defer_cast", defer)
+            pending.clear()
+            outs.append(model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv))
+            assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
