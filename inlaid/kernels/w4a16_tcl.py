@@ -506,22 +506,26 @@ def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
 
 
 def tcl_m1_config(k: int, n: int) -> TclConfig:
-    """Default of the M = 1 GEMV for one K x N weight (``block_m`` unused): the fastest of the H100 sweep
-    (``benchmarks/results/tcl_h100.md``): 128 columns and ~4 programs per SM on 4096x4096, 512 columns and ~2 per
-    SM on the larger 7B shapes; no pipelining."""
-    return TclConfig(16, 128, 4, 1, 4) if k * n <= 4096 * 4096 else TclConfig(16, 512, 4, 1, 2)
+    """Default of the M = 1 GEMV for one K x N weight (``block_m`` unused): the fastest of the H100 sweep under the
+    "atomic" split finish (``benchmarks/results/tcl_m1_sweep_atomic_h100.md``, 72 configs): 128 columns, no
+    pipelining, ~4 programs per SM on 4096x4096 and ~16 on the larger 7B shapes (there 13.8 / 14.1 -> 12.5 / 12.7
+    us against the 512 columns and ~2 per SM that won while each tile's last program did the cast)."""
+    return TclConfig(16, 128, 4, 1, 4 if k * n <= 4096 * 4096 else 16)
 
 
 def tcl_group_config(m: int, n: int) -> TclConfig | None:
     """Config of one grouped launch for M rows of 2-3 weights at most ``n`` columns wide, or None where one launch
     per weight is faster (H100 lab, session 11; the installed choice against separate launches:
     ``benchmarks/results/tcl_group_h100.md``, ``python benchmarks/tcl_bench.py --groups``). Grouping pays for
-    4096-wide siblings (q/k/v) at every M to 128, for 11008-wide ones (gate/up) only at M = 1 and 17..64: the lab
-    (device call 18) read grouped gate/up at 0.93x / 0.76x separate launches at M = 8 / 16 and 0.97x at 128."""
-    if m == 1:  # the lab group sweep's best for q/k/v and gate/up (call 7); 4096x4096's single-weight default
-        return TclConfig(16, 128, 4, 1, 4)
-    if m <= 16:
-        return tcl_config(m, n) if n <= 4096 else None
+    4096-wide siblings (q/k/v) at every M to 128, for 11008-wide ones (gate/up) at M = 1..64 (M = 2..16 since the
+    "atomic" split finish: ``benchmarks/results/tcl_group_s18_h100.md``; under "atomic_last" a lab read
+    grouped gate/up at 0.93x / 0.76x separate launches at M = 8 / 16) but not at 128 (0.97x)."""
+    if m == 1:  # 128 columns, ~16 programs per SM (session 18, end to end against 4 and 8: batch 1 445 -> 455
+        # tok/s, 440 at 8; benchmarks/results/lab_m1gp*_h100.md); 4 won while each tile's last program cast
+        return TclConfig(16, 128, 4, 1, 16)
+    if m <= 16:  # gate/up in one launch since the "atomic" split finish (session 18 lab, call 6: 25.4-25.9 us
+        # against 29.3-30.3 for two launches at M = 2..16; it lost under "atomic_last")
+        return tcl_config(m, n) if n <= 4096 else TclConfig(16, 64, 4, 3, 2)
     if m <= 32:
         return TclConfig(32, 64, 4, 3, 2)
     if m <= 64:
