@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny import tiny_llama_config
 
 from inlaid.model.arch import ModelArch
@@ -22,10 +21,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA (the tensor-core W4 layout)", allow_module_level=True)
 
 
-def _model(hook):  # noqa: ANN001, ANN202
+def _model(hook):
+    from inlaid.model.layers import ParallelLinear
     from inlaid.model.loader import build_model, init_dummy_weights
     from inlaid.quant.linear import GPTQLinearMethod, replace_linears
-    from inlaid.model.layers import ParallelLinear
 
     arch = ModelArch.from_dict(tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=2,
                                                  num_key_value_heads=1, head_dim=128))
@@ -44,7 +43,7 @@ def _model(hook):  # noqa: ANN001, ANN202
     return arch, model
 
 
-def _pool(arch: ModelArch):  # noqa: ANN202
+def _pool(arch: ModelArch):
     from inlaid.lora.pool import LoRAPool
     from inlaid.lora.synthetic import random_adapter
 
@@ -76,7 +75,7 @@ def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monk
     pending = []
     tcl = w4a16_gemm.w4a16_tcl
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         out = tcl(*args, **kwargs)
         pending.append(isinstance(out, w4a16_gemm.PendingSums))
         return out
