@@ -28,7 +28,8 @@ Invariants of a ``PackedW4`` (what the kernels rely on):
   the kernels gather ``x[:, perm]`` per call (``x[:, perm] @ W[perm] == x @ W``);
 - tensors are contiguous; ``locks`` is a zeroed int32 buffer the GEMV "fixup"
   and "atomic_last" modes use as per-tile semaphores, ``acc`` a zeroed fp32
-  [N] row the M = 1 "atomic_last" mode sums into (the kernel leaves both
+  [N] row the M = 1 atomic modes sum into (the kernel, or the "atomic"
+  mode's finish, ``cast_sums`` or a ``PendingSums`` taker, leaves both
   zeroed again).
 """
 
@@ -186,7 +187,8 @@ class PackedW4:
     locks: torch.Tensor | None = None
     """Zeroed int32 semaphores for the GEMV kernel's "fixup" and "atomic_last" modes (the kernel re-zeroes them)."""
     acc: torch.Tensor | None = None
-    """Zeroed fp32 [N] row the M = 1 GEMV's "atomic_last" mode sums into (the kernel re-zeroes it)."""
+    """Zeroed fp32 [N] row the M = 1 launches' atomic modes sum into (re-zeroed by the last tile program in
+    "atomic_last", by the finish of "atomic": ``cast_sums`` or the kernel that takes the ``PendingSums``)."""
     layout: str = "gptq"
     """Word order of ``qweight``: "gptq" (the checkpoint's) or "tc" (the tensor-core layout, module docstring)."""
 
