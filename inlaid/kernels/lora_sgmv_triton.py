@@ -41,6 +41,7 @@ from .w4a16_gemv import PendingSums
 if HAS_TRITON:
     from ._triton import pdl_enter
     from .silu_mul import silu_times
+    from .w4a16_gemv import take_sums
 
     @triton.jit
     def shrink_split(x_ptr, a_ptr, slots_ptr, ws_ptr, t, sp, D_IN, R, k_per_split, stride_xt, stride_xk, stride_as,
@@ -119,10 +120,7 @@ if HAS_TRITON:
         o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
         if SUMS:
             mask_o = offs_n < D_OUT
-            s_ptrs = sums_ptr + t * D_OUT + offs_n
-            o = tl.load(s_ptrs, mask=mask_o, other=0.0).to(out_ptr.dtype.element_ty)  # cast_sums's rounding
-            tl.debug_barrier()  # every thread has read its sums before any zeroes them (another thread map)
-            tl.store(s_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_o)
+            o = take_sums(sums_ptr + t * D_OUT + offs_n, mask_o, out_ptr.dtype.element_ty)
             tl.store(o_ptrs, tl.where(mask_n, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), o),
                      mask=mask_o)
         else:

@@ -43,6 +43,7 @@ if HAS_TRITON:
     from triton.language.extra import libdevice
 
     from ._triton import pdl_enter
+    from .w4a16_gemv import take_sums
 
     @triton.jit
     def round_to(v, DTYPE: tl.constexpr, ON_CUDA: tl.constexpr):
@@ -65,13 +66,12 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if X_SUMS:  # x: a split-K launch's fp32 sums (PendingSums; HAS_RES holds): rounded, then zeroed
+            x = take_sums(x_ptr + row * stride_x + offs, mask, res_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-            if X_SUMS:  # x: a split-K launch's fp32 sums: cast_sums's rounding, then zero them for its next call
-                x = x.to(res.dtype)
-                tl.debug_barrier()  # every thread has read its sums before any zeroes them (another thread map)
-                tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
             x = round_to(x.to(tl.float32) + res.to(tl.float32), x.dtype, ON_CUDA)  # torch's add: fp32 op, one rounding
             tl.store(rout_ptr + row * stride_rout + offs, x, mask=mask)
         x32 = x.to(tl.float32)

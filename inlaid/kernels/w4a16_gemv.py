@@ -509,6 +509,17 @@ if HAS_TRITON:
         tl.store(ws_ptr + offs, tl.zeros_like(v), mask=mask)
 
     @triton.jit
+    def take_sums(ptrs, mask, DTYPE: tl.constexpr):
+        """A ``PendingSums`` taker's read: the fp32 sums at ``ptrs`` rounded to ``DTYPE`` as ``cast_sums`` rounds
+        them, and zero stored back (after a barrier: the zeroing store may map threads to elements differently
+        from the load, and no sum may be zeroed before its thread has read it)."""
+        v = tl.load(ptrs, mask=mask, other=0.0)
+        rounded = v.to(DTYPE)
+        tl.debug_barrier()
+        tl.store(ptrs, tl.zeros_like(v), mask=mask)
+        return rounded
+
+    @triton.jit
     def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, n_split, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
@@ -749,6 +760,12 @@ def splitk_buffers(out: torch.Tensor, split: int, mode: int, locks: torch.Tensor
     else:
         ws = torch.empty(split, m, n, device=dev, dtype=torch.float32) if mode else out
     return ws, shared_locks if short else locks
+
+
+def atomic_mode(split: int) -> int:
+    """The tensor-core launches' MODE for ``split`` K splits: 0 (one split: plain stores), else "atomic" (adds
+    only; ``finish_splitk`` / ``finish_group`` cast them, or a ``PendingSums`` taker does)."""
+    return 0 if split == 1 else _MODE_ID["atomic"]
 
 
 def finish_splitk(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int) -> None:

@@ -58,8 +58,8 @@ import torch
 from ._triton import HAS_TRITON, kernels_interpreted, tl, triton
 from .w4_layout import PackedW4, kernel_group_size
 from .w4a16_gemv import (
-    _MODE_ID,
     _pow2,
+    atomic_mode,
     check_kernel_inputs,
     check_out,
     finish_group,
@@ -313,7 +313,7 @@ def w4a16_tc(
     cfg = config or tc_config(m, n)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm, m_tiles)
-    mode = 0 if split == 1 else _MODE_ID["atomic"]
+    mode = atomic_mode(split)
     ws, locks = splitk_buffers(out, split, mode, locks, m_tiles * n_tiles, acc)
     _w4_tc_kernel[(m_tiles, n_tiles, split)](
         x, qweight, qzeros, scales, out, ws, locks if mode else ws,
@@ -352,7 +352,7 @@ def w4a16_tc_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TcConfig 
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     split, k_per = tc_split(k, sum(widths), cfg.block_n, _num_sms(x.device.index or 0), cfg.programs_per_sm,
                             m_tiles)
-    mode = 0 if split == 1 else _MODE_ID["atomic"]
+    mode = atomic_mode(split)
     bufs, sums = group_buffers(outs, split, mode, m_tiles, tiles)
     _w4_tc_group_kernel[(m_tiles, sum(tiles), split)](
         x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs),

@@ -34,10 +34,10 @@ Split-K: the programs add their fp32 partial sums atomically into zeroed sums (`
 group in one launch) and re-zeroes them: no host sync, fixed shapes, CUDA-graph safe; the sums are ``packed.acc``
 or the stream's shared ``splitk_scratch``. The one-launch alternative, "atomic_last" (MODE 4: each tile's last
 program casts, stores and re-zeroes), puts a GPU-scope fence, a semaphore round trip and a reload in the tail of
-every tile; the second launch is faster at every M measured (H100, 7B W4, against the tree before: end to end
-batch 1 +3.9-4.8%, with 32 adapters +12.1%, batch 2 / 4 / 8 +12% / +9% / +8%, batch 16 +3%, batch 32 with 32
-adapters +1.9%: ``python benchmarks/ab_table.py benchmarks/results/e2e_castall_ _h100``; M = 33..256: see
-``docs/kernels.md``, "Session 18").
+every tile; the second launch won wherever it was measured against it (H100, 7B W4, end to end: batch 1
++3.9-4.8%, with 32 adapters +12.1%, batch 2 / 4 / 8 +12% / +9% / +8%, batch 16 +3%, batch 32 with 32 adapters
++1.9%, ``python benchmarks/ab_table.py benchmarks/results/e2e_castall_ _h100``; kernels alone at M = 48..256
+where K is split 1.05-1.31x, ``tcl_castany_*_h100.md``, and end to end batch 48-128 +2-7%, ``e2e_castany_``).
 
 LoRA shrink beside the weights: every launcher takes a ``LoRAShrink`` of the same x and, where it fits
 (``SHRINK_MAX_ROWS``, x not permuted for act-order), runs it as extra column tiles of its grid (``SHRINK``:
@@ -65,6 +65,7 @@ from .w4a16_gemv import (
     _MODE_ID,
     PendingSums,
     _pow2,
+    atomic_mode,
     check_out,
     finish_group,
     finish_splitk,
@@ -523,8 +524,8 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
     if m == 1:  # 128 columns, ~16 programs per SM (session 18, end to end against 4 and 8: batch 1 445 -> 455
         # tok/s, 440 at 8; benchmarks/results/lab_m1gp*_h100.md); 4 won while each tile's last program cast
         return TclConfig(16, 128, 4, 1, 16)
-    if m <= 16:  # gate/up in one launch since the "atomic" split finish (session 18 lab, call 6: 25.4-25.9 us
-        # against 29.3-30.3 for two launches at M = 2..16; it lost under "atomic_last")
+    if m <= 16:  # gate/up in one launch since the "atomic" split finish (tcl_group_s18_final_h100.md: 25.1-25.7
+        # us against 28.5-29.6 for two launches at M = 2..16; it lost under "atomic_last")
         return tcl_config(m, n) if n <= 4096 else TclConfig(16, 64, 4, 3, 2)
     if m <= 32:
         return TclConfig(32, 64, 4, 3, 2)
@@ -566,12 +567,6 @@ def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, spl
                              "BLOCK_R": min(SHRINK_CHUNK_R, max(16, triton.next_power_of_2(max(rows, 1))))}
 
 
-def _split_mode(split: int) -> int:
-    """The kernels' MODE for ``split`` K splits: 0 (one split: plain stores), else "atomic" (adds only;
-    ``cast_sums`` after the launch)."""
-    return 0 if split == 1 else _MODE_ID["atomic"]
-
-
 def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None,
               config: TclConfig | None = None, shrink: LoRAShrink | None = None,
               swiglu: SwiGLU | None = None, defer_cast: bool = False) -> torch.Tensor | PendingSums:
@@ -601,7 +596,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
         cfg = config or tcl_m1_config(k, n)
         n_tiles = triton.cdiv(n, cfg.block_n)
         split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm)
-        mode = _split_mode(split)
+        mode = atomic_mode(split)
         ws, locks = splitk_buffers(out, split, mode, packed.locks, n_tiles, packed.acc)
         partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, 1)
         h = None if swiglu is None else swiglu.out
@@ -616,7 +611,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
     cfg = config or tcl_config(m, n, k)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     split, k_per = tc_split(k, n, cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
-    mode = _split_mode(split)
+    mode = atomic_mode(split)
     ws, locks = splitk_buffers(out, split, mode, packed.locks, m_tiles * n_tiles, packed.acc)
     partials, extra, sargs, skw = _shrink_args(shrink, x, permuted, split, m_tiles)
     _w4_tcl_kernel[(m_tiles, n_tiles + extra, split)](
@@ -662,7 +657,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     tiles = [triton.cdiv(n, cfg.block_n) for n in widths]
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's split
     split, k_per = tc_split(k, sum(widths), cfg.block_n, sms, cfg.programs_per_sm, m_tiles)
-    mode = _split_mode(split)
+    mode = atomic_mode(split)
     bufs, sums = group_buffers(outs, split, mode, m_tiles, tiles)
     partials, extra, sargs, skw = _shrink_args(shrink, x, first.perm is not None, split, m_tiles)
     if m == 1:
