@@ -5,7 +5,7 @@ GPU only: the deferral exists where the W4 weights take the tensor-core layout (
 of 128). A small Llama shape (hidden 256, two layers) with random 4-bit weights runs one decode step of 1 and 5
 sequences with and without deferral (``GPTQLinearMethod.takes_defer_cast``), with no LoRA hook and with a pool
 holding two adapters (rows with an adapter and rows without); a spy counts the ``PendingSums`` so the test cannot
-pass with the deferral off.
+pass with the deferral off, and the stream's shared split-K scratch must end zeroed (every finish zeroed its sums).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _pool(arch: ModelArch):
 @pytest.mark.parametrize("lora", [False, True])
 def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monkeypatch) -> None:
     from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
-    from inlaid.kernels import w4a16_gemm
+    from inlaid.kernels import w4a16_gemm, w4a16_gemv
     from inlaid.kernels.paged_attention import allocate_kv_caches
     from inlaid.quant.linear import GPTQLinearMethod
     from inlaid.sampling import SamplingParams
@@ -88,5 +88,7 @@ def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monk
             pending.clear()
             outs.append(model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv))
             assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
+            for kept in w4a16_gemv._SCRATCH.values():
+                assert all(int(sums.count_nonzero()) == 0 for sums, _ in kept), "a finish left its sums"
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
