@@ -32,7 +32,7 @@ program whose partition holds the newest key adds that key and value to its
 online softmax from registers after its loop and then writes them to the
 cache, while every program reads the cache only below the newest key, so no
 program reads a slot another one writes. The model uses it where the launch
-splits the context (``rope_pays``).
+has few programs (``rope_pays``).
 
 Prefill (q_len > 1) is NOT implemented here: it stays on the reference
 (``paged_attention``, SDPA over gathered K/V), which is compute-bound and
@@ -207,19 +207,36 @@ def default_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(block_t=64 if head_dim <= 128 else 32)
 
 
+MIN_PARTITION_KEYS = 128
+"""The fewest keys a context partition gets from ``default_num_splits`` (a context this short is not split).
+H100, fp16, one layer of 7B attention with RoPE, graph-timed (``decode_attention_bench.py``, pages
+``decode_attention_bound{256,4096}_s20_h100``): at batch 1 one partition took 5.4 / 7.4 us at 64 / 128 keys
+against 7.9 / 8.5 split nine ways (with the combine launch), but 11.7 against 8.9 at 256 keys; batch 2 and 4 lose
+at 256 keys too (14.6 / 15.9 against 11.3 / 14.7 us). Was 256 before session 20."""
+
+
 def default_num_splits(num_seqs: int, kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """Context partitions: enough programs for ~2 waves of ``num_sms`` SMs, >= 256 keys each, at most 32."""
+    """Context partitions: enough programs for ~2 waves of ``num_sms`` SMs, >= ``MIN_PARTITION_KEYS`` keys each,
+    at most 32."""
     want = -(-2 * num_sms // max(num_seqs * kv_heads, 1))
-    return max(1, min(32, want, -(-max_seq_len // 256)))
+    return max(1, min(32, want, -(-max_seq_len // MIN_PARTITION_KEYS)))
 
 
-def rope_pays(num_seqs: int, kv_heads: int, max_seq_len: int) -> bool:
-    """Whether ``rope=`` should be used for this launch: where it splits the context (few programs). There the
-    fused launch took 2-8% off the rotary + attention launches (H100, fp16, one layer) and 7B W4 decode at batch
-    1 gained ~2% end to end. With one partition per (sequence, KV head) the kernel was within 3% of the two
-    launches either way, but 7B W4 decode at batch 32 read 0.5-3% slower end to end in three calls (session
-    13), so the rotary launch stays there."""
-    return default_num_splits(num_seqs, kv_heads, max_seq_len) > 1
+def unsplit_max_seq_len(num_seqs: int, kv_heads: int) -> int | None:
+    """The largest ``max_seq_len`` that ``default_num_splits`` runs in one partition (no combine launch) at this
+    batch; None when every length is (the (sequence, KV head) programs alone fill the GPU). CUDA graphs capture a
+    second decode graph at this bound for short contexts (``worker.cuda_graphs``)."""
+    return None if default_num_splits(num_seqs, kv_heads, 1 << 30) == 1 else MIN_PARTITION_KEYS
+
+
+def rope_pays(num_seqs: int, kv_heads: int) -> bool:
+    """Whether ``rope=`` should be used for this launch: where the launch has few programs, i.e. where a long
+    context would be split (``unsplit_max_seq_len`` is not None), whether or not this one is. There the fused
+    launch took 2-8% off the rotary + attention launches (H100, fp16, one layer) and 7B W4 decode at batch 1
+    gained ~2% end to end. With enough (sequence, KV head) programs to fill the GPU the kernel was within 3% of
+    the two launches either way, but 7B W4 decode at batch 32 read 0.5-3% slower end to end in three calls
+    (session 13), so the rotary launch stays there."""
+    return unsplit_max_seq_len(num_seqs, kv_heads) is not None
 
 
 def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:

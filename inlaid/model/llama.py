@@ -31,7 +31,7 @@ Invariants:
   (gate, up): a W4 launch at M = 1 computes it as it loads its input (no ``silu_mul`` launch), every other path
   runs ``silu_mul`` first; same bits either way.
 - Decode-only fp16/bf16 batches on CUDA attend with the Triton paged decode kernel
-  (``inlaid.kernels.paged_attention_triton``); where that launch splits the context (small batches,
+  (``inlaid.kernels.paged_attention_triton``); where that launch has few programs (small batches,
   ``rope_pays``) it also does the step's RoPE and K/V write (``DecodeRope``: one launch instead of two, same
   cache bits). The decode forward has no
   host sync and no data-dependent shape (CUDA-graph capturable, see
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
             rope = None
-            if rotary_kv.fused_ok(q, kv_cache) and pat.rope_pays(t, self.num_kv_heads, batch.max_seq_len):
+            if rotary_kv.fused_ok(q, kv_cache) and pat.rope_pays(t, self.num_kv_heads):
                 # RoPE and the KV write run inside the attention launch
                 rope = pat.DecodeRope(k, v, cos, sin, batch.slot_mapping)
             else:

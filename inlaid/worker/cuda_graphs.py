@@ -15,10 +15,15 @@ Invariants:
   ``fill`` re-pads only rows a previous step may have filled (host cost: no
   padding launches while the batch size stays put).
 - ``block_tables`` are padded to ``max_blocks`` columns and attention is told
-  ``max_seq_len = max_blocks * block_size`` (its split count depends only on
-  that bound), so no shape depends on the step's data.
-- Graphs are keyed by (size, LoRA active, weights version): capturing while no
-  adapter is loaded skips every LoRA launch. A GPTQ hot-swap copies into the
+  a fixed ``max_seq_len`` bound per graph (its split count depends only on
+  that bound, never on the step's data): ``max_blocks * block_size``, or, for
+  a step whose longest context fits ``short_bound(size)`` (the longest context
+  the decode attention runs in one partition at that size), that shorter
+  bound, so short contexts replay a graph without the attention's combine
+  launch (``graph_bound``). The kernel reads each sequence's own length, so
+  either graph is correct for any context; the bound only picks the split.
+- Graphs are keyed by (size, bound, LoRA active, weights version): capturing
+  while no adapter is loaded skips every LoRA launch. A GPTQ hot-swap copies into the
   linears' buffers (same storage), so the graphs stay valid; only a swap that
   must allocate new tensors bumps ``GPTQLinearMethod.version``, and then the
   old graphs are dropped and re-captured.
@@ -65,6 +70,14 @@ def padded_size(num_seqs: int, sizes: tuple[int, ...] = CAPTURE_SIZES) -> int | 
     return next((s for s in sorted(sizes) if s >= num_seqs), None)
 
 
+def graph_bound(max_seq_len: int, full_bound: int, short_bound: int | None) -> int:
+    """The ``max_seq_len`` bound of the graph a step with this longest context replays: ``short_bound`` where the
+    context fits it and it is below the full bound (there the attention is not split), else ``full_bound``."""
+    if short_bound is not None and max_seq_len <= short_bound < full_bound:
+        return short_bound
+    return full_bound
+
+
 class StaticDecodeBuffers:
     """The fixed-address inputs of every decode graph, sized for ``max_size`` sequences."""
 
@@ -91,13 +104,14 @@ class StaticDecodeBuffers:
     def max_seq_len(self) -> int:
         return self.max_blocks * self.block_size
 
-    def view(self, size: int) -> ForwardBatch:
-        """The static ForwardBatch of ``size`` rows (what a graph of that size is captured on)."""
+    def view(self, size: int, max_seq_len: int | None = None) -> ForwardBatch:
+        """The static ForwardBatch of ``size`` rows (what a graph of that size is captured on), telling attention
+        ``max_seq_len`` (default: the full bound ``max_blocks * block_size``)."""
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size], lora_slots=self.lora_slots[:size],
-            logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len,
+            logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=max_seq_len or self.max_seq_len,
         )
 
     def reset(self) -> None:
@@ -110,8 +124,9 @@ class StaticDecodeBuffers:
         self.block_tables.fill_(self.scratch_block)
         self._dirty = 0
 
-    def fill(self, batch: ForwardBatch, size: int) -> ForwardBatch:
-        """Copy a decode batch of B <= size sequences into rows 0..B-1, pad rows B..size-1; returns ``view(size)``."""
+    def fill(self, batch: ForwardBatch, size: int, max_seq_len: int | None = None) -> ForwardBatch:
+        """Copy a decode batch of B <= size sequences into rows 0..B-1, pad rows B..size-1; returns
+        ``view(size, max_seq_len)``."""
         b = batch.num_seqs
         if not batch.is_decode_only or batch.num_tokens != b:
             raise ValueError("only decode-only batches (one token per sequence) can replay a CUDA graph")
@@ -134,7 +149,7 @@ class StaticDecodeBuffers:
             self.seq_lens[b:hi].zero_()
             self.block_tables[b:hi].fill_(self.scratch_block)
         self._dirty = self._dirty if self._dirty > size else b
-        return self.view(size)
+        return self.view(size, max_seq_len)
 
 
 class CudaGraphRunner:
@@ -143,13 +158,13 @@ class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_blocks: int, block_size: int,
                  scratch_block: int, device: torch.device, sizes: tuple[int, ...] = CAPTURE_SIZES,
                  lora_active: Callable[[], bool] = lambda: False, weights_version: Callable[[], int] = lambda: 0,
-                 ) -> None:
+                 short_bound: Callable[[int], int | None] = lambda size: None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model, self.kv_caches, self.sizes = model, kv_caches, tuple(sorted(sizes))
         self.buffers = StaticDecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device)
-        self.lora_active, self.weights_version = lora_active, weights_version
-        self.graphs: dict[tuple[int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_active, self.weights_version, self.short_bound = lora_active, weights_version, short_bound
+        self.graphs: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # graph memory pool shared by all sizes (handle from the first capture)
         self._version: int | None = None
         self.capture_lock = threading.Lock()
@@ -164,40 +179,41 @@ class CudaGraphRunner:
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode batch (replay; capture first if this key is new)."""
         size = padded_size(batch.num_seqs, self.sizes)
-        key = (size, bool(self.lora_active()), int(self.weights_version()))
-        if self._version is not None and key[2] != self._version:
+        bound = graph_bound(batch.max_seq_len, self.buffers.max_seq_len, self.short_bound(size))
+        key = (size, bound, bool(self.lora_active()), int(self.weights_version()))
+        if self._version is not None and key[3] != self._version:
             # Weights were swapped: every graph points at old tensors. Dropping the graphs releases their memory
             # pool, so its handle must go too: capturing into a released pool fails an allocator assertion.
             self.graphs.clear()
             self.pool = None
-        self._version = key[2]
+        self._version = key[3]
         if key not in self.graphs:
             with decode_batch(size):  # the launch options (PDL mode) baked into a graph follow its size only
                 if not self.capture_lock.acquire(blocking=False):  # another thread's GPU work: no capture now
                     self.eager_fallbacks += 1
-                    return self.model(self.buffers.fill(batch, size), self.kv_caches)[: batch.num_seqs]
+                    return self.model(self.buffers.fill(batch, size, bound), self.kv_caches)[: batch.num_seqs]
                 try:
-                    self.graphs[key] = self._capture(size)
+                    self.graphs[key] = self._capture(size, bound)
                 finally:
                     self.capture_lock.release()
         graph, out = self.graphs[key]
-        self.buffers.fill(batch, size)
+        self.buffers.fill(batch, size, bound)
         graph.replay()
         return out[: batch.num_seqs]
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, bound: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self.buffers.reset()
-        static = self.buffers.view(size)
+        static = self.buffers.view(size, bound)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile kernels and run lazy preparations outside the graph
-                self.model(self.buffers.view(size), self.kv_caches)
+                self.model(self.buffers.view(size, bound), self.kv_caches)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model(static, self.kv_caches)
         if self.pool is None:
             self.pool = graph.pool()
-        logger.info("captured decode CUDA graph for batch size %d", size)
+        logger.info("captured decode CUDA graph for batch size %d, contexts up to %d", size, bound)
         return graph, out

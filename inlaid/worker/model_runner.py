@@ -40,6 +40,7 @@ from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import local_heads
 from inlaid.kernels._triton import decode_batch
 from inlaid.kernels.paged_attention import allocate_kv_caches
+from inlaid.kernels.paged_attention_triton import unsplit_max_seq_len
 from inlaid.lora.adapter import LoRAAdapter
 from inlaid.lora.pool import LoRAPool
 from inlaid.model.arch import ModelArch
@@ -113,6 +114,7 @@ class ModelRunner:
                 model, self.kv_caches, -(-bound // block_size), block_size, num_blocks, device, CAPTURE_SIZES,
                 lora_active=lambda: lora_pool.has_adapters,
                 weights_version=lambda: sum(q.version for q in versioned),
+                short_bound=lambda size: unsplit_max_seq_len(size, kv_heads),
             )
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:

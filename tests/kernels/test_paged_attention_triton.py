@@ -125,6 +125,21 @@ def test_zero_length_rows_give_zeros_and_others_unaffected() -> None:
         assert_close(y[1:], _reference(q[1:], cache, tables[1:], lens[1:], 0.25, None), TOL[torch.float32])
 
 
+def test_unsplit_max_seq_len_is_the_longest_context_kept_in_one_partition() -> None:
+    """The bound CUDA graphs capture short contexts at: the split rule keeps every context up to it whole and
+    splits the next one; batches whose (sequence, KV head) programs fill the GPU have no bound (never split)."""
+    for num_seqs, kv_heads in ((1, 32), (8, 32), (1, 3), (64, 3), (1, 8), (32, 8)):
+        bound = pk.unsplit_max_seq_len(num_seqs, kv_heads)
+        assert bound is not None, (num_seqs, kv_heads)
+        assert pk.default_num_splits(num_seqs, kv_heads, bound) == 1
+        assert pk.default_num_splits(num_seqs, kv_heads, bound + 1) > 1
+        assert pk.rope_pays(num_seqs, kv_heads)
+    for num_seqs, kv_heads in ((9, 32), (32, 32), (128, 8), (88, 3)):
+        assert pk.unsplit_max_seq_len(num_seqs, kv_heads) is None, (num_seqs, kv_heads)
+        assert pk.default_num_splits(num_seqs, kv_heads, 1 << 20) == 1
+        assert not pk.rope_pays(num_seqs, kv_heads)
+
+
 def test_bad_inputs_raise_value_error() -> None:
     q, cache, tables, lens = _setup([5, 9], 3, 2, 16, 16, torch.float32, seed=1)
     with pytest.raises(ValueError, match="KVH"):

@@ -14,7 +14,7 @@ import torch
 from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
 from inlaid.model.batch import ForwardBatch
 from inlaid.sampling import SamplingParams
-from inlaid.worker.cuda_graphs import StaticDecodeBuffers, padded_size
+from inlaid.worker.cuda_graphs import StaticDecodeBuffers, graph_bound, padded_size
 from inlaid.worker.forward_batch import build_forward_batch
 
 BLOCK = 4
@@ -35,6 +35,13 @@ def test_padded_size_picks_the_next_captured_size() -> None:
     assert padded_size(129) is None
     with pytest.raises(ValueError):
         padded_size(0)
+
+
+def test_graph_bound_gives_short_contexts_the_short_bound() -> None:
+    assert graph_bound(200, 4096, 256) == 256 and graph_bound(256, 4096, 256) == 256
+    assert graph_bound(257, 4096, 256) == 4096  # one key past it: the full graph
+    assert graph_bound(10, 4096, None) == 4096  # the attention never splits at this size: one graph
+    assert graph_bound(10, 128, 256) == 128  # the full bound is already shorter
 
 
 def test_fill_copies_real_rows_and_pads_the_rest() -> None:
@@ -111,12 +118,48 @@ def test_graph_replay_equals_eager_decode(tiny_llama_dir, dtype: torch.dtype) ->
 
 
 @pytest.mark.gpu
+def test_short_and_long_contexts_replay_their_own_graphs(tiny_llama_dir) -> None:
+    """Past ``unsplit_max_seq_len`` a step replays the full-bound graph (attention split, combine launch), up to
+    it the short-bound graph (one partition); both equal eager, at the same batch size."""
+    from inlaid.kernels.paged_attention_triton import (
+        default_num_splits,
+        unsplit_max_seq_len,
+    )
+    from inlaid.lora.pool import LoRAPool
+    from inlaid.model.arch import ModelArch
+    from inlaid.model.loader import build_model, init_dummy_weights
+    from inlaid.worker.model_runner import ModelRunner
+
+    dev, dtype, bound, blocks = torch.device("cuda"), torch.float16, 1024, 160
+    arch = ModelArch.from_dir(tiny_llama_dir)
+    model = build_model(arch, dev, dtype, max_positions=bound)
+    init_dummy_weights(model, seed=3)
+    pool = LoRAPool(2, 8, arch.num_layers, arch.lora_module_shapes(), dev, dtype)
+    runners = [ModelRunner(model, arch, pool, {}.__getitem__, blocks, BLOCK, dev, dtype, cuda_graphs=g,
+                           max_seq_len=bound) for g in (False, True)]
+    for eager, graphed in zip(runners[0].kv_caches, runners[1].kv_caches):
+        eager.normal_()
+        graphed[:, :blocks].copy_(eager)
+    short = unsplit_max_seq_len(2, arch.num_kv_heads)
+    assert short is not None and default_num_splits(2, arch.num_kv_heads, bound) > 1  # two graphs at size 2
+    for lens in ([7, short], [short + 1, 30], [40, 3]):
+        batch = [build_forward_batch(_decode_step(lens, [-1, -1]), BLOCK, dev) for _ in runners]
+        with torch.inference_mode():
+            want = runners[0].model(batch[0], runners[0].kv_caches).float()
+            got = runners[1].graphs.run(batch[1]).float()
+        err = (want - got).abs().max().item()
+        assert torch.isfinite(got).all() and err <= 1e-2 * want.abs().max().item(), (lens, err)
+    assert sorted(key[:2] for key in runners[1].graphs.graphs) == [(2, short), (2, bound)]
+    torch.testing.assert_close(runners[0].kv_caches[1], runners[1].kv_caches[1][:, :blocks], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
 def test_graphs_recapture_after_a_weight_swap(tiny_llama_dir) -> None:
     """A weights-version change drops every graph (and their memory pool); the next capture must work and see
     the new weights. Regression: capturing into the released pool failed an allocator assertion."""
+    from inlaid.kernels.paged_attention import allocate_kv_caches
     from inlaid.model.arch import ModelArch
     from inlaid.model.loader import build_model, init_dummy_weights
-    from inlaid.kernels.paged_attention import allocate_kv_caches
     from inlaid.worker.cuda_graphs import CudaGraphRunner
 
     dev, dtype = torch.device("cuda"), torch.float16
