@@ -109,7 +109,7 @@ def sweep_point(batch: int, ctx: int, kv_heads: int, bound: int, copies: int) ->
 
                     us = graph_time_us([lambda s=s: call(s) for s in steps])
                     rows.append({"splits": splits, "block_t": bt, "warps": warps, "stages": stages, "us": round(us, 2)})
-    installed = pk.default_config(HEAD_DIM)
+    installed = pk.default_config(HEAD_DIM, bound)
     base = next(r["us"] for r in rows if r["splits"] == default
                 and pk.DecodeConfig(r["block_t"], r["warps"], r["stages"]) == installed)
     best = min(rows, key=lambda r: r["us"])
@@ -149,6 +149,8 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=8, help="input copies per graph")
     ap.add_argument("--points", default=",".join(f"{b}:{c}" for b, c in POINTS), help="batch:context pairs")
     ap.add_argument("--sweep", action="store_true", help="also time the fused launch over a grid of DecodeConfigs")
+    ap.add_argument("--sweep-points", default=",".join(f"{b}:{c}" for b, c in SWEEP_POINTS),
+                    help="batch:context pairs of --sweep")
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -157,8 +159,8 @@ def main() -> int:
     t0 = time.time()
     rows = [time_point(int(b), int(c), args.kv_heads, args.bound, args.copies)
             for b, c in (p.split(":") for p in args.points.split(","))]
-    sweep = ([sweep_point(b, c, args.kv_heads, args.bound, args.copies) for b, c in SWEEP_POINTS]
-             if args.sweep else [])
+    sweep = ([sweep_point(int(b), int(c), args.kv_heads, args.bound, args.copies)
+              for b, c in (p.split(":") for p in args.sweep_points.split(","))] if args.sweep else [])
     import triton
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

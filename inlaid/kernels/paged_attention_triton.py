@@ -200,10 +200,18 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def default_config(head_dim: int) -> DecodeConfig:
+def default_config(head_dim: int, max_seq_len: int | None = None) -> DecodeConfig:
     """The installed launch parameters (32 keys per step above head_dim 128, where a 64-key tile is too big).
     Two stages, not Triton's three: in session 13's H100 sweep (``decode_attention_bench.py --sweep``) they took
-    5-6% off a 64-key context at batch 1 and 32 and stayed within 1.2% of three at 512-2048 keys."""
+    5-6% off a 64-key context at batch 1 and 32 and stayed within 1.2% of three at 512-2048 keys.
+
+    Head_dim 128 with ``max_seq_len <= MIN_PARTITION_KEYS`` (the short-context graphs: at most two tiles a
+    program, nothing for a software pipeline to overlap): 8 warps and one stage. Session 20's sweep at that bound
+    (page ``decode_attention_sweep128_s20_h100``, one partition): batch 1 at 64 / 128 keys 4.63 / 6.76 us against
+    5.40 / 7.51 for the default, batch 2 / 4 / 8 at 96 keys 6.86 / 9.44 / 11.17 against 7.42 / 10.02 / 11.94.
+    Only head_dim 128 was measured."""
+    if head_dim == 128 and max_seq_len is not None and max_seq_len <= MIN_PARTITION_KEYS:
+        return DecodeConfig(block_t=64, num_warps=8, num_stages=1)
     return DecodeConfig(block_t=64 if head_dim <= 128 else 32)
 
 
@@ -304,7 +312,7 @@ def paged_decode_attention(
     if b == 0:
         return out
     parts = num_splits or default_num_splits(b, kvh, max_seq_len)
-    cfg = config or default_config(d)
+    cfg = config or default_config(d, max_seq_len)
     split = parts > 1
     ws_ml = torch.empty(b * h * parts * 2 if split else 1, device=q.device, dtype=torch.float32)
     ws_acc = torch.empty(b * h * parts * d if split else 1, device=q.device, dtype=torch.float32)

@@ -153,7 +153,7 @@ def test_bad_inputs_raise_value_error() -> None:
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_real_shapes(heads: int, kv_heads: int, dtype) -> None:
-    for seq_lens in ([2048], [1, 511, 512, 2048] * 8):
+    for seq_lens in ([2048], [1, 511, 512, 2048] * 8, [1, 64, 100, 128] * 2):  # the last: the short config
         q, cache, tables, lens = _setup(seq_lens, heads, kv_heads, 128, 16, dtype, seed=len(seq_lens))
         y = pk.paged_decode_attention(q, cache, tables, lens, max(seq_lens), 128**-0.5,
                                       out=torch.full_like(q, float("nan")))
@@ -164,12 +164,12 @@ def test_gpu_real_shapes(heads: int, kv_heads: int, dtype) -> None:
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_real_shapes_with_rope(heads: int, kv_heads: int, dtype) -> None:
-    for seq_lens in ([0, 2048], [1, 511, 512, 2048] * 8):
+    for seq_lens, bound in (([0, 2048], 4096), ([1, 511, 512, 2048] * 8, 4096), ([0, 1, 64, 100, 128] * 2, 128)):
         q, k, v, cos, sin, cache, tables, lens, slots, _ = _rope_case(seq_lens, heads, kv_heads, 128, 16, dtype,
                                                                       seed=len(seq_lens))
         ref_cache = cache.clone()
         q_rot, _ = rk.rotary_and_write_kv_triton(q, k, v, cos, sin, ref_cache, slots)
-        y = pk.paged_decode_attention(q, cache, tables, lens, 4096, 128**-0.5, out=torch.full_like(q, float("nan")),
+        y = pk.paged_decode_attention(q, cache, tables, lens, bound, 128**-0.5, out=torch.full_like(q, float("nan")),
                                       rope=pk.DecodeRope(k, v, cos, sin, slots))
         busy = lens > 0
         assert_close(y[busy], _reference(q_rot[busy], ref_cache, tables[busy], lens[busy], 128**-0.5, None), TOL[dtype])
