@@ -31,8 +31,11 @@ from inlaid.bench.pages import write_results
 from inlaid.sampling import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # first match wins
+    ("w4 tc-layout M=1 GEMV", r"_w4_tcl_m1_(group_)?kernel"),
+    ("w4 tc-layout tensor-core", r"_w4_tcl_(group_)?kernel"),
+    ("w4 split-K cast / reduce", r"_cast_sums_kernel|_splitk_reduce_kernel"),
     ("w4 gemv (M=1)", r"_w4_gemv_m1_(group_)?kernel"),
-    ("w4 tensor-core", r"_w4_tc_(nat_)?kernel"),
+    ("w4 tensor-core", r"_w4_tc_(nat_|group_)?kernel"),
     ("w4 small-M / gemv", r"_w4_(small_m|gemv)_kernel"),
     ("w4 tiled gemm", r"_w4a16_kernel"),
     ("w4 dequantize", r"dequant"),
@@ -51,12 +54,12 @@ def category(name: str) -> str:
     return "other (copies, elementwise, index)"
 
 
-def profile_row(eng, batch: int, n_ad: int, steps: int) -> dict:  # noqa: ANN001
+def profile_row(eng, batch: int, n_ad: int, steps: int, prompt_len: int = 32) -> dict:  # noqa: ANN001
     arch = eng.parts.arch
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
-        prompt = torch.randint(3, arch.vocab_size, (32,), generator=gen).tolist()
+        prompt = torch.randint(3, arch.vocab_size, (prompt_len,), generator=gen).tolist()
         eng.add_request(f"p{batch}-{n_ad}-{i}", prompt, params, f"a{i % n_ad}" if n_ad else None)
     for _ in range(4):  # prefill + warm-up decodes (compiles, graph capture)
         eng.step()
@@ -79,7 +82,8 @@ def profile_row(eng, batch: int, n_ad: int, steps: int) -> dict:  # noqa: ANN001
         kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time
     total = sum(by_cat.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"batch": batch, "adapters": n_ad, "steps": steps, "wall_us_per_step": 1e6 * wall / steps,
+    return {"batch": batch, "adapters": n_ad, "prompt_len": prompt_len, "steps": steps,
+            "wall_us_per_step": 1e6 * wall / steps,
             "kernel_us_per_step": total / steps,
             "by_category_us_per_step": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "top_kernels_us_per_step": {k[:90]: v / steps for k, v in top}}
@@ -90,7 +94,7 @@ def to_markdown(res: dict) -> str:
              f"Command: `{res['command']}` ({res['seconds']:.0f} s). us per decode step, from torch.profiler (CUPTI) "
              "over the recorded steps; `idle` = wall - kernel time.", ""]
     for r in res["rows"]:
-        lines += [f"## batch {r['batch']}, {r['adapters']} adapters: wall {r['wall_us_per_step']:.0f} us, kernels "
+        lines += [f"## batch {r['batch']}, {r['adapters']} adapters, prompt {r.get('prompt_len', 32)}: wall {r['wall_us_per_step']:.0f} us, kernels "
                   f"{r['kernel_us_per_step']:.0f} us, idle {r['wall_us_per_step'] - r['kernel_us_per_step']:.0f} us",
                   "", "| category | us per step | share of kernel time |", "|---|---|---|"]
         lines += [f"| {c} | {v:.0f} | {v / r['kernel_us_per_step']:.1%} |" for c, v in r["by_category_us_per_step"].items()]
@@ -104,7 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--rows", default="1:0,32:0,32:32", help="batch:adapters pairs")
+    ap.add_argument("--rows", default="1:0,32:0,32:32",
+                    help="batch:adapters[:prompt_len] (prompt_len default 32: contexts 33-56)")
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     args = ap.parse_args()
     t0 = time.time()
@@ -112,8 +117,8 @@ def main() -> int:
     make_w4(eng.parts.model, args.device, eng.parts.dtype)
     rows = []
     for pair in args.rows.split(","):  # adapter-free rows first: a loaded slot makes LoRA active
-        batch, n_ad = (int(v) for v in pair.split(":"))
-        rows.append(profile_row(eng, batch, n_ad, args.steps))
+        batch, n_ad, *prompt = (int(v) for v in pair.split(":"))
+        rows.append(profile_row(eng, batch, n_ad, args.steps, *prompt))
         print(json.dumps(rows[-1]), flush=True)
     res = {"device": torch.cuda.get_device_name(), "seconds": time.time() - t0, "rows": rows,
            "command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:])}
