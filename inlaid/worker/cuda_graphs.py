@@ -163,7 +163,9 @@ class CudaGraphRunner:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model, self.kv_caches, self.sizes = model, kv_caches, tuple(sorted(sizes))
         self.buffers = StaticDecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device)
-        self.lora_active, self.weights_version, self.short_bound = lora_active, weights_version, short_bound
+        self.lora_active, self.weights_version = lora_active, weights_version
+        self.short_bounds = {size: short_bound(size) for size in self.sizes}
+        """``short_bound`` of each captured size, computed once (``run`` asks on every step)."""
         self.graphs: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # graph memory pool shared by all sizes (handle from the first capture)
         self._version: int | None = None
@@ -179,7 +181,7 @@ class CudaGraphRunner:
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [B, hidden] of a decode batch (replay; capture first if this key is new)."""
         size = padded_size(batch.num_seqs, self.sizes)
-        bound = graph_bound(batch.max_seq_len, self.buffers.max_seq_len, self.short_bound(size))
+        bound = graph_bound(batch.max_seq_len, self.buffers.max_seq_len, self.short_bounds[size])
         key = (size, bound, bool(self.lora_active()), int(self.weights_version()))
         if self._version is not None and key[3] != self._version:
             # Weights were swapped: every graph points at old tensors. Dropping the graphs releases their memory
