@@ -35,10 +35,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_engine(model: str, device: str, num_blocks: int, n_adapters: int, max_num_seqs: int = 64) -> LLMEngine:
-    """A dummy-weight engine with ``n_adapters`` random rank-16 adapters ``a0..`` on all 7 projections."""
+def build_engine(model: str, device: str, num_blocks: int, n_adapters: int, max_num_seqs: int = 64,
+                 dtype: str | None = None) -> LLMEngine:
+    """A dummy-weight engine with ``n_adapters`` random rank-16 adapters ``a0..`` on all 7 projections (``dtype``
+    None: ``build_bench_engine``'s default)."""
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
-    return build_bench_engine(model, device, max(n_adapters, 1), n_adapters, 16, num_blocks, sched, name_prefix="a")
+    return build_bench_engine(model, device, max(n_adapters, 1), n_adapters, 16, num_blocks, sched, name_prefix="a",
+                              dtype=dtype)
 
 
 def run_inlaid(eng: LLMEngine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,

@@ -44,9 +44,9 @@ from inlaid.model.layers import ParallelLinear  # noqa: E402
 from inlaid.quant.linear import GPTQLinearMethod, replace_linears  # noqa: E402
 
 
-def build_engine(model: str, device: str, num_blocks: int, n_adapters: int) -> LLMEngine:
-    """decode_baseline's engine with up to 128 sequences a step (the batch 100/128 rows)."""
-    return baseline_engine(model, device, num_blocks, n_adapters, max_num_seqs=128)
+def build_engine(model: str, device: str, num_blocks: int, n_adapters: int, dtype: str | None = None) -> LLMEngine:
+    """decode_baseline's engine with up to 128 sequences a step (the batch 100/128 rows); ``dtype`` None: bf16."""
+    return baseline_engine(model, device, num_blocks, n_adapters, max_num_seqs=128, dtype=dtype)
 
 
 @torch.no_grad()
@@ -107,6 +107,13 @@ def measure(eng, arch, wbytes: int, batch: int, n_ad: int, graphs: bool, args, l
     return row
 
 
+def weights_label(quant: str, dtype: str) -> str:
+    """The table's weights column: "w4g128" / "bf16" with bf16 activations, "w4g128-fp16" / "fp16" with fp16."""
+    if dtype == "bfloat16":
+        return quant
+    return "fp16" if quant == "bf16" else f"{quant}-fp16"
+
+
 def overlaps(args) -> tuple[bool | None, ...]:  # noqa: ANN001
     """The overlap settings each row is measured with (None: the engine's default)."""
     return {"ab": (False, True), "on": (True,), "off": (False,)}.get(args.overlap, (None,))
@@ -117,7 +124,7 @@ def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa:
         if time.monotonic() > deadline:
             skipped.append(f"llama2-7b {quant}")
             continue
-        eng = build_engine(MODELS["llama2-7b"], args.device, args.num_blocks, 32)
+        eng = build_engine(MODELS["llama2-7b"], args.device, args.num_blocks, 32, args.dtype_7b)
         arch = eng.parts.arch
         if quant == "w4g128":
             make_w4(eng.parts.model, args.device, eng.parts.dtype)
@@ -133,7 +140,7 @@ def bench_7b(args, rows: list, skipped: list, deadline: float) -> None:  # noqa:
                 continue
             for ov in overlaps(args) if graphs else (None,):  # the A/B is for graphed steps
                 rows.append(safe(measure, eng, arch, wb, batch, n_ad, graphs, args,
-                                 {"model": "llama2-7b", "weights": quant}, ov))
+                                 {"model": "llama2-7b", "weights": weights_label(quant, args.dtype_7b)}, ov))
         del eng
         torch.cuda.empty_cache()
 
@@ -228,6 +235,8 @@ def main() -> int:
                     "'batch:adapters,...', adapter-free rows first (a loaded slot makes LoRA active)")
     ap.add_argument("--overlap", choices=("auto", "on", "off", "ab"), default="auto",
                     help="overlapped engine steps per row: the engine's default, on, off, or both (off, then on)")
+    ap.add_argument("--dtype-7b", choices=("bfloat16", "float16"), default="bfloat16",
+                    help="activations of the Llama-2-7B-shaped engine (the SmolLM2 rows stay bf16)")
     ap.add_argument("--out", default="benchmarks/results/e2e_decode")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

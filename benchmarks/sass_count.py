@@ -30,7 +30,8 @@ from pathlib import Path
 
 POINTERS = ("x_ptr", "qw_ptr", "qz_ptr", "sc_ptr", "out_ptr", "ws_ptr", "lock_ptr")
 TYPES = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "out_ptr": "*fp16",
-         "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+         "ws_ptr": "*fp32", "lock_ptr": "*i32", "a_ptr": "*fp16", "slots_ptr": "*i32", "sws_ptr": "*fp32",
+         "u_ptr": "*fp16", "h_ptr": "*fp16"}
 
 
 def loop_body(sass: str) -> list[str]:
@@ -62,6 +63,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--half2", action="store_true", help="m1 only: the half2 PTX tile (fp16/bf16 x on a GPU)")
+    ap.add_argument("--xpairs", action="store_true", help="tcl1 only: the fp16-x step that loads x as 32-bit pairs")
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
     args = ap.parse_args()
     if args.swap and not args.natural:
@@ -85,8 +87,11 @@ def main() -> int:
         elems = args.block_n * 128
     elif args.kernel == "tcl1":
         from inlaid.kernels.w4a16_tcl import _w4_tcl_m1_kernel as fn
-        ints = ("N", "K", "k_per_split", "n_split", "stride_zg", "stride_sg", "stride_om")
-        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 4, "NUM_STAGES": args.stages, "PTX": True}
+        ints = ("N", "K", "k_per_split", "n_split", "stride_zg", "stride_sg", "stride_om", "nt_all", "R", "k_per_s",
+                "n_s", "stride_as", "stride_ar", "stride_wsp")
+        const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 3, "NUM_STAGES": args.stages, "PTX": True,
+                 "SHRINK": False, "BLOCK_R": 16, "BLOCK_K": 64, "ROUNDS": 1, "SILU": False, "STORE_H": False,
+                 "PDL": 2, "XPAIRS": args.xpairs}
         elems = args.block_n * 128
     else:
         from inlaid.kernels import w4a16_tc

@@ -60,15 +60,17 @@ logger = logging.getLogger(__name__)
 
 def build_bench_engine(model: str, device: str = "cpu", slots: int = 4, num_adapters: int = 8, rank: int = 16,
                        num_blocks: int = 256, sched: SchedulerConfig | None = None,
-                       dummy: bool = True, name_prefix: str = "t") -> LLMEngine:  # noqa: F821
+                       dummy: bool = True, name_prefix: str = "t",
+                       dtype: str | None = None) -> LLMEngine:  # noqa: F821
     """An engine over ``model`` (dummy weights unless ``dummy=False``) with random adapters
-    ``{name_prefix}0..{name_prefix}{n-1}`` on the host (all 7 projections, rank ``rank``)."""
+    ``{name_prefix}0..{name_prefix}{n-1}`` on the host (all 7 projections, rank ``rank``); ``dtype`` None: fp32 on
+    CPU, bf16 elsewhere."""
     from inlaid.engine.llm_engine import LLMEngine
     from inlaid.lora.synthetic import random_adapter
 
     cfg = EngineConfig(
         model=ModelConfig(model=model, load_format="dummy" if dummy else "auto",
-                          dtype="float32" if device == "cpu" else "bfloat16"),
+                          dtype=dtype or ("float32" if device == "cpu" else "bfloat16")),
         cache=CacheConfig(num_blocks=num_blocks, block_size=16),
         scheduler=sched or SchedulerConfig(max_queue_len=100_000),
         lora=LoRAConfig(max_loras=slots, max_lora_rank=rank),

@@ -27,7 +27,15 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   atomics).
 - the M = 1 GEMV (``_m1_tcl_tile``): ``w4a16_gemv``'s half2 word (``_half2_words``: 4 HFMA2 over the word's
   (j, j + 4) nibble pairs against fp16 x' = x * 2**-7); here the pair (j, j + 4) is the consecutive input pair
-  (k, k + 1).
+  (k, k + 1). So with fp16 x (``xpairs_ok``; not the SwiGLU input, which the step computes) each pair is one
+  32-bit load of x in the words' own register layout, and the 2**-7 moves onto the weights, exactly, in the HFMA2
+  that subtracts the zero (``_m1_xpair_step``): no gather through shared memory and no scaling pass (offline
+  SASS, ``python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1 [--xpairs]``: 402 -> 370 instructions
+  a step, 125 -> 94 registers). The sums are the gathering step's bit for bit except where x * 2**-7 was
+  subnormal there (|x| < 2**-7), where they are now exact. H100, fp16 x, graph-timed against HEAD in one call
+  (``tcl_xp_{new,old}_*_h100``, ``tcl_xpg_*``): 4096x4096 6.75-6.80 -> 6.31-6.40 us, the 11008 shapes
+  12.65-12.83 -> 11.54-11.75, grouped q/k/v 15.05 -> 12.83, gate/up 21.20 -> 19.49. bf16 x keeps the gathering
+  step (its pairs would need a conversion per thread).
 
 Split-K: the programs add their fp32 partial sums atomically into zeroed sums (``w4a16_gemv`` MODE 3,
 "atomic": no semaphore) and a second launch, ``w4a16_gemv.cast_sums``, casts them into the outputs (all 2-3 of a
@@ -243,11 +251,64 @@ if HAS_TRITON:
         z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
         return q, s, z
 
+    # One word of the fp16-x M = 1 step (``XPAIRS``): $1 = the word, $2..$5 = the fp16 pairs (x_j, x_j+4) of
+    # nibbles j = 0..3 as loaded, $6 / $7 = half2 of -(8 + zc / 128) / -(1 / 2 + zc / 128) (zc = zero + 1);
+    # $0 = fp32 sum of the word's 8 products (code - zc) / 128 * x. The 2**-7 that keeps four products inside
+    # fp16 is on the weights, in the HFMA2 that subtracts the zero (1 / 128 on the low nibbles' 1024 + code,
+    # 1 / 2048 on the high ones' 1024 + 16 code): exact, so x is used as loaded, with no scaling pass.
+    _ASM_WORD_XP = tl.constexpr("""{
+    .reg .b32 t0, t1, t2, t3, q2, a, c7, c11;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c7, 0x20002000;
+    mov.b32 c11, 0x10001000;
+    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 q2, $1, 8;
+    lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 t0, t0, c7, $6;
+    fma.rn.f16x2 t1, t1, c11, $7;
+    fma.rn.f16x2 t2, t2, c7, $6;
+    fma.rn.f16x2 t3, t3, c11, $7;
+    mul.rn.f16x2 a, t0, $2;
+    fma.rn.f16x2 a, t1, $3, a;
+    fma.rn.f16x2 a, t2, $4, a;
+    fma.rn.f16x2 a, t3, $5, a;
+    mov.b32 {lo, hi}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }""")  # 0x2000 = fp16 2**-7, 0x1000 = 2**-11; lop3 0xEA = (a & b) | c
+
+    @triton.jit
+    def _m1_xpair_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr):
+        """``_m1_step`` for fp16 x on a GPU: word c = 4t + v needs the fp16 pairs (x_j, x_j+4) = inputs
+        (k, k + 1) with k = k0 + 32v + 16j1 + 8j0 + 2t (module docstring), i.e. int32 element k0 / 2 + 16v + t + 4j
+        of x. Each is one 32-bit load in the words' own layout (from L1: every column tile reads the same 256
+        bytes), so x needs no gather, shared-memory exchange or rounding pass."""
+        zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
+        z1 = zc + 0xC800  # fp16 bits of -(8 + zc / 128): exact (ulp 1/128 there)
+        z2 = (zc << 4) + 0xB800  # fp16 bits of -(1/2 + zc / 128) (ulp 1/2048 there)
+        cc = tl.arange(0, 16)
+        x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 16 * (cc % 4) + cc // 4)
+        shp: tl.constexpr = (16, BLOCK_N)
+        t = tl.inline_asm_elementwise(
+            _ASM_WORD_XP, "=f,r,r,r,r,r,r,r",
+            [q, tl.broadcast_to(tl.load(x32)[:, None], shp), tl.broadcast_to(tl.load(x32 + 4)[:, None], shp),
+             tl.broadcast_to(tl.load(x32 + 8)[:, None], shp), tl.broadcast_to(tl.load(x32 + 12)[:, None], shp),
+             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
+            dtype=tl.float32, is_pure=True, pack=1)
+        return acc + t * s[None, :]
+
     @triton.jit
     def _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr, PTX: tl.constexpr, u_ptr, h_ptr, pid_n,
-                 SILU: tl.constexpr, STORE_H: tl.constexpr):
+                 SILU: tl.constexpr, STORE_H: tl.constexpr, XPAIRS: tl.constexpr = False):
         """``acc`` [16, BLOCK_N] plus one step of the M = 1 GEMV from its weight loads (``_m1_words``); the sum is
-        formed here so that the scale multiply and the add contract to one FFMA (64 fewer instructions a step)."""
+        formed here so that the scale multiply and the add contract to one FFMA (64 fewer instructions a step).
+        ``XPAIRS``: fp16 x read as pairs (``_m1_xpair_step``)."""
+        if XPAIRS:
+            return _m1_xpair_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N)
         zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
         cc = tl.arange(0, 16)[:, None, None, None]
         x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
@@ -279,7 +340,8 @@ if HAS_TRITON:
     def _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr, u_ptr=None, h_ptr=None,
-                     SILU: tl.constexpr = False, STORE_H: tl.constexpr = False, PDL: tl.constexpr = 0):
+                     SILU: tl.constexpr = False, STORE_H: tl.constexpr = False, PDL: tl.constexpr = 0,
+                     XPAIRS: tl.constexpr = False):
         """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring); without ``PTX``
         (the interpreter) the same sums in fp32 from plain shifts and masks. With ``SILU`` the input is
         ``silu(x) * u`` (``silu_mul.silu_times``: the 128 inputs of a step, before the gather's split), which the
@@ -297,10 +359,10 @@ if HAS_TRITON:
         q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k_lo, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
         pdl_enter(PDL)
         acc = _m1_step(tl.zeros((16, BLOCK_N), dtype=tl.float32), q, s, z, x_ptr, k_lo, offs_n, BLOCK_N, PTX, u_ptr,
-                       h_ptr, pid_n, SILU, STORE_H)
+                       h_ptr, pid_n, SILU, STORE_H, XPAIRS)
         for k0 in tl.range(k_lo + 128, k_hi, STEP, num_stages=NUM_STAGES):
             q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
-            acc = _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N, PTX, u_ptr, h_ptr, pid_n, SILU, STORE_H)
+            acc = _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N, PTX, u_ptr, h_ptr, pid_n, SILU, STORE_H, XPAIRS)
         out = tl.sum(acc, axis=0)[None, :]
         if PTX:
             out = out * (1.0 / H2_X_SCALE)
@@ -403,6 +465,7 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr, PDL: tl.constexpr = 0,
+        XPAIRS: tl.constexpr = False,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
         of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``). The
@@ -418,24 +481,24 @@ if HAS_TRITON:
         else:
             _m1_tcl_tile(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, lock_ptr, N, K, k_per_split, n_split,
                          stride_zg, stride_sg, stride_om, pid, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX,
-                         u_ptr, h_ptr, SILU, STORE_H, PDL)
+                         u_ptr, h_ptr, SILU, STORE_H, PDL, XPAIRS)
 
     @triton.jit
     def _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k,
                     qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
                     lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, XPAIRS: tl.constexpr):
         """Column tile ``pid`` of a grouped M = 1 launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 +
         nt1``, else weight 2."""
         if pid < nt0:
             _m1_tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, n0, K, k_per_split, n_split, n0 // 8, n0, n0, pid,
-                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
+                         pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL, XPAIRS=XPAIRS)
         elif pid < nt0 + nt1:
             _m1_tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, n1, K, k_per_split, n_split, n1 // 8, n1, n1,
-                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
+                         pid - nt0, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL, XPAIRS=XPAIRS)
         else:
             _m1_tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2 // 8, n2, n2,
-                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL)
+                         pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, MODE, NUM_STAGES, PTX, PDL=PDL, XPAIRS=XPAIRS)
 
     @triton.jit
     def _w4_tcl_m1_group_kernel(
@@ -444,7 +507,7 @@ if HAS_TRITON:
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROUNDS: tl.constexpr, PDL: tl.constexpr = 0,
+        ROUNDS: tl.constexpr, PDL: tl.constexpr = 0, XPAIRS: tl.constexpr = False,
     ):
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
@@ -460,7 +523,7 @@ if HAS_TRITON:
         else:
             _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                         qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
-                        MODE, NUM_STAGES, PTX, PDL)
+                        MODE, NUM_STAGES, PTX, PDL, XPAIRS)
 
 
 @dataclass(frozen=True)
@@ -532,6 +595,12 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
     if m <= 64:
         return TclConfig(64, 64, 4, 3, 2) if n <= 4096 else TclConfig(64, 64, 4, 2, 2)
     return TclConfig(64, 64, 4, 2, 2) if n <= 4096 and m <= 128 else None
+
+
+def xpairs_ok(x: torch.Tensor) -> bool:
+    """The M = 1 GEMV reads x as 32-bit fp16 pairs (``_m1_xpair_step``): fp16 on a GPU (compiled: the step is
+    inline PTX) at a 4-byte-aligned address."""
+    return x.dtype == torch.float16 and x.is_cuda and not kernels_interpreted() and x.data_ptr() % 4 == 0
 
 
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
@@ -606,7 +675,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             x if swiglu is None else swiglu.up.contiguous(), x if h is None else h,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None,
-            **skw, **pdl_options(x))
+            XPAIRS=swiglu is None and xpairs_ok(x), **skw, **pdl_options(x))
         return _finish(ws, out, split, mode, defer_cast, shrink, partials)
     cfg = config or tcl_config(m, n, k)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
@@ -664,7 +733,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
             x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs[:-1],
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-            PTX=not kernels_interpreted(), num_warps=cfg.num_warps, **skw, **pdl_options(x))
+            PTX=not kernels_interpreted(), num_warps=cfg.num_warps, XPAIRS=xpairs_ok(x), **skw, **pdl_options(x))
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),

@@ -20,6 +20,7 @@ from triton_setup import (  # skips the module without triton
     gptq_case,
     gptq_reference,
     kernel_module,
+    pack_nibbles,
 )
 
 wk = kernel_module("w4a16_gemm")
@@ -194,6 +195,38 @@ def test_gpu_configs_and_splits(m: int) -> None:
     for cfg in (tcl.TclConfig(16, 64, 4, 2, 1), tcl.TclConfig(32, 128, 8, 3, 4), tcl.TclConfig(64, 256, 8, 2, 2)):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         _check(tcl.w4a16_tcl(x, tc, config=cfg), x, tensors, tc)
+
+
+@pytest.mark.gpu
+def test_gpu_m1_fp16_pairs_match_the_reference_and_stay_finite_at_the_fp16_limit() -> None:
+    """The M = 1 GEMV's fp16 step (``_m1_xpair_step``: x read as 32-bit pairs, the 2**-7 on the weights) against
+    the fp64 reference: ordinary x; x one element off a 4-byte boundary (``xpairs_ok`` refuses it: the gathering
+    step runs); bf16 x (the gathering step); and the overflow bound: the first 128 inputs at 65504 with
+    code - zero = -16 there, so each half of a word's fp16 sum reaches 4 * 16 / 128 * 65504 ~ 2**15 and must stay
+    finite (group 0's scales are small so that the output itself cannot overflow)."""
+    k, n, gs = 4096, 1024, 128
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(1, 16, (k // gs, n), generator=gen)
+    scales = torch.rand(k // gs, n, generator=gen) * 0.02 + 1e-3
+    codes[:gs], zeros[0], scales[0] = 0, 16, 1e-4  # step 0: code - zero = -16 on every word
+    qweight = pack_nibbles(codes).cuda()
+    qzeros = pack_nibbles((zeros - 1).t().contiguous()).t().contiguous().cuda()
+    scales, g_idx = scales.half().cuda(), (torch.arange(k) // gs).to(torch.int32).cuda()
+    tc = lay.prepare_w4(qweight, qzeros, scales, g_idx, gs, layout="tc")
+    buf = torch.empty(k + 1, device="cuda", dtype=torch.float16)
+    for big in (False, True):
+        x = torch.randn(1, k, generator=gen)
+        if big:
+            x[0, :gs] = 65504.0
+        ref = gptq_reference(x.half().cuda(), qweight, qzeros, scales, g_idx)
+        off = buf[1:].view(1, k).copy_(x.half().cuda())
+        for xi, pairs in ((x.half().cuda(), True), (off, False), (x.bfloat16().cuda(), False)):
+            assert tcl.xpairs_ok(xi) == pairs
+            out = torch.full((1, n), float("nan"), device="cuda", dtype=xi.dtype)
+            y = tcl.w4a16_tcl(xi, tc, out=out)
+            assert_close(y, ref if xi.dtype == torch.float16 else gptq_reference(xi, qweight, qzeros, scales, g_idx),
+                         3e-3 if xi.dtype == torch.float16 else 1e-2)  # also: every element finite
 
 
 @pytest.mark.parametrize("m", [1, 6])
@@ -386,7 +419,8 @@ def test_swiglu_through_the_dispatcher_on_any_weight() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_swiglu_down_proj_matches_two_launches(dtype: torch.dtype) -> None:
-    """The 7B down_proj at M = 1: bit for bit the two-launch result at one K split, within the reference's bound
+    """The 7B down_proj at M = 1: bit for bit the two-launch result at one K split (bf16; fp16's second launch
+    reads x as pairs, so within 2e-3 there), within the reference's bound
     at the default split, the product stored, a rank-16 shrink beside it, and CUDA-graph replays on new inputs."""
     sm, lt = kernel_module("silu_mul"), kernel_module("lora_sgmv_triton")
     tensors, _, tc = _tc_case(11008, 4096, 128, act_order=False, seed=5)
@@ -394,8 +428,11 @@ def test_gpu_swiglu_down_proj_matches_two_launches(dtype: torch.dtype) -> None:
     want = sm.silu_mul_triton(gate, up)
     one = tcl.TclConfig(16, 512, 4, 1, 0.01)
     h = torch.full_like(gate, float("nan"))
-    assert torch.equal(tcl.w4a16_tcl(gate, tc, config=one, swiglu=sm.SwiGLU(up, h)),
-                       tcl.w4a16_tcl(want, tc, config=one))
+    fused, two = tcl.w4a16_tcl(gate, tc, config=one, swiglu=sm.SwiGLU(up, h)), tcl.w4a16_tcl(want, tc, config=one)
+    if dtype == torch.bfloat16:  # both read the product through the gathering step
+        assert torch.equal(fused, two)
+    else:  # the second reads fp16 x as pairs (``_m1_xpair_step``): the same sums except where x * 2**-7 was
+        assert_close(fused, two, 2e-3)  # subnormal in the gathering step
     assert torch.equal(h, want)
     a = (torch.randn(4, 16, 11008, device="cuda") * 0.05).to(dtype)
     slots = torch.tensor([2], device="cuda", dtype=torch.int32)
