@@ -15,7 +15,8 @@ the KV cache read at the mean context, at ``--peak-tbps`` (3.0 TB/s for an H100)
 roofline tok/s. ``--w4-b1-only`` keeps just the W4 7B batch-1 rows (short device runs); ``--w4-only`` skips
 the bf16 7B model. ``--overlap ab`` measures every row with overlapped engine steps off, then on (same engine,
 ``LLMEngine.overlap``; graphed rows only), so the two columns are a same-run A/B; the default, ``auto``, is the
-engine's default. A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
+engine's default. ``--dtype-7b float16`` runs the Llama-2-7B-shaped engine with fp16 activations (default bf16,
+the engine's ``auto`` on CUDA). A ``--budget-s`` deadline skips the remaining rows (listed as skipped) so the run stays short.
 
     python benchmarks/e2e_decode.py --out benchmarks/results/e2e_decode
 """
