@@ -287,23 +287,43 @@ if HAS_TRITON:
             _m1_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2, n2 // 8, n2, n2,
                      pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
 
-    def h2_unpack_ptx(word: str, z1: str, z2: str) -> str:
+    def h2_unpack_ptx(word: str, z1: str, z2: str, scaled: bool = False) -> str:
         """PTX that unpacks the int32 ``word`` into half2 registers t0..t3 = (code_j - zero, code_j+4 - zero),
         j = 0..3, exactly (needs ``.reg .b32 t0, t1, t2, t3, q2, c16``). One LOP3 with ``0x64006400`` makes
         (1024 + code_j, 1024 + code_j+4); nibbles 1/5 and 3/7 are read in place at 16x and scaled back by the HFMA2
         that subtracts: (1024 + 16c) / 16 - (64 + z) = c - z (ulp 1/16 at 64..128). ``z1`` = half2 of
-        1024 + zero, ``z2`` = half2 of -(64 + zero). Shared by this module's M = 1 word and ``w4a16_tcl``."""
-        return f"""mov.b32 c16, 0x2C002C00;
+        1024 + zero, ``z2`` = half2 of -(64 + zero). With ``scaled`` the results are (code - zero) * 2**-7 (the
+        subtracting HFMA2s scale by 2**-7 / 2**-11; ``z1`` / ``z2`` = half2 of -(8 + zero / 128) / -(1/2 + zero /
+        128), all exact; needs ``c7, c11`` instead of ``c16``). Shared by this module's M = 1 word and
+        ``w4a16_tcl``."""
+        if scaled:  # 0x2000 = fp16 2**-7, 0x1000 = 2**-11
+            consts, low = "mov.b32 c7, 0x20002000;\n    mov.b32 c11, 0x10001000;", "fma.rn.f16x2 {t}, {t}, c7, {z1};"
+            high = "fma.rn.f16x2 {t}, {t}, c11, {z2};"
+        else:  # 0x2C00 = fp16 1/16
+            consts, low, high = "mov.b32 c16, 0x2C002C00;", "sub.f16x2 {t}, {t}, {z1};", "fma.rn.f16x2 {t}, {t}, c16, {z2};"
+        sub = "\n    ".join(f.format(t=t, z1=z1, z2=z2) for t, f in (("t0", low), ("t1", high), ("t2", low), ("t3", high)))
+        return f"""{consts}
     lop3.b32 t0, {word}, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t1, {word}, 0x00F000F0, 0x64006400, 0xEA;
     shr.u32 q2, {word}, 8;
     lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
-    sub.f16x2 t0, t0, {z1};
-    fma.rn.f16x2 t1, t1, c16, {z2};
-    sub.f16x2 t2, t2, {z1};
-    fma.rn.f16x2 t3, t3, c16, {z2};
-    """  # lop3 0xEA = (a & b) | c; 0x2C00 = fp16 1/16
+    {sub}
+    """  # lop3 0xEA = (a & b) | c
+
+    def h2_word_sum_ptx(out: str, x0: str, x1: str, x2: str, x3: str) -> str:
+        """PTX that sums the 8 products of an unpacked word (``h2_unpack_ptx``'s t0..t3) against the half2 x pairs
+        ``x0..x3`` in fp16 (4 HFMA2) and joins the two halves into the fp32 ``out`` (needs ``.reg .b32 a``,
+        ``.reg .b16 lo, hi`` and ``.reg .f32 flo, fhi``)."""
+        return f"""mul.rn.f16x2 a, t0, {x0};
+    fma.rn.f16x2 a, t1, {x1}, a;
+    fma.rn.f16x2 a, t2, {x2}, a;
+    fma.rn.f16x2 a, t3, {x3}, a;
+    mov.b32 {{lo, hi}}, a;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 {out}, flo, fhi;
+    """
 
     # One word of the half2 path: $1 = the word, $2..$5 = half2 (x'_j, x'_j+4) for j = 0..3, $6 = half2 of
     # 1024 + zero, $7 = half2 of -(64 + zero); $0 = fp32 sum of the word's 8 products (module docstring).
@@ -311,15 +331,7 @@ if HAS_TRITON:
     .reg .b32 t0, t1, t2, t3, q2, a, c16;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    """ + h2_unpack_ptx("$1", "$6", "$7") + """mul.rn.f16x2 a, t0, $2;
-    fma.rn.f16x2 a, t1, $3, a;
-    fma.rn.f16x2 a, t2, $4, a;
-    fma.rn.f16x2 a, t3, $5, a;
-    mov.b32 {lo, hi}, a;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
-    }""")
+    """ + h2_unpack_ptx("$1", "$6", "$7") + h2_word_sum_ptx("$0", "$2", "$3", "$4", "$5") + "}")
     H2_X_SCALE = tl.constexpr(0.0078125)
     """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum to at most
     2**15 in magnitude."""

@@ -119,6 +119,7 @@ if HAS_TRITON:
         _fp32_words,
         _half2_words,
         h2_unpack_ptx,
+        h2_word_sum_ptx,
     )
     from .lora_sgmv_triton import shrink_split
     from ._triton import pdl_enter
@@ -260,26 +261,7 @@ if HAS_TRITON:
     .reg .b32 t0, t1, t2, t3, q2, a, c7, c11;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    mov.b32 c7, 0x20002000;
-    mov.b32 c11, 0x10001000;
-    lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 q2, $1, 8;
-    lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 t0, t0, c7, $6;
-    fma.rn.f16x2 t1, t1, c11, $7;
-    fma.rn.f16x2 t2, t2, c7, $6;
-    fma.rn.f16x2 t3, t3, c11, $7;
-    mul.rn.f16x2 a, t0, $2;
-    fma.rn.f16x2 a, t1, $3, a;
-    fma.rn.f16x2 a, t2, $4, a;
-    fma.rn.f16x2 a, t3, $5, a;
-    mov.b32 {lo, hi}, a;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
-    }""")  # 0x2000 = fp16 2**-7, 0x1000 = 2**-11; lop3 0xEA = (a & b) | c
+    """ + h2_unpack_ptx("$1", "$6", "$7", scaled=True) + h2_word_sum_ptx("$0", "$2", "$3", "$4", "$5") + "}")
 
     @triton.jit
     def _m1_xpair_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr):
