@@ -297,18 +297,21 @@ if HAS_TRITON:
         128), all exact; needs ``c7, c11`` instead of ``c16``). Shared by this module's M = 1 word and
         ``w4a16_tcl``."""
         if scaled:  # 0x2000 = fp16 2**-7, 0x1000 = 2**-11
-            consts, low = "mov.b32 c7, 0x20002000;\n    mov.b32 c11, 0x10001000;", "fma.rn.f16x2 {t}, {t}, c7, {z1};"
-            high = "fma.rn.f16x2 {t}, {t}, c11, {z2};"
+            consts = "mov.b32 c7, 0x20002000;\n    mov.b32 c11, 0x10001000;"
+            low, high = "fma.rn.f16x2 {t}, {t}, c7, " + z1, "fma.rn.f16x2 {t}, {t}, c11, " + z2
         else:  # 0x2C00 = fp16 1/16
-            consts, low, high = "mov.b32 c16, 0x2C002C00;", "sub.f16x2 {t}, {t}, {z1};", "fma.rn.f16x2 {t}, {t}, c16, {z2};"
-        sub = "\n    ".join(f.format(t=t, z1=z1, z2=z2) for t, f in (("t0", low), ("t1", high), ("t2", low), ("t3", high)))
+            consts = "mov.b32 c16, 0x2C002C00;"
+            low, high = "sub.f16x2 {t}, {t}, " + z1, "fma.rn.f16x2 {t}, {t}, c16, " + z2
         return f"""{consts}
     lop3.b32 t0, {word}, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t1, {word}, 0x00F000F0, 0x64006400, 0xEA;
     shr.u32 q2, {word}, 8;
     lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
-    {sub}
+    {low.format(t="t0")};
+    {high.format(t="t1")};
+    {low.format(t="t2")};
+    {high.format(t="t3")};
     """  # lop3 0xEA = (a & b) | c
 
     def h2_word_sum_ptx(out: str, x0: str, x1: str, x2: str, x3: str) -> str:
@@ -351,18 +354,26 @@ if HAS_TRITON:
         return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
     @triton.jit
+    def half2_word_sums(asm: tl.constexpr, q, z1, z2, p0, p1, p2, p3, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
+        """fp32 [BKW, BLOCK_N]: the word asm ``asm`` (``_ASM_WORD_H2`` or ``w4a16_tcl``'s scaled word) over the
+        words ``q``, with ``p0..p3`` [BKW] the int32 half2 x pairs of nibbles (j, j + 4) of every word row and
+        ``z1`` / ``z2`` [BLOCK_N] the fp16 bits of the zero terms of each column."""
+        shp: tl.constexpr = (BKW, BLOCK_N)
+        return tl.inline_asm_elementwise(
+            asm, "=f,r,r,r,r,r,r,r",
+            [q, tl.broadcast_to(p0[:, None], shp), tl.broadcast_to(p1[:, None], shp),
+             tl.broadcast_to(p2[:, None], shp), tl.broadcast_to(p3[:, None], shp),
+             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
+            dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
     def _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
         """fp32 [BKW, BLOCK_N]: each word's sum of (code_j - zero) * x'_j over its 8 nibbles (``_ASM_WORD_H2``);
         ``zc`` [BLOCK_N] the zeros, ``x0..x7`` [BKW] fp16 x' of nibble j of every word row."""
         z1 = zc + 0x6400  # fp16 bits of 1024 + zero (exact: ulp 1 there)
         z2 = (zc << 4) + 0xD400  # fp16 bits of -(64 + zero) (ulp 1/16 there)
-        shp: tl.constexpr = (BKW, BLOCK_N)
-        return tl.inline_asm_elementwise(
-            _ASM_WORD_H2, "=f,r,r,r,r,r,r,r",
-            [q, tl.broadcast_to(_half2_pair(x0, x4)[:, None], shp), tl.broadcast_to(_half2_pair(x1, x5)[:, None], shp),
-             tl.broadcast_to(_half2_pair(x2, x6)[:, None], shp), tl.broadcast_to(_half2_pair(x3, x7)[:, None], shp),
-             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
-            dtype=tl.float32, is_pure=True, pack=1)
+        return half2_word_sums(_ASM_WORD_H2, q, z1, z2, _half2_pair(x0, x4), _half2_pair(x1, x5),
+                               _half2_pair(x2, x6), _half2_pair(x3, x7), BKW, BLOCK_N)
 
     @triton.jit
     def _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -120,6 +120,7 @@ if HAS_TRITON:
         _half2_words,
         h2_unpack_ptx,
         h2_word_sum_ptx,
+        half2_word_sums,
     )
     from .lora_sgmv_triton import shrink_split
     from ._triton import pdl_enter
@@ -264,23 +265,17 @@ if HAS_TRITON:
     """ + h2_unpack_ptx("$1", "$6", "$7", scaled=True) + h2_word_sum_ptx("$0", "$2", "$3", "$4", "$5") + "}")
 
     @triton.jit
-    def _m1_xpair_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr):
-        """``_m1_step`` for fp16 x on a GPU: word c = 4t + v needs the fp16 pairs (x_j, x_j+4) = inputs
-        (k, k + 1) with k = k0 + 32v + 16j1 + 8j0 + 2t (module docstring), i.e. int32 element k0 / 2 + 16v + t + 4j
-        of x. Each is one 32-bit load in the words' own layout (from L1: every column tile reads the same 256
-        bytes), so x needs no gather, shared-memory exchange or rounding pass."""
-        zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
-        z1 = zc + 0xC800  # fp16 bits of -(8 + zc / 128): exact (ulp 1/128 there)
-        z2 = (zc << 4) + 0xB800  # fp16 bits of -(1/2 + zc / 128) (ulp 1/2048 there)
+    def _m1_xpair_step(acc, q, s, zc, x_ptr, k0, BLOCK_N: tl.constexpr):
+        """``_m1_step`` for fp16 x on a GPU (``zc`` = the columns' zeros + 1): word c = 4t + v needs the fp16 pairs
+        (x_j, x_j+4) = inputs (k, k + 1) with k = k0 + 32v + 16j1 + 8j0 + 2t (module docstring), i.e. int32 element
+        k0 / 2 + 16v + t + 4j of x. Each is one 32-bit load in the words' own layout (from L1: every column tile
+        reads the same 256 bytes), so x needs no gather, shared-memory exchange or rounding pass."""
         cc = tl.arange(0, 16)
         x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 16 * (cc % 4) + cc // 4)
-        shp: tl.constexpr = (16, BLOCK_N)
-        t = tl.inline_asm_elementwise(
-            _ASM_WORD_XP, "=f,r,r,r,r,r,r,r",
-            [q, tl.broadcast_to(tl.load(x32)[:, None], shp), tl.broadcast_to(tl.load(x32 + 4)[:, None], shp),
-             tl.broadcast_to(tl.load(x32 + 8)[:, None], shp), tl.broadcast_to(tl.load(x32 + 12)[:, None], shp),
-             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
-            dtype=tl.float32, is_pure=True, pack=1)
+        z1 = zc + 0xC800  # fp16 bits of -(8 + zc / 128): exact (ulp 1/128 there)
+        z2 = (zc << 4) + 0xB800  # fp16 bits of -(1/2 + zc / 128) (ulp 1/2048 there)
+        t = half2_word_sums(_ASM_WORD_XP, q, z1, z2, tl.load(x32), tl.load(x32 + 4), tl.load(x32 + 8),
+                            tl.load(x32 + 12), 16, BLOCK_N)
         return acc + t * s[None, :]
 
     @triton.jit
@@ -288,10 +283,11 @@ if HAS_TRITON:
                  SILU: tl.constexpr, STORE_H: tl.constexpr, XPAIRS: tl.constexpr = False):
         """``acc`` [16, BLOCK_N] plus one step of the M = 1 GEMV from its weight loads (``_m1_words``); the sum is
         formed here so that the scale multiply and the add contract to one FFMA (64 fewer instructions a step).
-        ``XPAIRS``: fp16 x read as pairs (``_m1_xpair_step``)."""
-        if XPAIRS:
-            return _m1_xpair_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N)
+        ``XPAIRS``: fp16 x read as pairs (``_m1_xpair_step``; not with ``SILU``, whose input this step computes)."""
+        tl.static_assert(not (XPAIRS and SILU), "XPAIRS reads x as loaded: no SILU input")
         zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
+        if XPAIRS:
+            return _m1_xpair_step(acc, q, s, zc, x_ptr, k0, BLOCK_N)
         cc = tl.arange(0, 16)[:, None, None, None]
         x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
                  + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
