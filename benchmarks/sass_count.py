@@ -12,6 +12,7 @@ loop label to its backward branch). Per element = loop instructions x threads / 
     python benchmarks/sass_count.py tc --swap --natural --block-m 32 --block-n 128      # swapped operands
     python benchmarks/sass_count.py tcl --block-m 32 --block-n 64       # the tensor-core layout's step (w4a16_tcl)
     python benchmarks/sass_count.py tcl1 --block-n 256 --stages 2      # its M = 1 GEMV
+    python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1 [--xpairs | --silu] [--bf16]   # its steps
     PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
 
 Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
@@ -64,6 +65,9 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--half2", action="store_true", help="m1 only: the half2 PTX tile (fp16/bf16 x on a GPU)")
     ap.add_argument("--xpairs", action="store_true", help="tcl1 only: the fp16-x step that loads x as 32-bit pairs")
+    ap.add_argument("--silu", action="store_true", help="tcl1 only: the SwiGLU step (x = silu(gate) * up, stored)")
+    ap.add_argument("--bf16", action="store_true", help="tcl1 and tcl: bf16 activations (default fp16)")
+    ap.add_argument("--dump", type=Path, default=None, help="also write the loop body's SASS to this file")
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="tree to import")
     args = ap.parse_args()
     if args.swap and not args.natural:
@@ -81,16 +85,19 @@ def main() -> int:
         elems = args.block_n * args.block_k
     elif args.kernel == "tcl":
         from inlaid.kernels.w4a16_tcl import _w4_tcl_kernel as fn
-        ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_zg", "stride_sg", "stride_om")
-        const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
-                 "NUM_STAGES": args.stages, "WARPS": args.warps, "BF16": False, "MAGIC": 0x6400, "PTX": True}
+        ints = ("M", "N", "K", "k_per_split", "n_split", "stride_xm", "stride_zg", "stride_sg", "stride_om", "nt_all",
+                "R", "k_per_s", "n_s", "stride_as", "stride_ar", "stride_wsp", "stride_wt")
+        const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 3,
+                 "NUM_STAGES": args.stages, "WARPS": args.warps, "BF16": args.bf16,
+                 "MAGIC": 0x4300 if args.bf16 else 0x6400, "PTX": True, "SHRINK": False, "BLOCK_R": 16,
+                 "BLOCK_K": 64, "ROUNDS": 1, "PRELOAD": True, "PDL": 2}
         elems = args.block_n * 128
     elif args.kernel == "tcl1":
         from inlaid.kernels.w4a16_tcl import _w4_tcl_m1_kernel as fn
         ints = ("N", "K", "k_per_split", "n_split", "stride_zg", "stride_sg", "stride_om", "nt_all", "R", "k_per_s",
                 "n_s", "stride_as", "stride_ar", "stride_wsp")
         const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 3, "NUM_STAGES": args.stages, "PTX": True,
-                 "SHRINK": False, "BLOCK_R": 16, "BLOCK_K": 64, "ROUNDS": 1, "SILU": False, "STORE_H": False,
+                 "SHRINK": False, "BLOCK_R": 16, "BLOCK_K": 64, "ROUNDS": 1, "SILU": args.silu, "STORE_H": args.silu,
                  "PDL": 2, "XPAIRS": args.xpairs}
         elems = args.block_n * 128
     else:
@@ -102,7 +109,8 @@ def main() -> int:
         const = {"GROUP_SIZE": 128, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MODE": 4,
                  "NUM_STAGES": args.stages, "BF16": False, "MAGIC": 0x6400, "NATURAL": args.natural, "SWAP": args.swap}
         elems = args.block_n * 128
-    sig = {**TYPES, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
+    types = {a: t.replace("fp16", "bf16") for a, t in TYPES.items()} if args.bf16 else TYPES
+    sig = {**types, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
     sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig)
              if a in POINTERS or (a in ints and a not in ("M", "n_split"))}
@@ -114,6 +122,8 @@ def main() -> int:
         Path(cubin).write_bytes(kernel.asm["cubin"])
         sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
     body = loop_body(sass)
+    if args.dump:
+        args.dump.write_text("\n".join(body) + "\n")
     per_elem = len(body) * args.warps * 32 / elems
     ops = collections.Counter(opcode(x) for x in body).most_common(args.top)
     regs = max(map(int, re.findall(r"\bR(\d+)\b", sass))) + 1

@@ -1,6 +1,7 @@
 """W4A16 on the tensor-core layout (``w4a16_tcl``) vs the GPTQ-layout kernels vs fp16 cuBLAS, M = 1..256 (issue 8).
 
-Same run, same GPU, Llama-2-7B shapes, group 128, fp16. Per shape and M: ``cublas_fp16`` (dense weights),
+Same run, same GPU, Llama-2-7B shapes, group 128, fp16 (``--dtype bfloat16``: bf16 x, outputs and dense
+weights; the scales stay fp16). Per shape and M: ``cublas_fp16`` (dense weights),
 ``gptq`` (``w4a16_linear`` on the checkpoint's layout: the GEMV at M = 1, ``w4a16_tc`` at 2..128, dequantize +
 cuBLAS above) and ``tcl`` (``w4a16_linear`` on the same weights in the tensor-core layout, as a served model
 gets them: ``w4a16_tcl`` to ``TCL_MAX_M`` rows, dequantize + cuBLAS above). ``--sweep-m1`` adds ``TclConfig``
@@ -47,6 +48,7 @@ SWEEP = {f"tc_{bm}_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(bm, bn, w, st, p)
              *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4)), *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),
              *itertools.product((128,), (8,), (2, 3), (1, 2)), *itertools.product((256,), (8,), (2,), (1, 2)))}
 ROWS: list[dict] = []
+DTYPE = torch.float16
 
 
 def log(**kw) -> None:
@@ -59,17 +61,18 @@ def log(**kw) -> None:
 
 
 def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
-    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        dtype=str(DTYPE).removeprefix("torch."))
     for k, n in shapes:
         w4_bytes = k * n // 2 + k // GS * n * 5 // 2
         raw = [random_w4(k, n, GS, DEV) for _ in range(max(2, -(-3 * L2_BYTES // w4_bytes)))]
         packs = {lay: [wk.prepare_w4(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], GS, layout=lay) for c in raw]
                  for lay in ("gptq", "tc")}
         copies = max(2, -(-3 * L2_BYTES // (2 * k * n)))
-        dense = [torch.randn(k, n, device=DEV, dtype=torch.float16) for _ in range(copies)]
+        dense = [torch.randn(k, n, device=DEV, dtype=DTYPE) for _ in range(copies)]
         for m in ms:
-            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-            out = torch.empty(m, n, device=DEV, dtype=torch.float16)
+            x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+            out = torch.empty(m, n, device=DEV, dtype=DTYPE)
             ref = gptq_dequant.gptq_linear(x.float(), raw[0]["qweight"], raw[0]["qzeros"], raw[0]["scales"].float(),
                                            raw[0]["g_idx"], 4)
             impls = {"cublas_fp16": (dense, lambda d: torch.matmul(x, d, out=out)),
@@ -111,14 +114,15 @@ def run_groups(ms: tuple[int, ...], sweep_m1: bool = False) -> None:
     """Sibling weights of one x (Llama-2-7B q/k/v, gate/up) in the tensor-core layout: ``w4a16_linear_group`` as
     installed vs one ``w4a16_linear`` per weight, each checked against the reference first; with ``sweep_m1`` also
     ``w4a16_tcl_group`` at M = 1 under every ``M1_SWEEP`` config (checked against the installed launch)."""
-    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        dtype=str(DTYPE).removeprefix("torch."))
     for label, (k, widths) in GROUPS.items():
         copies = max(2, -(-3 * L2_BYTES // (k * sum(widths) // 2)))
         raw = [[random_w4(k, n, GS, DEV) for n in widths] for _ in range(copies)]
         sets = [[wk.prepare_w4(r["qweight"], r["qzeros"], r["scales"], r["g_idx"], GS, layout="tc") for r in rs]
                 for rs in raw]
         for m in ms:
-            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            x = torch.randn(m, k, device=DEV, dtype=DTYPE)
             row = {"group": label, "m": m}
             try:
                 for y, r in zip(wk.w4a16_linear_group(x, sets[0], [None] * len(widths)), raw[0]):
@@ -150,6 +154,10 @@ def run_groups(ms: tuple[int, ...], sweep_m1: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def _label(env: dict) -> str:
+    return {"float16": "fp16", "bfloat16": "bf16"}[env.get("dtype", "float16")]
+
+
 def rejected_line() -> str:
     bad = [r for r in ROWS if r.get("event") in ("wrong", "fail")]
     return f"Rejected (wrong or failed): {len(bad)}" + ("" if not bad else f": {bad}")
@@ -159,7 +167,7 @@ def groups_markdown(seconds: float, command: str) -> str:
     env = next(r for r in ROWS if r.get("event") == "env")
     lines = [f"# Grouped sibling launches on the tensor-core layout ({env['gpu']}, torch {env['torch']}, triton "
              f"{env['triton']})", "", f"Command: `{command}` ({seconds:.0f} s). us per call of all siblings, CUDA "
-             "graph over weight copies > 3x L2, group 128, fp16. `grouped`: `w4a16_linear_group` as installed "
+             f"graph over weight copies > 3x L2, group 128, {_label(env)}. `grouped`: `w4a16_linear_group` as installed "
              "(one launch where `tcl_group_config` says so, else one per weight); `separate`: one `w4a16_linear` "
              "per weight.", "", "| siblings | M | separate | grouped | separate / grouped |", "|---|---|---|---|---|"]
     for r in ROWS:
@@ -183,13 +191,13 @@ def groups_markdown(seconds: float, command: str) -> str:
 def to_markdown(seconds: float, command: str) -> str:
     env = next(r for r in ROWS if r.get("event") == "env")
     t = {(r["shape"], r["m"], r["impl"]): r["us"] for r in ROWS if r.get("event") == "time"}
-    lines = [f"# W4A16 on the tensor-core layout vs the GPTQ layout vs fp16 cuBLAS ({env['gpu']}, torch "
+    lines = [f"# W4A16 on the tensor-core layout vs the GPTQ layout vs {_label(env)} cuBLAS ({env['gpu']}, torch "
              f"{env['torch']}, triton {env['triton']})", "",
              f"Command: `{command}` ({seconds:.0f} s). us per call, CUDA graph over weight copies > 3x L2, group 128, "
-             "fp16; x = cuBLAS time / this time. `gptq`: `w4a16_linear` on the checkpoint's layout (the GEMV at "
+             f"{_label(env)}; x = cuBLAS time / this time. `gptq`: `w4a16_linear` on the checkpoint's layout (the GEMV at "
              "M = 1, `w4a16_tc` at 2..128, dequantize + cuBLAS above); `tcl`: `w4a16_linear` on the tensor-core "
              "layout (`w4a16_tcl` to `TCL_MAX_M` rows, dequantize + cuBLAS above); TB/s of the W4 bytes at `tcl`.", "",
-             "| shape (KxN) | M | cuBLAS fp16 | gptq | x | tcl | x | tcl vs gptq | tcl TB/s |",
+             f"| shape (KxN) | M | cuBLAS {_label(env)} | gptq | x | tcl | x | tcl vs gptq | tcl TB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({r["shape"] for r in ROWS if "shape" in r}, key=lambda s: [int(v) for v in s.split("x")])
     ms = sorted({r["m"] for r in ROWS if "m" in r})
@@ -239,10 +247,13 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
     ap.add_argument("--sweep-m1", action="store_true", help="also time the M = 1 GEMV's TclConfig candidates (with "
                     "--groups: the grouped launch's)")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="x, outputs, dense weights")
     ap.add_argument("--groups", action="store_true", help="instead: q/k/v and gate/up grouped vs one launch each")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
                     "(2 <= M <= 256, tiles of min(64, M) rows and of 128 rows from M = 128)")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     ms = tuple(int(v) for v in args.ms.split(","))
     shapes = tuple(tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(","))
     command = "python benchmarks/tcl_bench.py " + " ".join(sys.argv[1:])

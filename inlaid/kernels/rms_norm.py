@@ -20,6 +20,10 @@ in the last place of the output dtype, on the few elements whose fp32 value lies
 (tests/kernels/test_fused_layer_ops.py bounds both). On CUDA the kernel uses the same mean (sum times 1/N)
 and the same ``rsqrtf`` as torch's CUDA code, so only the summation order differs.
 
+``x_half`` (optional, fp16, the output's shape) also receives ``fp16(out * 2**-7)``, rounded as the M = 1 W4
+GEMV's gathering step rounds its input (``w4a16_tcl``): a bf16 decode row's q/k/v and gate/up launches read it
+as 32-bit pairs (``XPAIRS`` 2), with the same bits as from ``out``, instead of converting per thread.
+
 ``x`` may be a W4 projection's uncast split-K sums (``w4a16_gemv.PendingSums``: o_proj and down_proj of a
 decode step, whose result goes nowhere but this norm): with a residual the kernel reads the fp32 sums, rounds
 them as the cast launch would, and stores zero back, so the step has one launch fewer per projection and the
@@ -43,7 +47,7 @@ if HAS_TRITON:
     from triton.language.extra import libdevice
 
     from ._triton import pdl_enter
-    from .w4a16_gemv import take_sums
+    from .w4a16_gemv import H2_X_SCALE, _fp16_opaque, take_sums
 
     @triton.jit
     def round_to(v, DTYPE: tl.constexpr, ON_CUDA: tl.constexpr):
@@ -57,10 +61,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, N, eps, inv_n,
+        x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, half_ptr, N, eps, inv_n,
         stride_x, stride_res, stride_out, stride_rout,
         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr, X_SUMS: tl.constexpr = False,
-        PDL: tl.constexpr = 0,
+        PDL: tl.constexpr = 0, HALF: tl.constexpr = False,
     ):
         pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -84,6 +88,10 @@ if HAS_TRITON:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         out = round_to(w.to(tl.float32) * y.to(tl.float32), out_ptr.dtype.element_ty, ON_CUDA)
         tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+        if HALF:  # out * 2**-7 in fp16, rounded as the W4 GEMV's gathering step rounds it (in PTX on a GPU: LLVM
+            # would otherwise fold the scaling into an fp16 multiply after the conversion)
+            half = out.to(tl.float32) * H2_X_SCALE
+            tl.store(half_ptr + row * N + offs, _fp16_opaque(half) if ON_CUDA else half.to(tl.float16), mask=mask)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -104,19 +112,24 @@ def fused_ok(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
             and x.shape[-1] <= MAX_HIDDEN and (residual is None or residual.dtype == x.dtype))
 
 
-def rms_norm(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             x_half: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out`` or ``(out, x + residual)``: the Triton kernel where ``fused_ok``, the torch reference otherwise.
 
     ``x`` may be a split-K launch's ``PendingSums``: with a residual the kernel finishes them (reads, rounds to
-    their dtype as the cast would, zeroes), otherwise they are materialized first; the same bits either way."""
+    their dtype as the cast would, zeroes), otherwise they are materialized first; the same bits either way.
+    ``x_half`` (fp16, the output's shape) also receives ``out * 2**-7`` in fp16 (module docstring)."""
     if isinstance(x, PendingSums):
         if residual is not None and residual.dtype == x.dtype and fused_ok(residual, weight, residual):
-            return rms_norm_triton(x, weight, eps, residual)
+            return rms_norm_triton(x, weight, eps, residual, x_half)
         x = x.materialize()
     if fused_ok(x, weight, residual):
-        return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, x_half)
+    result = rms_norm_ref(x, weight, eps, residual)
+    if x_half is not None:
+        out = result if residual is None else result[0]
+        x_half.copy_((out.float() * 2**-7).view(x_half.shape))  # copy_ rounds fp32 -> fp16 to nearest
+    return result
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -125,9 +138,11 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def rms_norm_triton(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    residual: torch.Tensor | None = None,
+                    x_half: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); ValueError on shapes it cannot take.
-    ``PendingSums`` need the residual (of their dtype); the kernel zeroes their sums."""
+    ``PendingSums`` need the residual (of their dtype); the kernel zeroes their sums. ``x_half``: a contiguous
+    fp16 tensor of x's shape on x's device, written with ``out * 2**-7``."""
     sums = isinstance(x, PendingSums)
     if sums and (residual is None or residual.dtype != x.dtype or not x.sums.is_contiguous()):
         raise ValueError("rms_norm_triton: PendingSums need a residual of their dtype (and contiguous sums)")
@@ -138,6 +153,10 @@ def rms_norm_triton(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: fl
         raise ValueError(f"rms_norm: weight must have shape ({n},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
+    if x_half is not None and (x_half.dtype != torch.float16 or x_half.shape != x.shape or not x_half.is_contiguous()
+                               or x_half.device != x.device):
+        raise ValueError(f"rms_norm: x_half must be a contiguous fp16 tensor of shape {tuple(x.shape)} on {x.device}, "
+                         f"got {x_half.dtype} {tuple(x_half.shape)} on {x_half.device}")
     if n > MAX_HIDDEN or not triton_usable(x):
         raise ValueError(f"rms_norm_triton: needs Triton on x's device and hidden <= {MAX_HIDDEN} (got {n})")
     x2 = _rows(x, n)
@@ -148,9 +167,9 @@ def rms_norm_triton(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: fl
     if m > 0:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(m,)](
-            x2, res2, weight.contiguous(), out, rout, n, float(eps), 1.0 / n,
+            x2, res2, weight.contiguous(), out, rout, out if x_half is None else x_half, n, float(eps), 1.0 / n,
             x2.stride(0), res2.stride(0), n, n,
-            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda, X_SUMS=sums,
+            HAS_RES=residual is not None, BLOCK=block, ON_CUDA=x.is_cuda, X_SUMS=sums, HALF=x_half is not None,
             num_warps=min(max(block // 512, 1), 16), **pdl_options(x),
         )
     return out if residual is None else (out, rout)

@@ -287,54 +287,63 @@ if HAS_TRITON:
             _m1_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, n2, K, k_per_split, n_split, n2, n2 // 8, n2, n2,
                      pid - nt0 - nt1, pid_k, GROUP_SIZE, BLOCK_N, BLOCK_K, MODE, NUM_STAGES, HALF2)
 
-    def h2_unpack_ptx(word: str, z1: str, z2: str, scaled: bool = False) -> str:
-        """PTX that unpacks the int32 ``word`` into half2 registers t0..t3 = (code_j - zero, code_j+4 - zero),
-        j = 0..3, exactly (needs ``.reg .b32 t0, t1, t2, t3, q2, c16``). One LOP3 with ``0x64006400`` makes
-        (1024 + code_j, 1024 + code_j+4); nibbles 1/5 and 3/7 are read in place at 16x and scaled back by the HFMA2
-        that subtracts: (1024 + 16c) / 16 - (64 + z) = c - z (ulp 1/16 at 64..128). ``z1`` = half2 of
-        1024 + zero, ``z2`` = half2 of -(64 + zero). With ``scaled`` the results are (code - zero) * 2**-7 (the
-        subtracting HFMA2s scale by 2**-7 / 2**-11; ``z1`` / ``z2`` = half2 of -(8 + zero / 128) / -(1/2 + zero /
-        128), all exact; needs ``c7, c11`` instead of ``c16``). Shared by this module's M = 1 word and
-        ``w4a16_tcl``."""
-        if scaled:  # 0x2000 = fp16 2**-7, 0x1000 = 2**-11
-            consts = "mov.b32 c7, 0x20002000;\n    mov.b32 c11, 0x10001000;"
-            low, high = "fma.rn.f16x2 {t}, {t}, c7, " + z1, "fma.rn.f16x2 {t}, {t}, c11, " + z2
-        else:  # 0x2C00 = fp16 1/16
-            consts = "mov.b32 c16, 0x2C002C00;"
-            low, high = "sub.f16x2 {t}, {t}, " + z1, "fma.rn.f16x2 {t}, {t}, c16, " + z2
-        return f"""{consts}
-    lop3.b32 t0, {word}, 0x000F000F, 0x64006400, 0xEA;
+    def h2_consts_ptx(scale_exp: int = 0) -> str:
+        """PTX that sets ``h2_unpack_ptx``'s constants for ``scale_exp`` (needs ``.reg .b32 c_lo, c_hi``): half2 of
+        2**-e and 2**-(e + 4), the scales its subtracting HFMA2s put on the low nibbles' 1024 + code and the high
+        ones' 1024 + 16 code (fp16 bits 0x3C00 - (e << 10), exact for 0 <= e <= 14)."""
+        lo, hi = 0x3C00 - (scale_exp << 10), 0x3C00 - ((scale_exp + 4) << 10)
+        return f"mov.b32 c_lo, 0x{lo:04X}{lo:04X};\n    mov.b32 c_hi, 0x{hi:04X}{hi:04X};\n    "
+
+    @triton.jit
+    def h2_zero_bits(zc, scale_exp: tl.constexpr):
+        """(z1, z2): int32 fp16 bits of -(1024 + zc) * 2**-e and -(64 + zc) * 2**-e, the zero terms of
+        ``h2_unpack_ptx`` for ``zc`` = zero + 1 in 1..16 (exact: ulp 2**-e / 2**-(e + 4) there)."""
+        return zc + (0xE400 - (scale_exp << 10)), (zc << 4) + (0xD400 - (scale_exp << 10))
+
+    def h2_unpack_ptx(word: str, z1: str, z2: str) -> str:
+        """PTX that unpacks the int32 ``word`` into half2 registers t0..t3 = (code_j - zero, code_j+4 - zero) * 2**-e,
+        j = 0..3, exactly (needs ``.reg .b32 t0, t1, t2, t3, q2`` and ``h2_consts_ptx(e)``'s c_lo, c_hi). One LOP3
+        with ``0x64006400`` makes (1024 + code_j, 1024 + code_j+4); nibbles 1/5 and 3/7 are read in place at 16x
+        and scaled back by the HFMA2 that subtracts: (1024 + 16c) * 2**-(e + 4) - (64 + zero) * 2**-e. ``z1`` /
+        ``z2`` = half2 of ``h2_zero_bits``. Shared by this module's M = 1 word and ``w4a16_tcl``."""
+        return f"""lop3.b32 t0, {word}, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t1, {word}, 0x00F000F0, 0x64006400, 0xEA;
     shr.u32 q2, {word}, 8;
     lop3.b32 t2, q2, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 t3, q2, 0x00F000F0, 0x64006400, 0xEA;
-    {low.format(t="t0")};
-    {high.format(t="t1")};
-    {low.format(t="t2")};
-    {high.format(t="t3")};
+    fma.rn.f16x2 t0, t0, c_lo, {z1};
+    fma.rn.f16x2 t1, t1, c_hi, {z2};
+    fma.rn.f16x2 t2, t2, c_lo, {z1};
+    fma.rn.f16x2 t3, t3, c_hi, {z2};
     """  # lop3 0xEA = (a & b) | c
 
-    def h2_word_sum_ptx(out: str, x0: str, x1: str, x2: str, x3: str) -> str:
-        """PTX that sums the 8 products of an unpacked word (``h2_unpack_ptx``'s t0..t3) against the half2 x pairs
-        ``x0..x3`` in fp16 (4 HFMA2) and joins the two halves into the fp32 ``out`` (needs ``.reg .b32 a``,
-        ``.reg .b16 lo, hi`` and ``.reg .f32 flo, fhi``)."""
-        return f"""mul.rn.f16x2 a, t0, {x0};
+    def h2_dot_ptx(x0: str, x1: str, x2: str, x3: str, first: bool = True) -> str:
+        """PTX that adds the 8 products of an unpacked word (``h2_unpack_ptx``'s t0..t3) against the half2 x pairs
+        ``x0..x3`` to the half2 ``a`` (4 HFMA2; ``first`` starts ``a`` instead; needs ``.reg .b32 a``)."""
+        head = f"mul.rn.f16x2 a, t0, {x0};" if first else f"fma.rn.f16x2 a, t0, {x0}, a;"
+        return f"""{head}
     fma.rn.f16x2 a, t1, {x1}, a;
     fma.rn.f16x2 a, t2, {x2}, a;
     fma.rn.f16x2 a, t3, {x3}, a;
-    mov.b32 {{lo, hi}}, a;
+    """
+
+    def h2_join_ptx(out: str) -> str:
+        """PTX that joins the half2 ``a``'s two halves into the fp32 ``out`` (needs ``.reg .b16 lo, hi`` and
+        ``.reg .f32 flo, fhi``)."""
+        return f"""mov.b32 {{lo, hi}}, a;
     cvt.f32.f16 flo, lo;
     cvt.f32.f16 fhi, hi;
     add.f32 {out}, flo, fhi;
     """
 
-    # One word of the half2 path: $1 = the word, $2..$5 = half2 (x'_j, x'_j+4) for j = 0..3, $6 = half2 of
-    # 1024 + zero, $7 = half2 of -(64 + zero); $0 = fp32 sum of the word's 8 products (module docstring).
+    # One word of the half2 path: $1 = the word, $2..$5 = half2 (x'_j, x'_j+4) for j = 0..3, $6 / $7 = half2 of
+    # -(1024 + zero) / -(64 + zero); $0 = fp32 sum of the word's 8 products (module docstring).
     _ASM_WORD_H2 = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3, q2, a, c16;
+    .reg .b32 t0, t1, t2, t3, q2, a, c_lo, c_hi;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    """ + h2_unpack_ptx("$1", "$6", "$7") + h2_word_sum_ptx("$0", "$2", "$3", "$4", "$5") + "}")
+    """ + h2_consts_ptx() + h2_unpack_ptx("$1", "$6", "$7") + h2_dot_ptx("$2", "$3", "$4", "$5")
+                                + h2_join_ptx("$0") + "}")
     H2_X_SCALE = tl.constexpr(0.0078125)
     """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum to at most
     2**15 in magnitude."""
@@ -354,26 +363,17 @@ if HAS_TRITON:
         return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
     @triton.jit
-    def half2_word_sums(asm: tl.constexpr, q, z1, z2, p0, p1, p2, p3, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
-        """fp32 [BKW, BLOCK_N]: the word asm ``asm`` (``_ASM_WORD_H2`` or ``w4a16_tcl``'s scaled word) over the
-        words ``q``, with ``p0..p3`` [BKW] the int32 half2 x pairs of nibbles (j, j + 4) of every word row and
-        ``z1`` / ``z2`` [BLOCK_N] the fp16 bits of the zero terms of each column."""
-        shp: tl.constexpr = (BKW, BLOCK_N)
-        return tl.inline_asm_elementwise(
-            asm, "=f,r,r,r,r,r,r,r",
-            [q, tl.broadcast_to(p0[:, None], shp), tl.broadcast_to(p1[:, None], shp),
-             tl.broadcast_to(p2[:, None], shp), tl.broadcast_to(p3[:, None], shp),
-             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
-            dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
     def _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):
         """fp32 [BKW, BLOCK_N]: each word's sum of (code_j - zero) * x'_j over its 8 nibbles (``_ASM_WORD_H2``);
         ``zc`` [BLOCK_N] the zeros, ``x0..x7`` [BKW] fp16 x' of nibble j of every word row."""
-        z1 = zc + 0x6400  # fp16 bits of 1024 + zero (exact: ulp 1 there)
-        z2 = (zc << 4) + 0xD400  # fp16 bits of -(64 + zero) (ulp 1/16 there)
-        return half2_word_sums(_ASM_WORD_H2, q, z1, z2, _half2_pair(x0, x4), _half2_pair(x1, x5),
-                               _half2_pair(x2, x6), _half2_pair(x3, x7), BKW, BLOCK_N)
+        shp: tl.constexpr = (BKW, BLOCK_N)
+        z1, z2 = h2_zero_bits(zc, 0)
+        return tl.inline_asm_elementwise(
+            _ASM_WORD_H2, "=f,r,r,r,r,r,r,r",
+            [q, tl.broadcast_to(_half2_pair(x0, x4)[:, None], shp), tl.broadcast_to(_half2_pair(x1, x5)[:, None], shp),
+             tl.broadcast_to(_half2_pair(x2, x6)[:, None], shp), tl.broadcast_to(_half2_pair(x3, x7)[:, None], shp),
+             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
+            dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
     def _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, BKW: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -25,17 +25,25 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   The load puts 8 rows per warp, wgmma wants 16, so row bit 3 moves into the registers and the warp bits up
   by one (``_rows_to_mma``); the epilogue undoes it so its stores and split-K atomics stay contiguous (F32x4
   atomics).
-- the M = 1 GEMV (``_m1_tcl_tile``): ``w4a16_gemv``'s half2 word (``_half2_words``: 4 HFMA2 over the word's
-  (j, j + 4) nibble pairs against fp16 x' = x * 2**-7); here the pair (j, j + 4) is the consecutive input pair
-  (k, k + 1). So with fp16 x (``xpairs_ok``; not the SwiGLU input, which the step computes) each pair is one
-  32-bit load of x in the words' own register layout, and the 2**-7 moves onto the weights, exactly, in the HFMA2
-  that subtracts the zero (``_m1_xpair_step``): no gather through shared memory and no scaling pass (offline
-  SASS, ``python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1 [--xpairs]``: 402 -> 370 instructions
-  a step, 125 -> 94 registers). The sums are the gathering step's bit for bit except where x * 2**-7 was
-  subnormal there (|x| < 2**-7), where they are now exact. H100, fp16 x, graph-timed against HEAD in one call
-  (``tcl_xp_{new,old}_*_h100``, ``tcl_xpg_*``): 4096x4096 6.75-6.80 -> 6.31-6.40 us, the 11008 shapes
-  12.65-12.83 -> 11.54-11.75, grouped q/k/v 15.05 -> 12.83, gate/up 21.20 -> 19.49. bf16 x keeps the gathering
-  step (its pairs would need a conversion per thread).
+- the M = 1 GEMV (``_m1_tcl_tile``): the half2 word of ``w4a16_gemv`` (HFMA2 over a word's (j, j + 4) nibble
+  pairs; here each pair is the consecutive input pair (k, k + 1)), four words at a time: a thread's 4
+  consecutive words of a column (one 128-bit load, c = 4t + v) sum their 32 products in one half2 register and
+  join it into fp32 once (``_m1_quad``: one join and one scale FFMA per 4 words, not 4). Every product and
+  partial sum is in 2**-9 units, so 16 products of |x| <= 65504 stay inside fp16 (|code - zero| <= 16); the
+  scale sits on the weights, exactly, in the HFMA2 that subtracts the zero (``h2_zero_bits``). x comes as half2
+  pairs three ways (``XPAIRS``): fp16 x as loaded (1: one 32-bit load per pair in the words' own layout,
+  2**-9 on the weights); bf16 x's fp16 copy x' = x * 2**-7 that the RMSNorm before q/k/v and gate/up writes
+  (2: ``x_half``, ``half_pairs_ok``, 2**-2 on the weights); otherwise (0: bf16 o_proj input, the SwiGLU
+  product, unaligned x) gathered, scaled by 2**-7 and rounded in the step. 1 and 0 make the same products;
+  2 gives 0's bits. A half2 sum is four times longer than a word's, so its fp16 rounding grows: max error
+  against the fp32 reference over max|y|, fp16, 3.7-6.1e-4 -> 6.7-6.9e-4 (the fp16 output's own rounding is
+  up to 4.9e-4); bf16 3.0-3.2e-3 either way, its output rounding (``tcl_q4b_*``).
+  Offline SASS on the device's Triton 3.6 (``python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1
+  [--xpairs | --bf16 | --silu]``, instructions a step against a word at a time): fp16 pairs 385 -> 329, the
+  gathered bf16 step 497 -> 449, SwiGLU 521 -> 472. H100, graph-timed against HEAD in one call
+  (``tcl_q4b_{fp16,bf16}_{new,old}_1_h100``), us: fp16 4096x4096 6.40 -> 6.41, the 11008 shapes 11.62 ->
+  10.87; bf16 (gathered) 6.93 -> 6.90, 12.77 / 13.11 -> 12.10 / 12.01. End to end with the norm's copy:
+  ``docs/kernels.md``, "Session 22".
 
 Split-K: the programs add their fp32 partial sums atomically into zeroed sums (``w4a16_gemv`` MODE 3,
 "atomic": no semaphore) and a second launch, ``w4a16_gemv.cast_sums``, casts them into the outputs (all 2-3 of a
@@ -117,10 +125,12 @@ if HAS_TRITON:
         _epilogue,
         _fp16_opaque,
         _fp32_words,
-        _half2_words,
+        _half2_pair,
+        h2_consts_ptx,
+        h2_dot_ptx,
+        h2_join_ptx,
         h2_unpack_ptx,
-        h2_word_sum_ptx,
-        half2_word_sums,
+        h2_zero_bits,
     )
     from .lora_sgmv_triton import shrink_split
     from ._triton import pdl_enter
@@ -130,11 +140,11 @@ if HAS_TRITON:
     STEP = tl.constexpr(TC_STEP)
 
     # fp16 unpack of one word in 9 PTX instructions (``w4a16_tc._unpack8`` takes 11: ``h2_unpack_ptx``).
-    # $8 = the word, $9 = half2(1024 + z), $10 = half2(-(64 + z)); outputs as _unpack8's: $j = code_j - zero for
+    # $8 = the word, $9 / $10 = half2 of -(1024 + z) / -(64 + z); outputs as _unpack8's: $j = code_j - zero for
     # nibble j (the low half of register j % 4 holds j < 4, the high half j + 4)
     _ASM9_F16 = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3, q2, c16;
-    """ + h2_unpack_ptx("$8", "$9", "$10") + """mov.b32 {$0, $4}, t0;
+    .reg .b32 t0, t1, t2, t3, q2, c_lo, c_hi;
+    """ + h2_consts_ptx() + h2_unpack_ptx("$8", "$9", "$10") + """mov.b32 {$0, $4}, t0;
     mov.b32 {$1, $5}, t1;
     mov.b32 {$2, $6}, t2;
     mov.b32 {$3, $7}, t3;
@@ -154,8 +164,7 @@ if HAS_TRITON:
             zh = zc + MAGIC  # the 16-bit pattern of MAGIC + zero (exact)
             return _unpack8(q, tl.broadcast_to(zh | (zh << 16), q.shape), True)
         else:
-            z1 = zc + 0x6400  # fp16 bits of 1024 + zero
-            z2 = (zc << 4) + 0xD400  # fp16 bits of -(64 + zero)
+            z1, z2 = h2_zero_bits(zc, 0)
             return tl.inline_asm_elementwise(_ASM9_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
                                              [q, tl.broadcast_to(z1 | (z1 << 16), q.shape),
                                               tl.broadcast_to(z2 | (z2 << 16), q.shape)],
@@ -244,7 +253,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _m1_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE: tl.constexpr):
-        """The M = 1 GEMV's weight loads for the step at input row ``k0``: words [16, BLOCK_N], scales, zeros."""
+        """The M = 1 GEMV's weight loads for the step at input row ``k0``: words [16, BLOCK_N] (a column's 16 words
+        contiguous: a thread loads 4 consecutive ones, c = 4t + v for v = 0..3, in one 128-bit load), scales,
+        zeros."""
         step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
         q = tl.load(qw_ptr + (step * N + offs_n)[None, :] * 16 + tl.arange(0, 16)[:, None],
                     mask=mask_n[None, :], other=0, eviction_policy="evict_first")
@@ -253,65 +264,143 @@ if HAS_TRITON:
         z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
         return q, s, z
 
-    # One word of the fp16-x M = 1 step (``XPAIRS``): $1 = the word, $2..$5 = the fp16 pairs (x_j, x_j+4) of
-    # nibbles j = 0..3 as loaded, $6 / $7 = half2 of -(8 + zc / 128) / -(1 / 2 + zc / 128) (zc = zero + 1);
-    # $0 = fp32 sum of the word's 8 products (code - zc) / 128 * x. The 2**-7 that keeps four products inside
-    # fp16 is on the weights, in the HFMA2 that subtracts the zero (1 / 128 on the low nibbles' 1024 + code,
-    # 1 / 2048 on the high ones' 1024 + 16 code): exact, so x is used as loaded, with no scaling pass.
-    _ASM_WORD_XP = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3, q2, a, c7, c11;
+    def _quad_asm(scale_exp: int) -> str:
+        """PTX of ``_m1_quad``: the four words' 32 products (code - zero) * 2**-e * x' summed in one half2 register,
+        then joined into fp32 once (where a word at a time joins four times)."""
+        words = "".join(h2_unpack_ptx(f"${1 + v}", "$21", "$22")
+                        + h2_dot_ptx(*(f"${5 + 4 * v + j}" for j in range(4)), first=v == 0) for v in range(4))
+        return ("""{
+    .reg .b32 t0, t1, t2, t3, q2, a, c_lo, c_hi;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
-    """ + h2_unpack_ptx("$1", "$6", "$7", scaled=True) + h2_word_sum_ptx("$0", "$2", "$3", "$4", "$5") + "}")
+    """ + h2_consts_ptx(scale_exp) + words + h2_join_ptx("$0") + "}")
+
+    QUAD_X_EXP = tl.constexpr(9)
+    """fp16 x as loaded (``XPAIRS``): 2**-9 on the weights keeps 16 products (|code - zero| <= 16) of |x| <= 65504
+    inside fp16 (|sum| <= 2**15)."""
+    QUAD_XS_EXP = tl.constexpr(2)
+    """The gathered x' = x * 2**-7 (``H2_X_SCALE``): 2**-2 on the weights, the same 2**-9 in all."""
+    _ASM_QUAD_X = tl.constexpr(_quad_asm(QUAD_X_EXP.value))
+    _ASM_QUAD_XS = tl.constexpr(_quad_asm(QUAD_XS_EXP.value))
 
     @triton.jit
-    def _m1_xpair_step(acc, q, s, zc, x_ptr, k0, BLOCK_N: tl.constexpr):
-        """``_m1_step`` for fp16 x on a GPU (``zc`` = the columns' zeros + 1): word c = 4t + v needs the fp16 pairs
-        (x_j, x_j+4) = inputs (k, k + 1) with k = k0 + 32v + 16j1 + 8j0 + 2t (module docstring), i.e. int32 element
-        k0 / 2 + 16v + t + 4j of x. Each is one 32-bit load in the words' own layout (from L1: every column tile
-        reads the same 256 bytes), so x needs no gather, shared-memory exchange or rounding pass."""
-        cc = tl.arange(0, 16)
-        x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + 16 * (cc % 4) + cc // 4)
-        z1 = zc + 0xC800  # fp16 bits of -(8 + zc / 128): exact (ulp 1/128 there)
-        z2 = (zc << 4) + 0xB800  # fp16 bits of -(1/2 + zc / 128) (ulp 1/2048 there)
-        t = half2_word_sums(_ASM_WORD_XP, q, z1, z2, tl.load(x32), tl.load(x32 + 4), tl.load(x32 + 8),
-                            tl.load(x32 + 12), 16, BLOCK_N)
-        return acc + t * s[None, :]
+    def _m1_quad(asm: tl.constexpr, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22, p23,
+                 p30, p31, p32, p33, z1, z2, BLOCK_N: tl.constexpr):
+        """fp32 [4, BLOCK_N]: for each t and column, the sum of the 32 products of words 4t + v, v = 0..3 (``q0..q3``
+        [4, BLOCK_N]), against the half2 x pairs ``p<v><j>`` [4] of their nibbles (j, j + 4), in 2**-9 units
+        (``asm``: ``_ASM_QUAD_X`` or ``_ASM_QUAD_XS``); ``z1`` / ``z2`` [BLOCK_N] from ``h2_zero_bits``."""
+        shp: tl.constexpr = (4, BLOCK_N)
+        return tl.inline_asm_elementwise(
+            asm, "=f" + ",r" * 22,
+            [q0, q1, q2, q3,
+             tl.broadcast_to(p00[:, None], shp), tl.broadcast_to(p01[:, None], shp),
+             tl.broadcast_to(p02[:, None], shp), tl.broadcast_to(p03[:, None], shp),
+             tl.broadcast_to(p10[:, None], shp), tl.broadcast_to(p11[:, None], shp),
+             tl.broadcast_to(p12[:, None], shp), tl.broadcast_to(p13[:, None], shp),
+             tl.broadcast_to(p20[:, None], shp), tl.broadcast_to(p21[:, None], shp),
+             tl.broadcast_to(p22[:, None], shp), tl.broadcast_to(p23[:, None], shp),
+             tl.broadcast_to(p30[:, None], shp), tl.broadcast_to(p31[:, None], shp),
+             tl.broadcast_to(p32[:, None], shp), tl.broadcast_to(p33[:, None], shp),
+             tl.broadcast_to((z1 | (z1 << 16))[None, :], shp), tl.broadcast_to((z2 | (z2 << 16))[None, :], shp)],
+            dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _split4(a, A: tl.constexpr, B: tl.constexpr):
+        """[A, B, 4] -> its four [A, B] slices along the last axis (index 0..3): reshape and split only, so a
+        thread that holds the 4 keeps them in registers."""
+        e, o = tl.split(tl.reshape(a, (A, B, 2, 2)))  # index 2 i1 + i0: split i0, then i1
+        a0, a2 = tl.split(e)
+        a1, a3 = tl.split(o)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _x_pairs(x32, v: tl.constexpr):
+        """fp16 x read as pairs (``XPAIRS``): the int32 (x_j, x_j+4) of word 4t + v's nibbles j = 0..3, [4] over t.
+        Word c = 4t + v needs inputs (k, k + 1), k = k0 + 32v + 16j1 + 8j0 + 2t (module docstring): int32 element
+        k0 / 2 + 16v + t + 4j (``x32`` = x as int32 + k0 / 2 + t). One 32-bit load each, in the words' own
+        layout (from L1: every column tile reads the same 256 bytes): no gather, exchange or rounding pass."""
+        return (tl.load(x32 + 16 * v), tl.load(x32 + 16 * v + 4), tl.load(x32 + 16 * v + 8),
+                tl.load(x32 + 16 * v + 12))
+
+    @triton.jit
+    def _x_block(x_ptr, k0, PTX: tl.constexpr, u_ptr, h_ptr, pid_n, SILU: tl.constexpr, STORE_H: tl.constexpr):
+        """Gathered x (``silu(x) * u`` with ``SILU``) of a step, [4 (t), 4 (v), 4 (j), 2 (i)]: x[k0 + 2t + 32v + 8j
+        + i], nibble j (i = 0) or j + 4 (i = 1) of word 4t + v (the layout's pairs); ``STORE_H``: column tile 0
+        stores the product at ``h_ptr`` (scalar-bool masks fail in the interpreter)."""
+        idx = (2 * tl.arange(0, 4)[:, None, None, None] + 32 * tl.arange(0, 4)[None, :, None, None]
+               + 8 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
+        xs = tl.load(x_ptr + k0 + idx)
+        if SILU:
+            xs = silu_times(xs, tl.load(u_ptr + k0 + idx), PTX)
+            if STORE_H:
+                tl.store(h_ptr + k0 + idx, xs, mask=idx < tl.where(pid_n == 0, 128, 0))
+        return xs
+
+    @triton.jit
+    def _v_slices(a):
+        """[4 (t), 4 (v), 4 (j)] -> the four [4 (t), 4 (j)] slices v = 0..3."""
+        return _split4(tl.permute(a, (0, 2, 1)), 4, 4)
+
+    @triton.jit
+    def _j_slices(a):
+        """[4 (t), 4 (j)] -> the four [4 (t)] columns j = 0..3."""
+        e, o = tl.split(tl.reshape(a, (4, 2, 2)))
+        a0, a2 = tl.split(e)
+        a1, a3 = tl.split(o)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _fp32_quad(q, zc, lo, hi, BLOCK_N: tl.constexpr):
+        """fp32 [4, BLOCK_N]: one word's share of ``_m1_quad`` in fp32 from shifts and masks (the interpreter); ``q``
+        [4, BLOCK_N] the words, ``lo`` / ``hi`` [4 (t), 4 (j)] x of their nibbles j / j + 4."""
+        x0, x1, x2, x3 = _j_slices(lo)
+        x4, x5, x6, x7 = _j_slices(hi)
+        return _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 4, BLOCK_N)
 
     @triton.jit
     def _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N: tl.constexpr, PTX: tl.constexpr, u_ptr, h_ptr, pid_n,
-                 SILU: tl.constexpr, STORE_H: tl.constexpr, XPAIRS: tl.constexpr = False):
-        """``acc`` [16, BLOCK_N] plus one step of the M = 1 GEMV from its weight loads (``_m1_words``); the sum is
-        formed here so that the scale multiply and the add contract to one FFMA (64 fewer instructions a step).
-        ``XPAIRS``: fp16 x read as pairs (``_m1_xpair_step``; not with ``SILU``, whose input this step computes)."""
+                 SILU: tl.constexpr, STORE_H: tl.constexpr, XPAIRS: tl.constexpr = 0):
+        """``acc`` [4, BLOCK_N] plus one step of the M = 1 GEMV from its weight loads (``_m1_words``), in 2**-9
+        units: each thread sums its 4 words of a column in one half2 register (``_m1_quad``), then one FFMA
+        scales and adds. ``XPAIRS`` (not with ``SILU``, whose input this step computes): 1 = fp16 x read as pairs
+        (``_x_pairs``, 2**-9 on the weights), 2 = x at ``x_ptr`` is already x' = x * 2**-7 in fp16 (``x_half``:
+        read as pairs, 2**-2 on the weights; the gathering step's bits); 0 = x is gathered, scaled by 2**-7 and
+        rounded here."""
         tl.static_assert(not (XPAIRS and SILU), "XPAIRS reads x as loaded: no SILU input")
         zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
-        if XPAIRS:
-            return _m1_xpair_step(acc, q, s, zc, x_ptr, k0, BLOCK_N)
-        cc = tl.arange(0, 16)[:, None, None, None]
-        x_idx = (32 * (cc % 4) + 2 * (cc // 4) + 16 * tl.arange(0, 2)[None, :, None, None]
-                 + 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :])
-        # x'[c = 4t + v, j1, j0, j2] = x[k0 + 32v + 16j1 + 8j0 + 2t + j2] * 2**-7: word c's nibble 4 j2 + 2 j1 + j0
-        # input, gathered in this order (a permute of a contiguous load costs a shared-memory round trip)
-        xs = tl.load(x_ptr + k0 + x_idx)
-        if SILU:
-            xs = silu_times(xs, tl.load(u_ptr + k0 + x_idx), PTX)
-            if STORE_H:  # one column tile stores each input once (scalar-bool masks fail in the interpreter)
-                tl.store(h_ptr + k0 + x_idx, xs, mask=x_idx < tl.where(pid_n == 0, 128, 0))
-        xs = xs.to(tl.float32)
-        if PTX:
-            xs = _fp16_opaque(xs * H2_X_SCALE)
-        lo, hi = tl.split(xs)  # j2 = 0 / 1: nibbles j and j + 4
-        lo0, lo1 = tl.split(lo)  # j0 = 0 / 1
-        hi0, hi1 = tl.split(hi)
-        x0, x2 = tl.split(lo0)  # j1 = 0 / 1: nibble j = 2 j1 + j0
-        x1, x3 = tl.split(lo1)
-        x4, x6 = tl.split(hi0)
-        x5, x7 = tl.split(hi1)
-        if PTX:
-            t = _half2_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
-        else:
-            t = _fp32_words(q, zc, x0, x1, x2, x3, x4, x5, x6, x7, 16, BLOCK_N)
+        # [4 (t), BLOCK_N] each: word 4t + v (the load's 4 consecutive words of a thread, relabelled in registers)
+        q0, q1, q2, q3 = _split4(tl.permute(tl.reshape(q, (4, 4, BLOCK_N)), (0, 2, 1)), 4, BLOCK_N)
+        if PTX and XPAIRS:
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + tl.arange(0, 4))
+            p00, p01, p02, p03 = _x_pairs(x32, 0)
+            p10, p11, p12, p13 = _x_pairs(x32, 1)
+            p20, p21, p22, p23 = _x_pairs(x32, 2)
+            p30, p31, p32, p33 = _x_pairs(x32, 3)
+            if XPAIRS == 1:
+                z1, z2 = h2_zero_bits(zc, QUAD_X_EXP)
+                t = _m1_quad(_ASM_QUAD_X, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22, p23,
+                             p30, p31, p32, p33, z1, z2, BLOCK_N)
+            else:
+                z1, z2 = h2_zero_bits(zc, QUAD_XS_EXP)
+                t = _m1_quad(_ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22,
+                             p23, p30, p31, p32, p33, z1, z2, BLOCK_N)
+        elif PTX:  # x' = x * 2**-7 rounded to fp16 (``_fp16_opaque``), computed once per input, then packed
+            lo, hi = tl.split(_fp16_opaque(_x_block(x_ptr, k0, True, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32)
+                                           * H2_X_SCALE))
+            w0, w1, w2, w3 = _v_slices(_half2_pair(lo, hi))
+            p00, p01, p02, p03 = _j_slices(w0)
+            p10, p11, p12, p13 = _j_slices(w1)
+            p20, p21, p22, p23 = _j_slices(w2)
+            p30, p31, p32, p33 = _j_slices(w3)
+            z1, z2 = h2_zero_bits(zc, QUAD_XS_EXP)
+            t = _m1_quad(_ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22, p23,
+                         p30, p31, p32, p33, z1, z2, BLOCK_N)
+        else:  # the interpreter: fp32 x, word by word (``_fp32_words``)
+            lo, hi = tl.split(_x_block(x_ptr, k0, False, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32))
+            l0, l1, l2, l3 = _v_slices(lo)
+            h0, h1, h2, h3 = _v_slices(hi)
+            t = (_fp32_quad(q0, zc, l0, h0, BLOCK_N) + _fp32_quad(q1, zc, l1, h1, BLOCK_N)
+                 + _fp32_quad(q2, zc, l2, h2, BLOCK_N) + _fp32_quad(q3, zc, l3, h3, BLOCK_N))
         return acc + t * s[None, :]
 
     @triton.jit
@@ -319,7 +408,7 @@ if HAS_TRITON:
                      stride_zg, stride_sg, stride_om, pid_n, pid_k, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, PTX: tl.constexpr, u_ptr=None, h_ptr=None,
                      SILU: tl.constexpr = False, STORE_H: tl.constexpr = False, PDL: tl.constexpr = 0,
-                     XPAIRS: tl.constexpr = False):
+                     XPAIRS: tl.constexpr = 0):
         """One program of the M = 1 GEMV: columns ``pid_n``, K range ``pid_k`` (module docstring); without ``PTX``
         (the interpreter) the same sums in fp32 from plain shifts and masks. With ``SILU`` the input is
         ``silu(x) * u`` (``silu_mul.silu_times``: the 128 inputs of a step, before the gather's split), which the
@@ -336,14 +425,14 @@ if HAS_TRITON:
         k_hi = tl.minimum(k_lo + k_per_split, K)  # > k_lo: tc_split leaves no split empty
         q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k_lo, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
         pdl_enter(PDL)
-        acc = _m1_step(tl.zeros((16, BLOCK_N), dtype=tl.float32), q, s, z, x_ptr, k_lo, offs_n, BLOCK_N, PTX, u_ptr,
+        acc = _m1_step(tl.zeros((4, BLOCK_N), dtype=tl.float32), q, s, z, x_ptr, k_lo, offs_n, BLOCK_N, PTX, u_ptr,
                        h_ptr, pid_n, SILU, STORE_H, XPAIRS)
         for k0 in tl.range(k_lo + 128, k_hi, STEP, num_stages=NUM_STAGES):
             q, s, z = _m1_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, mask_n, stride_zg, stride_sg, GROUP_SIZE)
             acc = _m1_step(acc, q, s, z, x_ptr, k0, offs_n, BLOCK_N, PTX, u_ptr, h_ptr, pid_n, SILU, STORE_H, XPAIRS)
         out = tl.sum(acc, axis=0)[None, :]
         if PTX:
-            out = out * (1.0 / H2_X_SCALE)
+            out = out * (1 << QUAD_X_EXP)
         _epilogue(out, out_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_om, pid_k, pid_n, n_split,
                   MODE)
 
@@ -443,7 +532,7 @@ if HAS_TRITON:
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUNDS: tl.constexpr, SILU: tl.constexpr, STORE_H: tl.constexpr, PDL: tl.constexpr = 0,
-        XPAIRS: tl.constexpr = False,
+        XPAIRS: tl.constexpr = 0,
     ):
         """``_m1_tcl_tile`` over the grid; with ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink
         of the same x (as ``_w4_tcl_m1_group_kernel``'s); with ``SILU`` both read ``silu(x) * u`` (``SwiGLU``). The
@@ -480,16 +569,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4_tcl_m1_group_kernel(
-        x_ptr, K, k_per_split, n_split, nt0, nt1,
+        x_ptr, xp_ptr, K, k_per_split, n_split, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, NUM_STAGES: tl.constexpr,
         PTX: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROUNDS: tl.constexpr, PDL: tl.constexpr = 0, XPAIRS: tl.constexpr = False,
+        ROUNDS: tl.constexpr, PDL: tl.constexpr = 0, XPAIRS: tl.constexpr = 0,
     ):
         """``_w4_tcl_m1_kernel`` for 2-3 weights of one x (q/k/v, gate/up) in one launch (as the group above); with
         ``SHRINK`` the column tiles from ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): program
-        (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``)."""
+        (nt_all + e, k) computes split e * n_split + k of ``n_s`` (``lora_sgmv_triton.shrink_split``). The weight
+        programs read x at ``xp_ptr``: ``x_ptr`` itself, or with ``XPAIRS`` 2 its fp16 copy x * 2**-7."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
         if SHRINK:
@@ -499,7 +589,7 @@ if HAS_TRITON:
             _shrink_job(x_ptr, a_ptr, slots_ptr, sws_ptr, (pid - nt_all) * n_split + pid_k, 1, K, R, k_per_s, n_s,
                         0, stride_as, stride_ar, stride_wsp, 0, BLOCK_R, BLOCK_K, ROUNDS)
         else:
-            _m1_members(x_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
+            _m1_members(xp_ptr, K, k_per_split, n_split, nt0, nt1, pid, pid_k, qw0, qz0, sc0, out0, ws0, lk0, n0,
                         qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2, GROUP_SIZE, BLOCK_N,
                         MODE, NUM_STAGES, PTX, PDL, XPAIRS)
 
@@ -576,9 +666,16 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
 
 
 def xpairs_ok(x: torch.Tensor) -> bool:
-    """The M = 1 GEMV reads x as 32-bit fp16 pairs (``_m1_xpair_step``): fp16 on a GPU (compiled: the step is
+    """The M = 1 GEMV reads x as 32-bit fp16 pairs (``_x_pairs``, ``XPAIRS`` 1): fp16 on a GPU (compiled: the step is
     inline PTX) at a 4-byte-aligned address."""
     return x.dtype == torch.float16 and x.is_cuda and not kernels_interpreted() and x.data_ptr() % 4 == 0
+
+
+def half_pairs_ok(x: torch.Tensor, x_half: torch.Tensor | None) -> bool:
+    """The M = 1 GEMV reads ``x_half`` (fp16 x * 2**-7, ``XPAIRS`` 2) as pairs in place of bf16 ``x``: one row of
+    x's shape, fp16 on a GPU, 4-byte aligned (fp16 x itself is read as pairs directly, unscaled)."""
+    return (x_half is not None and x.dtype == torch.bfloat16 and xpairs_ok(x_half) and x_half.shape == x.shape
+            and x_half.is_contiguous())
 
 
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
@@ -653,7 +750,7 @@ def w4a16_tcl(x: torch.Tensor, packed: PackedW4, out: torch.Tensor | None = None
             x if swiglu is None else swiglu.up.contiguous(), x if h is None else h,
             GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, SILU=swiglu is not None, STORE_H=h is not None,
-            XPAIRS=swiglu is None and xpairs_ok(x), **skw, **pdl_options(x))
+            XPAIRS=int(swiglu is None and xpairs_ok(x)), **skw, **pdl_options(x))
         return _finish(ws, out, split, mode, defer_cast, shrink, partials)
     cfg = config or tcl_config(m, n, k)
     m_tiles, n_tiles = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
@@ -684,12 +781,16 @@ def _finish(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int, defer: b
 
 
 def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfig | None = None,
-                    shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
+                    shrink: LoRAShrink | None = None, x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
     permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
     come from the stream's shared scratch (one slice per weight), left zeroed. The launch also runs ``shrink``
     (extra programs) where its stack has at most ``SHRINK_MAX_ROWS`` rows and x needs no permutation; it then
-    sets ``shrink.partials``."""
+    sets ``shrink.partials``.
+
+    ``x_half``: an fp16 copy of bf16 ``x`` scaled by 2**-7 (``rms_norm``'s ``x_half``): at M = 1 the weight
+    programs read it as pairs (``XPAIRS`` 2), with the same bits as from ``x``; ignored where it does not apply
+    (``half_pairs_ok``)."""
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
@@ -708,10 +809,12 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     bufs, sums = group_buffers(outs, split, mode, m_tiles, tiles)
     partials, extra, sargs, skw = _shrink_args(shrink, x, first.perm is not None, split, m_tiles)
     if m == 1:
+        half = half_pairs_ok(x, x_half) and first.perm is None
         _w4_tcl_m1_group_kernel[(sum(tiles) + extra, split)](
-            x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles), *sargs[:-1],
-            GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
-            PTX=not kernels_interpreted(), num_warps=cfg.num_warps, XPAIRS=xpairs_ok(x), **skw, **pdl_options(x))
+            x, x_half if half else x, k, k_per, split, tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
+            *sargs[:-1], GROUP_SIZE=gs, BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages,
+            PTX=not kernels_interpreted(), num_warps=cfg.num_warps, XPAIRS=2 if half else int(xpairs_ok(x)), **skw,
+            **pdl_options(x))
     else:
         _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
             x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),

@@ -58,14 +58,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor | PendingSums,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | PendingSums, residual: torch.Tensor | None = None,
+                x_half: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` (the pre-norm layer's add, fused).
 
         The Triton kernel on CUDA fp16/bf16, the torch reference otherwise (``inlaid.kernels.rms_norm``); ``x``
-        may be a projection's ``PendingSums``, which the kernel finishes.
+        may be a projection's ``PendingSums``, which the kernel finishes. ``x_half`` (fp16, the output's shape)
+        also receives the output * 2**-7 in fp16.
         """
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, x_half)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -198,19 +199,33 @@ class ParallelLinear(nn.Module):
                 f"parallel={self.parallel}, tp={self.tp_size}, method={type(self.quant_method).__name__}")
 
 
-def forward_group(layers: list[ParallelLinear], x: torch.Tensor,
-                  shrink: LoRAShrink | None = None) -> list[torch.Tensor]:
+def forward_group(layers: list[ParallelLinear], x: torch.Tensor, shrink: LoRAShrink | None = None,
+                  x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[layer.forward_local(x)]`` for sibling layers that read the same ``x`` (q/k/v, gate/up). When they share a
     linear method that has ``apply_group`` (the GPTQ one), it may run them together (one kernel launch), and may
-    run the LoRA hook's ``shrink`` offer (``LoRAShrink``) in that launch; a method whose ``apply`` is wrapped on
-    the instance (``inlaid.quant.calibrate``'s input taps) is always called per layer, so the wrapper sees every
-    input."""
+    run the LoRA hook's ``shrink`` offer (``LoRAShrink``) in that launch, and read ``x_half`` (an fp16 copy
+    x * 2**-7 of bf16 x that the RMSNorm wrote, ``wants_x_half``) where it ``takes_x_half``; a method whose
+    ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) is always called per layer, so
+    the wrapper sees every input."""
     method = layers[0].quant_method
     group = getattr(method, "apply_group", None)
     if group is not None and all(type(lay.quant_method) is type(method) and "apply" not in vars(lay.quant_method)
                                  for lay in layers):
-        return group(layers, x, shrink=shrink) if _takes(method, shrink) else group(layers, x)
+        kwargs: dict = {"shrink": shrink} if _takes(method, shrink) else {}
+        if x_half is not None and getattr(method, "takes_x_half", False):
+            kwargs["x_half"] = x_half
+        return group(layers, x, **kwargs)
     return [layer.forward_local(x) for layer in layers]
+
+
+def wants_x_half(layer: ParallelLinear, x: torch.Tensor | PendingSums) -> bool:
+    """Whether the RMSNorm before ``layer`` (and its siblings) should also write x * 2**-7 in fp16 for them
+    (``rms_norm``'s ``x_half``): a decode row of bf16 activations on a GPU, into a linear method that
+    ``takes_x_half`` (the GPTQ one: its M = 1 W4 launch then reads x as 32-bit pairs, ``w4a16_tcl``), called
+    plainly (not through a wrapped ``apply``)."""
+    method = layer.quant_method
+    return (x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cuda"
+            and getattr(method, "takes_x_half", False) and "apply" not in vars(method))
 
 
 def _takes(method: object, shrink: LoRAShrink | None) -> bool:
@@ -229,10 +244,11 @@ class GatedMLP(nn.Module):
         self.up_proj = ParallelLinear(hidden, intermediate, bias, "column", device, dtype, tp=tp)
         self.down_proj = ParallelLinear(intermediate, hidden, bias, "row", device, dtype, tp=tp)
 
-    def forward(self, x: torch.Tensor, defer_cast: bool = False) -> torch.Tensor | PendingSums:
+    def forward(self, x: torch.Tensor, defer_cast: bool = False,
+                x_half: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
         """``down(silu(gate(x)) * up(x))``; ``defer_cast``: down_proj may return ``PendingSums``
-        (``ParallelLinear.forward_local``)."""
-        gate, up = forward_group([self.gate_proj, self.up_proj], x)  # column layers: no reduce to skip
+        (``ParallelLinear.forward_local``); ``x_half``: x's fp16 copy for gate/up (``forward_group``)."""
+        gate, up = forward_group([self.gate_proj, self.up_proj], x, x_half=x_half)  # column layers: no reduce
         return self.down_proj.reduce(self.down_proj.forward_local(gate, swiglu=SwiGLU(up), defer_cast=defer_cast))
 
 

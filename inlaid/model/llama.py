@@ -56,7 +56,15 @@ from inlaid.distributed.context import TPContext
 from inlaid.distributed.sharding import Shard, check_tp, local_heads, param_shard, vocab_shard
 from inlaid.kernels.silu_mul import SwiGLU
 from inlaid.kernels.w4a16_gemv import PendingSums
-from inlaid.model.layers import GatedMLP, ParallelLinear, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, forward_group
+from inlaid.model.layers import (
+    GatedMLP,
+    ParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    VocabParallelEmbedding,
+    forward_group,
+    wants_x_half,
+)
 from inlaid.model.lora_hook import LoRAHook
 
 logger = logging.getLogger(__name__)
@@ -91,12 +99,13 @@ def _project(parent: nn.Module, name: str, layer_idx: int, x: torch.Tensor, batc
 
 
 def _project_group(parent: nn.Module, names: tuple[str, ...], layer_idx: int, x: torch.Tensor, batch: ForwardBatch,
-                   hook: LoRAHook | None) -> list[torch.Tensor]:
+                   hook: LoRAHook | None, x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``_project`` for sibling projections of the same ``x`` (q/k/v, gate/up): the base through
-    ``layers.forward_group`` and one ``hook.apply_group`` call, so both can batch their kernels."""
+    ``layers.forward_group`` (which may read ``x_half``, x's fp16 copy from the norm) and one ``hook.apply_group``
+    call, so both can batch their kernels."""
     layers: list[ParallelLinear] = [getattr(parent, n) for n in names]
     offer = getattr(hook, "offer_shrink", None)  # optional (lora_hook): the base launch may run the LoRA shrink
-    outs = forward_group(layers, x, None if offer is None else offer(layer_idx, names, x, batch))
+    outs = forward_group(layers, x, None if offer is None else offer(layer_idx, names, x, batch), x_half)
     if hook is not None:
         outs = hook.apply_group(layer_idx, names, x, outs, batch)
     return [layer.reduce(out) for layer, out in zip(layers, outs)]
@@ -137,11 +146,12 @@ class Attention(nn.Module):
         self.o_proj = ParallelLinear(q, h, arch.o_bias, "row", device, dtype, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                batch: ForwardBatch, hook: LoRAHook | None) -> torch.Tensor | PendingSums:
+                batch: ForwardBatch, hook: LoRAHook | None,
+                x_half: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
         """The attention block's output: o_proj's, possibly uncast (``PendingSums``: the caller's norm finishes
-        them)."""
+        them). ``x_half``: x's fp16 copy x * 2**-7 for q/k/v (``layers.wants_x_half``)."""
         t = x.shape[0]
-        q, k, v = _project_group(self, ("q_proj", "k_proj", "v_proj"), self.layer_idx, x, batch, hook)
+        q, k, v = _project_group(self, ("q_proj", "k_proj", "v_proj"), self.layer_idx, x, batch, hook, x_half)
         q = q.view(t, self.num_heads, self.head_dim)
         k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
         if batch.is_decode_only and q.is_cuda and pat.HAS_TRITON and q.dtype != torch.float32:  # no sync, graph-safe
@@ -187,20 +197,24 @@ class DecoderLayer(nn.Module):
         with ``return_residual`` it returns ``(mlp_out, residual)`` whose sum is the next hidden state, so
         each residual add happens inside the next RMSNorm kernel. Both give the same bits.
         """
+        # a bf16 decode row: each norm also writes x * 2**-7 in fp16, which the q/k/v and gate/up W4 launches read
+        # as pairs (one buffer: the q/k/v launch has read it before the second norm writes it, in stream order)
+        half = (torch.empty(x.shape, device=self.input_layernorm.weight.device, dtype=torch.float16)
+                if wants_x_half(self.self_attn.q_proj, x) else None)
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm(x, x_half=half)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, batch, hook)  # o_proj's result may be PendingSums: the norm
-        h, residual = self.post_attention_layernorm(h, residual)  # finishes them
-        out = self._mlp(h, batch, hook, defer_cast=return_residual)  # the next norm finishes down_proj's sums
+            h, residual = self.input_layernorm(x, residual, half)
+        h = self.self_attn(h, cos, sin, kv_cache, batch, hook, half)  # o_proj's result may be PendingSums: the
+        h, residual = self.post_attention_layernorm(h, residual, half)  # norm finishes them
+        out = self._mlp(h, batch, hook, return_residual, half)  # the next norm finishes down_proj's sums
         return (out, residual) if return_residual else residual + out
 
-    def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None,
-             defer_cast: bool = False) -> torch.Tensor | PendingSums:
+    def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None, defer_cast: bool = False,
+             x_half: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
         if hook is None:
-            return self.mlp(h, defer_cast)
-        gate, up = _project_group(self.mlp, ("gate_proj", "up_proj"), self.layer_idx, h, batch, hook)
+            return self.mlp(h, defer_cast, x_half)
+        gate, up = _project_group(self.mlp, ("gate_proj", "up_proj"), self.layer_idx, h, batch, hook, x_half)
         return _project(self.mlp, "down_proj", self.layer_idx, gate, batch, hook, up=up, defer_cast=defer_cast)
 
 

@@ -108,6 +108,27 @@ def test_rms_norm_3d_input_and_bad_shapes() -> None:
         rn.rms_norm_triton(x, w, 1e-6, x[:1])
 
 
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_writes_the_scaled_fp16_copy(nan_empty, with_residual) -> None:
+    """``x_half``: the kernel (and the dispatcher's torch path) also writes fp16(out * 2**-7), the input the M = 1
+    W4 GEMV's pair step reads in place of bf16 x; checked bit for bit against that rounding of the returned
+    output, with values that overflow fp16 unscaled (4e5) and ones whose scaled copy is subnormal (1e-5)."""
+    g = _gen(7 + with_residual)
+    x = (torch.randn(3, 96, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    w = (torch.rand(96, generator=g) + 0.5)
+    w[:2] = torch.tensor([4e5, 1e-5])
+    w = w.to(DEVICE, torch.bfloat16)
+    res = torch.randn(3, 96, generator=g).to(DEVICE, torch.bfloat16) if with_residual else None
+    for norm in (rn.rms_norm_triton, rn.rms_norm):
+        half = torch.full((3, 96), float("nan"), device=DEVICE, dtype=torch.float16)
+        got = norm(x, w, 1e-5, res, half)
+        out = got[0] if with_residual else got
+        assert torch.equal(half, (out.float() * 2**-7).half())
+        assert torch.isfinite(half).all() and bool((half[:, 1] != 0).any())
+    with pytest.raises(ValueError, match="x_half"):
+        rn.rms_norm_triton(x, w, 1e-5, res, torch.empty(3, 96, device=DEVICE, dtype=torch.bfloat16))
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 100), (7, 96), (3, 5, 40), (2, 1500)])  # 1500: more than one block
 def test_silu_mul_matches_reference(nan_empty, dtype, shape) -> None:

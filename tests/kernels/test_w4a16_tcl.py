@@ -199,11 +199,12 @@ def test_gpu_configs_and_splits(m: int) -> None:
 
 @pytest.mark.gpu
 def test_gpu_m1_fp16_pairs_match_the_reference_and_stay_finite_at_the_fp16_limit() -> None:
-    """The M = 1 GEMV's fp16 step (``_m1_xpair_step``: x read as 32-bit pairs, the 2**-7 on the weights) against
-    the fp64 reference: ordinary x; x one element off a 4-byte boundary (``xpairs_ok`` refuses it: the gathering
-    step runs); bf16 x (the gathering step); and the overflow bound: the first 128 inputs at 65504 with
-    code - zero = -16 there, so each half of a word's fp16 sum reaches 4 * 16 / 128 * 65504 ~ 2**15 and must stay
-    finite (group 0's scales are small so that the output itself cannot overflow)."""
+    """The M = 1 GEMV's fp16 step (``XPAIRS`` 1: x read as 32-bit pairs, 2**-9 on the weights) against the fp64
+    reference: ordinary x; x one element off a 4-byte boundary (``xpairs_ok`` refuses it: the gathering step
+    runs); bf16 x (the gathering step); and the overflow bound: the first 128 inputs at 65504 with
+    code - zero = -16 there, so each half of a thread's four-word fp16 sum (``_m1_quad``) reaches
+    16 * 16 / 512 * 65504 ~ 2**15 and must stay finite (group 0's scales are small so that the output itself
+    cannot overflow)."""
     k, n, gs = 4096, 1024, 128
     gen = torch.Generator().manual_seed(11)
     codes = torch.randint(0, 16, (k, n), generator=gen)
@@ -289,6 +290,38 @@ def test_gpu_group_matches_separate_calls(m: int) -> None:
         _check(y, x, tensors, tc)
     ys2 = wk.w4a16_linear_group(x, [c[2] for c in cases[:2]], [None, None])  # the dispatcher's group path
     for y, (tensors, _, tc) in zip(ys2, cases[:2]):
+        _check(y, x, tensors, tc)
+
+
+@pytest.mark.gpu
+def test_gpu_group_reads_the_norms_half_copy_with_the_gathering_bits() -> None:
+    """``x_half`` (the RMSNorm's fp16 x * 2**-7, ``XPAIRS`` 2): a bf16 row's grouped M = 1 launch reads it as pairs
+    and gives the gathering step's bits (the same x', the same 2**-9 sums), also with a LoRA shrink in the launch
+    (which still reads bf16 x); fp16 x, several rows or a misaligned copy ignore it; act-order weights too (x is
+    permuted, its copy is not)."""
+    cases = [_tc_case(4096, n, 128, act_order=False, seed=n) for n in (2048, 512, 512)]
+    packs = [c[2] for c in cases]
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    x[0, :4] = torch.tensor([3e4, -1e-4, 0.0, 7e-3])  # |x'| near the old limits and subnormal
+    half = (x.float() * 2**-7).half()
+    assert tcl.half_pairs_ok(x, half) and not tcl.half_pairs_ok(x.half(), half)
+    assert not tcl.half_pairs_ok(x, torch.empty(4097, device="cuda", dtype=torch.float16)[1:].view(1, 4096))
+    plain = tcl.w4a16_tcl_group(x, packs)
+    lt = kernel_module("lora_sgmv_triton")
+    a = (torch.randn(4, 48, 4096, generator=torch.Generator().manual_seed(5)) * 0.1).cuda().bfloat16()
+    slots = torch.tensor([2], device="cuda", dtype=torch.int32)
+    shrink = lt.LoRAShrink(a, slots)
+    for y, want, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(x, packs, shrink=shrink, x_half=half), plain, cases):
+        assert torch.equal(y, want)
+        _check(y, x, tensors, tc)
+    torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(x, a, slots), rtol=1e-4, atol=1e-4)
+    stale = torch.zeros_like(half)  # a copy that is not x's: ignored wherever it does not apply
+    for xi in (x.half(), x.expand(3, 4096).contiguous()):
+        assert all(torch.equal(a, b) for a, b in zip(tcl.w4a16_tcl_group(xi, packs, x_half=stale),
+                                                      tcl.w4a16_tcl_group(xi, packs)))
+    tensors, _, tc = _tc_case(4096, 512, 128, act_order=True, seed=7)  # one weight twice: one permutation
+    for y, want in zip(tcl.w4a16_tcl_group(x, [tc, tc], x_half=stale), tcl.w4a16_tcl_group(x, [tc, tc])):
+        assert torch.equal(y, want)
         _check(y, x, tensors, tc)
 
 
@@ -431,7 +464,7 @@ def test_gpu_swiglu_down_proj_matches_two_launches(dtype: torch.dtype) -> None:
     fused, two = tcl.w4a16_tcl(gate, tc, config=one, swiglu=sm.SwiGLU(up, h)), tcl.w4a16_tcl(want, tc, config=one)
     if dtype == torch.bfloat16:  # both read the product through the gathering step
         assert torch.equal(fused, two)
-    else:  # the second reads fp16 x as pairs (``_m1_xpair_step``): the same sums except where x * 2**-7 was
+    else:  # the second reads fp16 x as pairs (``XPAIRS`` 1): the same sums except where x * 2**-7 was
         assert_close(fused, two, 2e-3)  # subnormal in the gathering step
     assert torch.equal(h, want)
     a = (torch.randn(4, 16, 11008, device="cuda") * 0.05).to(dtype)
