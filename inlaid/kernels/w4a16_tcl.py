@@ -34,7 +34,9 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   pairs three ways (``XPAIRS``): fp16 x as loaded (1: one 32-bit load per pair in the words' own layout,
   2**-9 on the weights); bf16 x's fp16 copy x' = x * 2**-7 that the RMSNorm before q/k/v and gate/up writes
   (2: ``x_half``, ``half_pairs_ok``, 2**-2 on the weights); otherwise (0: bf16 o_proj input, the SwiGLU
-  product, unaligned x) gathered, scaled by 2**-7 and rounded in the step. 1 and 0 make the same products;
+  product, unaligned x) gathered, scaled by 2**-7 and rounded in the step, a pair per ``cvt`` (``_f16x2``:
+  bf16 gathered launches 12.48 / 12.00 -> 11.73 / 11.84 us on the 11008 shapes, ``tcl_cvt_bf16_*``). 1 and 0
+  make the same products;
   2 gives 0's bits. A half2 sum is four times longer than a word's, so its fp16 rounding grows: max error
   against the fp32 reference over max|y|, fp16, 3.7-6.1e-4 -> 6.7-6.9e-4 (the fp16 output's own rounding is
   up to 4.9e-4); bf16 3.0-3.2e-3 either way, its output rounding (``tcl_q4b_*``).
@@ -123,9 +125,7 @@ if HAS_TRITON:
     from .w4a16_gemv import (
         H2_X_SCALE,
         _epilogue,
-        _fp16_opaque,
         _fp32_words,
-        _half2_pair,
         h2_consts_ptx,
         h2_dot_ptx,
         h2_join_ptx,
@@ -337,6 +337,13 @@ if HAS_TRITON:
         return xs
 
     @triton.jit
+    def _f16x2(lo, hi):
+        """int32 half2 of fp32 ``lo`` (low half) and ``hi``, each rounded to nearest (one ``cvt.rn.f16x2.f32``; the
+        bits of ``_fp16_opaque`` twice and a pack, and as opaque to LLVM's fptrunc folding)."""
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
     def _v_slices(a):
         """[4 (t), 4 (v), 4 (j)] -> the four [4 (t), 4 (j)] slices v = 0..3."""
         return _split4(tl.permute(a, (0, 2, 1)), 4, 4)
@@ -384,10 +391,10 @@ if HAS_TRITON:
                 z1, z2 = h2_zero_bits(zc, QUAD_XS_EXP)
                 t = _m1_quad(_ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22,
                              p23, p30, p31, p32, p33, z1, z2, BLOCK_N)
-        elif PTX:  # x' = x * 2**-7 rounded to fp16 (``_fp16_opaque``), computed once per input, then packed
-            lo, hi = tl.split(_fp16_opaque(_x_block(x_ptr, k0, True, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32)
-                                           * H2_X_SCALE))
-            w0, w1, w2, w3 = _v_slices(_half2_pair(lo, hi))
+        elif PTX:  # x' = x * 2**-7 in fp32, rounded to an fp16 pair by one cvt (``_f16x2``)
+            lo, hi = tl.split(_x_block(x_ptr, k0, True, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32)
+                              * H2_X_SCALE)
+            w0, w1, w2, w3 = _v_slices(_f16x2(lo, hi))
             p00, p01, p02, p03 = _j_slices(w0)
             p10, p11, p12, p13 = _j_slices(w1)
             p20, p21, p22, p23 = _j_slices(w2)
