@@ -12,7 +12,7 @@ loop label to its backward branch). Per element = loop instructions x threads / 
     python benchmarks/sass_count.py tc --swap --natural --block-m 32 --block-n 128      # swapped operands
     python benchmarks/sass_count.py tcl --block-m 32 --block-n 64       # the tensor-core layout's step (w4a16_tcl)
     python benchmarks/sass_count.py tcl1 --block-n 256 --stages 2      # its M = 1 GEMV
-    python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1 [--xpairs | --silu] [--bf16]   # its steps
+    python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1 [--xpairs | --xhalf | --silu] [--bf16]   # its steps
     PYTHONPATH=<other checkout> python benchmarks/sass_count.py m1 --root <other checkout>   # another tree
 
 Needs a Triton with the NVIDIA backend (the CPU wheel ships ptxas and nvdisasm).
@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--half2", action="store_true", help="m1 only: the half2 PTX tile (fp16/bf16 x on a GPU)")
     ap.add_argument("--xpairs", action="store_true", help="tcl1 only: the fp16-x step that loads x as 32-bit pairs")
+    ap.add_argument("--xhalf", action="store_true", help="tcl1 only: the step that reads the norm's fp16 copy x * 2**-7 "
+                    "as pairs (XPAIRS 2)")
     ap.add_argument("--silu", action="store_true", help="tcl1 only: the SwiGLU step (x = silu(gate) * up, stored)")
     ap.add_argument("--bf16", action="store_true", help="tcl1 and tcl: bf16 activations (default fp16)")
     ap.add_argument("--dump", type=Path, default=None, help="also write the loop body's SASS to this file")
@@ -98,7 +100,7 @@ def main() -> int:
                 "n_s", "stride_as", "stride_ar", "stride_wsp")
         const = {"GROUP_SIZE": 128, "BLOCK_N": args.block_n, "MODE": 3, "NUM_STAGES": args.stages, "PTX": True,
                  "SHRINK": False, "BLOCK_R": 16, "BLOCK_K": 64, "ROUNDS": 1, "SILU": args.silu, "STORE_H": args.silu,
-                 "PDL": 2, "XPAIRS": args.xpairs}
+                 "PDL": 2, "XPAIRS": 2 if args.xhalf else int(args.xpairs)}
         elems = args.block_n * 128
     else:
         from inlaid.kernels import w4a16_tc
@@ -124,6 +126,7 @@ def main() -> int:
     body = loop_body(sass)
     if args.dump:
         args.dump.write_text("\n".join(body) + "\n")
+        args.dump.with_suffix(".ptx").write_text(kernel.asm["ptx"])
     per_elem = len(body) * args.warps * 32 / elems
     ops = collections.Counter(opcode(x) for x in body).most_common(args.top)
     regs = max(map(int, re.findall(r"\bR(\d+)\b", sass))) + 1

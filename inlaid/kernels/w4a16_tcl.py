@@ -377,31 +377,24 @@ if HAS_TRITON:
         zc = ((z >> ((offs_n % 8) * 4)) & 0xF) + 1
         # [4 (t), BLOCK_N] each: word 4t + v (the load's 4 consecutive words of a thread, relabelled in registers)
         q0, q1, q2, q3 = _split4(tl.permute(tl.reshape(q, (4, 4, BLOCK_N)), (0, 2, 1)), 4, BLOCK_N)
-        if PTX and XPAIRS:
-            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + tl.arange(0, 4))
-            p00, p01, p02, p03 = _x_pairs(x32, 0)
-            p10, p11, p12, p13 = _x_pairs(x32, 1)
-            p20, p21, p22, p23 = _x_pairs(x32, 2)
-            p30, p31, p32, p33 = _x_pairs(x32, 3)
-            if XPAIRS == 1:
-                z1, z2 = h2_zero_bits(zc, QUAD_X_EXP)
-                t = _m1_quad(_ASM_QUAD_X, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22, p23,
-                             p30, p31, p32, p33, z1, z2, BLOCK_N)
-            else:
-                z1, z2 = h2_zero_bits(zc, QUAD_XS_EXP)
-                t = _m1_quad(_ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22,
-                             p23, p30, p31, p32, p33, z1, z2, BLOCK_N)
-        elif PTX:  # x' = x * 2**-7 in fp32, rounded to an fp16 pair by one cvt (``_f16x2``)
-            lo, hi = tl.split(_x_block(x_ptr, k0, True, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32)
-                              * H2_X_SCALE)
-            w0, w1, w2, w3 = _v_slices(_f16x2(lo, hi))
-            p00, p01, p02, p03 = _j_slices(w0)
-            p10, p11, p12, p13 = _j_slices(w1)
-            p20, p21, p22, p23 = _j_slices(w2)
-            p30, p31, p32, p33 = _j_slices(w3)
-            z1, z2 = h2_zero_bits(zc, QUAD_XS_EXP)
-            t = _m1_quad(_ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11, p12, p13, p20, p21, p22, p23,
-                         p30, p31, p32, p33, z1, z2, BLOCK_N)
+        if PTX:
+            if XPAIRS:
+                x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + tl.arange(0, 4))
+                p00, p01, p02, p03 = _x_pairs(x32, 0)
+                p10, p11, p12, p13 = _x_pairs(x32, 1)
+                p20, p21, p22, p23 = _x_pairs(x32, 2)
+                p30, p31, p32, p33 = _x_pairs(x32, 3)
+            else:  # x' = x * 2**-7 in fp32, rounded to an fp16 pair by one cvt (``_f16x2``)
+                lo, hi = tl.split(_x_block(x_ptr, k0, True, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32)
+                                  * H2_X_SCALE)
+                w0, w1, w2, w3 = _v_slices(_f16x2(lo, hi))
+                p00, p01, p02, p03 = _j_slices(w0)
+                p10, p11, p12, p13 = _j_slices(w1)
+                p20, p21, p22, p23 = _j_slices(w2)
+                p30, p31, p32, p33 = _j_slices(w3)
+            z1, z2 = h2_zero_bits(zc, QUAD_X_EXP if XPAIRS == 1 else QUAD_XS_EXP)
+            t = _m1_quad(_ASM_QUAD_X if XPAIRS == 1 else _ASM_QUAD_XS, q0, q1, q2, q3, p00, p01, p02, p03, p10, p11,
+                         p12, p13, p20, p21, p22, p23, p30, p31, p32, p33, z1, z2, BLOCK_N)
         else:  # the interpreter: fp32 x, word by word (``_fp32_words``)
             lo, hi = tl.split(_x_block(x_ptr, k0, False, u_ptr, h_ptr, pid_n, SILU, STORE_H).to(tl.float32))
             l0, l1, l2, l3 = _v_slices(lo)

@@ -117,7 +117,7 @@ def test_not_groupable_cases_and_the_dispatcher_fallback() -> None:
 
 
 def test_gptq_apply_group_equals_apply_and_taps_disable_grouping() -> None:
-    from inlaid.model.layers import ParallelLinear, forward_group
+    from inlaid.model.layers import ParallelLinear, forward_group, wants_x_half
     from inlaid.quant.linear import GPTQLinearMethod
 
     layers = []
@@ -133,12 +133,19 @@ def test_gptq_apply_group_equals_apply_and_taps_disable_grouping() -> None:
         x = torch.randn(m, 256, device=DEVICE).half()
         for y, lin in zip(forward_group(layers, x), layers):
             torch.testing.assert_close(y, lin.forward_local(x), atol=1e-3, rtol=1e-3)
+        stale = torch.zeros(x.shape, device=DEVICE, dtype=torch.float16)  # fp16 x: a copy is never read
+        assert all(torch.equal(a, b) for a, b in zip(forward_group(layers, x, x_half=stale), forward_group(layers, x)))
     seen = []
     method = layers[0].quant_method
     inner = method.apply
     method.apply = lambda layer, x: seen.append(x.shape) or inner(layer, x)  # what calibrate's taps do
     forward_group(layers, torch.randn(1, 256, device=DEVICE).half())
     assert seen == [(1, 256)], "a wrapped apply must see the input even at one row"
+    one = torch.randn(1, 256, device="cuda" if DEVICE == "cuda" else "cpu").bfloat16()
+    assert not wants_x_half(layers[0], one), "no norm copy for a wrapped apply (nor on CPU)"
+    del method.apply
+    assert wants_x_half(layers[0], one) == (one.is_cuda and torch.cuda.is_available())
+    assert not wants_x_half(layers[0], one.expand(2, 256))
 
 
 def test_tc_group_refuses_what_it_cannot_serve() -> None:

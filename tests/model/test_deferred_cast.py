@@ -1,5 +1,7 @@
 """o_proj and down_proj hand their uncast split-K sums (``PendingSums``) to the next kernel (the RMSNorm, or the
-LoRA expand before it) instead of a cast launch: the model's decode output must keep its bits.
+LoRA expand before it) instead of a cast launch: the model's decode output must keep its bits. Likewise a bf16
+decode row's norms write the fp16 copy x * 2**-7 that the q/k/v and gate/up launches read as pairs
+(``layers.wants_x_half``): the output must be the bits of the launches that gather bf16 x themselves.
 
 GPU only: the deferral exists where the W4 weights take the tensor-core layout (CUDA, K and the group a multiple
 of 128). A small Llama shape (hidden and intermediate 256, two layers) with random 4-bit weights runs one decode
@@ -28,14 +30,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA (the tensor-core W4 layout)", allow_module_level=True)
 
 
-def _model(hook):
+def _model(hook, dtype: torch.dtype = torch.float16):
     from inlaid.model.layers import ParallelLinear
     from inlaid.model.loader import build_model, init_dummy_weights
     from inlaid.quant.linear import GPTQLinearMethod, replace_linears
 
     arch = ModelArch.from_dict(tiny_llama_config(hidden_size=256, intermediate_size=256, num_attention_heads=2,
                                                  num_key_value_heads=1, head_dim=128))
-    dev, dtype = torch.device("cuda"), torch.float16
+    dev = torch.device("cuda")
     model = build_model(arch, dev, dtype, lora_hook=hook)
     init_dummy_weights(model, seed=1)
     replace_linears(model, GPTQLinearMethod(4, 128), dev, dtype)
@@ -50,12 +52,12 @@ def _model(hook):
     return arch, model
 
 
-def _pool(arch: ModelArch):
+def _pool(arch: ModelArch, dtype: torch.dtype = torch.float16):
     from inlaid.lora.pool import LoRAPool
     from inlaid.lora.synthetic import random_adapter
 
     shapes = arch.lora_module_shapes()
-    pool = LoRAPool(3, 16, arch.num_layers, shapes, "cuda", torch.float16)
+    pool = LoRAPool(3, 16, arch.num_layers, shapes, "cuda", dtype)
     for slot, rank in ((0, 8), (2, 16)):
         pool.load(slot, random_adapter(f"a{slot}", shapes, arch.num_layers, rank, seed=slot, std=0.05))
     return pool
@@ -97,5 +99,46 @@ def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monk
             assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
             for kept in w4a16_gemv._SCRATCH.values():
                 assert all(int(sums.count_nonzero()) == 0 for sums, _ in kept), "a finish left its sums"
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("num_seqs", [1, 5])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_bf16_decode_rows_keep_their_bits_with_the_norms_half_copy(num_seqs: int, lora: bool,
+                                                                      monkeypatch) -> None:
+    """With ``GPTQLinearMethod.takes_x_half`` on and off: the same logits bit for bit; a spy on the grouped launch
+    sees the copy on every q/k/v and gate/up launch of a single row (and none at 5 rows, where the norms write
+    none)."""
+    from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
+    from inlaid.kernels import w4a16_gemm, w4a16_tcl
+    from inlaid.kernels.paged_attention import allocate_kv_caches
+    from inlaid.quant.linear import GPTQLinearMethod
+    from inlaid.sampling import SamplingParams
+    from inlaid.worker.forward_batch import build_forward_batch
+
+    arch, model = _model(None, torch.bfloat16)
+    if lora:
+        model.set_lora_hook(_pool(arch, torch.bfloat16))
+    kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, torch.bfloat16,
+                            torch.device("cuda"))
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    slots = [2, -1, 0, 2, -1][:num_seqs] if lora else [-1] * num_seqs
+    seqs = [ScheduledSeq(f"s{i}", [7 + i], 5, [4 * i, 4 * i + 1], slots[i], True, params) for i in range(num_seqs)]
+    used = []
+    group = w4a16_gemm.w4a16_tcl_group
+
+    def spy(x, packs, *args, x_half=None, **kwargs):
+        used.append(w4a16_tcl.half_pairs_ok(x, x_half))
+        return group(x, packs, *args, x_half=x_half, **kwargs)
+
+    monkeypatch.setattr(w4a16_gemm, "w4a16_tcl_group", spy)
+    outs = []
+    with torch.inference_mode():
+        for takes in (True, False):
+            monkeypatch.setattr(GPTQLinearMethod, "takes_x_half", takes)
+            used.clear()
+            outs.append(model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv))
+            assert len(used) == 2 * arch.num_layers and all(used) == (takes and num_seqs == 1)
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
