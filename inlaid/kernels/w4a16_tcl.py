@@ -41,8 +41,9 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   against the fp32 reference over max|y|, fp16, 3.7-6.1e-4 -> 6.7-6.9e-4 (the fp16 output's own rounding is
   up to 4.9e-4); bf16 3.0-3.2e-3 either way, its output rounding (``tcl_q4b_*``).
   Offline SASS on the device's Triton 3.6 (``python benchmarks/sass_count.py tcl1 --block-n 128 --stages 1
-  [--xpairs | --bf16 | --silu]``, instructions a step against a word at a time): fp16 pairs 385 -> 329, the
-  gathered bf16 step 497 -> 449, SwiGLU 521 -> 472. H100, graph-timed against HEAD in one call
+  [--xpairs | --xhalf --bf16 | --bf16 | --silu]``, instructions a step against a word at a time): fp16 pairs
+  385 -> 329, the norm's copy 331, the gathered bf16 step 497 -> 449 (417 with one ``cvt`` a pair), SwiGLU
+  521 -> 472 (440). H100, graph-timed against HEAD in one call
   (``tcl_q4b_{fp16,bf16}_{new,old}_1_h100``), us: fp16 4096x4096 6.40 -> 6.41, the 11008 shapes 11.62 ->
   10.87; bf16 (gathered) 6.93 -> 6.90, 12.77 / 13.11 -> 12.10 / 12.01. End to end with the norm's copy:
   ``docs/kernels.md``, "Session 22".
@@ -278,7 +279,7 @@ if HAS_TRITON:
     QUAD_X_EXP = tl.constexpr(9)
     """fp16 x as loaded (``XPAIRS``): 2**-9 on the weights keeps 16 products (|code - zero| <= 16) of |x| <= 65504
     inside fp16 (|sum| <= 2**15)."""
-    QUAD_XS_EXP = tl.constexpr(2)
+    QUAD_XS_EXP = tl.constexpr(QUAD_X_EXP.value - 7)
     """The gathered x' = x * 2**-7 (``H2_X_SCALE``): 2**-2 on the weights, the same 2**-9 in all."""
     _ASM_QUAD_X = tl.constexpr(_quad_asm(QUAD_X_EXP.value))
     _ASM_QUAD_XS = tl.constexpr(_quad_asm(QUAD_XS_EXP.value))

@@ -190,24 +190,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 batch: ForwardBatch, hook: LoRAHook | None, residual: torch.Tensor | None = None,
-                return_residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_residual: bool = False, x_half: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One pre-norm layer. Plain call: ``x`` is the hidden state, returns the next one.
 
         Fused residual (``LlamaModel``): ``x + residual`` is the hidden state (``residual`` None: ``x`` alone);
         with ``return_residual`` it returns ``(mlp_out, residual)`` whose sum is the next hidden state, so
         each residual add happens inside the next RMSNorm kernel. Both give the same bits.
+
+        ``x_half`` (fp16, x's shape; ``LlamaModel`` passes one where ``layers.wants_x_half``): both norms also write
+        their output * 2**-7 into it, which the q/k/v and gate/up W4 launches read as pairs. One buffer serves
+        every norm: in stream order a launch has read it before the next norm writes it.
         """
-        # a bf16 decode row: each norm also writes x * 2**-7 in fp16, which the q/k/v and gate/up W4 launches read
-        # as pairs (one buffer: the q/k/v launch has read it before the second norm writes it, in stream order)
-        half = (torch.empty(x.shape, device=self.input_layernorm.weight.device, dtype=torch.float16)
-                if wants_x_half(self.self_attn.q_proj, x) else None)
         if residual is None:
-            residual, h = x, self.input_layernorm(x, x_half=half)
+            residual, h = x, self.input_layernorm(x, x_half=x_half)
         else:
-            h, residual = self.input_layernorm(x, residual, half)
-        h = self.self_attn(h, cos, sin, kv_cache, batch, hook, half)  # o_proj's result may be PendingSums: the
-        h, residual = self.post_attention_layernorm(h, residual, half)  # norm finishes them
-        out = self._mlp(h, batch, hook, return_residual, half)  # the next norm finishes down_proj's sums
+            h, residual = self.input_layernorm(x, residual, x_half)
+        h = self.self_attn(h, cos, sin, kv_cache, batch, hook, x_half)  # o_proj's result may be PendingSums: the
+        h, residual = self.post_attention_layernorm(h, residual, x_half)  # norm finishes them
+        out = self._mlp(h, batch, hook, return_residual, x_half)  # the next norm finishes down_proj's sums
         return (out, residual) if return_residual else residual + out
 
     def _mlp(self, h: torch.Tensor, batch: ForwardBatch, hook: LoRAHook | None, defer_cast: bool = False,
@@ -239,8 +240,10 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb.cos_sin(batch.positions, x.dtype)
         residual: torch.Tensor | None = None
+        half = (torch.empty(x.shape, device=x.device, dtype=torch.float16)  # the norms' fp16 copy of a bf16 row
+                if self.layers and wants_x_half(self.layers[0].self_attn.q_proj, x) else None)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, cos, sin, kv_cache, batch, hook, residual, return_residual=True)
+            x, residual = layer(x, cos, sin, kv_cache, batch, hook, residual, return_residual=True, x_half=half)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 

@@ -63,24 +63,46 @@ def _pool(arch: ModelArch, dtype: torch.dtype = torch.float16):
     return pool
 
 
-@pytest.mark.parametrize("num_seqs", [1, 5])
-@pytest.mark.parametrize("lora", [False, True])
-def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monkeypatch) -> None:
+def _decode_step(num_seqs: int, lora: bool, dtype: torch.dtype):
+    """(arch, step): the small W4 model (with a two-adapter pool if ``lora``) and a callable that runs one decode
+    step of ``num_seqs`` sequences (rows with adapters 0 and 2 and rows without) and returns its hidden states."""
     from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
-    from inlaid.kernels import w4a16_gemm, w4a16_gemv
     from inlaid.kernels.paged_attention import allocate_kv_caches
-    from inlaid.quant.linear import GPTQLinearMethod
     from inlaid.sampling import SamplingParams
     from inlaid.worker.forward_batch import build_forward_batch
 
-    arch, model = _model(None)
+    arch, model = _model(None, dtype)
     if lora:
-        model.set_lora_hook(_pool(arch))
-    kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, torch.float16,
+        model.set_lora_hook(_pool(arch, dtype))
+    kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, dtype,
                             torch.device("cuda"))
     params = SamplingParams(max_tokens=4, temperature=0.0)
     slots = [0, -1, 2, 0, -1][:num_seqs] if lora else [-1] * num_seqs
     seqs = [ScheduledSeq(f"s{i}", [7 + i], 5, [4 * i, 4 * i + 1], slots[i], True, params) for i in range(num_seqs)]
+    return arch, lambda: model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv)
+
+
+def _same_bits_on_and_off(monkeypatch, step, flag: str, check) -> None:
+    """``step()`` with ``GPTQLinearMethod.<flag>`` on, then off; ``check(on)`` after each; the outputs must be
+    finite and equal bit for bit."""
+    from inlaid.quant.linear import GPTQLinearMethod
+
+    outs = []
+    with torch.inference_mode():
+        for on in (True, False):
+            monkeypatch.setattr(GPTQLinearMethod, flag, on)
+            outs.append(step())
+            check(on)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("num_seqs", [1, 5])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monkeypatch) -> None:
+    from inlaid.kernels import w4a16_gemm, w4a16_gemv
+
+    arch, step = _decode_step(num_seqs, lora, torch.float16)
     pending = []
     tcl = w4a16_gemm.w4a16_tcl
 
@@ -90,17 +112,14 @@ def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monk
         return out
 
     monkeypatch.setattr(w4a16_gemm, "w4a16_tcl", spy)
-    outs = []
-    with torch.inference_mode():
-        for defer in (True, False):
-            monkeypatch.setattr(GPTQLinearMethod, "takes_defer_cast", defer)
-            pending.clear()
-            outs.append(model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv))
-            assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
-            for kept in w4a16_gemv._SCRATCH.values():
-                assert all(int(sums.count_nonzero()) == 0 for sums, _ in kept), "a finish left its sums"
-    assert torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+
+    def check(defer: bool) -> None:
+        assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
+        for kept in w4a16_gemv._SCRATCH.values():
+            assert all(int(sums.count_nonzero()) == 0 for sums, _ in kept), "a finish left its sums"
+        pending.clear()
+
+    _same_bits_on_and_off(monkeypatch, step, "takes_defer_cast", check)
 
 
 @pytest.mark.parametrize("num_seqs", [1, 5])
@@ -110,21 +129,9 @@ def test_gpu_bf16_decode_rows_keep_their_bits_with_the_norms_half_copy(num_seqs:
     """With ``GPTQLinearMethod.takes_x_half`` on and off: the same logits bit for bit; a spy on the grouped launch
     sees the copy on every q/k/v and gate/up launch of a single row (and none at 5 rows, where the norms write
     none)."""
-    from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
     from inlaid.kernels import w4a16_gemm, w4a16_tcl
-    from inlaid.kernels.paged_attention import allocate_kv_caches
-    from inlaid.quant.linear import GPTQLinearMethod
-    from inlaid.sampling import SamplingParams
-    from inlaid.worker.forward_batch import build_forward_batch
 
-    arch, model = _model(None, torch.bfloat16)
-    if lora:
-        model.set_lora_hook(_pool(arch, torch.bfloat16))
-    kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, torch.bfloat16,
-                            torch.device("cuda"))
-    params = SamplingParams(max_tokens=4, temperature=0.0)
-    slots = [2, -1, 0, 2, -1][:num_seqs] if lora else [-1] * num_seqs
-    seqs = [ScheduledSeq(f"s{i}", [7 + i], 5, [4 * i, 4 * i + 1], slots[i], True, params) for i in range(num_seqs)]
+    arch, step = _decode_step(num_seqs, lora, torch.bfloat16)
     used = []
     group = w4a16_gemm.w4a16_tcl_group
 
@@ -133,12 +140,9 @@ def test_gpu_bf16_decode_rows_keep_their_bits_with_the_norms_half_copy(num_seqs:
         return group(x, packs, *args, x_half=x_half, **kwargs)
 
     monkeypatch.setattr(w4a16_gemm, "w4a16_tcl_group", spy)
-    outs = []
-    with torch.inference_mode():
-        for takes in (True, False):
-            monkeypatch.setattr(GPTQLinearMethod, "takes_x_half", takes)
-            used.clear()
-            outs.append(model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv))
-            assert len(used) == 2 * arch.num_layers and all(used) == (takes and num_seqs == 1)
-    assert torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+
+    def check(takes: bool) -> None:
+        assert len(used) == 2 * arch.num_layers and all(used) == (takes and num_seqs == 1)
+        used.clear()
+
+    _same_bits_on_and_off(monkeypatch, step, "takes_x_half", check)
