@@ -7,7 +7,7 @@ cuBLAS above) and ``tcl`` (``w4a16_linear`` on the same weights in the tensor-co
 gets them: ``w4a16_tcl`` to ``TCL_MAX_M`` rows, dequantize + cuBLAS above). ``--sweep-m1`` adds ``TclConfig``
 candidates of the M = 1 GEMV (``m1_<block_n>_w<warps>_s<stages>_p<programs per SM>``), ``--sweep`` those of the
 tensor-core step (``tc_<block_m>_<block_n>_w<warps>_s<stages>_p<programs per SM>``, M = 2..256: tiles of
-min(64, M) rows, and 128 rows from M = 128). Timing:
+min(64, M) rows, and 128 rows from M = 128); with ``--groups`` both sweep the grouped launch instead. Timing:
 ``inlaid.bench.graph_timing`` over enough weight copies (> 3x L2) that every call reads DRAM. Every
 implementation is checked against the fp32 reference (rel. error < 1e-2; split-K buffers left zeroed) before
 it is timed. TB/s counts the packed words, zeros and scales once.
@@ -17,6 +17,7 @@ it is timed. TB/s counts the packed words, zeros and scales once.
     python benchmarks/tcl_bench.py --sweep-m1 --sweep --out benchmarks/results/tcl_h100  # + config sweeps, ~3 min
     python benchmarks/tcl_bench.py --groups --ms 1,8,16,32,64,128 --out benchmarks/results/tcl_group_h100
     python benchmarks/tcl_bench.py --groups --sweep-m1 --ms 1 --out benchmarks/results/tcl_group_m1_sweep_h100
+    python benchmarks/tcl_bench.py --groups --sweep --ms 2,8,16 --out benchmarks/results/tcl_group_sweep_h100
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,7 +47,8 @@ M1_SWEEP = {f"m1_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(16, bn, w, st, p)
             for bn, w, st, p in itertools.product((128, 256, 512), (4, 8), (1, 2, 3), (2, 4, 8, 16)) if bn >= 16 * w}
 SWEEP = {f"tc_{bm}_{bn}_w{w}_s{st}_p{p}": tcl.TclConfig(bm, bn, w, st, p)
          for bm in (16, 32, 64, 128) for bn, w, st, p in (
-             *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4)), *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),
+             *itertools.product((64,), (4,), (2, 3, 4), (1, 2, 4, 6, 8)),
+             *itertools.product((128,), (4,), (2, 3), (1, 2, 4)),
              *itertools.product((128,), (8,), (2, 3), (1, 2)), *itertools.product((256,), (8,), (2,), (1, 2)))}
 ROWS: list[dict] = []
 DTYPE = torch.float16
@@ -82,9 +85,8 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
                               for name, cfg in M1_SWEEP.items()})
             if sweep and 2 <= m <= tcl.TCL_MAX_M:  # row tiles of min(64, M) rows (padded to 16); 128 from M = 128
-                rows = {min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set())
                 impls.update({name: (packs["tc"], lambda p, c=cfg: tcl.w4a16_tcl(x, p, config=c))
-                              for name, cfg in SWEEP.items() if cfg.block_m in rows})
+                              for name, cfg in SWEEP.items() if cfg.block_m in _sweep_rows(m)})
             for name, (copies, call) in impls.items():
                 row = {"shape": f"{k}x{n}", "m": m, "impl": name}
                 try:
@@ -110,10 +112,21 @@ def run(ms: tuple[int, ...], shapes, sweep_m1: bool, sweep: bool) -> None:
 GROUPS = {"q/k/v": (4096, (4096, 4096, 4096)), "gate/up": (4096, (11008, 11008))}
 
 
-def run_groups(ms: tuple[int, ...], sweep_m1: bool = False) -> None:
+def _sweep_rows(m: int) -> set[int]:
+    """Row tiles a sweep tries at M rows: min(64, M) padded to 16, and 128 from M = 128."""
+    return {min(64, max(16, 1 << (m - 1).bit_length()))} | ({128} if m >= 128 else set())
+
+
+def _max_rel_err(ys: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """Largest max|y - ref| / max|ref| over the siblings."""
+    return max(float((y.float() - ref).abs().max() / ref.abs().max()) for y, ref in zip(ys, refs))
+
+
+def run_groups(ms: tuple[int, ...], sweep_m1: bool = False, sweep: bool = False) -> None:
     """Sibling weights of one x (Llama-2-7B q/k/v, gate/up) in the tensor-core layout: ``w4a16_linear_group`` as
     installed vs one ``w4a16_linear`` per weight, each checked against the reference first; with ``sweep_m1`` also
-    ``w4a16_tcl_group`` at M = 1 under every ``M1_SWEEP`` config (checked against the installed launch)."""
+    ``w4a16_tcl_group`` at M = 1 under every ``M1_SWEEP`` config, with ``sweep`` at M >= 2 under the ``SWEEP``
+    configs of M's row tiles (each candidate checked against the reference)."""
     log(event="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         dtype=str(DTYPE).removeprefix("torch."))
     for label, (k, widths) in GROUPS.items():
@@ -123,33 +136,33 @@ def run_groups(ms: tuple[int, ...], sweep_m1: bool = False) -> None:
                 for rs in raw]
         for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+            refs = [gptq_dequant.gptq_linear(x.float(), r["qweight"], r["qzeros"], r["scales"].float(), r["g_idx"], 4)
+                    for r in raw[0]]
             row = {"group": label, "m": m}
             try:
-                for y, r in zip(wk.w4a16_linear_group(x, sets[0], [None] * len(widths)), raw[0]):
-                    ref = gptq_dequant.gptq_linear(x.float(), r["qweight"], r["qzeros"], r["scales"].float(),
-                                                   r["g_idx"], 4)
-                    if not float((y.float() - ref).abs().max() / ref.abs().max()) < 1e-2 or not scratch_clean():
-                        raise ValueError("grouped result differs from the reference")
+                installed = wk.w4a16_linear_group(x, sets[0], [None] * len(widths))
+                if not _max_rel_err(installed, refs) < 1e-2 or not scratch_clean():
+                    raise ValueError("grouped result differs from the reference")
                 row["grouped"] = graph_time_us([lambda s=s: wk.w4a16_linear_group(x, s, [None] * len(s))
                                                 for s in sets])
                 row["separate"] = graph_time_us([lambda s=s: [wk.w4a16_linear(x, p) for p in s] for s in sets])
                 log(event="group", **row)
             except Exception as e:  # noqa: BLE001 - one failing row must not stop the run
                 log(event="fail", err=repr(e)[:300], **row)
-            if sweep_m1 and m == 1:
-                want = [y.float() for y in wk.w4a16_linear_group(x, sets[0], [None] * len(widths))]
-                for name, cfg in M1_SWEEP.items():
-                    cand = {"group": label, "m": m, "impl": name}
-                    try:
-                        got = tcl.w4a16_tcl_group(x, sets[0], cfg)
-                        err = max(float((g.float() - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
-                        if not (err < 1e-3 and scratch_clean()):
-                            log(event="wrong", err=err, **cand)
-                            continue
-                        cand["us"] = graph_time_us([lambda s=s, c=cfg: tcl.w4a16_tcl_group(x, s, c) for s in sets])
-                        log(event="group_sweep", **cand)
-                    except Exception as e:  # noqa: BLE001
-                        log(event="fail", err=repr(e)[:300], **cand)
+            cands = M1_SWEEP if sweep_m1 and m == 1 else {}
+            if sweep and m >= 2:
+                cands = {name: cfg for name, cfg in SWEEP.items() if cfg.block_m in _sweep_rows(m)}
+            for name, cfg in cands.items():
+                cand = {"group": label, "m": m, "impl": name}
+                try:
+                    err = _max_rel_err(tcl.w4a16_tcl_group(x, sets[0], cfg), refs)
+                    if not (err < 1e-2 and scratch_clean()):
+                        log(event="wrong", err=err, **cand)
+                        continue
+                    cand["us"] = graph_time_us([lambda s=s, c=cfg: tcl.w4a16_tcl_group(x, s, c) for s in sets])
+                    log(event="group_sweep", err=err, **cand)
+                except Exception as e:  # noqa: BLE001
+                    log(event="fail", err=repr(e)[:300], **cand)
         del raw, sets
         torch.cuda.empty_cache()
 
@@ -176,15 +189,16 @@ def groups_markdown(seconds: float, command: str) -> str:
                          f"{r['separate'] / r['grouped']:.2f} |")
     sweep = [r for r in ROWS if r.get("event") == "group_sweep"]
     if sweep:
-        lines += ["", f"M = 1 grouped launch under each `M1_SWEEP` config (`--sweep-m1`), the fastest five per group "
-                  "against the installed `grouped` time:"]
+        lines += ["", "The grouped launch under each swept config (`--sweep-m1`: `M1_SWEEP` at M = 1; `--sweep`: `SWEEP` at "
+                  "M >= 2), the fastest five per group and M against the installed `grouped` time:"]
         for label in GROUPS:
-            inst = next((r["grouped"] for r in ROWS if r.get("event") == "group" and r["group"] == label
-                         and r["m"] == 1), None)
-            best = sorted((r["us"], r["impl"]) for r in sweep if r["group"] == label)[:5]
-            if best and inst:
-                lines.append(f"- {label} (installed {inst:.2f} us): "
-                             + ", ".join(f"{i} {us:.2f} ({inst / us:.3f}x)" for us, i in best))
+            for m in sorted({r["m"] for r in sweep if r["group"] == label}):
+                inst = next((r["grouped"] for r in ROWS if r.get("event") == "group" and r["group"] == label
+                             and r["m"] == m), None)
+                best = sorted((r["us"], r["impl"]) for r in sweep if r["group"] == label and r["m"] == m)[:5]
+                if best and inst:
+                    lines.append(f"- {label}, M = {m} (installed {inst:.2f} us): "
+                                 + ", ".join(f"{i} {us:.2f} ({inst / us:.3f}x)" for us, i in best))
     return "\n".join(lines + ["", rejected_line()]) + "\n"
 
 
@@ -250,7 +264,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="x, outputs, dense weights")
     ap.add_argument("--groups", action="store_true", help="instead: q/k/v and gate/up grouped vs one launch each")
     ap.add_argument("--sweep", action="store_true", help="also time the tensor-core step's TclConfig candidates "
-                    "(2 <= M <= 256, tiles of min(64, M) rows and of 128 rows from M = 128)")
+                    "(2 <= M <= 256, tiles of min(64, M) rows and of 128 rows from M = 128; with --groups: "
+                    "the grouped launch's)")
     args = ap.parse_args()
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
@@ -260,7 +275,7 @@ def main() -> int:
     t0 = time.time()
     try:
         if args.groups:
-            run_groups(ms, args.sweep_m1)
+            run_groups(ms, args.sweep_m1, args.sweep)
         else:
             run(ms, shapes, args.sweep_m1, args.sweep)
     finally:  # a killed or failing run still leaves what it measured

@@ -621,8 +621,10 @@ def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
     """Default for 2 <= M <= ``TCL_MAX_M`` rows, N columns and K inputs: the fastest of the H100 sweeps in M's
     bucket (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
     ``tcl_big_m_sweep_h100.md``: 42 configs, 64- and 128-row tiles, at M = 64..256)."""
-    if m <= 16:  # within 2.6% of the fastest at every M = 2..16 and shape (geometric mean 0.3%)
-        return TclConfig(16, 64, 4, 4, 4)
+    if m <= 16:  # 3 stages; 6 programs per SM where N <= 4096 (o_proj, down_proj), 4 where wider (session 23
+        # sweep with 6 and 8 per SM, tcl_sweep_s23_*_h100.md, bf16: 11008x4096 14.2-15.0 -> 13.0-14.4 us,
+        # 4096x4096 at M = 2 8.3 -> 7.7; 4096x11008 at M = 16 15.6 -> 14.1; was 4 stages, 4 per SM everywhere)
+        return TclConfig(16, 64, 4, 3, 6 if n <= 4096 else 4)
     if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
     if 64 < m <= 128 and n <= 4096 and k <= 4096:  # since the "atomic" split finish (session 18 sweep,
@@ -656,11 +658,13 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
     if m == 1:  # 128 columns, ~16 programs per SM (session 18, end to end against 4 and 8: batch 1 445 -> 455
         # tok/s, 440 at 8; benchmarks/results/lab_m1gp*_h100.md); 4 won while each tile's last program cast
         return TclConfig(16, 128, 4, 1, 16)
-    if m <= 16:  # gate/up in one launch since the "atomic" split finish (tcl_group_s18_final_h100.md: 25.1-25.7
-        # us against 28.5-29.6 for two launches at M = 2..16; it lost under "atomic_last")
-        return tcl_config(m, n) if n <= 4096 else TclConfig(16, 64, 4, 3, 2)
-    if m <= 32:
-        return TclConfig(32, 64, 4, 3, 2)
+    if m <= 16:  # session 23 sweep of the grouped launch (tcl_group_sweep_*_h100.md), bf16: q/k/v 19.8-20.8 ->
+        # 15.5-15.6 us with 3 stages at 4 programs per SM (it had the single weights' 4 stages), gate/up 26.4-27.1
+        # -> 24.6-26.0 at 8 per SM; gate/up in one launch since the "atomic" split finish (tcl_group_s18_final)
+        return TclConfig(16, 64, 4, 3, 4 if n <= 4096 else 8)
+    if m <= 32:  # q/k/v at 6 programs per SM: 22.4 -> 18.7 us at M = 32 (bf16, tcl_group_sweep32_bfloat16_h100.md);
+        # gate/up keeps 2 (4-8 per SM lost 12-13% there)
+        return TclConfig(32, 64, 4, 3, 6 if n <= 4096 else 2)
     if m <= 64:
         return TclConfig(64, 64, 4, 3, 2) if n <= 4096 else TclConfig(64, 64, 4, 2, 2)
     return TclConfig(64, 64, 4, 2, 2) if n <= 4096 and m <= 128 else None

@@ -274,7 +274,8 @@ def test_cast_launch_fills_every_output_and_zeroes_the_sums(widths: tuple[int, .
 
 def test_group_config_says_where_one_launch_pays() -> None:
     assert tcl.tcl_group_config(1, 11008) is not None and tcl.tcl_group_config(8, 4096) is not None
-    assert tcl.tcl_group_config(8, 11008) == tcl.TclConfig(16, 64, 4, 3, 2)  # gate/up at a few rows: one launch
+    assert tcl.tcl_group_config(8, 11008) == tcl.TclConfig(16, 64, 4, 3, 8)  # gate/up at a few rows: one launch
+    assert tcl.tcl_group_config(8, 4096).num_stages == 3  # not the single weights' stages (session 23 sweep)
     assert tcl.tcl_group_config(32, 11008).block_m == 32 and tcl.tcl_group_config(64, 11008).num_stages == 2
     assert tcl.tcl_group_config(128, 4096) is not None and tcl.tcl_group_config(128, 11008) is None
     assert tcl.tcl_group_config(200, 4096) is None
