@@ -620,7 +620,8 @@ class TclConfig:
 def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
     """Default for 2 <= M <= ``TCL_MAX_M`` rows, N columns and K inputs: the fastest of the H100 sweeps in M's
     bucket (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
-    ``tcl_big_m_sweep_h100.md``: 42 configs, 64- and 128-row tiles, at M = 64..256)."""
+    ``tcl_big_m_sweep_h100.md``: 42 configs, 64- and 128-row tiles, at M = 64..256; ``tcl_sweep_s23_*_h100.md``
+    and ``tcl_sweep32_s23_bfloat16_h100.md``: 6 and 8 programs per SM added, at M = 2..32)."""
     if m <= 16:  # 3 stages; 6 programs per SM where N <= 4096 (o_proj, down_proj), 4 where wider (session 23
         # sweep with 6 and 8 per SM, tcl_sweep_s23_*_h100.md, bf16: 11008x4096 14.2-15.0 -> 13.0-14.4 us,
         # 4096x4096 at M = 2 8.3 -> 7.7; 4096x11008 at M = 16 15.6 -> 14.1; was 4 stages, 4 per SM everywhere)
