@@ -186,14 +186,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _tc_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
-                  GROUP_SIZE: tl.constexpr):
-        """The tensor-core step's weight loads at input row ``k0``: words [BLOCK_N, 16], scales (in MMA row order)
-        and zeros."""
+                  GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The tensor-core step's weight loads at input row ``k0`` for tiles of ``BLOCK_M`` rows: words
+        [BLOCK_N, 16], scales (in MMA row order) and zeros."""
         step = k0 // 128  # STEP (the interpreter cannot do arithmetic with a global constexpr)
         q = tl.load(qw_ptr + (step * N + offs_n)[:, None] * 16 + tl.arange(0, 16)[None, :],
                     mask=mask_n[:, None], other=0, eviction_policy="evict_first")
         g = k0 // GROUP_SIZE
-        s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
+        if BLOCK_M <= 32:
+            # each column's scale read as the half of its 4-byte pair: a 2-byte load cannot go through cp.async, so
+            # the loop's pipeliner left it in the step, whose HGMMA alone then covered its latency (ncu, session 24:
+            # 31% of the q/k/v launch's stall samples at M = 16 waited on it); the pair load is issued stages ahead
+            # like the zeros (N is even and the scales 4-byte aligned: tcl_usable). Not with 64-row tiles and up,
+            # where the grouped launch got slower (q/k/v at M = 64: 23.3 -> 34.6 us; tcl_group_sp_*_h100)
+            sw = tl.load(sc_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (g * stride_sg + offs_na) // 2,
+                         mask=offs_na < N, other=0)
+            s = ((sw >> ((offs_na % 2) * 16)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            s = tl.load(sc_ptr + g * stride_sg + offs_na, mask=offs_na < N, other=0.0).to(tl.float32)
         z = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
         return q, s, z
 
@@ -238,14 +248,14 @@ if HAS_TRITON:
         k_first = k_lo
         if PRELOAD:
             q, s, z = _tc_words(qw_ptr, qz_ptr, sc_ptr, k_lo, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
-                                GROUP_SIZE)
+                                GROUP_SIZE, BLOCK_M)
             pdl_enter(PDL)
             acc = _tc_step(acc, q, s, z, x_ptr, k_lo, zshift, offs_m, mask_m, stride_xm, BLOCK_N, WARPS, BF16, MAGIC,
                            PTX)
             k_first = k_lo + 128
         for k0 in tl.range(k_first, k_hi, STEP, num_stages=NUM_STAGES):
             q, s, z = _tc_words(qw_ptr, qz_ptr, sc_ptr, k0, N, offs_n, offs_na, mask_n, stride_zg, stride_sg,
-                                GROUP_SIZE)
+                                GROUP_SIZE, BLOCK_M)
             acc = _tc_step(acc, q, s, z, x_ptr, k0, zshift, offs_m, mask_m, stride_xm, BLOCK_N, WARPS, BF16, MAGIC,
                            PTX)
         acc = tl.trans(_rows_from_mma(acc, BLOCK_N, WARPS, BLOCK_M))
@@ -685,9 +695,10 @@ def half_pairs_ok(x: torch.Tensor, x_half: torch.Tensor | None) -> bool:
 
 
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
-    """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight, fp16/bf16,
-    1 <= M <= ``TCL_MAX_M``, compiled Triton on CUDA or the Triton interpreter (``PTX`` off: the tests)."""
-    return (HAS_TRITON and packed.layout == "tc" and triton_usable(x)
+    """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight (scales 4-byte
+    aligned: the tensor-core step reads them as pairs), fp16/bf16, 1 <= M <= ``TCL_MAX_M``, compiled Triton on CUDA
+    or the Triton interpreter (``PTX`` off: the tests)."""
+    return (HAS_TRITON and packed.layout == "tc" and triton_usable(x) and packed.scales.data_ptr() % 4 == 0
             and x.dtype in _MAGIC and x.dim() == 2 and 1 <= x.shape[0] <= TCL_MAX_M)
 
 

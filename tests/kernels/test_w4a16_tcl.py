@@ -10,6 +10,8 @@ NaN-poisoned, the reference reads the original (unsorted) g_idx, and every call 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from triton_setup import (  # skips the module without triton
@@ -106,6 +108,19 @@ def test_linear_on_a_tc_weight_matches_the_reference_wherever_it_runs(m: int) ->
         _check(wk.w4a16_linear(xd, tc), xd, tensors, tc)
     with pytest.raises(ValueError, match="tensor-core layout"):
         wk.w4a16_linear(x.half(), tc, gemv=wk.default_gemv_config(1, 64, 256))
+
+
+def test_scales_off_a_4_byte_boundary_take_the_dequantize_path() -> None:
+    """The tensor-core step reads scales as 4-byte pairs: a weight whose scales start mid-pair is not its."""
+    tensors, _, tc = _tc_case(256, 64, 128, act_order=False, seed=7)
+    buf = torch.empty(tc.scales.numel() + 1, dtype=tc.scales.dtype, device=tc.scales.device)
+    odd = buf[1:].view_as(tc.scales)
+    odd.copy_(tc.scales)
+    tc_odd = dataclasses.replace(tc, scales=odd)
+    x = torch.randn(3, 256, device=DEVICE).half()
+    assert not tcl.tcl_usable(x, tc_odd)
+    assert tcl.tcl_usable(x, tc) == (DEVICE == "cuda" or tcl.kernels_interpreted())
+    _check(wk.w4a16_linear(x, tc_odd), x, tensors, tc_odd)
 
 
 def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
