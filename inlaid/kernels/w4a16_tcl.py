@@ -631,11 +631,16 @@ def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
     """Default for 2 <= M <= ``TCL_MAX_M`` rows, N columns and K inputs: the fastest of the H100 sweeps in M's
     bucket (``benchmarks/results/tcl_h100.md``: 21 configs at each M = 2..128 on the Llama-2-7B shapes;
     ``tcl_big_m_sweep_h100.md``: 42 configs, 64- and 128-row tiles, at M = 64..256; ``tcl_sweep_s23_*_h100.md``
-    and ``tcl_sweep32_s23_bfloat16_h100.md``: 6 and 8 programs per SM added, at M = 2..32)."""
-    if m <= 16:  # 3 stages; 6 programs per SM where N <= 4096 (o_proj, down_proj), 4 where wider (session 23
+    and ``tcl_sweep32_s23_bfloat16_h100.md``: 6 and 8 programs per SM added, at M = 2..32; ``lab_cfg_s24_h100.txt``:
+    candidates in 3 interleaved rounds at M = 2..32 after the scale load was pipelined)."""
+    if m <= 8:  # 3 stages; 6 programs per SM where N <= 4096 (o_proj, down_proj), 4 where wider (session 23
         # sweep with 6 and 8 per SM, tcl_sweep_s23_*_h100.md, bf16: 11008x4096 14.2-15.0 -> 13.0-14.4 us,
         # 4096x4096 at M = 2 8.3 -> 7.7; 4096x11008 at M = 16 15.6 -> 14.1; was 4 stages, 4 per SM everywhere)
         return TclConfig(16, 64, 4, 3, 6 if n <= 4096 else 4)
+    if m <= 16:  # 128-column tiles since the pipelined scale (session 24, lab_cfg_s24_h100.txt, medians of 3
+        # interleaved rounds, bf16, M = 16: 4096x4096 8.07 -> 7.46 us, 11008x4096 13.91 -> 13.32, 4096x11008
+        # 13.38 -> 13.17; at M = 2..8 they lose 2-6%)
+        return TclConfig(16, 128, 4, 3, 2)
     if m <= 32:  # fastest or within 1% on all three shapes
         return TclConfig(32, 64, 4, 3, 4)
     if 64 < m <= 128 and n <= 4096 and k <= 4096:  # since the "atomic" split finish (session 18 sweep,
@@ -670,9 +675,11 @@ def tcl_group_config(m: int, n: int) -> TclConfig | None:
         # tok/s, 440 at 8; benchmarks/results/lab_m1gp*_h100.md); 4 won while each tile's last program cast
         return TclConfig(16, 128, 4, 1, 16)
     if m <= 16:  # session 23 sweep of the grouped launch (tcl_group_sweep_*_h100.md), bf16: q/k/v 19.8-20.8 ->
-        # 15.5-15.6 us with 3 stages at 4 programs per SM (it had the single weights' 4 stages), gate/up 26.4-27.1
-        # -> 24.6-26.0 at 8 per SM; gate/up in one launch since the "atomic" split finish (tcl_group_s18_final)
-        return TclConfig(16, 64, 4, 3, 4 if n <= 4096 else 8)
+        # 15.5-15.6 us with 3 stages at 4 programs per SM (it had the single weights' 4 stages); gate/up in one
+        # launch since the "atomic" split finish (tcl_group_s18_final), on 128-column tiles at 2 per SM since the
+        # pipelined scale (session 24, lab_cfg_s24_h100.txt, medians of 3 rounds, bf16: M = 2 / 8 / 16 24.20 /
+        # 24.36 / 23.65 -> 22.57 / 23.06 / 23.02 us against 64 columns at 8 per SM; q/k/v lost 4-6% that way)
+        return TclConfig(16, 64, 4, 3, 4) if n <= 4096 else TclConfig(16, 128, 4, 3, 2)
     if m <= 32:  # q/k/v at 6 programs per SM: 22.4 -> 18.7 us at M = 32 (bf16, tcl_group_sweep32_bfloat16_h100.md);
         # gate/up keeps 2 (4-8 per SM lost 12-13% there)
         return TclConfig(32, 64, 4, 3, 6 if n <= 4096 else 2)

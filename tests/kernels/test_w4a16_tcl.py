@@ -140,6 +140,7 @@ def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
         16, 16, 32, 32, 64, 64, 64, 64, 128, 128]
     assert tcl.tcl_config(128, 11008).block_m == 64  # wide N keeps 64-row tiles
     assert tcl.tcl_config(192, 11008) == tcl.TclConfig(64, 128, 4, 3, 2)  # three row tiles in one wave
+    assert [tcl.tcl_config(m).block_n for m in (8, 9, 16)] == [64, 128, 128]  # 128 columns at 9..16 rows
     assert 5 <= tcl.TC_PRELOAD_MAX_M < 17  # the M = 5 and 17 cases below run the peeled and the plain loop
     assert [tcl.tcl_config(m, 4096, 11008).block_m for m in (96, 128)] == [128, 128]  # long K: one 128-row tile
     assert [tcl.tcl_config(192, 4096, k).programs_per_sm for k in (4096, 11008)] == [1, 2]  # long K splits more
@@ -289,7 +290,7 @@ def test_cast_launch_fills_every_output_and_zeroes_the_sums(widths: tuple[int, .
 
 def test_group_config_says_where_one_launch_pays() -> None:
     assert tcl.tcl_group_config(1, 11008) is not None and tcl.tcl_group_config(8, 4096) is not None
-    assert tcl.tcl_group_config(8, 11008) == tcl.TclConfig(16, 64, 4, 3, 8)  # gate/up at a few rows: one launch
+    assert tcl.tcl_group_config(8, 11008) == tcl.TclConfig(16, 128, 4, 3, 2)  # gate/up at a few rows: one launch
     assert tcl.tcl_group_config(8, 4096).num_stages == 3  # not the single weights' stages (session 23 sweep)
     assert tcl.tcl_group_config(32, 11008).block_m == 32 and tcl.tcl_group_config(64, 11008).num_stages == 2
     assert tcl.tcl_group_config(128, 4096) is not None and tcl.tcl_group_config(128, 11008) is None
