@@ -635,7 +635,7 @@ def tcl_config(m: int, n: int = 4096, k: int = 4096) -> TclConfig:
     candidates in 3 interleaved rounds at M = 2..32 after the scale load was pipelined)."""
     if m <= 8:  # 3 stages; 6 programs per SM where N <= 4096 (o_proj, down_proj), 4 where wider (session 23
         # sweep with 6 and 8 per SM, tcl_sweep_s23_*_h100.md, bf16: 11008x4096 14.2-15.0 -> 13.0-14.4 us,
-        # 4096x4096 at M = 2 8.3 -> 7.7; 4096x11008 at M = 16 15.6 -> 14.1; was 4 stages, 4 per SM everywhere)
+        # 4096x4096 at M = 2 8.3 -> 7.7; was 4 stages, 4 per SM everywhere; it served M = 9..16 until session 24)
         return TclConfig(16, 64, 4, 3, 6 if n <= 4096 else 4)
     if m <= 16:  # 128-column tiles since the pipelined scale (session 24, lab_cfg_s24_h100.txt, medians of 3
         # interleaved rounds, bf16, M = 16: 4096x4096 8.07 -> 7.46 us, 11008x4096 13.91 -> 13.32, 4096x11008
@@ -713,9 +713,9 @@ def _check(x: torch.Tensor, packs: Sequence[PackedW4], name: str) -> None:
     for p in packs:
         if not tcl_usable(x, p) or p.in_features != x.shape[1]:
             raise ValueError(f"{name} needs x [M, K] fp16/bf16 on CUDA or under the Triton interpreter (1 <= M <= "
-                             f"{TCL_MAX_M}) and 'tc'-layout weights with K = {x.shape[1]}; got {x.dtype} "
-                             f"{tuple(x.shape)} on {x.device}, layout {p.layout!r}, K = {p.in_features}; use "
-                             "w4a16_linear")
+                             f"{TCL_MAX_M}) and 'tc'-layout weights with K = {x.shape[1]} and 4-byte-aligned scales; "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}, layout {p.layout!r}, K = "
+                             f"{p.in_features}, scales at byte {p.scales.data_ptr() % 4} of 4; use w4a16_linear")
 
 
 def _shrink_args(shrink: LoRAShrink | None, x: torch.Tensor, permuted: bool, split: int,

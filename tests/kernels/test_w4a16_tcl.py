@@ -121,6 +121,8 @@ def test_scales_off_a_4_byte_boundary_take_the_dequantize_path() -> None:
     assert not tcl.tcl_usable(x, tc_odd)
     assert tcl.tcl_usable(x, tc) == (DEVICE == "cuda" or tcl.kernels_interpreted())
     _check(wk.w4a16_linear(x, tc_odd), x, tensors, tc_odd)
+    with pytest.raises(ValueError, match="4-byte-aligned scales"):
+        tcl.w4a16_tcl(x, tc_odd)
 
 
 def test_kernel_entry_points_refuse_what_they_cannot_serve() -> None:
