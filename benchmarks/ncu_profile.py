@@ -33,7 +33,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# inlaid.bench.pages imports no torch, so `report` and `source --csv` run on any machine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inlaid.bench.pages import write_results
 
 GS = 128
 CASES: dict[str, tuple[int, int, tuple[int, ...]]] = {
@@ -212,8 +214,6 @@ def run(out: str, keep: str | None) -> int:
     import torch
     import triton
 
-    from inlaid.bench.pages import write_results
-
     ncu = _ncu()
     version = subprocess.run([ncu, "--version"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,10 +261,8 @@ def top_instructions(csv_text: str, n: int = 12) -> tuple[dict, list[dict]]:
 def source(kernel: str, out: str, page_csv: str | None = None, save_csv: str | None = None) -> int:
     """Warp-stall samples per SASS instruction of the first ``kernel`` launch inside ``launch``'s profiled range
     (or of the source page ``page_csv`` exported before)."""
-    from inlaid.bench.pages import write_results
-
     if page_csv is not None:
-        return _source_page(kernel, Path(page_csv).read_text(), out, write_results)
+        return _source_page(kernel, Path(page_csv).read_text(), out)
     ncu = _ncu()
     with tempfile.TemporaryDirectory() as tmp:
         rep = Path(tmp) / "src"
@@ -276,10 +274,10 @@ def source(kernel: str, out: str, page_csv: str | None = None, save_csv: str | N
                                "sass"], check=True, capture_output=True, text=True).stdout
     if save_csv:  # the whole page (~0.4 MB), for re-rendering with --csv
         Path(save_csv).write_text(page)
-    return _source_page(kernel, page, out, write_results)
+    return _source_page(kernel, page, out)
 
 
-def _source_page(kernel: str, page: str, out: str, write_results) -> int:
+def _source_page(kernel: str, page: str, out: str) -> int:
     totals, top = top_instructions(page)
     cmd = f"python benchmarks/ncu_profile.py source --kernel {kernel} --out {out}"
     lines = [f"# Warp-stall samples by SASS instruction: `{kernel}`", "",
@@ -317,8 +315,6 @@ def main() -> int:
         return run(args.out, args.keep)
     if args.mode == "source":
         return source(args.kernel, args.out, args.csv, args.save_csv)
-    from inlaid.bench.pages import write_results
-
     recs = parse(Path(args.csv).read_text(), json.loads(Path(args.cases).read_text()))
     env = {"source": args.csv}
     write_results(args.out, {"env": env, "rows": recs}, to_markdown(recs, env, " ".join(sys.argv)))
