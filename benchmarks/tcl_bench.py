@@ -150,13 +150,6 @@ def run_groups(ms: tuple[int, ...], sweep_m1: bool = False, sweep: bool = False)
                 row["grouped"] = graph_time_us([lambda s=s: wk.w4a16_linear_group(x, s, [None] * len(s))
                                                 for s in sets])
                 row["separate"] = graph_time_us([lambda s=s: [wk.w4a16_linear(x, p) for p in s] for s in sets])
-                if DTYPE == torch.bfloat16:  # as served: the RMSNorm's fp16 copy x * 2**-7 beside bf16 x
-                    xh = (x.float() * 2**-7).half()
-                    if not _max_rel_err(wk.w4a16_linear_group(x, sets[0], [None] * len(widths), x_half=xh),
-                                        refs) < 1e-2 or not scratch_clean():
-                        raise ValueError("grouped result on x_half differs from the reference")
-                    row["grouped_half"] = graph_time_us([lambda s=s: wk.w4a16_linear_group(x, s, [None] * len(s),
-                                                                                           x_half=xh) for s in sets])
                 log(event="group", **row)
             except Exception as e:  # noqa: BLE001 - one failing row must not stop the run
                 log(event="fail", err=repr(e)[:300], **row)
@@ -195,19 +188,10 @@ def groups_markdown(seconds: float, command: str) -> str:
              f"graph over weight copies > 3x L2, group 128, {_label(env)}. `grouped`: `w4a16_linear_group` as installed "
              "(one launch where `tcl_group_config` says so, else one per weight); `separate`: one `w4a16_linear` "
              "per weight.", "", "| siblings | M | separate | grouped | separate / grouped |", "|---|---|---|---|---|"]
-    rows = [r for r in ROWS if r.get("event") == "group"]
-    half = any("grouped_half" in r for r in rows)
-    if half:
-        lines[2] += (" `on x_half`: `grouped` given the RMSNorm's fp16 copy x * 2**-7 (as served to bf16 models: "
-                      "M = 1 reads it as pairs, M >= 2 unpacks and multiplies in fp16).")
-        lines[-2:] = ["| siblings | M | separate | grouped | separate / grouped | on x_half | grouped / on x_half |",
-                      "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        line = f"| {r['group']} | {r['m']} | {r['separate']:.2f} | {r['grouped']:.2f} | {r['separate'] / r['grouped']:.2f} |"
-        if half:
-            line += (f" {r['grouped_half']:.2f} | {r['grouped'] / r['grouped_half']:.2f} |" if "grouped_half" in r
-                     else " - | - |")
-        lines.append(line)
+    for r in ROWS:
+        if r.get("event") == "group":
+            lines.append(f"| {r['group']} | {r['m']} | {r['separate']:.2f} | {r['grouped']:.2f} | "
+                         f"{r['separate'] / r['grouped']:.2f} |")
     sweep = [r for r in ROWS if r.get("event") == "group_sweep"]
     if sweep:
         lines += ["", "The grouped launch under each swept config (`--sweep-m1`: `M1_SWEEP` at M = 1; `--sweep`: `SWEEP` at "

@@ -22,8 +22,7 @@ and the same ``rsqrtf`` as torch's CUDA code, so only the summation order differ
 
 ``x_half`` (optional, fp16, the output's shape) also receives ``fp16(out * 2**-7)``, rounded as the M = 1 W4
 GEMV's gathering step rounds its input (``w4a16_tcl``): a bf16 decode row's q/k/v and gate/up launches read it
-as 32-bit pairs (``XPAIRS`` 2), with the same bits as from ``out``, instead of converting per thread; from 2 to
-``w4a16_tcl.HALF_MAX_M`` rows their tensor-core step unpacks and multiplies in fp16 on it (``XHALF``).
+as 32-bit pairs (``XPAIRS`` 2), with the same bits as from ``out``, instead of converting per thread.
 
 ``x`` may be a W4 projection's uncast split-K sums (``w4a16_gemv.PendingSums``: o_proj and down_proj of a
 decode step, whose result goes nowhere but this norm): with a residual the kernel reads the fp32 sums, rounds

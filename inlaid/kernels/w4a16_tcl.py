@@ -24,10 +24,7 @@ split-K); a step reads 16 contiguous words per column (one quantization group: t
   the first step is peeled and its weights load before the PDL wait (``PRELOAD``, as the M = 1 GEMV's).
   The load puts 8 rows per warp, wgmma wants 16, so row bit 3 moves into the registers and the warp bits up
   by one (``_rows_to_mma``); the epilogue undoes it so its stores and split-K atomics stay contiguous (F32x4
-  atomics). A bf16 model's grouped q/k/v and gate/up launches read the RMSNorm's fp16 copy x' = x * 2**-7
-  (``x_half``, ``XHALF``, up to ``HALF_MAX_M`` rows) and run the fp16 unpack and MMA on it: the bf16 unpack
-  needs three shifts a word where fp16 needs one. The products are exact either way (|code - zero| <= 16);
-  x' holds every bf16 x down to 2**-10 exactly and smaller ones to 2**-17 absolute (fp16 subnormals).
+  atomics).
 - the M = 1 GEMV (``_m1_tcl_tile``): the half2 word of ``w4a16_gemv`` (HFMA2 over a word's (j, j + 4) nibble
   pairs; here each pair is the consecutive input pair (k, k + 1)), four words at a time: a thread's 4
   consecutive words of a column (one 128-bit load, c = 4t + v) sum their 32 products in one half2 register and
@@ -101,8 +98,8 @@ from .silu_mul import SwiGLU
 from .w4a16_small_m import _num_sms
 from .w4a16_tc import _MAGIC, tc_split
 
-__all__ = ["HALF_MAX_M", "SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "half_tc_ok", "tcl_config", "tcl_group_config",
-           "tcl_m1_config", "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
+__all__ = ["SHRINK_MAX_ROWS", "TCL_MAX_M", "TclConfig", "tcl_config", "tcl_group_config", "tcl_m1_config",
+           "tcl_usable", "w4a16_tcl", "w4a16_tcl_group"]
 
 SHRINK_MAX_ROWS = 256
 """Most A rows (an adapter stack's rank, summed over a group) whose LoRA shrink runs inside the W4 launch; above
@@ -116,11 +113,6 @@ batch 1, 130.6 -> 118.2 at batch 32; rank 64, rounds, same call as the 64-row ca
 TCL_MAX_M = 256
 """Largest M ``w4a16_linear`` sends here: at 256 rows the tensor-core step is 1.39-1.53x faster than dequantize +
 cuBLAS on the Llama-2-7B shapes (H100, ``benchmarks/results/tcl_m256_h100.md``); larger M dequantizes first."""
-
-HALF_MAX_M = 64
-"""Most rows whose RMSNorms also write bf16 x's fp16 copy x * 2**-7 (``rms_norm``'s ``x_half``,
-``layers.wants_x_half``) for the q/k/v and gate/up launches: both are one grouped launch up to 64 rows
-(``tcl_group_config``), which reads the copy (at M = 1 as pairs, ``XPAIRS`` 2; above, ``XHALF``)."""
 
 TC_PRELOAD_MAX_M = 8
 """Largest M whose tensor-core programs load their first step's weights before waiting for the kernel before
@@ -238,13 +230,10 @@ if HAS_TRITON:
                   stride_xm, stride_zg, stride_sg, stride_om, pid_m, pid_n, pid_k, m_tiles,
                   GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
                   NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
-                  PTX: tl.constexpr, PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0,
-                  XHALF: tl.constexpr = False):
+                  PTX: tl.constexpr, PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0):
         """One program of the tensor-core step: rows ``pid_m`` (of ``m_tiles``), columns ``pid_n``, K range
         ``pid_k`` (module docstring). With ``PRELOAD`` the first step is peeled and its weight loads go out before
-        ``pdl_enter(PDL)`` (as ``_m1_tcl_tile``'s); without it the caller has waited already. ``XHALF``: x is bf16
-        x's fp16 copy x * 2**-7 (``x_half``; fp16 unpack and MMA, BF16 off), so the sums are scaled back by 2**7
-        once, after the loop."""
+        ``pdl_enter(PDL)`` (as ``_m1_tcl_tile``'s); without it the caller has waited already."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_na = _rows_to_mma(offs_n[:, None], BLOCK_N, WARPS, 1)  # [BLOCK_N, 1]: the column of each MMA row
@@ -269,8 +258,6 @@ if HAS_TRITON:
                                 GROUP_SIZE, BLOCK_M)
             acc = _tc_step(acc, q, s, z, x_ptr, k0, zshift, offs_m, mask_m, stride_xm, BLOCK_N, WARPS, BF16, MAGIC,
                            PTX)
-        if XHALF:
-            acc = acc * (1.0 / H2_X_SCALE)
         acc = tl.trans(_rows_from_mma(acc, BLOCK_N, WARPS, BLOCK_M))
         _epilogue(acc, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, pid_k, pid_n * m_tiles + pid_m,
                   n_split, MODE)
@@ -504,38 +491,36 @@ if HAS_TRITON:
                      qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2,
                      lk2, n2, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      MODE: tl.constexpr, NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr,
-                     MAGIC: tl.constexpr, PTX: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-                     XHALF: tl.constexpr):
+                     MAGIC: tl.constexpr, PTX: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr):
         """Column tile ``pid`` of a grouped launch: weight 0 below ``nt0`` tiles, weight 1 below ``nt0 + nt1``, else
         weight 2 (contiguous tensors: row strides are the widths)."""
         if pid < nt0:
             _tcl_tile(x_ptr, qw0, qz0, sc0, out0, ws0, lk0, M, n0, K, k_per_split, n_split, stride_xm, n0 // 8, n0,
                       n0, pid_m, pid, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC,
-                      PTX, PRELOAD, PDL, XHALF)
+                      PTX, PRELOAD, PDL)
         elif pid < nt0 + nt1:
             _tcl_tile(x_ptr, qw1, qz1, sc1, out1, ws1, lk1, M, n1, K, k_per_split, n_split, stride_xm, n1 // 8, n1,
                       n1, pid_m, pid - nt0, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16,
-                      MAGIC, PTX, PRELOAD, PDL, XHALF)
+                      MAGIC, PTX, PRELOAD, PDL)
         else:
             _tcl_tile(x_ptr, qw2, qz2, sc2, out2, ws2, lk2, M, n2, K, k_per_split, n_split, stride_xm, n2 // 8, n2,
                       n2, pid_m, pid - nt0 - nt1, pid_k, mt, GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS,
-                      BF16, MAGIC, PTX, PRELOAD, PDL, XHALF)
+                      BF16, MAGIC, PTX, PRELOAD, PDL)
 
     @triton.jit
     def _w4_tcl_group_kernel(
-        x_ptr, xp_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
+        x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1,
         qw0, qz0, sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
         nt_all, a_ptr, slots_ptr, sws_ptr, R, k_per_s, n_s, stride_as, stride_ar, stride_wsp, stride_wt,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr, WARPS: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr,
         SHRINK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr,
-        PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0, XHALF: tl.constexpr = False,
+        PRELOAD: tl.constexpr = False, PDL: tl.constexpr = 0,
     ):
         """``_w4_tcl_kernel`` for 2-3 weights of one x (``_tcl_members``); with ``SHRINK`` the column tiles from
         ``nt_all`` on are a LoRA shrink of the same x (``LoRAShrink``): their programs, numbered across row tiles
         and K splits, each run one (token, shrink split) of M x ``n_s`` (``lora_sgmv_triton.shrink_split``). Waits
-        as ``_w4_tcl_kernel``'s programs. The weight programs read x at ``xp_ptr``: ``x_ptr`` itself, or with
-        ``XHALF`` its fp16 copy x * 2**-7 (the shrink programs read ``x_ptr``)."""
+        as ``_w4_tcl_kernel``'s programs."""
         pdl_enter(0 if PRELOAD else PDL)
         pid_m, pid, pid_k, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
         shrinking = False  # a constexpr without SHRINK: the kernel then compiles no shrink branch
@@ -547,10 +532,9 @@ if HAS_TRITON:
                         R, k_per_s, n_s, stride_xm, stride_as, stride_ar, stride_wsp, stride_wt, BLOCK_R, BLOCK_K,
                         ROUNDS)
         else:
-            _tcl_members(xp_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0,
-                         sc0, out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
-                         GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX, PRELOAD, PDL,
-                         XHALF)
+            _tcl_members(x_ptr, M, K, k_per_split, n_split, stride_xm, nt0, nt1, pid_m, pid, pid_k, mt, qw0, qz0, sc0,
+                         out0, ws0, lk0, n0, qw1, qz1, sc1, out1, ws1, lk1, n1, qw2, qz2, sc2, out2, ws2, lk2, n2,
+                         GROUP_SIZE, BLOCK_M, BLOCK_N, MODE, NUM_STAGES, WARPS, BF16, MAGIC, PTX, PRELOAD, PDL)
 
     @triton.jit
     def _w4_tcl_m1_kernel(
@@ -717,13 +701,6 @@ def half_pairs_ok(x: torch.Tensor, x_half: torch.Tensor | None) -> bool:
             and x_half.is_contiguous())
 
 
-def half_tc_ok(x: torch.Tensor, x_half: torch.Tensor | None) -> bool:
-    """The tensor-core step (M >= 2) reads ``x_half`` (fp16 x * 2**-7, ``XHALF``) in place of bf16 ``x``: x's
-    shape, fp16, contiguous, on x's device (the interpreter included: the CPU tests run it)."""
-    return (x_half is not None and x.dtype == torch.bfloat16 and x_half.dtype == torch.float16
-            and x_half.shape == x.shape and x_half.is_contiguous() and x_half.device == x.device)
-
-
 def tcl_usable(x: torch.Tensor, packed: PackedW4) -> bool:
     """True when ``w4a16_tcl`` can serve ``x`` [M, K] with ``packed``: a "tc" layout weight (scales 4-byte
     aligned: the tensor-core step reads them as pairs), fp16/bf16, 1 <= M <= ``TCL_MAX_M``, compiled Triton on CUDA
@@ -836,8 +813,8 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
     sets ``shrink.partials``.
 
     ``x_half``: an fp16 copy of bf16 ``x`` scaled by 2**-7 (``rms_norm``'s ``x_half``): at M = 1 the weight
-    programs read it as pairs (``XPAIRS`` 2), with the same bits as from ``x``; from M = 2 the tensor-core step
-    reads it in place of x (``XHALF``: fp16 unpack and MMA, ``half_tc_ok``); ignored where it does not apply."""
+    programs read it as pairs (``XPAIRS`` 2), with the same bits as from ``x``; ignored where it does not apply
+    (``half_pairs_ok``)."""
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
@@ -863,14 +840,12 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, XPAIRS=2 if half else int(xpairs_ok(x)), **skw,
             **pdl_options(x))
     else:
-        half = half_tc_ok(x, x_half) and first.perm is None
-        mma = torch.float16 if half else x.dtype  # the unpack's and the MMA's type
         _w4_tcl_group_kernel[(m_tiles, sum(tiles) + extra, split)](
-            x, x_half if half else x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1],
-            *group_args(packs, outs, bufs), sum(tiles), *sargs, GROUP_SIZE=gs, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, MODE=mode, NUM_STAGES=cfg.num_stages, WARPS=cfg.num_warps,
-            BF16=mma == torch.bfloat16, MAGIC=_MAGIC[mma], PTX=not kernels_interpreted(), num_warps=cfg.num_warps,
-            PRELOAD=m <= TC_PRELOAD_MAX_M, XHALF=half, **skw, **pdl_options(x))
+            x, m, k, k_per, split, x.stride(0), tiles[0], tiles[1], *group_args(packs, outs, bufs), sum(tiles),
+            *sargs, GROUP_SIZE=gs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode,
+            NUM_STAGES=cfg.num_stages, WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype],
+            PTX=not kernels_interpreted(), num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw,
+            **pdl_options(x))
     finish_group(bufs, sums, outs, split, mode)
     if partials is not None:
         shrink.partials = partials

@@ -44,7 +44,6 @@ from inlaid.kernels.lora_sgmv_triton import LoRAShrink
 from inlaid.kernels.rms_norm import rms_norm
 from inlaid.kernels.silu_mul import SwiGLU
 from inlaid.kernels.w4a16_gemv import PendingSums
-from inlaid.kernels.w4a16_tcl import HALF_MAX_M
 from inlaid.model.arch import RopeScaling
 
 ParallelRole = Literal["column", "row"]
@@ -221,11 +220,11 @@ def forward_group(layers: list[ParallelLinear], x: torch.Tensor, shrink: LoRAShr
 
 def wants_x_half(layer: ParallelLinear, x: torch.Tensor | PendingSums) -> bool:
     """Whether the RMSNorm before ``layer`` (and its siblings) should also write x * 2**-7 in fp16 for them
-    (``rms_norm``'s ``x_half``): up to ``w4a16_tcl.HALF_MAX_M`` rows of bf16 activations on a GPU, into a linear
-    method that ``takes_x_half`` (the GPTQ one: its grouped W4 launch then reads x as 32-bit pairs at M = 1, and
-    unpacks and multiplies in fp16 from M = 2, ``w4a16_tcl``), called plainly (not through a wrapped ``apply``)."""
+    (``rms_norm``'s ``x_half``): a decode row of bf16 activations on a GPU, into a linear method that
+    ``takes_x_half`` (the GPTQ one: its M = 1 W4 launch then reads x as 32-bit pairs, ``w4a16_tcl``), called
+    plainly (not through a wrapped ``apply``)."""
     method = layer.quant_method
-    return (x.shape[0] <= HALF_MAX_M and x.dtype == torch.bfloat16 and x.device.type == "cuda"
+    return (x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cuda"
             and getattr(method, "takes_x_half", False) and "apply" not in vars(method))
 
 

@@ -240,7 +240,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb.cos_sin(batch.positions, x.dtype)
         residual: torch.Tensor | None = None
-        half = (torch.empty(x.shape, device=x.device, dtype=torch.float16)  # the norms' fp16 copy of bf16 decode rows
+        half = (torch.empty(x.shape, device=x.device, dtype=torch.float16)  # the norms' fp16 copy of a bf16 row
                 if self.layers and wants_x_half(self.layers[0].self_attn.q_proj, x) else None)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, cos, sin, kv_cache, batch, hook, residual, return_residual=True, x_half=half)

@@ -165,38 +165,13 @@ def test_kernels_match_reference_on_any_device(m: int, dtype: torch.dtype, act_o
         _check(tcl.w4a16_tcl(x, tc, out=out, config=cfg), x, tensors, tc)
 
 
-@pytest.mark.parametrize("m,widths", [(1, (128, 64, 72)), (8, (128, 64, 72)), (33, (128, 64, 72))])
-def test_group_matches_reference_on_any_device(m: int, widths: tuple[int, ...]) -> None:
-    cases = [_tc_case(256, n, 128, act_order=False, seed=n + m) for n in widths]
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_group_matches_reference_on_any_device(m: int) -> None:
+    cases = [_tc_case(256, n, 128, act_order=False, seed=n + m) for n in (128, 64, 72)]
     x = torch.randn(m, 256, device=DEVICE).half()
     for cfg in (None, tcl.TclConfig(64 if m > 32 else 16, 64, 4, 2, 4)):
         for y, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(x, [c[2] for c in cases], cfg), cases):
             _check(y, x, tensors, tc)
-
-
-@pytest.mark.parametrize("m,widths", [(2, (128, 64, 64)), (5, (128, 64, 72)), (33, (128, 64))])
-def test_group_tensor_core_step_reads_the_norms_half_copy(m: int, widths: tuple[int, ...]) -> None:
-    """From M = 2 a bf16 group's weight programs read ``x_half`` (fp16 x' = x * 2**-7, ``XHALF``) and scale the
-    sums back by 2**7; its LoRA shrink still reads bf16 x. A copy of another input y (y' = y * 2**-7) must give
-    y's products, so the test fails if the weights read x or the scale is off; fp16 x or a copy of the wrong
-    shape is ignored."""
-    lt = kernel_module("lora_sgmv_triton")
-    cases = [_tc_case(256, n, 128, act_order=False, seed=n + m) for n in widths]
-    packs = [c[2] for c in cases]
-    x = torch.randn(m, 256, device=DEVICE).bfloat16()
-    y = torch.randn(m, 256, device=DEVICE).bfloat16()
-    y_half = (y.float() * 2**-7).half()
-    assert tcl.half_tc_ok(x, y_half) and not tcl.half_tc_ok(x.half(), y_half)
-    assert not tcl.half_tc_ok(x, y_half[:, :128]) and not tcl.half_tc_ok(x, y_half.float())
-    a = (torch.randn(4, 48, 256, generator=torch.Generator().manual_seed(m)) * 0.1).to(DEVICE).bfloat16()
-    slots = torch.arange(m, device=DEVICE, dtype=torch.int32) % 4
-    shrink = lt.LoRAShrink(a, slots)
-    for out, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(x, packs, shrink=shrink, x_half=y_half), cases):
-        _check(out, y, tensors, tc)
-    torch.testing.assert_close(shrink.partials, lt.lora_shrink_partials(x, a, slots), rtol=1e-2, atol=1e-2)
-    for xi, half in ((x.half(), y_half), (x, y_half[:, :128])):  # not applicable: x's own products
-        for out, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(xi, packs, x_half=half), cases):
-            _check(out, xi, tensors, tc)
 
 
 @pytest.mark.gpu
@@ -341,8 +316,8 @@ def test_gpu_group_matches_separate_calls(m: int) -> None:
 def test_gpu_group_reads_the_norms_half_copy_with_the_gathering_bits() -> None:
     """``x_half`` (the RMSNorm's fp16 x * 2**-7, ``XPAIRS`` 2): a bf16 row's grouped M = 1 launch reads it as pairs
     and gives the gathering step's bits (the same x', the same 2**-9 sums), also with a LoRA shrink in the launch
-    (which still reads bf16 x); fp16 x, rows of another shape or a misaligned copy ignore it; act-order weights too
-    (x is permuted, its copy is not). One K split (``one``): with three or more split-K partials the order of the
+    (which still reads bf16 x); fp16 x, several rows or a misaligned copy ignore it; act-order weights too (x is
+    permuted, its copy is not). One K split (``one``): with three or more split-K partials the order of the
     atomic adds, and so the last bits, can change from launch to launch."""
     cases = [_tc_case(4096, n, 128, act_order=False, seed=n) for n in (2048, 512, 512)]
     packs = [c[2] for c in cases]
@@ -369,25 +344,6 @@ def test_gpu_group_reads_the_norms_half_copy_with_the_gathering_bits() -> None:
     for y, want in zip(tcl.w4a16_tcl_group(x, [tc, tc], one, x_half=stale), tcl.w4a16_tcl_group(x, [tc, tc], one)):
         assert torch.equal(y, want)
         _check(y, x, tensors, tc)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n", [(2, 4096), (16, 11008), (32, 4096), (64, 11008)])
-def test_gpu_group_tensor_core_step_on_the_half_copy(m: int, n: int) -> None:
-    """``XHALF`` at the 7B shapes (bf16, M = 2..64): the grouped launch on the norm's copy x' matches the
-    reference and the launch that reads bf16 x to fp32-sum noise (both products are exact; x' holds bf16 x above
-    2**-10 exactly: inputs here stay above it)."""
-    cases = [_tc_case(4096, w, 128, act_order=False, seed=w + m) for w in (n, n // 4 if n == 4096 else n)]
-    packs = [c[2] for c in cases]
-    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-    x = torch.where(x.abs() < 2**-10, torch.full_like(x, 2**-9), x)
-    half = (x.float() * 2**-7).half()
-    assert torch.equal((half.float() * 2**7).bfloat16(), x), "x' must hold x exactly here"
-    plain = tcl.w4a16_tcl_group(x, packs)
-    for y, want, (tensors, _, tc) in zip(tcl.w4a16_tcl_group(x, packs, x_half=half), plain, cases):
-        _check(y, x, tensors, tc)
-        err = float((y.float() - want.float()).abs().max()) / float(want.float().abs().max())
-        assert err <= 2**-8, err  # an ulp of the bf16 outputs
 
 
 @pytest.mark.gpu
