@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
-from .w4a16_gemv import PendingSums
+from .w4a16_gemv import X_SCALE, PendingSums
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HIDDEN = 32768
@@ -128,7 +128,7 @@ def rms_norm(x: torch.Tensor | PendingSums, weight: torch.Tensor, eps: float, re
     result = rms_norm_ref(x, weight, eps, residual)
     if x_half is not None:
         out = result if residual is None else result[0]
-        x_half.copy_((out.float() * 2**-7).view(x_half.shape))  # copy_ rounds fp32 -> fp16 to nearest
+        x_half.copy_((out.float() * X_SCALE).view(x_half.shape))  # copy_ rounds fp32 -> fp16 to nearest
     return result
 
 

@@ -95,6 +95,9 @@ __all__ = [
 
 GEMV_MAX_M = 16
 """Largest M the GEMV kernel serves (the dispatcher's default)."""
+X_SCALE = 2**-7
+"""The half2 steps' x' = x * 2**-7 (``H2_X_SCALE`` in the kernels; ``rms_norm``'s ``x_half`` copy, also on its
+torch path)."""
 MODES = ("reduce", "fixup", "atomic", "atomic_last")
 _MODE_ID = {"reduce": 1, "fixup": 2, "atomic": 3, "atomic_last": 4}
 
@@ -344,7 +347,7 @@ if HAS_TRITON:
     .reg .f32 flo, fhi;
     """ + h2_consts_ptx() + h2_unpack_ptx("$1", "$6", "$7") + h2_dot_ptx("$2", "$3", "$4", "$5")
                                 + h2_join_ptx("$0") + "}")
-    H2_X_SCALE = tl.constexpr(0.0078125)
+    H2_X_SCALE = tl.constexpr(X_SCALE)
     """2**-7: x' = x * 2**-7 keeps |x'| <= 512 for fp16 x, so four products (|code - zero| <= 16) sum to at most
     2**15 in magnitude."""
 

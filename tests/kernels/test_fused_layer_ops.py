@@ -107,8 +107,6 @@ def test_rms_norm_3d_input_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="residual"):
         rn.rms_norm_triton(x, w, 1e-6, x[:1])
 
-
-
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_writes_the_scaled_fp16_copy(nan_empty, with_residual) -> None:
     """``x_half``: the kernel (and the dispatcher's torch path) also writes fp16(out * 2**-7), the input the M = 1
@@ -128,6 +126,7 @@ def test_rms_norm_writes_the_scaled_fp16_copy(nan_empty, with_residual) -> None:
         assert torch.isfinite(half).all() and bool((half[:, 1] != 0).any())
     with pytest.raises(ValueError, match="x_half"):
         rn.rms_norm_triton(x, w, 1e-5, res, torch.empty(3, 96, device=DEVICE, dtype=torch.bfloat16))
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 100), (7, 96), (3, 5, 40), (2, 1500)])  # 1500: more than one block
