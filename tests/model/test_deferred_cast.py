@@ -1,5 +1,6 @@
 """o_proj and down_proj hand their uncast split-K sums (``PendingSums``) to the next kernel (the RMSNorm, or the
-LoRA expand before it) instead of a cast launch: the model's decode output must keep its bits. Likewise a bf16
+LoRA expand before it) instead of a cast launch, and so does gate/up's grouped launch above one row without a
+LoRA hook (``silu_mul`` finishes them): the model's decode output must keep its bits. Likewise a bf16
 decode row's norms write the fp16 copy x * 2**-7 that the q/k/v and gate/up launches read as pairs
 (``layers.wants_x_half``): the output must be the bits of the launches that gather bf16 x themselves.
 
@@ -63,9 +64,10 @@ def _pool(arch: ModelArch, dtype: torch.dtype = torch.float16):
     return pool
 
 
-def _decode_step(num_seqs: int, lora: bool, dtype: torch.dtype):
+def _decode_step(num_seqs: int, lora: bool, dtype: torch.dtype, idle: bool = False):
     """(arch, step): the small W4 model (with a two-adapter pool if ``lora``) and a callable that runs one decode
-    step of ``num_seqs`` sequences (rows with adapters 0 and 2 and rows without) and returns its hidden states."""
+    step of ``num_seqs`` sequences (rows with adapters 0 and 2 and rows without; ``idle``: no row with an
+    adapter, so the pool adds nothing) and returns its hidden states."""
     from inlaid.core.outputs import ScheduledSeq, SchedulerOutput
     from inlaid.kernels.paged_attention import allocate_kv_caches
     from inlaid.sampling import SamplingParams
@@ -77,7 +79,7 @@ def _decode_step(num_seqs: int, lora: bool, dtype: torch.dtype):
     kv = allocate_kv_caches(arch.num_layers, 4 * num_seqs, 4, arch.num_kv_heads, arch.head_dim, dtype,
                             torch.device("cuda"))
     params = SamplingParams(max_tokens=4, temperature=0.0)
-    slots = [0, -1, 2, 0, -1][:num_seqs] if lora else [-1] * num_seqs
+    slots = [0, -1, 2, 0, -1][:num_seqs] if lora and not idle else [-1] * num_seqs
     seqs = [ScheduledSeq(f"s{i}", [7 + i], 5, [4 * i, 4 * i + 1], slots[i], True, params) for i in range(num_seqs)]
     return arch, lambda: model(build_forward_batch(SchedulerOutput(scheduled=seqs), 4, torch.device("cuda")), kv)
 
@@ -98,26 +100,39 @@ def _same_bits_on_and_off(monkeypatch, step, flag: str, check) -> None:
 
 
 @pytest.mark.parametrize("num_seqs", [1, 5])
-@pytest.mark.parametrize("lora", [False, True])
-def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("lora", ["none", "mixed", "idle"])
+def test_gpu_deferred_casts_keep_the_decode_bits(num_seqs: int, lora: str, monkeypatch) -> None:
+    """``idle``: the pool is set but no row has an adapter, so o_proj's and down_proj's sums come back from the
+    hook uncast, for the norm to finish."""
     from inlaid.kernels import w4a16_gemm, w4a16_gemv
 
-    arch, step = _decode_step(num_seqs, lora, torch.float16)
-    pending = []
-    tcl = w4a16_gemm.w4a16_tcl
+    arch, step = _decode_step(num_seqs, lora != "none", torch.float16, idle=lora == "idle")
+    pending, grouped = [], []
+    tcl, group = w4a16_gemm.w4a16_tcl, w4a16_gemm.w4a16_tcl_group
 
     def spy(*args, **kwargs):
         out = tcl(*args, **kwargs)
         pending.append(isinstance(out, w4a16_gemm.PendingSums))
         return out
 
+    def group_spy(*args, **kwargs):
+        outs = group(*args, **kwargs)
+        grouped.append(isinstance(outs[0], w4a16_gemm.PendingSums))
+        return outs
+
     monkeypatch.setattr(w4a16_gemm, "w4a16_tcl", spy)
+    monkeypatch.setattr(w4a16_gemm, "w4a16_tcl_group", group_spy)
+    # gate/up defers above one row without a LoRA hook (silu_mul finishes its sums); q/k/v never does
+    groups_deferred = 1 if lora == "none" and num_seqs > 1 else 0
 
     def check(defer: bool) -> None:
         assert sum(pending) == (2 * arch.num_layers if defer else 0), "o_proj and down_proj defer per layer"
+        assert len(grouped) == 2 * arch.num_layers
+        assert sum(grouped) == (groups_deferred * arch.num_layers if defer else 0)
         for kept in w4a16_gemv._SCRATCH.values():
             assert all(int(sums.count_nonzero()) == 0 for sums, _ in kept), "a finish left its sums"
         pending.clear()
+        grouped.clear()
 
     _same_bits_on_and_off(monkeypatch, step, "takes_defer_cast", check)
 
