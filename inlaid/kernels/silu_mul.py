@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, kernels_interpreted, pdl_options, tl, triton, triton_usable  # noqa: F401 (re-exported)
-from .w4a16_gemv import PendingSums, materialize_all
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK = 1024
@@ -36,7 +35,6 @@ if HAS_TRITON:
 
     from ._triton import pdl_enter
     from .rms_norm import round_to
-    from .w4a16_gemv import take_sums
 
     @triton.jit
     def silu_times(g, u, ON_CUDA: tl.constexpr):
@@ -52,18 +50,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, ON_CUDA: tl.constexpr,
-                         SUMS: tl.constexpr = False, PDL: tl.constexpr = 0):
-        """``SUMS``: g and u are fp32 split-K sums (``PendingSums``), rounded to out's dtype as ``cast_sums``
-        would round them, then zeroed."""
+                         PDL: tl.constexpr = 0):
         pdl_enter(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        if SUMS:
-            g = take_sums(g_ptr + offs, mask, out_ptr.dtype.element_ty)
-            u = take_sums(u_ptr + offs, mask, out_ptr.dtype.element_ty)
-        else:
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + offs, silu_times(g, u, ON_CUDA), mask=mask)
 
 
@@ -78,39 +70,12 @@ def fused_ok(gate: torch.Tensor, up: torch.Tensor) -> bool:
             and up.shape == gate.shape)
 
 
-def silu_mul(gate: torch.Tensor | PendingSums, up: torch.Tensor | PendingSums,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` (into ``out`` when given): the Triton kernel where ``fused_ok``, the torch reference
-    otherwise.
-
-    gate and up may be a split-K launch's ``PendingSums`` (gate/up's grouped W4 launch with ``defer_cast``): where
-    both are, the kernel finishes them (rounds each sum as ``cast_sums`` would, zeroes the sums), so the cast
-    launch is saved and the product has the bits it would have had; otherwise they are materialized first."""
-    if isinstance(gate, PendingSums) and isinstance(up, PendingSums) and _sums_ok(gate, up, out):
-        return _launch(gate.sums, up.sums, torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
-                       if out is None else out, sums=True)
-    gate, up = materialize_all([gate, up])
+    otherwise."""
     if fused_ok(gate, up):
         return silu_mul_triton(gate, up, out)
     return silu_mul_ref(gate, up, out)
-
-
-def _sums_ok(gate: PendingSums, up: PendingSums, out: torch.Tensor | None) -> bool:
-    """True when the kernel can finish both sums in one launch: same shape and dtype (fp16/bf16), contiguous,
-    Triton on their device, and ``out`` (if given) a contiguous tensor of that shape and dtype."""
-    g, u = gate.sums, up.sums
-    return (HAS_TRITON and triton_usable(g) and gate.dtype in FUSED_DTYPES and up.dtype == gate.dtype
-            and g.shape == u.shape and g.is_contiguous() and u.is_contiguous()
-            and (out is None or (out.shape == g.shape and out.dtype == gate.dtype and out.is_contiguous())))
-
-
-def _launch(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor, sums: bool = False) -> torch.Tensor:
-    """One ``_silu_mul_kernel`` launch over the flattened (contiguous) inputs into ``out``."""
-    n = out.numel()
-    if n > 0:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, ON_CUDA=out.is_cuda, SUMS=sums,
-                                                    num_warps=4, **pdl_options(out))
-    return out
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,7 +90,12 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | No
         raise ValueError(f"silu_mul: out must be contiguous {tuple(gate.shape)} {gate.dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
     g, u = gate.contiguous(), up.contiguous()
-    return _launch(g, u, torch.empty_like(g) if out is None else out)
+    out = torch.empty_like(g) if out is None else out
+    n = g.numel()
+    if n > 0:
+        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, ON_CUDA=gate.is_cuda, num_warps=4,
+                                                    **pdl_options(gate))
+    return out
 
 
 @dataclass

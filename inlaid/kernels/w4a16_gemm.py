@@ -254,17 +254,14 @@ def _tc_layout_linear(x2: torch.Tensor, packed: PackedW4, shrink: LoRAShrink | N
 
 
 def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4], biases: Sequence[torch.Tensor | None],
-                       shrink: LoRAShrink | None = None, x_half: torch.Tensor | None = None,
-                       defer_cast: bool = False) -> list[torch.Tensor] | list[PendingSums]:
+                       shrink: LoRAShrink | None = None, x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[w4a16_linear(x, p, b) for each weight]`` for 2-3 weights that read the same ``x`` (q/k/v, gate/up), as
     ONE launch where the weights share their input layout (``share_input``): the M = 1 GEMV
     (``w4a16_gemv_m1_group``) for a single row, the tensor-core kernel (``w4a16_tc_group``) for 2..16 rows; larger
     M runs one ``w4a16_linear`` per weight. "tc"-layout weights group where ``tcl_group_config`` says it pays
     (``w4a16_tcl_group``: up to 128 rows for 4096-wide siblings, M = 1 and 17..64 for wider ones); at M = 1 that
     launch also runs ``shrink`` where it fits (``shrink.partials`` set; otherwise left None for the caller), and
-    reads ``x_half`` (bf16 x's fp16 copy x * 2**-7, ``rms_norm``) where it can (``w4a16_tcl.half_pairs_ok``).
-    With ``defer_cast`` (x [M, K], no biases) a split ``w4a16_tcl_group`` launch returns ``PendingSums`` for the
-    caller's next kernel to finish (``w4a16_tcl_group``)."""
+    reads ``x_half`` (bf16 x's fp16 copy x * 2**-7, ``rms_norm``) where it can (``w4a16_tcl.half_pairs_ok``)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     ys = None
@@ -272,10 +269,7 @@ def w4a16_linear_group(x: torch.Tensor, packs: Sequence[PackedW4], biases: Seque
         cfg = tcl_group_config(m, max(p.out_features for p in packs))
         if cfg is not None and share_input(x2, packs) and all(tcl_usable(x2, p) for p in packs):
             ys = w4a16_tcl_group(x2, packs, cfg, shrink=shrink,
-                                 x_half=None if x_half is None else x_half.reshape(x2.shape),
-                                 defer_cast=defer_cast and x.dim() == 2 and all(b is None for b in biases))
-            if isinstance(ys[0], PendingSums):
-                return ys
+                                 x_half=None if x_half is None else x_half.reshape(x2.shape))
     elif triton_usable(x2) and m == 1:
         cfg = gemv_config(x2, 1, sum(p.out_features for p in packs), k)
         if m1_groupable(x2, packs, cfg):

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import pairwise
 
 import torch
 
@@ -88,7 +87,6 @@ __all__ = [
     "kernels_interpreted",
     "m1_fit",
     "m1_groupable",
-    "materialize_all",
     "share_input",
     "triton_usable",
     "w4a16_gemv",
@@ -834,28 +832,6 @@ class PendingSums:
         out = torch.empty(self.sums.shape, device=self.sums.device, dtype=self.dtype)
         cast_sums(self.sums, [out])
         return out
-
-
-def materialize_all(items: Sequence[torch.Tensor | PendingSums]) -> list[torch.Tensor]:
-    """``items`` with every ``PendingSums`` finished: a grouped launch's sums (consecutive slices of one buffer,
-    in order, one dtype: ``w4a16_tcl_group(..., defer_cast=True)``) in ONE ``cast_sums`` launch, as the launch's
-    own finish would have cast them; any other ``PendingSums`` by its ``materialize``; tensors as they are."""
-    pending = [p for p in items if isinstance(p, PendingSums)]
-    if len(pending) == len(items) > 1 and _consecutive(pending):
-        outs = [torch.empty(p.shape, device=p.device, dtype=p.dtype) for p in pending]
-        first = pending[0].sums
-        cast_sums(first.as_strided((sum(p.sums.numel() for p in pending),), (1,)), outs)
-        return outs
-    return [p.materialize() if isinstance(p, PendingSums) else p for p in items]
-
-
-def _consecutive(pending: Sequence[PendingSums]) -> bool:
-    """True when the sums are contiguous, of one dtype, and each starts where the one before it ends."""
-    for a, b in pairwise(pending):
-        if (b.dtype != a.dtype or b.sums.untyped_storage().data_ptr() != a.sums.untyped_storage().data_ptr()
-                or b.sums.storage_offset() != a.sums.storage_offset() + a.sums.numel()):
-            return False
-    return all(p.sums.is_contiguous() and p.sums.dtype == torch.float32 for p in pending)
 
 
 def cast_sums(ws: torch.Tensor, outs: Sequence[torch.Tensor], block: int = 512) -> None:

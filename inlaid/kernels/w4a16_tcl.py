@@ -805,8 +805,7 @@ def _finish(ws: torch.Tensor, out: torch.Tensor, split: int, mode: int, defer: b
 
 
 def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfig | None = None,
-                    shrink: LoRAShrink | None = None, x_half: torch.Tensor | None = None,
-                    defer_cast: bool = False) -> list[torch.Tensor] | list[PendingSums]:
+                    shrink: LoRAShrink | None = None, x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[x @ W_j]`` for 2-3 "tc"-layout weights that read ``x`` [M, K] (q/k/v, gate/up; same K, group size and
     permutation tensor, contiguous) in ONE launch; outputs [M, N_j] in x.dtype. The split-K sums and semaphores
     come from the stream's shared scratch (one slice per weight), left zeroed. The launch also runs ``shrink``
@@ -815,11 +814,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
 
     ``x_half``: an fp16 copy of bf16 ``x`` scaled by 2**-7 (``rms_norm``'s ``x_half``): at M = 1 the weight
     programs read it as pairs (``XPAIRS`` 2), with the same bits as from ``x``; ignored where it does not apply
-    (``half_pairs_ok``).
-
-    With ``defer_cast``, a launch that split K returns each weight's sums as ``PendingSums`` (consecutive slices
-    of one buffer, in order) instead of launching ``cast_sums``: the caller's next kernel finishes them
-    (``silu_mul`` for gate/up, the LoRA expand, or ``materialize_all``: one cast launch for all)."""
+    (``half_pairs_ok``)."""
     _check(x, packs, "w4a16_tcl_group")
     if not share_input(x, packs):
         raise ValueError("w4a16_tcl_group needs 2-3 contiguous weights with the same K, group size and permutation "
@@ -851,9 +846,7 @@ def w4a16_tcl_group(x: torch.Tensor, packs: Sequence[PackedW4], config: TclConfi
             NUM_STAGES=cfg.num_stages, WARPS=cfg.num_warps, BF16=x.dtype == torch.bfloat16, MAGIC=_MAGIC[x.dtype],
             PTX=not kernels_interpreted(), num_warps=cfg.num_warps, PRELOAD=m <= TC_PRELOAD_MAX_M, **skw,
             **pdl_options(x))
+    finish_group(bufs, sums, outs, split, mode)
     if partials is not None:
         shrink.partials = partials
-    if defer_cast and sums is not None:
-        return [PendingSums(ws.view(m, n), x.dtype) for (ws, _), n in zip(bufs, widths)]
-    finish_group(bufs, sums, outs, split, mode)
     return outs

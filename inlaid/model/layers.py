@@ -42,7 +42,7 @@ from torch import nn
 from inlaid.distributed.context import TPContext
 from inlaid.kernels.lora_sgmv_triton import LoRAShrink
 from inlaid.kernels.rms_norm import rms_norm
-from inlaid.kernels.silu_mul import SwiGLU, silu_mul
+from inlaid.kernels.silu_mul import SwiGLU
 from inlaid.kernels.w4a16_gemv import PendingSums
 from inlaid.model.arch import RopeScaling
 
@@ -200,18 +200,13 @@ class ParallelLinear(nn.Module):
 
 
 def forward_group(layers: list[ParallelLinear], x: torch.Tensor, shrink: LoRAShrink | None = None,
-                  x_half: torch.Tensor | None = None,
-                  defer_cast: bool = False) -> list[torch.Tensor] | list[PendingSums]:
+                  x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[layer.forward_local(x)]`` for sibling layers that read the same ``x`` (q/k/v, gate/up). When they share a
     linear method that has ``apply_group`` (the GPTQ one), it may run them together (one kernel launch), and may
     run the LoRA hook's ``shrink`` offer (``LoRAShrink``) in that launch, and read ``x_half`` (an fp16 copy
     x * 2**-7 of bf16 x that the RMSNorm wrote, ``wants_x_half``) where it ``takes_x_half``; a method whose
     ``apply`` is wrapped on the instance (``inlaid.quant.calibrate``'s input taps) is always called per layer, so
-    the wrapper sees every input.
-
-    With ``defer_cast`` a grouped launch of a method that ``takes_defer_cast`` may return its split-K sums
-    uncast (``PendingSums``, all members or none; not under TP): the caller's next kernel must finish them
-    (``silu_mul`` for gate/up, or ``materialize_all``)."""
+    the wrapper sees every input."""
     method = layers[0].quant_method
     group = getattr(method, "apply_group", None)
     if group is not None and all(type(lay.quant_method) is type(method) and "apply" not in vars(lay.quant_method)
@@ -219,8 +214,6 @@ def forward_group(layers: list[ParallelLinear], x: torch.Tensor, shrink: LoRAShr
         kwargs: dict = {"shrink": shrink} if _takes(method, shrink) else {}
         if x_half is not None and getattr(method, "takes_x_half", False):
             kwargs["x_half"] = x_half
-        if defer_cast and getattr(method, "takes_defer_cast", False) and all(lay.tp_size == 1 for lay in layers):
-            kwargs["defer_cast"] = True
         return group(layers, x, **kwargs)
     return [layer.forward_local(x) for layer in layers]
 
@@ -254,17 +247,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, defer_cast: bool = False,
                 x_half: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
         """``down(silu(gate(x)) * up(x))``; ``defer_cast``: down_proj may return ``PendingSums``
-        (``ParallelLinear.forward_local``); ``x_half``: x's fp16 copy for gate/up (``forward_group``).
-
-        Above one row gate/up's grouped launch may leave its split-K sums uncast (``PendingSums``): ``silu_mul``
-        finishes them as it computes the product, one launch for the cast and the product. A single row keeps
-        the cast: the down launch computes the product as it loads gate and up (``SwiGLU``), so deferring there
-        would swap the cast for a ``silu_mul`` launch. The LoRA path (``llama``) does not defer: a fused expand
-        that finished the sums measured slower than the cast it saved (docs/kernels.md, session 26)."""
-        gate, up = forward_group([self.gate_proj, self.up_proj], x, x_half=x_half,
-                                 defer_cast=x.shape[0] > 1)  # column layers: no reduce
-        if isinstance(gate, PendingSums):
-            return self.down_proj.reduce(self.down_proj.forward_local(silu_mul(gate, up), defer_cast=defer_cast))
+        (``ParallelLinear.forward_local``); ``x_half``: x's fp16 copy for gate/up (``forward_group``)."""
+        gate, up = forward_group([self.gate_proj, self.up_proj], x, x_half=x_half)  # column layers: no reduce
         return self.down_proj.reduce(self.down_proj.forward_local(gate, swiglu=SwiGLU(up), defer_cast=defer_cast))
 
 

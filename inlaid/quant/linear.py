@@ -199,17 +199,14 @@ class GPTQLinearMethod:
                            self.bits, layer.bias, check_values=False)  # fmt: skip
 
     def apply_group(self, layers: Sequence[ParallelLinear], x: torch.Tensor, shrink: w4k.LoRAShrink | None = None,
-                    x_half: torch.Tensor | None = None,
-                    defer_cast: bool = False) -> list[torch.Tensor] | list[w4k.PendingSums]:
+                    x_half: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[layer's apply(x)]`` for GPTQ linears that read the same ``x``: on the W4A16 kernels through
-        ``w4a16_linear_group`` (one launch for up to 16 rows; it may also run the LoRA ``shrink``, read
-        ``x_half``, x's fp16 copy x * 2**-7, in place of bf16 x, and with ``defer_cast`` return its split-K sums
-        uncast), else one ``apply`` each."""
+        ``w4a16_linear_group`` (one launch for up to 16 rows; it may also run the LoRA ``shrink`` and read
+        ``x_half``, x's fp16 copy x * 2**-7, in place of bf16 x), else one ``apply`` each."""
         packs = [lay.quant_method._packed(lay, x) for lay in layers]  # forward_group: every method is a GPTQ one
         if None in packs:
             return [lay.quant_method.apply(lay, x) for lay in layers]
-        return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers], shrink=shrink, x_half=x_half,
-                                      defer_cast=defer_cast)
+        return w4k.w4a16_linear_group(x, packs, [lay.bias for lay in layers], shrink=shrink, x_half=x_half)
 
     def finalize(self, layer: ParallelLinear, dtype: torch.dtype) -> None:
         """After loading: build the dequantized cache if enabled (idempotent)."""

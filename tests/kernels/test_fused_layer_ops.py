@@ -166,32 +166,6 @@ def test_silu_mul_into_out_and_swiglu_materialize(dtype) -> None:
             bad.materialize(gate)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_silu_mul_finishes_pending_gate_up_sums(dtype, monkeypatch) -> None:
-    """gate/up as a grouped launch's uncast split-K sums (``PendingSums``, consecutive in one buffer): the kernel
-    rounds them as ``cast_sums`` would, zeroes them and gives the bits of the cast launch then ``silu_mul``'s
-    kernel, with no cast launch; into ``out`` too. A gate of sums with an up tensor is materialized first."""
-    gemv = kernel_module("w4a16_gemv")
-    m, n = 5, 96
-    orig = (torch.randn(2 * m * n, generator=_gen(8)) * 4).to(DEVICE)
-
-    def pending(buf: torch.Tensor) -> list:
-        return [gemv.PendingSums(buf[:m * n].view(m, n), dtype), gemv.PendingSums(buf[m * n:].view(m, n), dtype)]
-
-    gate, up = gemv.materialize_all(pending(orig.clone()))
-    want = sm.silu_mul_triton(gate, up)
-    with monkeypatch.context() as mp:
-        mp.setattr(gemv, "cast_sums", lambda *a, **k: pytest.fail("a cast launch"))
-        sums = orig.clone()
-        assert torch.equal(sm.silu_mul(*pending(sums)), want) and int(sums.count_nonzero()) == 0
-        sums, out = orig.clone(), torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-        assert sm.silu_mul(*pending(sums), out) is out and torch.equal(out, want)
-        assert int(sums.count_nonzero()) == 0
-    sums = orig.clone()
-    assert torch.equal(sm.silu_mul(pending(sums)[0], up), sm.silu_mul(gate, up))
-    assert int(sums[:m * n].count_nonzero()) == 0
-
-
 def _rope_inputs(t: int, h: int, kvh: int, d: int, dtype: torch.dtype, seed: int):
     """q/k/v as views of one fused qkv output (strided rows), cos/sin [T, 1, D] like RotaryEmbedding.cos_sin."""
     g = _gen(seed)

@@ -11,7 +11,6 @@ NaN-poisoned, the reference reads the original (unsorted) g_idx, and every call 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -267,34 +266,6 @@ def test_deferred_cast_hands_back_the_sums_with_the_cast_bits(m: int) -> None:
     one = tcl.w4a16_tcl(x, tc, config=tcl.TclConfig(16, 64, 4, 1, 0.01), defer_cast=True)
     assert isinstance(one, torch.Tensor)
     _check(one, x, tensors, tc)
-
-
-@pytest.mark.parametrize("widths", [(64, 72), (128, 64, 72)])
-def test_group_deferred_cast_hands_back_consecutive_sums(widths: tuple[int, ...], monkeypatch) -> None:
-    """``w4a16_tcl_group(..., defer_cast=True)``: a split launch returns one ``PendingSums`` per weight, each
-    starting where the one before it ends; ``materialize_all`` finishes them in ONE cast launch with the plain
-    call's bits and zeroes them. A launch without a split returns tensors."""
-    cases = [_tc_case(256, n, 128, act_order=False, seed=n + 3) for n in widths]
-    packs, m = [c[2] for c in cases], 6
-    x = torch.randn(m, 256, device=DEVICE).half()
-    split = tcl.TclConfig(16, 64, 4, 2, 8)
-    plain = tcl.w4a16_tcl_group(x, packs, split)
-    pending = tcl.w4a16_tcl_group(x, packs, split, defer_cast=True)
-    assert all(isinstance(p, gemv.PendingSums) and p.shape == (m, n) and p.dtype == x.dtype
-               for p, n in zip(pending, widths))
-    assert all(b.sums.data_ptr() == a.sums.data_ptr() + a.sums.numel() * 4 for a, b in itertools.pairwise(pending))
-    assert all(int(p.sums.count_nonzero()) > 0 for p in pending), "the launch left its sums for the caller"
-    casts = []
-    real = gemv.cast_sums
-    monkeypatch.setattr(gemv, "cast_sums", lambda *a, **k: casts.append(1) or real(*a, **k))
-    for got, want in zip(gemv.materialize_all(pending), plain):
-        assert torch.equal(got, want)
-    assert len(casts) == 1
-    assert all(int(p.sums.count_nonzero()) == 0 for p in pending)
-    ones = tcl.w4a16_tcl_group(x, packs, tcl.TclConfig(16, 64, 4, 1, 0.01), defer_cast=True)
-    for y, (tensors, _, tc) in zip(ones, cases):
-        assert isinstance(y, torch.Tensor)
-        _check(y, x, tensors, tc)
 
 
 @pytest.mark.parametrize("widths", [(40,), (24, 40), (16, 24, 40)])
