@@ -107,6 +107,7 @@ def test_rms_norm_3d_input_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="residual"):
         rn.rms_norm_triton(x, w, 1e-6, x[:1])
 
+
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_writes_the_scaled_fp16_copy(nan_empty, with_residual) -> None:
     """``x_half``: the kernel (and the dispatcher's torch path) also writes fp16(out * 2**-7), the input the M = 1
