@@ -1,10 +1,12 @@
 """SIGTERM on a real server process (``serve_async_llm`` over the fake engine):
 stop accepting, finish short in-flight requests, abort long ones after the drain
-timeout (their streams still end with [DONE]), exit with status 0."""
+timeout (their streams still end with [DONE]), exit with status 0. The process
+also froze its startup heap before serving (``inlaid.engine.gc_heap``)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,6 +75,7 @@ def test_sigterm_drains_aborts_and_exits_zero():
             proc.wait()
     assert proc.returncode == 0, out
     assert "CLEAN EXIT" in out
+    assert re.search(r"froze [1-9][0-9]* startup objects against full garbage collections", out), out[-2000:]
     finishes = {}
     for name, text in results.items():
         events = parse_sse(text)[:-1]

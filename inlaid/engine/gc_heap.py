@@ -1,0 +1,39 @@
+"""Keep Python's cyclic garbage collector off a serving process's startup heap.
+
+A process that serves a model holds ~500 K objects the collector tracks: its imports (torch, transformers,
+FastAPI) and the engine itself. A full (generation-2) collection walks all of them, and it runs on the thread
+that allocated, i.e. inside some engine step. On the H100 box's CPU one took 267 ms: the SmolLM2 decode rows at
+batch 128 read 1.6 or 6.3 ms a step depending on whether such a collection fell into the 64 timed steps
+(``benchmarks/results/lab_gc_s27_h100.json``; docs/kernels.md, "Session 27").
+
+``freeze_heap`` collects once, then moves every live object to the permanent generation (``gc.freeze``), so
+later collections walk only what was allocated since. Invariant: a frozen object that later dies inside a
+reference cycle is not freed until ``gc.unfreeze``. So the server freezes once, after its engine is built, for
+the process's life (``inlaid.server.serve.serve_async_llm``), and code that builds and drops engines in one
+process (benchmarks) brackets each measurement with ``frozen_heap``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+__all__ = ["freeze_heap", "frozen_heap"]
+
+
+def freeze_heap() -> int:
+    """Collect garbage, then exempt every live object from later collections; returns how many are frozen."""
+    gc.collect()  # garbage first, so only live objects are frozen
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[int]:
+    """``freeze_heap`` for the ``with`` block (yields the frozen count), then hand the objects back to the
+    collector."""
+    try:
+        yield freeze_heap()
+    finally:
+        gc.unfreeze()
