@@ -2,9 +2,10 @@
 
 A process that serves a model holds ~500 K objects the collector tracks: its imports (torch, transformers,
 FastAPI) and the engine itself. A full (generation-2) collection walks all of them, and it runs on the thread
-that allocated, i.e. inside some engine step. On the H100 box's CPU one took 267 ms
-(``benchmarks/results/lab_gc_s27_h100.json``): two runs of the SmolLM2 decode row at batch 128 read 6.3 and 1.6 ms
-a step (``e2e_smol27_{1,2}_h100``), by whether one fell into the 64 timed steps (docs/kernels.md, "Session 27").
+that allocated, i.e. inside some engine step. On the H100 box, over 40 runs of 64 SmolLM2 decode steps at batch
+128, two took 173 and 248 ms and made those runs' longest steps 174 and 250 ms (median step 1.46 ms); with the
+heap frozen, 13 took 0.1-0.5 ms and no step passed 15.1 ms (``python benchmarks/gc_pause.py --device cuda --runs
+40``, ``benchmarks/results/gc_pause_s27_h100.md``).
 
 ``freeze_heap`` collects once, then moves every live object to the permanent generation (``gc.freeze``), so
 later collections walk only what was allocated since. Invariant: a frozen object that later dies inside a
